@@ -1,0 +1,70 @@
+# kktd — set-up, run, test, benchmark. Everything a target needs is installed by the target itself.
+# The venv is built from Debian's interpreter, not the first python3 on PATH: a service user must be
+# able to execute it (an interpreter under /root is not reachable for the unprivileged kktd user).
+PYTHON      ?= /usr/bin/python3
+VENV        := .venv
+VPY         := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+STATE_DIR   ?= $(CURDIR)/state
+PYTEST_ARGS ?=
+
+# System packages: what `make run` needs, and what the test suite and the benchmark need on top.
+RUN_PACKAGES   := python3-venv
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux
+BENCH_PACKAGES := $(RUN_PACKAGES) wrk
+
+.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+
+define ensure_packages
+	@missing=""; for p in $(1); do \
+	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else \
+	    echo "error: missing system packages:$$missing (as root: apt-get install$$missing)" >&2; exit 1; \
+	  fi; \
+	fi
+endef
+
+prereqs-run:
+	$(call ensure_packages,$(RUN_PACKAGES))
+
+prereqs-test:
+	$(call ensure_packages,$(TEST_PACKAGES))
+
+prereqs-bench:
+	$(call ensure_packages,$(BENCH_PACKAGES))
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	mkdir -p $(STATE_DIR)
+	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
+
+test: $(STAMP) prereqs-test verify-units
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+verify-units: $(STAMP) prereqs-test
+	systemd/verify-units.sh
+
+powercut: $(STAMP) prereqs-test
+	KKTD_POWERCUT_CYCLES=$${KKTD_POWERCUT_CYCLES:-200} $(VPY) -m pytest tests/powercut $(PYTEST_ARGS)
+
+bench: $(STAMP) prereqs-bench
+	$(VPY) bench/run.py
+
+deb: $(STAMP)
+	packaging/build-deb.sh
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache packaging/out bench/results
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(STATE_DIR)

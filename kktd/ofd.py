@@ -1,0 +1,378 @@
+"""Client side of the OFD wire protocol, and the circuit breaker the sync loop puts in front of it.
+
+The client never trusts the OFD: an answer is taken as acknowledgements only when it matches the
+protocol in docs/contract.md exactly (status 200, JSON object, one result per receipt in order, typed
+fields). Anything else raises :class:`OfdUnavailable`, so the receipts stay pending and are resent;
+the OFD deduplicates on ``idempotency_key``, which makes resending after a lost answer safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeGuard
+
+import aiohttp
+import yarl
+
+__all__ = [
+    "MAX_BATCH",
+    "BreakerState",
+    "CircuitBreaker",
+    "OfdAck",
+    "OfdClient",
+    "OfdItem",
+    "OfdRejection",
+    "OfdResult",
+    "OfdUnavailable",
+]
+
+MAX_BATCH = 100
+# 100 results are ~20 KiB; anything far beyond that is not an answer to our request.
+MAX_RESPONSE_BYTES = 1 << 20
+_MAX_SIGN_LEN = 256
+_MAX_CODE_LEN = 128
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+@dataclass(frozen=True, slots=True)
+class OfdItem:
+    """One receipt as sent to the OFD.
+
+    Give the normalized receipt either as a mapping (``receipt``) or, cheaper, as its canonical JSON
+    text (``receipt_json``, e.g. straight from the buffer). ``receipt_json`` is sent verbatim when set,
+    so it must be a JSON object produced by kktd itself.
+    """
+
+    receipt_id: str
+    idempotency_key: str
+    accepted_at: str
+    receipt: Mapping[str, Any] | None = field(default=None, compare=False)
+    receipt_json: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.receipt is None and self.receipt_json is None:
+            raise ValueError("OfdItem needs receipt or receipt_json")
+
+    def encode(self) -> str:
+        """The item's JSON text on the wire."""
+        body = self.receipt_json if self.receipt_json is not None else _dumps(self.receipt)
+        # Assembling the envelope by hand avoids re-encoding the (pre-encoded) receipt.
+        return (
+            f'{{"receipt_id":{_dumps(self.receipt_id)},'
+            f'"idempotency_key":{_dumps(self.idempotency_key)},'
+            f'"accepted_at":{_dumps(self.accepted_at)},'
+            f'"receipt":{body}}}'
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OfdAck:
+    """The OFD registered the receipt: it is fiscalized."""
+
+    receipt_id: str
+    fiscal_document_number: int
+    fiscal_sign: str
+    ofd_received_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class OfdRejection:
+    """The OFD refused this receipt for good (resending the same content will not help)."""
+
+    receipt_id: str
+    code: str
+    message: str
+
+
+OfdResult = OfdAck | OfdRejection
+
+
+class OfdUnavailable(Exception):
+    """The OFD could not be reached or did not answer by the protocol; nothing may be marked sent.
+
+    ``reason`` is short and stable (``connect_error``, ``connection_lost``, ``timeout``,
+    ``http_<status>``, ``bad_response: <what>``) so it can be logged, counted and compared;
+    ``detail`` adds context for humans. Neither ever contains URLs, credentials or OFD-provided text.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(reason if detail is None else f"{reason} ({detail})")
+        self.reason = reason
+        self.detail = detail
+
+
+def _bad(what: str, detail: str | None = None) -> OfdUnavailable:
+    return OfdUnavailable(f"bad_response: {what}", detail)
+
+
+def _is_rfc3339(value: object) -> TypeGuard[str]:
+    if not isinstance(value, str) or not 10 < len(value) <= 64 or value[10] not in "Tt":
+        return False
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return parsed.tzinfo is not None
+
+
+def _parse_ack(index: int, receipt_id: str, result: dict[str, Any]) -> OfdAck:
+    fdn = result.get("fiscal_document_number")
+    sign = result.get("fiscal_sign")
+    received = result.get("ofd_received_at")
+    # bool is an int subclass: True must not pass as document number 1.
+    if type(fdn) is not int or fdn <= 0:
+        raise _bad("invalid_ack", f"result {index}: fiscal_document_number")
+    if not isinstance(sign, str) or not sign or len(sign) > _MAX_SIGN_LEN:
+        raise _bad("invalid_ack", f"result {index}: fiscal_sign")
+    if not _is_rfc3339(received):
+        raise _bad("invalid_ack", f"result {index}: ofd_received_at")
+    return OfdAck(receipt_id, fdn, sign, received)
+
+
+def _parse_rejection(index: int, receipt_id: str, result: dict[str, Any]) -> OfdRejection:
+    error = result["error"]
+    if "fiscal_document_number" in result or "fiscal_sign" in result:
+        # Both an ack and an error: we cannot tell what the OFD did.
+        raise _bad("invalid_rejection", f"result {index}: ack and error together")
+    if not isinstance(error, dict):
+        raise _bad("invalid_rejection", f"result {index}: error")
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, str) or not code or len(code) > _MAX_CODE_LEN:
+        raise _bad("invalid_rejection", f"result {index}: error.code")
+    if not isinstance(message, str):
+        raise _bad("invalid_rejection", f"result {index}: error.message")
+    return OfdRejection(receipt_id, code, message)
+
+
+def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]:
+    """Check a decoded answer against the batch sent; raise OfdUnavailable unless it fits exactly."""
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        raise _bad("shape", "expected an object with a results list")
+    results = document["results"]
+    if len(results) != len(items):
+        raise _bad("length_mismatch", f"{len(results)} results for {len(items)} receipts")
+    parsed: list[OfdResult] = []
+    for index, (item, result) in enumerate(zip(items, results)):
+        if not isinstance(result, dict):
+            raise _bad("shape", f"result {index} is not an object")
+        if result.get("receipt_id") != item.receipt_id:
+            raise _bad("receipt_id_mismatch", f"result {index}")
+        if "error" in result:
+            parsed.append(_parse_rejection(index, item.receipt_id, result))
+        else:
+            parsed.append(_parse_ack(index, item.receipt_id, result))
+    return parsed
+
+
+def _classify(exc: BaseException) -> OfdUnavailable:
+    """Map a transport failure to a stable reason; the detail names the error class and OS error only."""
+    detail = type(exc).__name__
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        detail = f"{detail}: {os_error.strerror}"
+    # Order matters: aiohttp's timeout errors are also connection errors, and a connect timeout is both.
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return OfdUnavailable("connect_error", detail)  # nothing was sent
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return OfdUnavailable("timeout", detail)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return OfdUnavailable("connect_error", detail)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
+        # The request may have reached the OFD: the answer, not the receipt, is what got lost.
+        return OfdUnavailable("connection_lost", detail)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return _bad("http_protocol", detail)
+    if isinstance(exc, aiohttp.ClientError):
+        return OfdUnavailable("client_error", detail)
+    return OfdUnavailable("connect_error", detail)
+
+
+class OfdClient:
+    """Sends batches to ``POST {base_url}/v1/receipts`` over one keep-alive HTTP session."""
+
+    def __init__(self, base_url: str, timeout_s: float, *, connection_limit: int = 2) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        url = yarl.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            # Do not echo the URL: it may carry credentials.
+            raise ValueError("OFD base URL must be an absolute http(s) URL")
+        self._url = url.with_path(url.path.rstrip("/") + "/v1/receipts").with_query(None)
+        # A connect that takes half the budget has failed: reporting it as connect_error (nothing was
+        # sent) rather than timeout keeps an unreachable OFD from counting as failed deliveries.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s / 2)
+        self._limit = connection_limit
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._limit, enable_cleanup_closed=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                raise_for_status=False,
+                # Proxies from the environment must not capture fiscal traffic silently.
+                trust_env=False,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> OfdClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def send_batch(self, items: Sequence[OfdItem]) -> list[OfdResult]:
+        """Post ``items`` (1..100) and return one result per item, in order.
+
+        Raises OfdUnavailable for any transport failure or malformed answer; cancellation propagates.
+        """
+        if not 0 < len(items) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1..{MAX_BATCH} receipts, got {len(items)}")
+        if self._session is None or self._session.closed:
+            await self.start()
+        assert self._session is not None
+        body = ("[" + ",".join(item.encode() for item in items) + "]").encode()
+        document = await self._post(self._session, body)
+        return parse_results(items, document)
+
+    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> object:
+        try:
+            async with session.post(
+                self._url,
+                data=body,
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                allow_redirects=False,
+            ) as response:
+                if response.status != 200:
+                    raise OfdUnavailable(f"http_{response.status}")
+                if response.content_type != "application/json":
+                    raise _bad("content_type")
+                raw = await self._read_capped(response)
+        except OfdUnavailable:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # Not chained: aiohttp's messages can quote the URL, and with it any credentials in it.
+            raise _classify(exc) from None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise _bad("not_json") from None
+
+    @staticmethod
+    async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+            raise _bad("too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise _bad("too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Consecutive-failure circuit breaker; synchronous and driven by an injectable clock.
+
+    closed --(failure_threshold consecutive failures)--> open --(reset_timeout_s, on allow())-->
+    half_open, which lets exactly one trial through: its success closes, its failure re-opens and
+    restarts the timer. A trial whose outcome is never recorded (its caller was cancelled) is
+    considered lost after another reset_timeout_s, and a new trial is allowed then, so the breaker
+    cannot wedge in half_open.
+    """
+
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        reset_timeout_s: float = 30.0,
+        on_change: Callable[[BreakerState, BreakerState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be >= 1")
+        if reset_timeout_s < 0:
+            raise ValueError("reset_timeout_s must be >= 0")
+        self._threshold = failure_threshold
+        self._reset_timeout = float(reset_timeout_s)
+        self._on_change = on_change
+        self._clock = clock
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial_started_at: float | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        return self._state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def allow(self) -> bool:
+        """May a request go out now? In half_open, a True answer hands out the single trial."""
+        if self._state is BreakerState.CLOSED:
+            return True
+        now = self._clock()
+        if self._state is BreakerState.OPEN:
+            if now < self._opened_at + self._reset_timeout:
+                return False
+            self._transition(BreakerState.HALF_OPEN)
+        elif self._trial_started_at is not None and now < self._trial_started_at + self._reset_timeout:
+            return False
+        self._trial_started_at = now
+        return True
+
+    def record_success(self) -> None:
+        # Any answer by the protocol proves the OFD works, whatever state we were in.
+        self._failures = 0
+        self._trial_started_at = None
+        if self._state is not BreakerState.CLOSED:
+            self._transition(BreakerState.CLOSED)
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        self._trial_started_at = None
+        if self._state is BreakerState.CLOSED and self._failures < self._threshold:
+            return
+        # Opening, re-opening after a failed trial, or a late failure while open: wait a full period.
+        self._opened_at = self._clock()
+        if self._state is not BreakerState.OPEN:
+            self._transition(BreakerState.OPEN)
+
+    def retry_after(self) -> float:
+        """Seconds until allow() would return True (0.0 when it would now)."""
+        if self._state is BreakerState.CLOSED:
+            return 0.0
+        if self._state is BreakerState.OPEN:
+            start = self._opened_at
+        elif self._trial_started_at is None:
+            return 0.0
+        else:
+            start = self._trial_started_at
+        return max(0.0, start + self._reset_timeout - self._clock())
+
+    def _transition(self, new: BreakerState) -> None:
+        old, self._state = self._state, new
+        if self._on_change is not None:
+            self._on_change(old, new)
