@@ -1,0 +1,5 @@
+import sys
+
+from kktd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,320 @@
+"""HTTP handlers. Every answer is JSON; every error has a stable code and a log line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from kktd.buffer import Accepted, Buffer, Conflict
+from kktd.errors import ApiError, BufferFull, StorageUnavailable
+from kktd.receipt import parse_receipt
+
+if TYPE_CHECKING:
+    from kktd.config import Config
+    from kktd.sync import SyncLoop
+
+log = logging.getLogger("kktd.api")
+
+MAX_BODY = 64 * 1024
+HEALTH_TIMEOUT_S = 2.0
+BUFFER_FULL_RETRY_AFTER_S = 60
+STORAGE_RETRY_AFTER_S = 5
+DLQ_PAGE_MAX = 500
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Services:
+    """What the handlers may use; the daemon owns all of it."""
+
+    config: Config
+    buffer: Buffer
+    sync: SyncLoop | None = None
+    intake_open: bool = True
+    task_failures: dict[str, str] = field(default_factory=dict)
+    faults_enabled: bool = False
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def rfc3339(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+        status=status, content_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        _log_error(request, error)
+        return error_response(error)
+    except web.HTTPRequestEntityTooLarge:
+        too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
+        _log_error(request, too_large)
+        return error_response(too_large)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, f"http_{exc.status}")
+        http_error = ApiError(exc.status, code, exc.reason)
+        _log_error(request, http_error)
+        response = error_response(http_error)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal_error", "internal error; see the kktd log"))
+
+
+def _log_error(request: web.Request, error: ApiError) -> None:
+    level = logging.ERROR if error.status >= 500 else logging.INFO
+    where = f" field={error.field}" if error.field else ""
+    log.log(level, "%s %s -> %d %s%s: %s", request.method, request.path, error.status, error.code, where,
+            error.message)
+
+
+# ---- receipts ----
+
+async def post_receipt(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if not services.intake_open:
+        raise ApiError(503, "shutting_down", "kktd is stopping; retry in a moment",
+                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type must be application/json (got {request.content_type or 'none'})")
+    body = await request.read()
+    receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
+    try:
+        result = await services.buffer.accept(receipt)
+    except BufferFull as exc:
+        raise ApiError(503, "buffer_full", f"{exc}; nothing was stored, retry later",
+                       headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
+    except StorageUnavailable as exc:
+        raise ApiError(503, "storage_unavailable", f"the receipt was not stored: {exc}",
+                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
+    if isinstance(result, Conflict):
+        raise ApiError(409, "idempotency_conflict",
+                       f"idempotency key {receipt.idempotency_key} is already used by receipt "
+                       f"{result.receipt_id} with a different body", "idempotency_key")
+    return _accepted_response(result, receipt.idempotency_key, services)
+
+
+def _accepted_response(result: Accepted, key: str, services: Services) -> web.Response:
+    if result.created:
+        log.debug("receipt %s accepted key=%s total=%d", result.receipt_id, key, result.total)
+        if services.sync is not None:
+            services.sync.wake()
+    else:
+        log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key)
+    body = {"receipt_id": result.receipt_id, "status": result.status, "total": result.total,
+            "accepted_at": rfc3339(result.accepted_ms)}
+    return json_response(body, 201 if result.created else 200)
+
+
+async def get_receipt(request: web.Request) -> web.Response:
+    receipt_id = request.match_info["receipt_id"]
+    row = await _storage(request.app[SERVICES].buffer.get(receipt_id))
+    if row is None:
+        raise ApiError(404, "not_found", f"no receipt {receipt_id}")
+    return json_response(present_receipt(row))
+
+
+def present_receipt(row: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "receipt_id": row["receipt_id"],
+        "idempotency_key": row["idempotency_key"],
+        "status": row["status"],
+        "total": row["total"],
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "accepted_at": rfc3339(row["accepted_ms"]),
+        "updated_at": rfc3339(row["updated_ms"]),
+        "receipt": json.loads(row["body"]),
+        "ofd": None,
+    }
+    if row["status"] == "sent":
+        result["ofd"] = {
+            "fiscal_document_number": row["fiscal_document_number"],
+            "fiscal_sign": row["fiscal_sign"],
+            "ofd_received_at": row["ofd_received_at"],
+            "sent_at": rfc3339(row["sent_ms"]),
+        }
+    return result
+
+
+async def _storage(awaitable: Awaitable[Any]) -> Any:
+    try:
+        return await awaitable
+    except StorageUnavailable as exc:
+        raise ApiError(503, "storage_unavailable", str(exc),
+                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
+
+
+# ---- buffer, sync, dead letters ----
+
+async def buffer_status(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    return json_response(await collect_status(services))
+
+
+async def collect_status(services: Services) -> dict[str, Any]:
+    buffer = services.buffer
+    counts = buffer.counts
+    oldest_ms = await _storage(buffer.oldest_pending_ms())
+    oldest_age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else None
+    status: dict[str, Any] = {
+        "counts": {"pending": counts.pending, "sent": counts.sent, "failed": counts.failed},
+        "capacity": buffer.max_pending,
+        "fill_ratio": round(counts.undelivered / buffer.max_pending, 6),
+        "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
+        "oldest_pending_alarm": pending_alarm(services.config, oldest_age),
+        "db_size_bytes": await buffer.size_bytes(),
+    }
+    if services.sync is not None:
+        status["sync"] = services.sync.describe()
+    return status
+
+
+def pending_alarm(config: Config, oldest_age_s: float | None) -> str:
+    if oldest_age_s is None or oldest_age_s < config.pending_warn_age:
+        return "ok"
+    return "critical" if oldest_age_s >= config.pending_critical_age else "warning"
+
+
+async def sync_now(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    if services.sync is None:
+        raise ApiError(503, "sync_unavailable", "the sync loop is not running")
+    return json_response(await services.sync.run_once_now())
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    limit = _int_query(request, "limit", 100, 1, DLQ_PAGE_MAX)
+    after = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
+    rows = await _storage(request.app[SERVICES].buffer.dead_letters(limit, after))
+    return json_response({"dead_letters": [present_receipt(row) for row in rows], "count": len(rows)})
+
+
+async def requeue_dead_letter(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    receipt_id = request.match_info["receipt_id"]
+    try:
+        changed = await _storage(services.buffer.requeue(receipt_id))
+    except BufferFull as exc:
+        raise ApiError(503, "buffer_full", str(exc),
+                       headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
+    if not changed:
+        row = await _storage(services.buffer.get(receipt_id))
+        if row is None:
+            raise ApiError(404, "not_found", f"no receipt {receipt_id}")
+        raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row['status']}, not failed")
+    log.info("receipt %s requeued from the dead-letter list", receipt_id)
+    if services.sync is not None:
+        services.sync.wake()
+    return json_response({"receipt_id": receipt_id, "status": "pending"})
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_query", f"{name} must be an integer", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, "invalid_query", f"{name} must be between {low} and {high}", name)
+    return value
+
+
+# ---- health ----
+
+async def health(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    problems: list[str] = [f"task {name} crashed: {why}" for name, why in services.task_failures.items()]
+    try:
+        await asyncio.wait_for(services.buffer.ping(), HEALTH_TIMEOUT_S)
+    except (StorageUnavailable, asyncio.TimeoutError) as exc:
+        problems.append(f"database does not answer: {exc or 'timeout'}")
+    warnings: list[str] = []
+    body: dict[str, Any] = {"pending": services.buffer.counts.pending,
+                            "uptime_s": round(time.monotonic() - services.started_monotonic, 3)}
+    if not problems:
+        status = await collect_status(services)
+        body["oldest_pending_age_s"] = status["oldest_pending_age_s"]
+        alarm = status["oldest_pending_alarm"]
+        if alarm == "critical":
+            problems.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old: "
+                            f"past pending_critical_age, fiscal storage limit is near")
+        elif alarm == "warning":
+            warnings.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old")
+        if "sync" in status:
+            body["sync"] = status["sync"]
+            if status["sync"]["breaker"] != "closed":
+                warnings.append(f"OFD circuit breaker is {status['sync']['breaker']}")
+    if problems:
+        body.update(status="error", problems=problems, warnings=warnings)
+        return json_response(body, 503)
+    body.update(status="warning" if warnings else "ok", warnings=warnings)
+    return json_response(body)
+
+
+# ---- test-only faults ----
+
+async def inject_fault(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        fault = (await request.json()).get("fault")
+    except (ValueError, AttributeError):
+        raise ApiError(400, "invalid_json", "body must be {\"fault\": ...}") from None
+    if fault == "wedge_writer":
+        services.buffer.wedge_writer()
+    elif fault == "block_loop":
+        # Blocking the loop on purpose is the fault: the watchdog must catch it.
+        asyncio.get_running_loop().call_later(0.05, time.sleep, 3600)
+    else:
+        raise ApiError(422, "invalid_value", "fault must be wedge_writer or block_loop", "fault")
+    log.warning("test fault injected: %s", fault)
+    return json_response({"fault": fault}, 202)
+
+
+def create_app(services: Services) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app[SERVICES] = services
+    app.router.add_post("/v1/kkt/receipt", post_receipt)
+    app.router.add_get("/v1/kkt/receipt/{receipt_id}", get_receipt)
+    app.router.add_get("/v1/kkt/buffer/status", buffer_status)
+    app.router.add_post("/v1/kkt/buffer/sync", sync_now)
+    app.router.add_get("/v1/kkt/dlq", list_dead_letters)
+    app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
+    app.router.add_get("/v1/health", health)
+    if services.faults_enabled:
+        app.router.add_post("/v1/test/fault", inject_fault)
+    return app

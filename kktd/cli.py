@@ -1,0 +1,109 @@
+"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from kktd import __version__, config as config_module, logs
+from kktd.errors import ConfigError, CorruptDatabase, StorageUnavailable
+
+log = logging.getLogger("kktd")
+
+# sysexits.h codes, so systemd units can tell "do not restart" (bad config, corrupt data) from a crash.
+EX_OK = 0
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_UNAVAILABLE = 69
+EX_IOERR = 74
+EX_CONFIG = 78
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kktd", description="Fiscal receipt buffer and OFD forwarder.")
+    parser.add_argument("--version", action="version", version=f"kktd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    config_module.add_arguments(serve)
+    check = commands.add_parser("check-config", help="validate the configuration and print it")
+    config_module.add_arguments(check)
+    check_db = commands.add_parser("check-db", help="check a buffer database's integrity")
+    check_db.add_argument("path", type=Path)
+    commands.add_parser("mock-ofd", help="run the mock OFD server (see `kktd mock-ofd --help`)",
+                        add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mock-ofd"]:
+        from kktd import mock_ofd
+
+        return mock_ofd.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "check-db":
+        return check_db(args.path)
+    try:
+        config = config_module.load(args)
+    except ConfigError as exc:
+        print(f"kktd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "check-config":
+        print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
+        return EX_OK
+    logs.setup(config.log_level)
+    return serve(config)
+
+
+def serve(config: config_module.Config) -> int:
+    from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
+
+    if config.embedded_mock_ofd:
+        _print_welcome(config)
+    try:
+        return asyncio.run(Daemon(config).run())
+    except CorruptDatabase as exc:
+        log.critical("%s; kktd will not start on it and will not replace it. Inspect it with "
+                     "`kktd check-db %s`, restore a backup or move it aside.", exc, config.db)
+        return EX_DATAERR
+    except StorageUnavailable as exc:
+        log.critical("storage unavailable at start: %s", exc)
+        return EX_IOERR
+    except OSError as exc:
+        log.critical("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        return EX_UNAVAILABLE
+    except Exception:
+        log.critical("kktd crashed", exc_info=True)
+        return EX_SOFTWARE
+
+
+def check_db(path: Path) -> int:
+    from kktd.buffer import check_database
+
+    problems = check_database(path)
+    if problems:
+        for problem in problems:
+            print(f"kktd check-db: {problem}", file=sys.stderr)
+        return EX_DATAERR
+    print(f"kktd check-db: {path}: ok")
+    return EX_OK
+
+
+def _print_welcome(config: config_module.Config) -> None:
+    from kktd.receipt import sample_receipt
+
+    sample = json.dumps(sample_receipt("demo-KEY"), ensure_ascii=False).replace("demo-KEY", "demo-'$(date +%s%N)'")
+    url = f"http://{config.listen}"
+    print(f"""
+kktd {__version__} (development mode: embedded mock OFD, database {config.db})
+Listening on {url}. Post a sample receipt:
+
+  curl -sS -H 'Content-Type: application/json' -d '{sample}' {url}/v1/kkt/receipt
+
+Then: curl -sS {url}/v1/kkt/buffer/status    (Ctrl-C stops kktd)
+""", file=sys.stderr, flush=True)

@@ -1,0 +1,295 @@
+"""The receipt model (FFD tags in comments) and its validation.
+
+Money is integer kopecks only: a float or a string amount is rejected, because a binary float cannot hold
+kopecks exactly and a fiscal document must add up to the kopeck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kktd.errors import ApiError, invalid
+
+MAX_AMOUNT = 10**12  # exclusive upper bound for every amount, in kopecks
+MAX_ITEMS = 100
+MAX_PAYMENTS = 10
+
+OPERATIONS = frozenset({"sale", "sale_refund", "purchase", "purchase_refund"})  # tag 1054
+TAXATIONS = frozenset({"osn", "usn_income", "usn_income_outcome", "esn", "patent"})  # tag 1055
+VAT_RATES = frozenset({
+    "none", "vat0", "vat5", "vat7", "vat10", "vat20", "vat22",
+    "vat105", "vat107", "vat110", "vat120", "vat122",
+})  # tag 1199
+PAYMENT_METHODS = frozenset({
+    "full_payment", "full_prepayment", "prepayment", "advance",
+    "partial_payment", "credit", "credit_payment",
+})  # tag 1214
+PAYMENT_OBJECTS = frozenset({"commodity", "excise", "job", "service", "payment", "another"})  # tag 1212
+PAYMENT_TYPES = frozenset({"cash", "electronic", "prepaid", "credit", "other"})
+
+RECEIPT_FIELDS = frozenset({
+    "idempotency_key", "pos_id", "operation", "taxation", "items", "payments", "customer_contact", "cashier",
+})
+ITEM_FIELDS = frozenset({"name", "price", "quantity", "sum", "vat", "payment_method", "payment_object"})
+PAYMENT_FIELDS = frozenset({"type", "amount"})
+CASHIER_FIELDS = frozenset({"name", "inn"})
+
+IDEMPOTENCY_KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+QUANTITY_RE = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.([0-9]{1,3}))?")
+EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
+PHONE_RE = re.compile(r"\+7[0-9]{10}")
+INN_RE = re.compile(r"[0-9]{12}")
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A validated receipt: `canonical` is the normalized form stored and sent to the OFD."""
+
+    idempotency_key: str
+    pos_id: str
+    total: int
+    canonical: dict[str, Any]
+    canonical_json: str
+    body_hash: str
+
+
+def parse_receipt(body: bytes, header_key: str | None) -> Receipt:
+    """Parse and validate a request body; raise ApiError (400/422) on the first violation."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    return validate_receipt(data, header_key)
+
+
+def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
+    if not isinstance(data, dict):
+        raise invalid("invalid_type", "request body must be a JSON object", None)
+    _reject_unknown(data, RECEIPT_FIELDS, "")
+    key = _idempotency_key(data.get("idempotency_key"), header_key)
+    items = _list(data, "items", "", 1, MAX_ITEMS)
+    normalized_items = [_item(item, f"items[{i}]") for i, item in enumerate(items)]
+    total = sum(item["sum"] for item in normalized_items)
+    if total >= MAX_AMOUNT:
+        raise invalid("amount_out_of_range", f"receipt total {total} must be below {MAX_AMOUNT} kopecks", "items")
+    payments = _list(data, "payments", "", 1, MAX_PAYMENTS)
+    normalized_payments = [_payment(p, f"payments[{i}]") for i, p in enumerate(payments)]
+    paid = sum(p["amount"] for p in normalized_payments)
+    if paid != total:
+        raise invalid(
+            "payment_total_mismatch",
+            f"payments add up to {paid} kopecks but the receipt total is {total}",
+            "payments",
+        )
+    canonical: dict[str, Any] = {
+        "pos_id": _text(data, "pos_id", "", 1, 32),
+        "operation": _enum(data, "operation", "", OPERATIONS),
+        "taxation": _enum(data, "taxation", "", TAXATIONS),
+        "items": normalized_items,
+        "payments": normalized_payments,
+        "total": total,
+    }
+    if data.get("customer_contact") is not None:
+        canonical["customer_contact"] = _contact(data["customer_contact"])
+    if data.get("cashier") is not None:
+        canonical["cashier"] = _cashier(data["cashier"])
+    # The hash leaves the key out: the same receipt sent with its key in the header or in the body is the same.
+    canonical_json = json.dumps(canonical, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    body_hash = hashlib.sha256(canonical_json.encode()).hexdigest()
+    return Receipt(key, canonical["pos_id"], total, canonical, canonical_json, body_hash)
+
+
+def _idempotency_key(body_key: Any, header_key: str | None) -> str:
+    if body_key is not None and not isinstance(body_key, str):
+        raise invalid("invalid_type", "idempotency_key must be a string", "idempotency_key")
+    if body_key is not None and header_key is not None and body_key != header_key:
+        raise invalid(
+            "idempotency_key_mismatch",
+            "the Idempotency-Key header and the body's idempotency_key differ",
+            "idempotency_key",
+        )
+    key = body_key if body_key is not None else header_key
+    if key is None:
+        raise invalid(
+            "missing_field",
+            "idempotency_key is required (in the body or the Idempotency-Key header)",
+            "idempotency_key",
+        )
+    if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise invalid(
+            "invalid_idempotency_key",
+            "idempotency_key must be 1..64 characters of A-Z a-z 0-9 . _ : -",
+            "idempotency_key",
+        )
+    return key
+
+
+def _item(item: Any, path: str) -> dict[str, Any]:
+    if not isinstance(item, dict):
+        raise invalid("invalid_type", f"{path} must be an object", path)
+    _reject_unknown(item, ITEM_FIELDS, path)
+    price = _amount(item, "price", path)
+    quantity_milli, quantity_text = _quantity(item.get("quantity"), f"{path}.quantity")
+    # Half-up to the kopeck; everything is non-negative so integer arithmetic rounds exactly.
+    expected_sum = (price * quantity_milli + 500) // 1000
+    if item.get("sum") is None:
+        item_sum = expected_sum
+    else:
+        item_sum = _amount(item, "sum", path)
+        if item_sum != expected_sum:
+            raise invalid(
+                "item_sum_mismatch",
+                f"{path}.sum is {item_sum} but price x quantity rounds to {expected_sum} kopecks",
+                f"{path}.sum",
+            )
+    if item_sum >= MAX_AMOUNT:
+        raise invalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
+    return {
+        "name": _text(item, "name", path, 1, 128),
+        "price": price,
+        "quantity": quantity_text,
+        "sum": item_sum,
+        "vat": _enum(item, "vat", path, VAT_RATES),
+        "payment_method": _enum(item, "payment_method", path, PAYMENT_METHODS),
+        "payment_object": _enum(item, "payment_object", path, PAYMENT_OBJECTS),
+    }
+
+
+def _payment(payment: Any, path: str) -> dict[str, Any]:
+    if not isinstance(payment, dict):
+        raise invalid("invalid_type", f"{path} must be an object", path)
+    _reject_unknown(payment, PAYMENT_FIELDS, path)
+    return {"type": _enum(payment, "type", path, PAYMENT_TYPES), "amount": _amount(payment, "amount", path)}
+
+
+def _cashier(cashier: Any) -> dict[str, str]:
+    if not isinstance(cashier, dict):
+        raise invalid("invalid_type", "cashier must be an object", "cashier")
+    _reject_unknown(cashier, CASHIER_FIELDS, "cashier")
+    result: dict[str, str] = {}
+    if cashier.get("name") is not None:
+        result["name"] = _text(cashier, "name", "cashier", 1, 64)
+    if cashier.get("inn") is not None:
+        inn = cashier["inn"]
+        if not isinstance(inn, str):
+            raise invalid("invalid_type", "cashier.inn must be a string of 12 digits", "cashier.inn")
+        if not INN_RE.fullmatch(inn):
+            raise invalid("invalid_inn", "cashier.inn must be exactly 12 digits", "cashier.inn")
+        result["inn"] = inn
+    return result
+
+
+def _contact(contact: Any) -> str:
+    if not isinstance(contact, str):
+        raise invalid("invalid_type", "customer_contact must be a string", "customer_contact")
+    if len(contact) > 64 or not (EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
+        raise invalid(
+            "invalid_contact",
+            "customer_contact must be an e-mail address or a phone number like +79991234567",
+            "customer_contact",
+        )
+    return contact
+
+
+def _quantity(value: Any, path: str) -> tuple[int, str]:
+    """Return the quantity in thousandths and its normalized text ("1.000")."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
+        kind = "missing" if value is None else type(value).__name__
+        code = "missing_field" if value is None else "invalid_type"
+        raise invalid(code, f"{path} must be a decimal string like \"1.000\" (got {kind})", path)
+    match = QUANTITY_RE.fullmatch(value) if isinstance(value, str) else QUANTITY_RE.fullmatch(str(value))
+    if match is None:
+        raise invalid(
+            "invalid_quantity", f"{path} must be a decimal number with at most 3 decimal places", path
+        )
+    whole, fraction = match.group(1), match.group(2) or ""
+    milli = int(whole) * 1000 + int(fraction.ljust(3, "0"))
+    if milli <= 0:
+        raise invalid("invalid_quantity", f"{path} must be greater than zero", path)
+    return milli, f"{milli // 1000}.{milli % 1000:03d}"
+
+
+def _amount(obj: dict[str, Any], name: str, parent: str) -> int:
+    path = _join(parent, name)
+    value = obj.get(name)
+    if value is None:
+        raise invalid("missing_field", f"{path} is required", path)
+    if type(value) is not int:  # bool is an int subclass and floats/strings are never money here
+        raise invalid(
+            "invalid_type", f"{path} must be an integer number of kopecks (got {type(value).__name__})", path
+        )
+    if not 0 <= value < MAX_AMOUNT:
+        raise invalid("amount_out_of_range", f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks", path)
+    return value
+
+
+def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: int) -> str:
+    path = _join(parent, name)
+    value = obj.get(name)
+    if value is None:
+        raise invalid("missing_field", f"{path} is required", path)
+    if not isinstance(value, str):
+        raise invalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+    if not min_len <= len(value) <= max_len or not value.strip():
+        raise invalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
+    if CONTROL_CHARS_RE.search(value):
+        raise invalid("invalid_value", f"{path} must not contain control characters", path)
+    return value
+
+
+def _enum(obj: dict[str, Any], name: str, parent: str, allowed: frozenset[str]) -> str:
+    path = _join(parent, name)
+    value = obj.get(name)
+    if value is None:
+        raise invalid("missing_field", f"{path} is required", path)
+    if not isinstance(value, str):
+        raise invalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+    if value not in allowed:
+        raise invalid("invalid_value", f"{path} must be one of: {', '.join(sorted(allowed))}", path)
+    return value
+
+
+def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: int) -> list[Any]:
+    path = _join(parent, name)
+    value = obj.get(name)
+    if value is None:
+        raise invalid("missing_field", f"{path} is required", path)
+    if not isinstance(value, list):
+        raise invalid("invalid_type", f"{path} must be an array (got {type(value).__name__})", path)
+    if not min_len <= len(value) <= max_len:
+        raise invalid("invalid_count", f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
+    return value
+
+
+def _reject_unknown(obj: dict[str, Any], allowed: frozenset[str], parent: str) -> None:
+    unknown = obj.keys() - allowed
+    if unknown:
+        name = sorted(unknown)[0]
+        path = _join(parent, name)
+        raise invalid("unknown_field", f"{path} is not a known field", path)
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def sample_receipt(key: str, pos_id: str = "POS-001") -> dict[str, Any]:
+    """A small valid receipt, used by `make run`'s printed curl, the tests and the benchmark."""
+    return {
+        "idempotency_key": key,
+        "pos_id": pos_id,
+        "operation": "sale",
+        "taxation": "usn_income",
+        "items": [
+            {"name": "Молоко 3,2% 1 л", "price": 8990, "quantity": "2.000", "sum": 17980,
+             "vat": "vat10", "payment_method": "full_payment", "payment_object": "commodity"},
+            {"name": "Хлеб бородинский", "price": 6450, "quantity": "1.000",
+             "vat": "vat10", "payment_method": "full_payment", "payment_object": "commodity"},
+        ],
+        "payments": [{"type": "electronic", "amount": 24430}],
+    }

@@ -1,0 +1,285 @@
+"""Intake through the real app and buffer: idempotency, capacity, group commit, reads, storage failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from kktd.buffer import Buffer, PRAGMAS, SCHEMA_VERSION
+from kktd.errors import CorruptDatabase, StorageUnavailable
+from kktd.receipt import sample_receipt
+from tests.conftest import App, close_app, open_app
+from tests.support import KKTD_BIN, require
+
+
+async def post(app: App, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    response = await app.client.post("/v1/kkt/receipt", json=body, headers=headers)
+    return response.status, await response.json()
+
+
+# ---- idempotency ----
+
+async def test_created_then_replayed_with_same_id(app: App) -> None:
+    status, first = await post(app, sample_receipt("idem-1"))
+    assert status == 201
+    assert first["status"] == "pending" and first["total"] == 24430
+    assert first["accepted_at"].endswith("Z")
+    status, again = await post(app, sample_receipt("idem-1"))
+    assert status == 200
+    assert again == first
+    assert await app.row_count() == 1
+
+
+async def test_key_in_header_replays_key_in_body(app: App) -> None:
+    body = sample_receipt("idem-h")
+    status, first = await post(app, body)
+    del body["idempotency_key"]
+    status, again = await post(app, body, headers={"Idempotency-Key": "idem-h"})
+    assert status == 200 and again["receipt_id"] == first["receipt_id"]
+
+
+async def test_same_key_different_body_is_409(app: App) -> None:
+    await post(app, sample_receipt("idem-2"))
+    other = sample_receipt("idem-2", pos_id="POS-002")
+    status, answer = await post(app, other)
+    assert status == 409
+    assert answer["error"]["code"] == "idempotency_conflict"
+    assert answer["error"]["field"] == "idempotency_key"
+    assert await app.row_count() == 1
+
+
+async def test_fifty_concurrent_duplicates_make_one_row(app: App) -> None:
+    results = await asyncio.gather(*(post(app, sample_receipt("dup-50")) for _ in range(50)))
+    statuses = sorted(status for status, _ in results)
+    assert statuses == [200] * 49 + [201]
+    assert len({answer["receipt_id"] for _, answer in results}) == 1
+    assert await app.row_count() == 1
+
+
+async def test_concurrent_duplicates_with_a_conflicting_body(app: App) -> None:
+    bodies = [sample_receipt("dup-mix", pos_id="POS-A" if i % 2 else "POS-B") for i in range(20)]
+    results = await asyncio.gather(*(post(app, body) for body in bodies))
+    statuses = [status for status, _ in results]
+    assert statuses.count(201) == 1
+    assert statuses.count(409) == 10 and statuses.count(200) == 9
+    assert await app.row_count() == 1
+
+
+# ---- group commit ----
+
+async def test_concurrent_intakes_share_commits(app: App) -> None:
+    results = await asyncio.gather(*(post(app, sample_receipt(f"group-{i}")) for i in range(200)))
+    assert all(status == 201 for status, _ in results)
+    assert app.buffer.committed_rows == 200
+    assert app.buffer.commits < 200, "no commit was shared: every intake paid its own fsync"
+    assert await app.row_count() == 200
+
+
+# ---- capacity ----
+
+async def test_buffer_full_is_503_and_adds_nothing(tmp_path: Path) -> None:
+    app = await open_app(tmp_path, max_pending=3)
+    try:
+        for i in range(3):
+            assert (await post(app, sample_receipt(f"cap-{i}")))[0] == 201
+        response = await app.client.post("/v1/kkt/receipt", json=sample_receipt("cap-3"))
+        answer = await response.json()
+        assert response.status == 503
+        assert answer["error"]["code"] == "buffer_full"
+        assert int(response.headers["Retry-After"]) > 0
+        assert await app.row_count() == 3
+        # A replay of a stored receipt is still answered: it costs no capacity.
+        assert (await post(app, sample_receipt("cap-1")))[0] == 200
+    finally:
+        await close_app(app)
+
+
+async def test_capacity_holds_under_a_concurrent_burst(tmp_path: Path) -> None:
+    app = await open_app(tmp_path, max_pending=10)
+    try:
+        results = await asyncio.gather(*(post(app, sample_receipt(f"burst-{i}")) for i in range(40)))
+        statuses = [status for status, _ in results]
+        assert statuses.count(201) == 10 and statuses.count(503) == 30
+        assert await app.row_count() == 10
+    finally:
+        await close_app(app)
+
+
+# ---- reads ----
+
+async def test_get_receipt_and_not_found(app: App) -> None:
+    _, created = await post(app, sample_receipt("get-1"))
+    response = await app.client.get(f"/v1/kkt/receipt/{created['receipt_id']}")
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "pending" and body["attempts"] == 0 and body["last_error"] is None
+    assert body["idempotency_key"] == "get-1"
+    assert body["receipt"]["items"][1]["sum"] == 6450  # computed when omitted
+    assert body["ofd"] is None
+    response = await app.client.get("/v1/kkt/receipt/0000")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_buffer_status(app: App) -> None:
+    for i in range(3):
+        await post(app, sample_receipt(f"st-{i}"))
+    response = await app.client.get("/v1/kkt/buffer/status")
+    status = await response.json()
+    assert status["counts"] == {"pending": 3, "sent": 0, "failed": 0}
+    assert status["capacity"] == 200_000
+    assert status["fill_ratio"] == pytest.approx(3 / 200_000)
+    assert 0 <= status["oldest_pending_age_s"] < 60
+    assert status["db_size_bytes"] > 0
+
+
+async def test_health_ok_and_503_when_writer_wedged(tmp_path: Path) -> None:
+    app = await open_app(tmp_path, faults=True)
+    try:
+        response = await app.client.get("/v1/health")
+        assert response.status == 200 and (await response.json())["status"] == "ok"
+        response = await app.client.post("/v1/test/fault", json={"fault": "wedge_writer"})
+        assert response.status == 202
+        await app.buffer.ping()  # lets the writer loop reach the wedge point
+        response = await app.client.get("/v1/health")
+        body = await response.json()
+        assert response.status == 503
+        assert body["status"] == "error" and "database does not answer" in body["problems"][0]
+    finally:
+        await app.client.close()
+        await app.buffer.close(timeout=1.0)
+
+
+async def test_fault_endpoint_is_absent_without_the_env_switch(app: App) -> None:
+    response = await app.client.post("/v1/test/fault", json={"fault": "wedge_writer"})
+    assert response.status == 404
+
+
+# ---- the database itself ----
+
+async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
+    buffer = await Buffer.open(tmp_path / "sub" / "buffer.db", 10)
+    await buffer.close()
+    conn = sqlite3.connect(tmp_path / "sub" / "buffer.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+    assert {name for name, _, _ in PRAGMAS} >= {"journal_mode", "synchronous", "wal_autocheckpoint",
+                                                "foreign_keys", "busy_timeout"}
+
+
+async def test_reopen_recovers_counts(tmp_path: Path) -> None:
+    app = await open_app(tmp_path)
+    for i in range(5):
+        await post(app, sample_receipt(f"re-{i}"))
+    await close_app(app)
+    buffer = await Buffer.open(tmp_path / "buffer.db", 100)
+    try:
+        assert buffer.counts.pending == 5
+    finally:
+        await buffer.close()
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite the middle of the file: pages of the table b-tree become garbage."""
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.seek(4096)
+        handle.write(os.urandom(max(4096, size - 8192)))
+
+
+async def make_database(tmp_path: Path, receipts: int) -> Path:
+    app = await open_app(tmp_path)
+    await asyncio.gather(*(post(app, sample_receipt(f"c-{i}")) for i in range(receipts)))
+    await close_app(app)
+    return tmp_path / "buffer.db"
+
+
+async def test_corrupt_database_is_refused_and_reported(tmp_path: Path) -> None:
+    path = await make_database(tmp_path, 300)
+    corrupt(path)
+    before = path.read_bytes()
+    with pytest.raises(CorruptDatabase):
+        await Buffer.open(path, 1000)
+    assert path.read_bytes() == before, "a corrupt database must never be rewritten or replaced"
+    report = subprocess.run([str(KKTD_BIN), "check-db", str(path)], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 65
+    assert "kktd check-db" in report.stderr
+
+
+async def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    path.write_bytes(b"this is not sqlite" * 500)
+    with pytest.raises(CorruptDatabase, match="damaged"):
+        await Buffer.open(path, 10)
+
+
+async def test_check_db_ok(tmp_path: Path) -> None:
+    path = await make_database(tmp_path, 3)
+    report = subprocess.run([str(KKTD_BIN), "check-db", str(path)], capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert "ok" in report.stdout
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = await make_database(tmp_path, 1)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StorageUnavailable, match="newer than this kktd"):
+        await Buffer.open(path, 10)
+
+
+# ---- a full disk (a real, tiny filesystem) ----
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
+    require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) -> None:
+    app = await open_app(tiny_fs)
+    acknowledged: list[str] = []
+    refused = 0
+    try:
+        for i in range(3000):
+            body = sample_receipt(f"full-{i}")
+            body["items"][0]["name"] = f"Товар {i} " + "х" * 100
+            response = await app.client.post("/v1/kkt/receipt", json=body)
+            answer = await response.json()
+            if response.status == 201:
+                acknowledged.append(answer["receipt_id"])
+            else:
+                assert response.status == 503, answer
+                assert answer["error"]["code"] == "storage_unavailable"
+                assert "full" in answer["error"]["message"]
+                refused += 1
+                if refused >= 5:
+                    break
+        assert refused >= 5, "the tiny filesystem never filled up"
+        assert acknowledged
+        # The daemon keeps serving reads while the disk is full.
+        response = await app.client.get(f"/v1/kkt/receipt/{acknowledged[-1]}")
+        assert response.status == 200
+    finally:
+        await close_app(app)
+    buffer = await Buffer.open(tiny_fs / "buffer.db", 100_000)
+    try:
+        for receipt_id in acknowledged:
+            assert await buffer.get(receipt_id) is not None, f"acknowledged receipt {receipt_id} lost"
+    finally:
+        await buffer.close()

@@ -1,0 +1,222 @@
+"""kktd as a real process (no systemd): crash recovery, graceful stop, the notify protocol, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+
+from tests.support import KKTD_BIN, KktdProcess, Posted, post_many, receipts, wait_until
+
+
+@pytest.fixture
+def processes() -> Iterator[list[KktdProcess]]:
+    started: list[KktdProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+def start(processes: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:
+    proc = KktdProcess(db=db, **kwargs)  # type: ignore[arg-type]
+    processes.append(proc)
+    return proc.start()
+
+
+def stored_rows(db: Path) -> Counter[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return Counter(key for (key,) in conn.execute("SELECT idempotency_key FROM receipts"))
+    finally:
+        conn.close()
+
+
+def acknowledged(answers: list[Posted]) -> set[str]:
+    return {answer.key for answer in answers if answer.status in (200, 201)}
+
+
+async def load_until_signalled(proc: KktdProcess, count: int, signum: int, after: int) -> list[Posted]:
+    """Post `count` receipts with 16 clients and send `signum` once `after` have been acknowledged."""
+    answers: list[Posted] = []
+    task = asyncio.create_task(post_many(proc.url, receipts("load", count), concurrency=16,
+                                         stop_on_error=True))
+
+    async def signal_when_due() -> None:
+        while True:
+            status = await _status_or_none(proc)
+            if status is not None and status["counts"]["pending"] >= after:
+                proc.signal(signum)
+                return
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(signal_when_due(), 60)
+    answers = await asyncio.wait_for(task, 60)
+    return answers
+
+
+async def _status_or_none(proc: KktdProcess) -> dict | None:  # type: ignore[type-arg]
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proc.url}/v1/kkt/buffer/status") as response:
+                return await response.json()  # type: ignore[no-any-return]
+    except aiohttp.ClientError:
+        return None
+
+
+def test_sigkill_mid_load_loses_no_acknowledged_receipt(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    proc = start(processes, db)
+    answers = asyncio.run(load_until_signalled(proc, 3000, signal.SIGKILL, after=500))
+    assert proc.wait(10) == -signal.SIGKILL
+    acked = acknowledged(answers)
+    assert len(acked) >= 500
+    restarted = start(processes, db)
+    rows = stored_rows(db)
+    missing = acked - set(rows)
+    assert not missing, f"{len(missing)} acknowledged receipts lost, e.g. {sorted(missing)[:3]}"
+    assert all(count == 1 for count in rows.values()), "a receipt was stored twice"
+    # Clients retry what was not answered: the same keys now replay or are created, never duplicated.
+    retry = asyncio.run(post_many(restarted.url, receipts("load", 3000), concurrency=16))
+    assert all(answer.status in (200, 201) for answer in retry)
+    assert {a.key for a in retry if a.status == 200} >= acked
+    rows = stored_rows(db)
+    assert len(rows) == 3000 and set(rows.values()) == {1}
+
+
+def test_sigterm_during_load_stops_cleanly(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    proc = start(processes, db)
+    answers = asyncio.run(load_until_signalled(proc, 3000, signal.SIGTERM, after=300))
+    assert proc.wait(30) == 0, proc.log()
+    acked = acknowledged(answers)
+    assert len(acked) >= 300
+    assert acked <= set(stored_rows(db))
+    refused = [a for a in answers if a.status not in (200, 201)]
+    assert all(a.status == 503 and a.body["error"]["code"] == "shutting_down" for a in refused)
+    assert proc.notify is not None
+    messages = proc.notify.collect()
+    assert "STOPPING=1" in messages
+    assert messages.index("READY=1") < messages.index("STOPPING=1")
+    log = proc.log()
+    assert "stopped cleanly" in log
+
+
+def test_notify_protocol_order_and_watchdog(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    proc = start(processes, tmp_path / "buffer.db", watchdog_usec=400_000)
+    assert proc.notify is not None
+    wait_until(lambda: proc.notify.collect().count("WATCHDOG=1") >= 3, 10, "three watchdog pings")  # type: ignore[union-attr]
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    lines = proc.notify.collect()
+    ready = lines.index("READY=1")
+    status = next(i for i, line in enumerate(lines) if line.startswith("STATUS=pending="))
+    first_ping = lines.index("WATCHDOG=1")
+    stopping = lines.index("STOPPING=1")
+    assert ready < first_ping < stopping
+    assert status <= ready + 1
+    assert all(line.isascii() for line in lines)
+
+
+def test_wedged_writer_stops_watchdog_pings(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    proc = start(processes, tmp_path / "buffer.db", watchdog_usec=400_000, env={"KKTD_TEST_FAULTS": "1"})
+    notify = proc.notify
+    assert notify is not None
+    wait_until(lambda: notify.collect().count("WATCHDOG=1") >= 2, 10, "watchdog pings before the fault")
+
+    async def wedge() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proc.url}/v1/test/fault", json={"fault": "wedge_writer"}) as response:
+                return response.status
+
+    assert asyncio.run(wedge()) == 202
+    wait_until(lambda: "withholding watchdog pings" in proc.log(), 10, "the watchdog to notice the wedge")
+    notify.collect()
+    pings_at_wedge = len([m for m in notify.messages if m[1] == "WATCHDOG=1"])
+    # Three full intervals with no ping: systemd (WatchdogSec=0.4s) would have killed it by now.
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        assert len([m for m in notify.collect() if m == "WATCHDOG=1"]) == pings_at_wedge, "ping while wedged"
+        time.sleep(0.05)
+    assert proc.proc is not None and proc.proc.poll() is None
+    proc.kill()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_")}
+    full_env.update(env or {})
+    return subprocess.run([str(KKTD_BIN), *args], capture_output=True, text=True, timeout=30, env=full_env)
+
+
+@pytest.mark.parametrize(("args", "env", "key"), [
+    (["--max-pending", "-1"], {}, "max_pending"),
+    (["--max-pending", "lots"], {}, "max_pending"),
+    (["--listen", "localhost"], {}, "listen"),
+    (["--listen", "127.0.0.1:70000"], {}, "listen"),
+    (["--ofd-url", "ftp://ofd.example"], {}, "ofd_url"),
+    (["--log-level", "chatty"], {}, "log_level"),
+    (["--sync-interval", "soon"], {}, "sync_interval"),
+    ([], {"KKTD_BATCH_SIZE": "1000"}, "batch_size"),
+    ([], {"KKTD_PENDING_WARN_AGE": "30d", "KKTD_PENDING_CRITICAL_AGE": "3d"}, "pending_critical_age"),
+])
+def test_bad_config_exits_78_naming_the_key(tmp_path: Path, args: list[str], env: dict[str, str],
+                                            key: str) -> None:
+    result = run_cli("serve", "--config", os.devnull, "--db", str(tmp_path / "b.db"), *args, env=env)
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], result.stderr
+    assert not (tmp_path / "b.db").exists()
+
+
+def test_config_file_env_and_flags_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "kktd.toml"
+    config.write_text('max_pending = 10\nbatch_size = 20\nsync_interval = "2s"\nlog_level = "debug"\n')
+    result = run_cli("check-config", "--config", str(config), "--batch-size", "30",
+                     env={"KKTD_MAX_PENDING": "11", "KKTD_BATCH_SIZE": "25"})
+    assert result.returncode == 0, result.stderr
+    assert '"max_pending": 11' in result.stdout  # env beats file
+    assert '"batch_size": 30' in result.stdout  # flag beats env
+    assert '"sync_interval": 2.0' in result.stdout  # file beats default
+    config.write_text("max_pendign = 10\n")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78 and "max_pendign" in result.stderr and "unknown key" in result.stderr
+    config.write_text("max_pending = [1\n")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 78 and "not valid TOML" in result.stderr
+
+
+def test_credentials_in_ofd_url_are_masked(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", os.devnull, "--ofd-url", "https://user:s3cret@ofd.example/api")
+    assert result.returncode == 0
+    assert "s3cret" not in result.stdout and "***" in result.stdout
+
+
+def test_corrupt_database_exits_65_and_is_left_alone(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    db.write_bytes(b"garbage" * 2000)
+    proc = KktdProcess(db=db)
+    processes.append(proc)
+    proc.start(wait_ready=False)
+    assert proc.wait(20) == 65
+    assert "check-db" in proc.log()
+    assert db.read_bytes() == b"garbage" * 2000
+    assert proc.notify is not None and "READY=1" not in proc.notify.collect()
+
+
+def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    first = start(processes, tmp_path / "a.db")
+    second = KktdProcess(db=tmp_path / "b.db", port=first.port)
+    processes.append(second)
+    second.start(wait_ready=False)
+    assert second.wait(20) == 69
+    assert "cannot listen" in second.log()
