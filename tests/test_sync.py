@@ -1,0 +1,220 @@
+"""Forwarding to the OFD: outages, lost acknowledgements, backoff, the breaker, dead letters, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiohttp
+import pytest
+
+from tests.support import (KktdProcess, MockOfdProcess, cpu_seconds, get_json, post_many, receipts, sample_receipt,
+                           wait_until)
+
+FAST_RETRY = ["--backoff-max", "1", "--breaker-reset", "0.5", "--sync-interval", "0.2", "--ofd-timeout", "2"]
+
+
+@pytest.fixture
+def mock(tmp_path: Path) -> Iterator[MockOfdProcess]:
+    proc = MockOfdProcess(workdir=tmp_path, db=tmp_path / "ofd.db").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def kktds() -> Iterator[list[KktdProcess]]:
+    started: list[KktdProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+def start_kktd(kktds: list[KktdProcess], tmp_path: Path, mock: MockOfdProcess, *args: str) -> KktdProcess:
+    proc = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url, extra_args=[*FAST_RETRY, *args])
+    kktds.append(proc)
+    return proc.start()
+
+
+def status(proc: KktdProcess) -> dict[str, Any]:
+    code, body = asyncio.run(get_json(proc.url, "/v1/kkt/buffer/status"))
+    assert code == 200
+    return body  # type: ignore[no-any-return]
+
+
+def post(proc: KktdProcess, bodies: list[dict[str, Any]], concurrency: int = 8) -> list[str]:
+    answers = asyncio.run(post_many(proc.url, bodies, concurrency=concurrency))
+    assert all(a.status == 201 for a in answers), [a.body for a in answers if a.status != 201][:3]
+    return [a.body["receipt_id"] for a in answers]
+
+
+def wait_all_sent(proc: KktdProcess, count: int, timeout: float = 60) -> None:
+    wait_until(lambda: status(proc)["counts"] == {"pending": 0, "sent": count, "failed": 0}, timeout,
+               f"all {count} receipts sent", interval=0.1)
+
+
+def test_offline_then_online_delivers_everything_once(tmp_path: Path, mock: MockOfdProcess,
+                                                      kktds: list[KktdProcess]) -> None:
+    mock.set_mode("offline")
+    kktd = start_kktd(kktds, tmp_path, mock)
+    ids = post(kktd, receipts("off", 200))
+    wait_until(lambda: status(kktd)["sync"]["last_error"], 10, "a failed delivery attempt")
+    assert status(kktd)["counts"]["pending"] == 200
+    mock.set_mode("online")
+    wait_all_sent(kktd, 200)
+    stats = mock.stats()
+    assert stats["unique"] == 200
+    code, receipt = asyncio.run(get_json(kktd.url, f"/v1/kkt/receipt/{ids[0]}"))
+    assert receipt["status"] == "sent"
+    assert receipt["ofd"]["fiscal_document_number"] == mock.stored(ids[0])["ack"]["fiscal_document_number"]  # type: ignore[index]
+    assert re.fullmatch(r"[0-9]{10}", receipt["ofd"]["fiscal_sign"])
+
+
+def test_lost_acknowledgements_are_redelivered_without_duplicates(tmp_path: Path, mock: MockOfdProcess,
+                                                                  kktds: list[KktdProcess]) -> None:
+    mock.set_mode("drop_ack")
+    kktd = start_kktd(kktds, tmp_path, mock)
+    post(kktd, receipts("drop", 60))
+    wait_until(lambda: mock.stats()["redeliveries"] >= 5, 30, "redeliveries after lost acknowledgements")
+    assert mock.stats()["unique"] > 0
+    assert status(kktd)["counts"]["sent"] == 0, "a receipt was marked sent without an acknowledgement"
+    mock.set_mode("online")
+    wait_all_sent(kktd, 60)
+    stats = mock.stats()
+    assert stats["unique"] == 60
+    assert stats["received"] == stats["unique"] + stats["redeliveries"]
+
+
+def request_times(mock: MockOfdProcess, count: int, timeout: float) -> list[float]:
+    """The moments the mock's request counter moved, `count` times."""
+    times: list[float] = []
+    last = mock.stats()["requests"]
+    deadline = time.monotonic() + timeout
+    while len(times) < count:
+        assert time.monotonic() < deadline, f"only {len(times)} requests seen"
+        now = mock.stats()["requests"]
+        if now != last:
+            times.append(time.monotonic())
+            last = now
+        time.sleep(0.01)
+    return times
+
+
+def test_error500_backs_off_and_opens_the_breaker(tmp_path: Path, mock: MockOfdProcess,
+                                                  kktds: list[KktdProcess]) -> None:
+    mock.set_mode("error500")
+    kktd = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url,
+                       extra_args=["--backoff-max", "30", "--breaker-threshold", "100", "--sync-interval", "0.2"])
+    kktds.append(kktd.start())
+    post(kktd, receipts("e500", 10))
+    times = request_times(mock, 5, 40)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # Exponential backoff from 0.5 s with up to 1 s of jitter: the fourth gap is at least 4 s.
+    assert gaps[-1] > gaps[0] and gaps[-1] >= 3.5, gaps
+    assert status(kktd)["counts"]["pending"] == 10
+    code, health = asyncio.run(get_json(kktd.url, "/v1/health"))
+    assert health["sync"]["consecutive_failures"] >= 5
+
+
+def test_breaker_opens_half_opens_and_closes(tmp_path: Path, mock: MockOfdProcess,
+                                             kktds: list[KktdProcess]) -> None:
+    mock.set_mode("error500")
+    kktd = start_kktd(kktds, tmp_path, mock, "--breaker-threshold", "3", "--breaker-reset", "1")
+    post(kktd, receipts("brk", 5))
+    wait_until(lambda: "breaker closed -> open" in kktd.log(), 30, "the breaker to open")
+    wait_until(lambda: "open -> half_open" in kktd.log(), 30, "a half-open trial")
+    wait_until(lambda: "half_open -> open" in kktd.log(), 30, "the failed trial to re-open it")
+    assert status(kktd)["sync"]["breaker"] in ("open", "half_open")
+    code, health = asyncio.run(get_json(kktd.url, "/v1/health"))
+    assert code == 200 and health["status"] == "warning"
+    mock.set_mode("online")
+    wait_all_sent(kktd, 5)
+    assert "half_open -> closed" in kktd.log()
+    assert status(kktd)["sync"]["breaker"] == "closed"
+
+
+def test_no_busy_loop_while_the_ofd_is_down(tmp_path: Path, mock: MockOfdProcess,
+                                            kktds: list[KktdProcess]) -> None:
+    mock.set_mode("error500")
+    kktd = start_kktd(kktds, tmp_path, mock, "--backoff-max", "2")
+    post(kktd, receipts("cpu", 100))
+    wait_until(lambda: "breaker closed -> open" in kktd.log(), 30, "the breaker to open")
+    assert kktd.proc is not None
+    before = cpu_seconds(kktd.proc.pid)
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started >= 3.0, 5, "three seconds of outage", interval=0.1)
+    used = cpu_seconds(kktd.proc.pid) - before
+    assert used < 0.3, f"kktd used {used:.2f} CPU seconds in 3 s while the OFD was down"
+
+
+def test_slow_ofd_past_the_timeout(tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]) -> None:
+    mock.set_mode("slow", delay_s=1.5)
+    kktd = start_kktd(kktds, tmp_path, mock, "--ofd-timeout", "0.3")
+    post(kktd, receipts("slow", 40))
+    wait_until(lambda: "timeout" in (status(kktd)["sync"]["last_error"] or ""), 20, "a timed-out delivery")
+    # Intake does not wait for the OFD: the writer is never held across a network call.
+    started = time.monotonic()
+    post(kktd, receipts("slow-more", 40), concurrency=4)
+    assert time.monotonic() - started < 1.5
+    mock.set_mode("online")
+    wait_all_sent(kktd, 80)
+    assert mock.stats()["unique"] == 80
+
+
+def test_flaky_ofd_still_delivers_everything_once(tmp_path: Path, mock: MockOfdProcess,
+                                                  kktds: list[KktdProcess]) -> None:
+    mock.set_mode("flaky", fail_ratio=0.5, seed=7)
+    kktd = start_kktd(kktds, tmp_path, mock, "--batch-size", "10", "--breaker-threshold", "50")
+    post(kktd, receipts("flaky", 150))
+    wait_all_sent(kktd, 150, timeout=90)
+    stats = mock.stats()
+    assert stats["unique"] == 150
+    assert stats["requests"] > 15  # failures happened and were retried
+
+
+def test_rejected_receipt_goes_to_dead_letters_and_requeues(tmp_path: Path, mock: MockOfdProcess,
+                                                            kktds: list[KktdProcess]) -> None:
+    mock.reject_pos_ids(["POS-BAD"])
+    kktd = start_kktd(kktds, tmp_path, mock)
+    good = post(kktd, receipts("good", 10))
+    bad = post(kktd, [sample_receipt("bad-1", pos_id="POS-BAD")])[0]
+    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "sent": 10, "failed": 1}, 30, "settled")
+    code, dlq = asyncio.run(get_json(kktd.url, "/v1/kkt/dlq"))
+    assert [entry["receipt_id"] for entry in dlq["dead_letters"]] == [bad]
+    assert "kkt_not_registered" in dlq["dead_letters"][0]["last_error"]
+    assert f"receipt {bad} rejected by the OFD" in kktd.log()
+    mock.reject_pos_ids([])
+
+    async def requeue(receipt_id: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{kktd.url}/v1/kkt/dlq/{receipt_id}/requeue") as response:
+                return response.status, await response.json()
+
+    assert asyncio.run(requeue(bad))[0] == 200
+    wait_all_sent(kktd, 11)
+    assert asyncio.run(requeue(bad))[0] == 409  # no longer a dead letter
+    assert asyncio.run(requeue("0000"))[0] == 404
+    assert mock.stored(bad) is not None and mock.stored(good[0]) is not None
+
+
+def test_sigkill_during_sync_loses_nothing_and_duplicates_nothing(tmp_path: Path, mock: MockOfdProcess,
+                                                                  kktds: list[KktdProcess]) -> None:
+    mock.set_mode("slow", delay_s=0.2)
+    kktd = start_kktd(kktds, tmp_path, mock, "--batch-size", "20")
+    ids = post(kktd, receipts("kill", 400), concurrency=16)
+    wait_until(lambda: mock.stats()["unique"] >= 40, 30, "deliveries under way")
+    kktd.signal(signal.SIGKILL)
+    kktd.wait(10)
+    restarted = start_kktd(kktds, tmp_path, mock)
+    mock.set_mode("online")
+    wait_all_sent(restarted, 400)
+    stats = mock.stats()
+    assert stats["unique"] == 400
+    assert all(mock.stored(receipt_id) is not None for receipt_id in ids[::37])

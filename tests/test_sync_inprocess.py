@@ -1,0 +1,226 @@
+"""The sync loop in-process against the real mock OFD or a scripted one: deterministic cycle-level checks."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from kktd.api import Services, create_app
+from kktd.buffer import Buffer, now_ms
+from kktd.mock_ofd import MockOfd, start_mock_ofd
+from kktd.ofd import CircuitBreaker, OfdClient
+from kktd.receipt import sample_receipt, validate_receipt
+from kktd.sync import SyncLoop
+from tests.conftest import make_config
+
+
+@dataclasses.dataclass
+class Rig:
+    buffer: Buffer
+    sync: SyncLoop
+    client: OfdClient
+    http: TestClient
+
+
+@pytest.fixture
+async def mock_ofd() -> AsyncIterator[MockOfd]:
+    mock = await start_mock_ofd("127.0.0.1", 0)
+    try:
+        yield mock
+    finally:
+        await mock.close()
+
+
+async def make_rig(tmp_path: Path, ofd_url: str, **overrides: Any) -> Rig:
+    config = make_config(tmp_path, ofd_url=ofd_url, backoff_max=0.05, breaker_reset=0.05, **overrides)
+    buffer = await Buffer.open(config.db, config.max_pending)
+    client = OfdClient(ofd_url, config.ofd_timeout)
+    await client.start()
+    sync = SyncLoop(buffer, client, CircuitBreaker(config.breaker_threshold, config.breaker_reset), config)
+    http = TestClient(TestServer(create_app(Services(config, buffer, sync))))
+    await http.start_server()
+    return Rig(buffer, sync, client, http)
+
+
+async def close_rig(rig: Rig) -> None:
+    await rig.http.close()
+    await rig.client.close()
+    await rig.buffer.close()
+
+
+@pytest.fixture
+async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    rigs: list[Rig] = []
+
+    async def factory(ofd_url: str, **overrides: Any) -> Rig:
+        rig = await make_rig(tmp_path, ofd_url, **overrides)
+        rigs.append(rig)
+        return rig
+
+    try:
+        yield factory
+    finally:
+        for rig in rigs:
+            await close_rig(rig)
+
+
+async def accept(buffer: Buffer, key: str, pos_id: str = "POS-001") -> str:
+    result = await buffer.accept(validate_receipt(sample_receipt(key, pos_id=pos_id)))
+    return result.receipt_id  # type: ignore[union-attr]
+
+
+async def test_sync_endpoint_runs_one_cycle_and_reports(rig_factory: Any, mock_ofd: MockOfd) -> None:
+    rig = await rig_factory(mock_ofd.url)
+    for i in range(7):
+        await accept(rig.buffer, f"now-{i}")
+    response = await rig.http.post("/v1/kkt/buffer/sync")
+    result = await response.json()
+    assert response.status == 200
+    assert result["delivered"] == 7 and result["pending"] == 0 and result["error"] is None
+    assert mock_ofd.stats()["unique"] == 7
+    await mock_ofd.set_mode("offline")
+    await accept(rig.buffer, "now-offline")
+    result = await (await rig.http.post("/v1/kkt/buffer/sync")).json()
+    assert result["delivered"] == 0 and "connect_error" in result["error"] and result["pending"] == 1
+
+
+async def test_retention_prunes_only_old_sent_receipts(rig_factory: Any, mock_ofd: MockOfd) -> None:
+    rig = await rig_factory(mock_ofd.url, retention_days=90)
+    ids = [await accept(rig.buffer, f"ret-{i}") for i in range(1200)]
+    await rig.sync.run_once_now()
+    await accept(rig.buffer, "ret-pending")
+    old = now_ms() - 91 * 86_400_000
+
+    async def age(conn: Any) -> None:
+        await conn.execute("UPDATE receipts SET sent_ms = ? WHERE receipt_id IN (%s)" % ",".join(
+            "?" * 1000), (old, *ids[:1000]))
+
+    await rig.buffer._call(age)
+    assert await rig.sync.prune() == 1000
+    assert rig.buffer.counts.sent == 200 and rig.buffer.counts.pending == 1
+    assert await rig.buffer.get(ids[0]) is None
+    assert await rig.buffer.get(ids[1000]) is not None
+
+
+async def test_pending_age_alarm_warns_then_goes_critical(rig_factory: Any, caplog: Any) -> None:
+    rig = await rig_factory("http://127.0.0.1:9", pending_warn_age=3 * 86400.0,
+                            pending_critical_age=25 * 86400.0)
+    receipt_id = await accept(rig.buffer, "old-1")
+
+    async def set_age(days: float) -> None:
+        stamp = now_ms() - int(days * 86_400_000)
+        await rig.buffer._call(lambda conn: conn.execute(
+            "UPDATE receipts SET accepted_ms = ? WHERE receipt_id = ?", (stamp, receipt_id)))
+
+    assert await rig.sync.check_pending_age() == "ok"
+    await set_age(4)
+    assert await rig.sync.check_pending_age() == "warning"
+    assert any(r.levelname == "WARNING" and "4.0 days old" in r.getMessage() for r in caplog.records)
+    health = await (await rig.http.get("/v1/health")).json()
+    assert health["status"] == "warning"
+    status = await (await rig.http.get("/v1/kkt/buffer/status")).json()
+    assert status["oldest_pending_alarm"] == "warning"
+    await set_age(26)
+    assert await rig.sync.check_pending_age() == "critical"
+    assert any(r.levelname == "ERROR" and "26.0 days old" in r.getMessage() for r in caplog.records)
+    response = await rig.http.get("/v1/health")
+    assert response.status == 503
+    assert "pending_critical_age" in (await response.json())["problems"][0]
+
+
+class ScriptedOfd:
+    """An OFD that answers 500 to any batch holding a poisoned receipt id, or to everything."""
+
+    def __init__(self) -> None:
+        self.poison: set[str] = set()
+        self.down = False
+        self.acked: dict[str, int] = {}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        items = await request.json()
+        if self.down or any(item["receipt_id"] in self.poison for item in items):
+            return web.Response(status=500, text="internal error")
+        results = []
+        for item in items:
+            number = self.acked.setdefault(item["idempotency_key"], len(self.acked) + 1)
+            results.append({"receipt_id": item["receipt_id"], "fiscal_document_number": number,
+                            "fiscal_sign": f"{number:010d}", "ofd_received_at": "2026-11-24T00:00:00Z"})
+        return web.json_response({"results": results})
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedOfd, str]]:
+    ofd = ScriptedOfd()
+    app = web.Application()
+    app.router.add_post("/v1/receipts", ofd.handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield ofd, str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def run_loop_until(rig: Rig, predicate: Callable[[], bool], timeout: float) -> None:
+    task = asyncio.create_task(rig.sync.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+            await asyncio.sleep(0.01)
+    finally:
+        rig.sync.request_stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_poison_receipt_is_isolated_and_dead_lettered(rig_factory: Any, scripted: Any) -> None:
+    ofd, url = scripted
+    rig = await rig_factory(url, max_attempts=3, breaker_threshold=1000, sync_interval=0.01)
+    ids = [await accept(rig.buffer, f"p-{i}") for i in range(30)]
+    ofd.poison.add(ids[5])
+
+    async def till_keeps_selling() -> None:
+        # Other receipts flowing is the evidence that the OFD works and the poisoned one is the problem.
+        for i in range(10_000):
+            if rig.buffer.counts.failed:
+                return
+            await accept(rig.buffer, f"later-{i}")
+            await asyncio.sleep(0.02)
+
+    seller = asyncio.create_task(till_keeps_selling())
+    try:
+        await run_loop_until(rig, lambda: seller.done() and rig.buffer.counts.pending == 0, 60)
+    finally:
+        seller.cancel()
+        await asyncio.gather(seller, return_exceptions=True)
+    assert rig.buffer.counts.failed == 1
+    row = await rig.buffer.get(ids[5])
+    assert row is not None and row["status"] == "failed" and row["attempts"] == 4
+    assert "gave up after 3 failed deliveries" in row["last_error"]
+    innocent = [await rig.buffer.get(receipt_id) for receipt_id in ids if receipt_id != ids[5]]
+    assert all(r is not None and r["status"] == "sent" and r["attempts"] == 0 for r in innocent)
+
+
+async def test_an_outage_never_dead_letters_receipts(rig_factory: Any, scripted: Any) -> None:
+    ofd, url = scripted
+    ofd.down = True
+    rig = await rig_factory(url, max_attempts=2, breaker_threshold=1000, sync_interval=0.01)
+    for i in range(10):
+        await accept(rig.buffer, f"o-{i}")
+    await run_loop_until(rig, lambda: rig.sync.stats.cycles >= 30, 60)
+    assert rig.buffer.counts.failed == 0 and rig.buffer.counts.pending == 10
+    rows = [await rig.buffer.get(r.receipt_id) for r in await rig.buffer.pending_batch(10)]
+    assert all(row is not None and row["attempts"] == 0 and row["last_error"] == "http_500" for row in rows)
+    ofd.down = False
+    config = rig.sync.config
+    rig.sync = SyncLoop(rig.buffer, rig.client, CircuitBreaker(config.breaker_threshold, config.breaker_reset),
+                        config)
+    await run_loop_until(rig, lambda: rig.buffer.counts.sent == 10, 30)
+    assert len(ofd.acked) == 10
