@@ -76,9 +76,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def new_receipt_id(at_ms: int) -> str:
-    """Time-ordered (48-bit milliseconds) plus 80 random bits: sorts by acceptance, never guessable."""
-    return f"{at_ms:012x}{secrets.randbits(80):020x}"
+def new_receipt_ids(at_ms: int, count: int) -> list[str]:
+    """Time-ordered (48-bit milliseconds) plus 80 random bits: sorts by acceptance, never guessable.
+    One read of the system's randomness serves the whole group."""
+    prefix = f"{at_ms:012x}"
+    noise = secrets.token_hex(10 * count)
+    return [prefix + noise[i * 20:(i + 1) * 20] for i in range(count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +151,12 @@ _STOP = object()
 
 
 class Buffer:
-    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts) -> None:
+    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
+                 checked_at_open: bool) -> None:
         self.path = path
+        # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
+        self.checked_at_open = checked_at_open
+        self.damage: str | None = None
         self.max_pending = max_pending
         self.counts = counts
         self._conn = conn
@@ -164,9 +171,17 @@ class Buffer:
 
     @classmethod
     async def open(cls, path: Path, max_pending: int) -> Buffer:
-        """Open (creating if new), verify PRAGMAs, migrate, check integrity, count, start the writer."""
+        """Open (creating if new), verify PRAGMAs, migrate, count, start the writer. The integrity check
+        runs here, before the caller may announce readiness, unless the last run closed the database
+        cleanly: then verify_in_background() runs it without holding up start-up.
+
+        SQLite deletes the -wal file when the last connection closes cleanly (and fsyncs its directory when
+        it creates it), so a -wal file found before connecting means a crash, a kill, a power cut or a
+        failed final checkpoint: exactly when damage is plausible, so the check comes first."""
         path = Path(path)
         is_new = not path.exists()
+        marker = damage_marker(path)
+        clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(path, isolation_level=None)
@@ -175,18 +190,25 @@ class Buffer:
         try:
             await _configure(conn, path)
             await _migrate(conn, path)
-            await _quick_check(conn, path)
+            if not clean:
+                await _quick_check(conn, path)
+                _clear_damage_marker(marker)
             counts = await _count(conn)
+        except sqlite3.DatabaseError as exc:
+            await conn.close()
+            raise _classify_open_error(exc, path) from exc
         except BaseException:
             await conn.close()
             raise
         if is_new:
             _fsync_directory(path.parent)
-        buffer = cls(path, max_pending, conn, counts)
+        buffer = cls(path, max_pending, conn, counts, checked_at_open=not clean)
         buffer._writer = asyncio.get_running_loop().create_task(buffer._write_loop(), name="kktd-db-writer")
+        state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
-            "buffer open: %s (schema v%d, %s): pending=%d failed=%d sent=%d",
-            path, SCHEMA_VERSION, "new" if is_new else "recovered", counts.pending, counts.failed, counts.sent,
+            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d failed=%d sent=%d",
+            path, SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
+            counts.pending, counts.failed, counts.sent,
         )
         return buffer
 
@@ -211,6 +233,27 @@ class Buffer:
             log.error("database connection did not close within %gs", timeout)
         log.info("buffer closed: %s", self.path)
 
+    async def verify_in_background(self) -> str | None:
+        """The integrity check deferred by open(), on a read-only connection of its own: WAL readers never
+        block the writer, so intake goes on meanwhile. Returns the damage found, None if sound."""
+        if self.checked_at_open:
+            return None
+        started = time.monotonic()
+        try:
+            conn = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            return f"cannot open database {self.path} for its integrity check: {exc}"
+        try:
+            await _quick_check(conn, self.path)
+        except CorruptDatabase as exc:
+            self.damage = str(exc)
+            _write_damage_marker(damage_marker(self.path), self.damage)
+            return self.damage
+        finally:
+            await conn.close()
+        log.info("integrity check of %s: ok (%.2fs, after start-up)", self.path, time.monotonic() - started)
+        return None
+
     @property
     def writer_alive(self) -> bool:
         return self._writer is not None and not self._writer.done()
@@ -225,7 +268,8 @@ class Buffer:
         """Store a receipt (or find it by its idempotency key); returns after the COMMIT that holds it."""
         future: asyncio.Future[Accepted | Conflict] = asyncio.get_running_loop().create_future()
         self._submit(_Intake(receipt, future))
-        return await asyncio.shield(future)
+        # Not shielded: if the caller goes away the receipt is still committed, only the answer is dropped.
+        return await future
 
     # ---- everything else runs as a job between transactions ----
 
@@ -278,35 +322,19 @@ class Buffer:
         return [PendingReceipt(*row) for row in rows]
 
     async def settle(self, delivered: Sequence[Delivered], rejected: Sequence[Rejected]) -> None:
-        """Record the OFD's answers for a batch in one transaction."""
-        if not delivered and not rejected:
-            return
+        """Record the OFD's answers for a batch: one statement (one transaction, one round trip) per outcome."""
         stamp = now_ms()
-
-        async def run(conn: aiosqlite.Connection) -> tuple[int, int]:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                sent = await _executemany_count(
-                    conn,
-                    "UPDATE receipts SET status = 'sent', last_error = NULL, "
-                    "sent_ms = ?, updated_ms = ?, fiscal_document_number = ?, fiscal_sign = ?, "
-                    "ofd_received_at = ? WHERE receipt_id = ? AND status = 'pending'",
-                    [(stamp, stamp, d.fiscal_document_number, d.fiscal_sign, d.ofd_received_at, d.receipt_id)
-                     for d in delivered],
-                )
-                failed = await _executemany_count(
-                    conn,
-                    "UPDATE receipts SET status = 'failed', last_error = ?, "
-                    "updated_ms = ? WHERE receipt_id = ? AND status = 'pending'",
-                    [(r.reason, stamp, r.receipt_id) for r in rejected],
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback(conn)
-                raise
-            return sent, failed
-
-        sent, failed = await self._call(run)
+        sent = failed = 0
+        if delivered:
+            sent = await self._call(lambda conn: _update_from_values(
+                conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
+                      "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4",
+                stamp, [(d.receipt_id, d.fiscal_document_number, d.fiscal_sign, d.ofd_received_at)
+                        for d in delivered]))
+        if rejected:
+            failed = await self._call(lambda conn: _update_from_values(
+                conn, "status = 'failed', last_error = v.column2, updated_ms = ?1",
+                stamp, [(r.receipt_id, r.reason) for r in rejected]))
         self.counts.pending -= sent + failed
         self.counts.sent += sent
         self.counts.failed += failed
@@ -445,42 +473,53 @@ class Buffer:
                 intake.future.set_result(result)
 
     async def _insert_group(self, intakes: list[_Intake]) -> list[Accepted | Conflict | Exception]:
-        keys = list({intake.receipt.idempotency_key for intake in intakes})
-        existing = await self._existing(keys)
+        """One multi-row INSERT for the whole group: in autocommit it is its own transaction, so the rows
+        are committed (fsynced) before the statement returns, in a single round trip to the SQLite thread.
+        Keys that already exist (replays) and a group larger than the free capacity take extra queries."""
         stamp = now_ms()
-        results: list[Accepted | Conflict | Exception] = []
-        rows: list[tuple[Any, ...]] = []
-        for intake in intakes:
-            receipt = intake.receipt
-            found = existing.get(receipt.idempotency_key)
-            if found is not None:
-                results.append(_replay(found, receipt))
-                continue
-            if self.counts.undelivered + len(rows) >= self.max_pending:
-                results.append(BufferFull(self.max_pending))
-                continue
-            receipt_id = new_receipt_id(stamp)
-            rows.append((receipt_id, receipt.idempotency_key, receipt.body_hash, receipt.canonical_json,
-                         receipt.pos_id, receipt.total, stamp, stamp))
-            accepted = Accepted(receipt_id, True, receipt.total, stamp, "pending")
-            # A later duplicate in the same group finds this one, exactly as it would after the commit.
-            existing[receipt.idempotency_key] = (receipt_id, receipt.body_hash, receipt.total, stamp, "pending")
-            results.append(accepted)
-        if rows:
-            await self._conn.execute("BEGIN IMMEDIATE")
-            await self._conn.executemany(
-                "INSERT INTO receipts (receipt_id, idempotency_key, body_hash, body, pos_id, total, "
-                "accepted_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            await self._conn.execute("COMMIT")
-            self.counts.pending += len(rows)
+        free = self.max_pending - self.counts.undelivered
+        existing: dict[str, tuple[Any, ...]] = {}
+        candidates = intakes
+        if len(intakes) > free:
+            existing = await self._existing([i.receipt.idempotency_key for i in intakes])
+            candidates = _within_capacity(intakes, existing, free)
+        ids = dict(zip(map(id, candidates), new_receipt_ids(stamp, len(candidates))))
+        inserted: set[str] = set()
+        if candidates:
+            inserted = await self._insert_rows(
+                [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
+                  i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates])
+            self.counts.pending += len(inserted)
             self.commits += 1
-            self.committed_rows += len(rows)
+            self.committed_rows += len(inserted)
+        missing = [i.receipt.idempotency_key for i in intakes
+                   if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
+        if missing:
+            existing.update(await self._existing(missing))
+        results: list[Accepted | Conflict | Exception] = []
+        for intake in intakes:
+            receipt_id = ids.get(id(intake))
+            if receipt_id in inserted:
+                results.append(Accepted(receipt_id, True, intake.receipt.total, stamp, "pending"))
+            elif intake.receipt.idempotency_key in existing:
+                results.append(_replay(existing[intake.receipt.idempotency_key], intake.receipt))
+            else:
+                results.append(BufferFull(self.max_pending))
         return results
+
+    async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> set[str]:
+        values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+        returned = await self._conn.execute_fetchall(
+            "INSERT INTO receipts (receipt_id, idempotency_key, body_hash, body, pos_id, total, accepted_ms, "
+            f"updated_ms) VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING RETURNING receipt_id",
+            [value for row in rows for value in row])
+        return {row[0] for row in returned}
 
     async def _existing(self, keys: list[str]) -> dict[str, tuple[Any, ...]]:
         found: dict[str, tuple[Any, ...]] = {}
-        for start in range(0, len(keys), SQL_PARAM_CHUNK):
-            chunk = keys[start:start + SQL_PARAM_CHUNK]
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), SQL_PARAM_CHUNK):
+            chunk = unique[start:start + SQL_PARAM_CHUNK]
             rows = await _fetch_all(
                 self._conn,
                 f"SELECT idempotency_key, receipt_id, body_hash, total, accepted_ms, status FROM receipts "
@@ -488,6 +527,20 @@ class Buffer:
             for key, receipt_id, body_hash, total, accepted_ms, status in rows:
                 found[key] = (receipt_id, body_hash, total, accepted_ms, status)
         return found
+
+
+def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:
+    """The intakes that may be inserted: new keys, first occurrence only, no more than `free` of them."""
+    chosen: list[_Intake] = []
+    seen: set[str] = set()
+    for intake in intakes:
+        key = intake.receipt.idempotency_key
+        if key in existing or key in seen:
+            continue
+        seen.add(key)
+        if len(chosen) < free:
+            chosen.append(intake)
+    return chosen
 
 
 def _replay(found: tuple[Any, ...], receipt: Receipt) -> Accepted | Conflict:
@@ -514,21 +567,33 @@ def _receipt_row(row: Sequence[Any]) -> dict[str, Any]:
     return dict(zip(names, row))
 
 
+# execute_fetchall is one round trip to the SQLite thread; execute + fetch + close would be three.
 async def _fetch_one(conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> Any:
-    async with conn.execute(sql, tuple(params)) as cursor:
-        return await cursor.fetchone()
+    rows = await _fetch_all(conn, sql, params)
+    return rows[0] if rows else None
 
 
 async def _fetch_all(conn: aiosqlite.Connection, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-    async with conn.execute(sql, tuple(params)) as cursor:
-        return list(await cursor.fetchall())
+    return list(await conn.execute_fetchall(sql, tuple(params)))
 
 
-async def _executemany_count(conn: aiosqlite.Connection, sql: str, rows: list[tuple[Any, ...]]) -> int:
-    if not rows:
-        return 0
-    cursor = await conn.executemany(sql, rows)
+async def _update_from_values(conn: aiosqlite.Connection, assignments: str, stamp: int,
+                              rows: list[tuple[Any, ...]]) -> int:
+    """UPDATE pending receipts from a VALUES list whose first column is the receipt_id; returns rows changed."""
+    width = len(rows[0])
+    placeholders = ",".join(["(" + ",".join(["?"] * width) + ")"] * len(rows))
+    # ?1 is the timestamp; the VALUES placeholders are numbered after it.
+    numbered = _number_placeholders(placeholders, start=2)
+    cursor = await conn.execute(
+        f"UPDATE receipts SET {assignments} FROM (VALUES {numbered}) AS v "
+        f"WHERE receipts.receipt_id = v.column1 AND receipts.status = 'pending'",
+        [stamp, *(value for row in rows for value in row)])
     return cursor.rowcount
+
+
+def _number_placeholders(text: str, start: int) -> str:
+    parts = text.split("?")
+    return "".join(f"{part}?{start + i}" if i < len(parts) - 1 else part for i, part in enumerate(parts))
 
 
 async def _rollback(conn: aiosqlite.Connection) -> None:
@@ -601,6 +666,31 @@ def _classify_open_error(exc: sqlite3.DatabaseError, path: Path) -> Exception:
 
 def _looks_corrupt(text: str) -> bool:
     return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
+def damage_marker(path: Path) -> Path:
+    """Beside the database: written when damage is found after start-up, so that every later start checks
+    first (a clean stop would otherwise let the next start defer the check again)."""
+    return Path(f"{path}.damaged")
+
+
+def _write_damage_marker(marker: Path, reason: str) -> None:
+    try:
+        marker.write_text(reason + "\n")
+        fd = os.open(marker, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_directory(marker.parent)
+    except OSError as exc:
+        log.error("could not write %s (%s); the damage is in the log", marker, exc.strerror)
+
+
+def _clear_damage_marker(marker: Path) -> None:
+    if marker.exists():
+        marker.unlink()
+        log.warning("database passes its integrity check again; removed %s", marker)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -18,6 +18,7 @@ from kktd import __version__
 from kktd.api import Services, create_app
 from kktd.buffer import Buffer
 from kktd.config import Config, mask_url
+from kktd.errors import CorruptDatabase
 from kktd.ofd import CircuitBreaker, OfdClient
 from kktd.sync import SyncLoop
 
@@ -57,6 +58,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.services: Services | None = None
+        self.fatal: Exception | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -83,12 +85,15 @@ class Daemon:
             if interval is not None:
                 self._supervise("watchdog", lambda: self._watchdog(interval))
             self._supervise("status", self._status_updates)
+            self._supervise("integrity", self._deferred_integrity_check)
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
             log.info("kktd %s ready: listening on http://%s, OFD %s, database %s, pending=%d",
                      __version__, self.config.listen, mask_url(ofd_url), self.config.db, buffer.counts.pending)
             if services.faults_enabled:
                 log.warning("test fault hooks are enabled (KKTD_TEST_FAULTS=1): never in production")
             await self.stop_requested.wait()
+        if self.fatal is not None:
+            raise self.fatal
         log.info("kktd stopped cleanly")
         return 0
 
@@ -155,6 +160,17 @@ class Daemon:
                 self.notifier.send(f"STATUS=degraded: task {name} crashed")
 
         self.tasks[name] = asyncio.get_running_loop().create_task(guarded(), name=f"kktd-{name}")
+
+    async def _deferred_integrity_check(self) -> None:
+        assert self.services is not None
+        damage = await self.services.buffer.verify_in_background()
+        if damage is None:
+            return
+        # Intake refuses from here on (storage_unavailable); what was acknowledged stays where it is.
+        self.fatal = CorruptDatabase(damage)
+        self.notifier.send("STOPPING=1\nSTATUS=database damaged: see the log")
+        log.critical("%s: kktd stops taking receipts and exits", damage)
+        self.stop_requested.set()
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only after a round trip through the database writer: a wedged writer stops the pings."""

@@ -220,3 +220,70 @@ def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, processes: list[
     second.start(wait_ready=False)
     assert second.wait(20) == 69
     assert "cannot listen" in second.log()
+
+
+# ---- the integrity check: before READY after an unclean stop, right after it after a clean one ----
+
+def fill(processes: list[KktdProcess], db: Path, count: int) -> KktdProcess:
+    proc = start(processes, db)
+    answers = asyncio.run(post_many(proc.url, receipts("fill", count), concurrency=16))
+    assert all(a.status == 201 for a in answers)
+    return proc
+
+
+def table_leaf_page(db: Path) -> tuple[int, int]:
+    """A leaf page of the receipts table, which opening the database and counting never read."""
+    conn = sqlite3.connect(db)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [p for (p,) in conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'receipts' AND pagetype = 'leaf' ORDER BY pageno")]
+    finally:
+        conn.close()
+    return pages[len(pages) // 2], page_size
+
+
+def test_clean_restart_checks_integrity_after_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    first = fill(processes, db, 200)
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    assert not Path(f"{db}-wal").exists(), "a clean stop leaves no WAL behind"
+    second = start(processes, db)
+    assert "integrity check deferred until after start-up" in second.log()
+    wait_until(lambda: "integrity check of" in second.log(), 20, "the deferred integrity check")
+    assert "integrity check of" in second.log() and ": ok (" in second.log()
+
+
+def test_unclean_stop_checks_integrity_before_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    fill(processes, db, 50).kill()
+    assert Path(f"{db}-wal").exists()
+    second = start(processes, db)
+    assert "recovered after an unclean stop, integrity checked" in second.log()
+
+
+def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path,
+                                                             processes: list[KktdProcess]) -> None:
+    db = tmp_path / "buffer.db"
+    first = fill(processes, db, 1500)
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+    page, page_size = table_leaf_page(db)
+    with open(db, "r+b") as handle:
+        handle.seek((page - 1) * page_size + 200)
+        handle.write(b"\xff" * (page_size - 400))
+    second = KktdProcess(db=db)
+    processes.append(second)
+    second.start(wait_ready=True)
+    assert second.wait(30) == 65
+    log = second.log()
+    assert "integrity check" in log and "kktd stops taking receipts" in log
+    assert second.notify is not None and "STOPPING=1" in second.notify.collect()
+    # The damage is now in front of every start: refused before READY, the file left as it is.
+    third = KktdProcess(db=db)
+    processes.append(third)
+    third.start(wait_ready=False)
+    assert third.wait(30) == 65
+    assert third.notify is not None and "READY=1" not in third.notify.collect()
+    assert Path(f"{db}.damaged").read_text().startswith("database")
