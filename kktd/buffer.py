@@ -166,6 +166,7 @@ class Buffer:
         self._wedged = asyncio.Event()
         self.commits = 0
         self.committed_rows = 0
+        self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
 
     # ---- lifecycle ----
 
@@ -245,6 +246,10 @@ class Buffer:
             return f"cannot open database {self.path} for its integrity check: {exc}"
         try:
             await _quick_check(conn, self.path)
+        except asyncio.CancelledError:
+            # Stopping: abort the scan now rather than read the rest of a large file first.
+            await conn.interrupt()
+            raise
         except CorruptDatabase as exc:
             self.damage = str(exc)
             _write_damage_marker(damage_marker(self.path), self.damage)
@@ -492,6 +497,7 @@ class Buffer:
             self.counts.pending += len(inserted)
             self.commits += 1
             self.committed_rows += len(inserted)
+            self.last_intake_monotonic = time.monotonic()
         missing = [i.receipt.idempotency_key for i in intakes
                    if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
         if missing:

@@ -32,6 +32,8 @@ log = logging.getLogger("kktd.sync")
 
 PIPELINE_DEPTH = 2  # batches on the wire at once while the breaker is closed
 TRANSPORT_REASONS = frozenset({"connect_error"})  # nothing reached the OFD: not a failed delivery
+INTAKE_BUSY_WINDOW_S = 0.25  # an intake this recent means the till is busy
+INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share of wall time
 RETENTION_EVERY_S = 3600.0
 RETENTION_BATCH = 500
 ALARM_EVERY_S = 60.0
@@ -88,6 +90,7 @@ class SyncLoop:
         self._failure_generation = 0  # bumped by every failure that shrinks the batch limit
         self._last_ack_monotonic: float | None = None
         self._lone_failures: dict[str, float] = {}  # receipt_id -> monotonic time of its last lone failure
+        self._suspects: set[str] = set()  # held receipts whose last lone failure counted against them
         self._next_retention = 0.0
         self._next_alarm = 0.0
         self._alarm_level = "ok"
@@ -167,7 +170,7 @@ class SyncLoop:
 
     def _only_held_pending(self) -> bool:
         self._expire_holds()
-        return 0 < self.buffer.counts.pending <= len(self.stats.held)
+        return 0 < self.buffer.counts.pending <= len(self._suspects)
 
     async def _cycle_with_retries(self) -> None:
         retrying = AsyncRetrying(
@@ -188,12 +191,12 @@ class SyncLoop:
                               result.rejected, result.batches)
 
     def _wait(self, state: RetryCallState) -> float:
+        # While the breaker is open its reset timer sets the pace of trials; the exponential backoff
+        # (capped) spaces the retries before it opens.
+        if str(self.breaker.state) == "open":
+            return max(self.breaker.retry_after(), 0.01)
         backoff = wait_exponential_jitter(multiplier=0.5, max=self.config.backoff_max, jitter=1.0)(state)
-        backoff = min(backoff, self.config.backoff_max)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, CircuitOpen):
-            return max(exc.retry_after, 0.01)
-        return backoff
+        return float(min(backoff, self.config.backoff_max))
 
     def _before_sleep(self, state: RetryCallState) -> None:
         seconds = state.next_action.sleep if state.next_action else 0.0
@@ -211,7 +214,9 @@ class SyncLoop:
     # ---- one cycle ----
 
     async def _drain(self) -> CycleResult:
-        """Send every pending receipt once, batch after batch, a few batches on the wire at a time."""
+        """Send every pending receipt once, batch after batch, a few batches on the wire at a time. While
+        the till is posting receipts the drain gives way: one batch at a time, and pauses that keep its
+        share of the event loop small, so a long backlog never slows intake."""
         self.stats.cycles += 1
         total = CycleResult()
         in_flight: set[asyncio.Task[CycleResult]] = set()
@@ -219,22 +224,44 @@ class SyncLoop:
         try:
             while not self._stop.is_set():
                 self._expire_holds()
-                batch = await self.buffer.pending_batch(self._batch_limit, after_seq, tuple(self.stats.held))
+                batch = await self._next_batch(after_seq)
                 if not batch:
                     break
                 after_seq = batch[-1].seq
+                started = time.monotonic()
                 in_flight.add(asyncio.create_task(self._deliver(batch, self._failure_generation)))
-                depth = PIPELINE_DEPTH if self._at_full_speed() else 1
+                giving_way = self._intake_busy()
+                depth = PIPELINE_DEPTH if self._at_full_speed() and not giving_way else 1
                 while len(in_flight) >= depth:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        total.add(task.result())
-            for finished in asyncio.as_completed(in_flight):
-                total.add(await finished)
-            in_flight = set()
+                    _collect(done, total)
+                if giving_way:
+                    await self._pause((time.monotonic() - started) * (1 - INTAKE_BUSY_DRAIN_SHARE)
+                                      / INTAKE_BUSY_DRAIN_SHARE)
+            while in_flight:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                _collect(done, total)
         finally:
-            await _settle_tasks(in_flight)
+            if in_flight:
+                # Batches still on the wire: their acknowledgements must be recorded before we go on.
+                await asyncio.gather(*in_flight, return_exceptions=True)
         return total
+
+    def _intake_busy(self) -> bool:
+        return time.monotonic() - self.buffer.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _next_batch(self, after_seq: int) -> list[PendingReceipt]:
+        batch = await self.buffer.pending_batch(self._batch_limit, after_seq, tuple(self.stats.held))
+        if not batch and after_seq == 0 and len(self._suspects) < len(self.stats.held):
+            # Only held receipts are left: the ones nothing points at are the best probe there is.
+            batch = await self.buffer.pending_batch(self._batch_limit, 0, tuple(self._suspects))
+        return batch
 
     def _at_full_speed(self) -> bool:
         """Pipelining only when all is well: while probing for a poison receipt or trying a half-open breaker,
@@ -271,6 +298,7 @@ class SyncLoop:
         self._last_ack_monotonic = time.monotonic()
         for result in results:
             self._lone_failures.pop(result.receipt_id, None)
+        self._release_unsuspected()
         self.stats.last_success_ms = now_ms()
         self.stats.delivered_total += len(delivered)
         self.stats.rejected_total += len(rejected)
@@ -291,10 +319,15 @@ class SyncLoop:
             self._lone_failures[ids[0]] = now
             # Outlasts the retry wait (at most backoff_max), so the receipts behind it get their turn.
             self.stats.held[ids[0]] = now + 2 * self.config.backoff_max
+            if strike:
+                self._suspects.add(ids[0])
+            else:
+                self._suspects.discard(ids[0])
         moved = await self.buffer.record_attempt_failure(ids, exc.reason, self.config.max_attempts, strike)
         for receipt_id in moved:
             self.stats.held.pop(receipt_id, None)
             self._lone_failures.pop(receipt_id, None)
+            self._suspects.discard(receipt_id)
             log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
                       receipt_id, self.config.max_attempts, exc.reason)
         self.stats.dead_lettered_total += len(moved)
@@ -302,6 +335,13 @@ class SyncLoop:
     def _expire_holds(self) -> None:
         now = time.monotonic()
         for receipt_id in [r for r, until in self.stats.held.items() if until <= now]:
+            del self.stats.held[receipt_id]
+            self._suspects.discard(receipt_id)
+
+    def _release_unsuspected(self) -> None:
+        """The OFD acknowledges again: receipts held during a failure that nothing showed to be theirs
+        (the OFD was failing everyone) go back in line at once instead of waiting out their hold."""
+        for receipt_id in [r for r in self.stats.held if r not in self._suspects]:
             del self.stats.held[receipt_id]
 
     def _note_error(self, error: str) -> None:
@@ -349,7 +389,11 @@ class SyncLoop:
         return deleted
 
 
-async def _settle_tasks(tasks: set[asyncio.Task[CycleResult]]) -> None:
-    """Wait for batches still on the wire (their acks must be recorded), keeping the first error raised."""
-    if tasks:
-        await asyncio.gather(*tasks, return_exceptions=True)
+def _collect(done: set[asyncio.Task[CycleResult]], total: CycleResult) -> None:
+    """Add up finished batches; every task's outcome is retrieved, then the first failure is raised."""
+    errors = [exc for exc in (task.exception() for task in done) if exc is not None]
+    for task in done:
+        if task.exception() is None:
+            total.add(task.result())
+    if errors:
+        raise errors[0]

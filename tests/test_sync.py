@@ -107,51 +107,46 @@ def request_times(mock: MockOfdProcess, count: int, timeout: float) -> list[floa
     return times
 
 
-def test_error500_backs_off_and_opens_the_breaker(tmp_path: Path, mock: MockOfdProcess,
-                                                  kktds: list[KktdProcess]) -> None:
-    mock.set_mode("error500")
-    kktd = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url,
-                       extra_args=["--backoff-max", "30", "--breaker-threshold", "100", "--sync-interval", "0.2"])
+FAILURE_MODES = [
+    ("error500", {}),
+    ("slow", {"delay_s": 5.0}),  # beyond kktd's --ofd-timeout 0.3
+    ("flaky", {"fail_ratio": 1.0, "seed": 3}),  # half 500s, half connection resets
+]
+
+
+@pytest.mark.parametrize(("mode", "params"), FAILURE_MODES, ids=[mode for mode, _ in FAILURE_MODES])
+def test_failing_ofd_backoff_breaker_and_no_busy_loop(tmp_path: Path, mock: MockOfdProcess,
+                                                      kktds: list[KktdProcess], mode: str,
+                                                      params: dict[str, Any]) -> None:
+    mock.set_mode(mode, **params)
+    kktd = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url, extra_args=[
+        "--backoff-max", "30", "--breaker-threshold", "4", "--breaker-reset", "3", "--ofd-timeout", "0.3",
+        "--sync-interval", "0.2"])
     kktds.append(kktd.start())
-    post(kktd, receipts("e500", 10))
-    times = request_times(mock, 5, 40)
+    post(kktd, receipts(mode, 10))
+    # Backoff: exponential from 0.5 s with up to 1 s of jitter, so the third gap (>= 2 s) always
+    # exceeds the first (<= 1.5 s plus the request itself).
+    times = request_times(mock, 4, 40)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    # Exponential backoff from 0.5 s with up to 1 s of jitter: the fourth gap is at least 4 s.
-    assert gaps[-1] > gaps[0] and gaps[-1] >= 3.5, gaps
-    assert status(kktd)["counts"]["pending"] == 10
-    code, health = asyncio.run(get_json(kktd.url, "/v1/health"))
-    assert health["sync"]["consecutive_failures"] >= 5
-
-
-def test_breaker_opens_half_opens_and_closes(tmp_path: Path, mock: MockOfdProcess,
-                                             kktds: list[KktdProcess]) -> None:
-    mock.set_mode("error500")
-    kktd = start_kktd(kktds, tmp_path, mock, "--breaker-threshold", "3", "--breaker-reset", "1")
-    post(kktd, receipts("brk", 5))
+    assert gaps[2] > gaps[0] and gaps[2] >= 2.0, gaps
     wait_until(lambda: "breaker closed -> open" in kktd.log(), 30, "the breaker to open")
-    wait_until(lambda: "open -> half_open" in kktd.log(), 30, "a half-open trial")
-    wait_until(lambda: "half_open -> open" in kktd.log(), 30, "the failed trial to re-open it")
     assert status(kktd)["sync"]["breaker"] in ("open", "half_open")
     code, health = asyncio.run(get_json(kktd.url, "/v1/health"))
     assert code == 200 and health["status"] == "warning"
+    # No busy loop while the breaker is open.
+    assert kktd.proc is not None
+    before, started = cpu_seconds(kktd.proc.pid), time.monotonic()
+    wait_until(lambda: time.monotonic() - started >= 2.0, 5, "two seconds of outage", interval=0.1)
+    used = cpu_seconds(kktd.proc.pid) - before
+    assert used < 0.2, f"kktd used {used:.2f} CPU seconds in 2 s while the OFD was down"
+    wait_until(lambda: "open -> half_open" in kktd.log(), 30, "a half-open trial")
+    wait_until(lambda: "half_open -> open" in kktd.log(), 30, "the failed trial to re-open it")
+    assert status(kktd)["counts"] == {"pending": 10, "sent": 0, "failed": 0}, "an outage dead-lettered receipts"
     mock.set_mode("online")
-    wait_all_sent(kktd, 5)
+    wait_all_sent(kktd, 10)
     assert "half_open -> closed" in kktd.log()
     assert status(kktd)["sync"]["breaker"] == "closed"
-
-
-def test_no_busy_loop_while_the_ofd_is_down(tmp_path: Path, mock: MockOfdProcess,
-                                            kktds: list[KktdProcess]) -> None:
-    mock.set_mode("error500")
-    kktd = start_kktd(kktds, tmp_path, mock, "--backoff-max", "2")
-    post(kktd, receipts("cpu", 100))
-    wait_until(lambda: "breaker closed -> open" in kktd.log(), 30, "the breaker to open")
-    assert kktd.proc is not None
-    before = cpu_seconds(kktd.proc.pid)
-    started = time.monotonic()
-    wait_until(lambda: time.monotonic() - started >= 3.0, 5, "three seconds of outage", interval=0.1)
-    used = cpu_seconds(kktd.proc.pid) - before
-    assert used < 0.3, f"kktd used {used:.2f} CPU seconds in 3 s while the OFD was down"
+    assert mock.stats()["unique"] == 10
 
 
 def test_slow_ofd_past_the_timeout(tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]) -> None:
