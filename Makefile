@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
 RUN_PACKAGES   := python3-venv
-TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
 
 .PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench

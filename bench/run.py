@@ -1,0 +1,638 @@
+"""`make bench`: kktd's intake against two baselines, plus drain, restart, memory and intake-while-draining.
+
+    .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
+
+SECTION is intake, drain, restart, memory or concurrent (all five by default), or luacount (only on request:
+does counting 2xx answers in wrk's Lua response() hook slow wrk down?).
+
+A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
+(targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
+not deliver everything, receipts lost across a SIGKILL), 1 when it could not run. docs/performance.md explains
+every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import dataset
+import wrkrun
+from notify import NotifySocket
+from proc import BenchError, Server, cpu_seconds, free_port, http_json, peak_rss_mb
+
+BENCH_DIR = Path(__file__).resolve().parent
+VENV_BIN = Path(sys.executable).parent
+ARMS = ("bare", "naive", "kktd")
+CONNECTIONS = (1, 16, 64)
+DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent")
+SECTIONS = DEFAULT_SECTIONS + ("luacount",)
+STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
+COMMAND = ".venv/bin/python bench/run.py"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each figure gets. `full` fits in ~10 minutes here (plus a one-time database build)."""
+
+    rounds: int
+    intake_requests: dict[int, int]
+    warmup_requests: int
+    drain_pending: int
+    big_pending: int
+    big_sent: int
+    restarts: int
+    load_requests: int
+    concurrent_rounds: int
+    quick: bool
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
+                   drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
+                   load_requests=20000, concurrent_rounds=2, quick=False)
+
+    @classmethod
+    def quick_plan(cls) -> Plan:
+        return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
+                   drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
+                   concurrent_rounds=1, quick=True)
+
+
+@dataclass
+class Context:
+    plan: Plan
+    workdir: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    integrity_failures: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> Path:
+        return self.workdir / name
+
+    def check(self, ok: bool, what: str) -> None:
+        """A broken invariant is not a slow figure: it is recorded, shouted and turns the exit status to 2."""
+        if not ok:
+            self.integrity_failures.append(what)
+            print(f"  !! INTEGRITY: {what}", flush=True)
+
+
+# ---- servers ----
+
+def kktd_server(ctx: Context, name: str, db: Path, ofd_url: str | None = None,
+                env: dict[str, str] | None = None) -> Server:
+    """kktd as deployed, quiet; the OFD defaults to a port nobody listens on (connection refused)."""
+    port = free_port()
+    config = ctx.path("empty.toml")  # never pick up /etc/kktd/kktd.toml of the machine
+    config.touch()
+    argv = [str(VENV_BIN / "kktd"), "serve", "--config", str(config), "--db", str(db),
+            "--listen", f"127.0.0.1:{port}", "--ofd-url", ofd_url or f"http://127.0.0.1:{free_port()}",
+            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000"]
+    return Server(name, argv, f"http://127.0.0.1:{port}", ctx.path(f"{name}.log"), env=server_env(env))
+
+
+def baseline_server(ctx: Context, kind: str, db: Path) -> Server:
+    port = free_port()
+    argv = [sys.executable, str(BENCH_DIR / "baselines.py"), kind, "--listen", f"127.0.0.1:{port}"]
+    if kind == "naive":
+        argv += ["--db", str(db)]
+    return Server(kind, argv, f"http://127.0.0.1:{port}", ctx.path(f"{kind}.log"), env=server_env())
+
+
+def mock_ofd(ctx: Context) -> tuple[Server, str]:
+    """kktd's mock OFD (in-memory store); returns the server (admin URL) and the OFD URL for kktd."""
+    port, admin = free_port(), free_port()
+    argv = [str(VENV_BIN / "kktd"), "mock-ofd", "--listen", f"127.0.0.1:{port}",
+            "--admin-listen", f"127.0.0.1:{admin}", "--log-level", "warning"]
+    server = Server("mock-ofd", argv, f"http://127.0.0.1:{admin}", ctx.path("mock-ofd.log"), env=server_env())
+    return server, f"http://127.0.0.1:{port}"
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The caller's environment without anything that would reconfigure a server behind our back."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KKTD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env.update(extra or {})
+    return env
+
+
+def count_rows(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM receipts").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def remove_db(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def pending_of(server: Server) -> int:
+    status, body = http_json(server.base_url + "/v1/kkt/buffer/status")
+    if status != 200:
+        raise BenchError(f"{server.name}: GET /v1/kkt/buffer/status answered {status}: {body}")
+    return int(body["counts"]["pending"])
+
+
+def reproduce(args: str) -> None:
+    print(f"  reproduce: {COMMAND} {args}", flush=True)
+
+
+def ms(microseconds: float) -> float:
+    return microseconds / 1000
+
+
+# ---- intake: bare / naive / kktd, interleaved ----
+
+def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: str) -> dict[str, Any]:
+    """One fresh server on a fresh database: warm-up, then the measured run; rows checked after stopping."""
+    db = ctx.path(f"{arm}-{label}.db")
+    server = kktd_server(ctx, "kktd", db) if arm == "kktd" else baseline_server(ctx, arm, db)
+    with server:
+        server.wait_ready()
+        url = server.base_url + "/v1/kkt/receipt"
+        # Warm-up at the same concurrency: connections, imports and caches are not what is measured.
+        warm = wrkrun.run(url, connections, ctx.plan.warmup_requests)
+        cpu_before = cpu_seconds(server.pid)
+        result = wrkrun.run(url, connections, requests)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        rss = peak_rss_mb(server.pid)
+        exit_code = server.stop()
+    row = {"arm": arm, **result.as_dict(), "server_cpu_s": cpu, "peak_rss_mb": rss, "exit_code": exit_code,
+           "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0}
+    where = f"{arm} c{connections}"
+    ctx.check(result.finished, f"{where}: wrk stopped by its time cap, not its request count")
+    ctx.check(result.ok2xx == result.completed,
+              f"{where}: {result.completed - result.ok2xx} non-2xx answers {result.errors}")
+    if arm != "bare":
+        rows, expected = count_rows(db), warm.ok2xx + result.ok2xx
+        row.update(db_rows=rows, rows_match=rows == expected)
+        ctx.check(rows == expected, f"{where}: {rows} rows in the database, {expected} 2xx answers")
+    remove_db(db)
+    return row
+
+
+def print_intake_row(round_no: int, row: dict[str, Any]) -> None:
+    latency = row["latency_us"]
+    rows = "  rows = 2xx" if row.get("rows_match") else ""
+    print(f"  round {round_no} c{row['connections']:<3} {row['arm']:<6} {row['receipts_per_s']:8.0f}/s  "
+          f"p50 {ms(latency['p50']):6.2f} ms  p99 {ms(latency['p99']):7.2f} ms  "
+          f"cpu {row['server_cpu_s']:5.2f}s  rss {row['peak_rss_mb']:5.1f} MB{rows}", flush=True)
+
+
+def section_intake(ctx: Context) -> None:
+    reproduce(f"--only intake --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
+    runs: list[dict[str, Any]] = []
+    for round_no in range(1, ctx.plan.rounds + 1):
+        for connections in CONNECTIONS:
+            for arm in ARMS:  # A B C A B C ...: slow drifts of a shared machine hit every arm alike
+                row = intake_once(ctx, arm, connections, ctx.plan.intake_requests[connections],
+                                  f"r{round_no}-c{connections}")
+                row["round"] = round_no
+                runs.append(row)
+                print_intake_row(round_no, row)
+    medians = {f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
+               for arm in ARMS for c in CONNECTIONS}
+    ratios = {}
+    for c in CONNECTIONS:
+        kktd = medians[f"kktd/c{c}"]["receipts_per_s"]
+        ratios[f"c{c}"] = {"kktd/bare": kktd / medians[f"bare/c{c}"]["receipts_per_s"],
+                           "kktd/naive": kktd / medians[f"naive/c{c}"]["receipts_per_s"]}
+    ctx.results["intake"] = {"runs": runs, "medians": medians, "ratios": ratios}
+
+
+def intake_medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "receipts_per_s": median(r["receipts_per_s"] for r in rows),
+        "p50_ms": median(ms(r["latency_us"]["p50"]) for r in rows),
+        "p99_ms": median(ms(r["latency_us"]["p99"]) for r in rows),
+        "server_cpu_s": median(r["server_cpu_s"] for r in rows),
+        "cpu_ms_per_1000": median(r["cpu_ms_per_1000"] for r in rows),
+        "wrk_cpu_ms_per_1000": median(1e6 * r["wrk_cpu_s"] / r["completed"] for r in rows),
+        "peak_rss_mb": median(r["peak_rss_mb"] for r in rows),
+        "requests": rows[0]["completed"],
+        "rounds": len(rows),
+    }
+
+
+# ---- drain: 100,000 pending delivered to the mock OFD ----
+
+def drain_run(ctx: Context, label: str, source: Path,
+              during: Callable[[Server], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """kktd on a copy of `source` with the mock OFD up: time until the buffer status shows nothing pending.
+    `during` runs right after kktd answers, while the drain goes on (the concurrent section's load)."""
+    db = ctx.path(f"drain-{label}.db")
+    dataset.copy_to(source, db)
+    total = count_rows(db)
+    mock, ofd_url = mock_ofd(ctx)
+    kktd = kktd_server(ctx, "kktd", db, ofd_url=ofd_url)
+    extra: dict[str, Any] = {}
+    with mock:
+        mock.wait_ready("/admin/stats")
+        with kktd:
+            ready_s = kktd.wait_ready()
+            # The sync loop starts before the server answers: time the drain from the first status read
+            # and count what was pending then, not from process start against the whole database.
+            first_at = time.monotonic()
+            pending_at_first = pending_of(kktd)
+            cpu_before = cpu_seconds(kktd.pid)
+            if during is not None:
+                extra = during(kktd)
+            drained_s = wait_drained(kktd) - first_at
+            cpu = cpu_seconds(kktd.pid) - cpu_before
+            mock_cpu = cpu_seconds(mock.pid)
+            rss = peak_rss_mb(kktd.pid)
+            _, stats = http_json(mock.base_url + "/admin/stats")
+    remove_db(db)
+    # Receipts taken in during the drain (the concurrent section) are drained too and count here.
+    timed = pending_at_first + int(extra.get("intake", {}).get("ok2xx", 0))
+    return {"receipts": total, "delivered_unique_at_ofd": int(stats["unique"]), "ready_s": ready_s,
+            "pending_at_first_status": pending_at_first, "drain_s": drained_s, "total_s": ready_s + drained_s,
+            "receipts_per_s": timed / drained_s, "kktd_cpu_s": cpu, "mock_ofd_cpu_s": mock_cpu,
+            "peak_rss_mb": rss, **extra}
+
+
+def wait_drained(kktd: Server, timeout_s: float = 600.0) -> float:
+    """Poll the buffer status until nothing is pending; returns that moment (time.monotonic)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pending_of(kktd) == 0:
+            return time.monotonic()
+        time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
+    raise BenchError(f"kktd did not drain within {timeout_s:.0f}s; log: {kktd.log}")
+
+
+def section_drain(ctx: Context) -> None:
+    reproduce("--only drain" + (" --quick" if ctx.plan.quick else ""))
+    result = drain_run(ctx, "alone", prepared(ctx, ctx.plan.drain_pending, 0))
+    ctx.check(result["delivered_unique_at_ofd"] == result["receipts"],
+              f"drain: the OFD holds {result['delivered_unique_at_ofd']} receipts of {result['receipts']}")
+    print(f"  drained {result['pending_at_first_status']} pending in {result['drain_s']:.2f}s from the first "
+          f"status read: {result['receipts_per_s']:.0f}/s ({result['total_s']:.2f}s from process start); "
+          f"kktd cpu {result['kktd_cpu_s']:.1f}s, mock OFD cpu {result['mock_ofd_cpu_s']:.1f}s", flush=True)
+    ctx.results["drain"] = result
+
+
+# ---- restart: READY with 1,000,000 rows ----
+
+def big_database(ctx: Context) -> Path:
+    """A private copy of the 1,000,000-row database, shared by restart and memory (one copy per run)."""
+    db = ctx.path("big.db")
+    if not db.exists():
+        dataset.copy_to(prepared(ctx, ctx.plan.big_pending, ctx.plan.big_sent), db)
+    return db
+
+
+def section_restart(ctx: Context) -> None:
+    """READY=1 after a clean stop (kktd defers its integrity check then) and after a SIGKILL (a -wal file is
+    left behind, so kktd checks the database before announcing readiness)."""
+    reproduce("--only restart" + (" --quick" if ctx.plan.quick else ""))
+    db = big_database(ctx)
+    clean = [timed_start(ctx, db, f"clean {n}") for n in range(1, ctx.plan.restarts + 1)]
+    crashed = []
+    for n in range(1, ctx.plan.restarts + 1):
+        rows_before = count_rows(db)
+        taken = crash(ctx, db)
+        ctx.check(Path(f"{db}-wal").exists(), "restart: no -wal file after SIGKILL")
+        crashed.append(timed_start(ctx, db, f"after SIGKILL {n}"))
+        rows = count_rows(db)
+        ctx.check(rows == rows_before + taken,
+                  f"restart: {rows - rows_before} rows added across a SIGKILL, {taken} 2xx answers")
+    ctx.results["restart"] = {"rows": ctx.plan.big_pending + ctx.plan.big_sent, "clean": clean,
+                              "after_kill": crashed, "median_ready_s": median(r["ready_s"] for r in clean),
+                              "median_ready_after_kill_s": median(r["ready_s"] for r in crashed)}
+
+
+def timed_start(ctx: Context, db: Path, label: str) -> dict[str, Any]:
+    """Start kktd with our own NOTIFY_SOCKET; seconds from exec to READY=1; then a clean SIGTERM stop."""
+    with NotifySocket(ctx.path("notify.sock")) as notify:
+        kktd = kktd_server(ctx, "kktd", db, env={"NOTIFY_SOCKET": str(notify.path)})
+        with kktd:
+            ready_s = notify.wait_for("READY=1", since=kktd.started_at, process=kktd.process)
+            rss, cpu = peak_rss_mb(kktd.pid), cpu_seconds(kktd.pid)
+            stop_started = time.monotonic()
+            exit_code = kktd.stop()
+            stop_s = time.monotonic() - stop_started
+    print(f"  {label}: READY=1 {ready_s:.3f}s after exec (cpu {cpu:.2f}s, rss {rss:.1f} MB); "
+          f"SIGTERM -> exit {exit_code} in {stop_s:.2f}s", flush=True)
+    return {"ready_s": ready_s, "cpu_s_to_ready": cpu, "peak_rss_mb": rss, "stop_s": stop_s,
+            "exit_code": exit_code}
+
+
+def crash(ctx: Context, db: Path) -> int:
+    """Take a few receipts, then SIGKILL kktd; returns the receipts it acknowledged."""
+    kktd = kktd_server(ctx, "kktd", db)
+    with kktd:
+        kktd.wait_ready()
+        result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 2, 20)
+        kktd.kill()
+    return result.ok2xx
+
+
+# ---- memory: peak RSS with 1,000,000 rows while serving ----
+
+def section_memory(ctx: Context) -> None:
+    reproduce("--only memory" + (" --quick" if ctx.plan.quick else ""))
+    db = big_database(ctx)
+    rows_before = count_rows(db)
+    kktd = kktd_server(ctx, "kktd", db)
+    with kktd:
+        kktd.wait_ready()
+        result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 16, ctx.plan.load_requests)
+        rss = peak_rss_mb(kktd.pid)
+        kktd.stop()
+    rows = count_rows(db)
+    ctx.check(rows == rows_before + result.ok2xx,
+              f"memory: {rows - rows_before} rows added, {result.ok2xx} 2xx answers")
+    print(f"  peak RSS {rss:.1f} MB with {rows_before} rows while taking {result.completed} receipts at c16 "
+          f"({result.rate:.0f}/s, p99 {ms(result.latency_us['p99']):.2f} ms)", flush=True)
+    ctx.results["memory"] = {"rows_before": rows_before, "peak_rss_mb": rss, "load": result.as_dict()}
+
+
+# ---- intake while draining vs intake alone ----
+
+def section_concurrent(ctx: Context) -> None:
+    reproduce("--only concurrent" + (" --quick" if ctx.plan.quick else ""))
+    source = prepared(ctx, ctx.plan.drain_pending, 0)
+    requests = ctx.plan.intake_requests[16]
+    runs = []
+    for round_no in range(1, ctx.plan.concurrent_rounds + 1):
+        alone = intake_on_copy(ctx, source, requests, f"alone-{round_no}")
+        busy = drain_run(ctx, f"busy-{round_no}", source,
+                         during=lambda kktd: load_during_drain(ctx, kktd, requests))
+        expected, held = busy["receipts"] + busy["intake"]["ok2xx"], busy["delivered_unique_at_ofd"]
+        ctx.check(held == expected, f"concurrent: the OFD holds {held} receipts, expected {expected}")
+        runs.append({"alone": alone, "draining": busy})
+        load = busy["intake"]
+        print(f"  round {round_no}: intake alone {alone['receipts_per_s']:.0f}/s "
+              f"(p99 {ms(alone['latency_us']['p99']):.2f} ms), while draining {load['receipts_per_s']:.0f}/s "
+              f"(p99 {ms(load['latency_us']['p99']):.2f} ms; drain still running at the end of the load: "
+              f"{busy['overlap']}); drain {busy['receipts_per_s']:.0f}/s", flush=True)
+    alone_rate = median(r["alone"]["receipts_per_s"] for r in runs)
+    busy_rate = median(r["draining"]["intake"]["receipts_per_s"] for r in runs)
+    ctx.results["concurrent"] = {"runs": runs, "alone_receipts_per_s": alone_rate,
+                                 "draining_receipts_per_s": busy_rate, "ratio": busy_rate / alone_rate}
+
+
+def intake_on_copy(ctx: Context, source: Path, requests: int, label: str) -> dict[str, Any]:
+    """Intake at 16 connections into a copy of the pending database with the OFD unreachable: no drain."""
+    db = ctx.path(f"conc-{label}.db")
+    dataset.copy_to(source, db)
+    rows_before = count_rows(db)
+    kktd = kktd_server(ctx, "kktd", db)
+    with kktd:
+        kktd.wait_ready()
+        result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 16, requests)
+        kktd.stop()
+    rows = count_rows(db)
+    ctx.check(rows == rows_before + result.ok2xx,
+              f"concurrent {label}: {rows - rows_before} rows added, {result.ok2xx} 2xx answers")
+    remove_db(db)
+    return result.as_dict()
+
+
+def load_during_drain(ctx: Context, kktd: Server, requests: int) -> dict[str, Any]:
+    pending_before = pending_of(kktd)
+    result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 16, requests)
+    pending_after = pending_of(kktd)
+    ctx.check(result.ok2xx == result.completed,
+              f"concurrent: {result.completed - result.ok2xx} non-2xx answers {result.errors}")
+    # The comparison is only fair if the drain was still running when the last receipt was answered.
+    return {"intake": result.as_dict(), "pending_at_load_start": pending_before,
+            "pending_at_load_end": pending_after, "overlap": "yes" if pending_after > 0 else "NO"}
+
+
+# ---- luacount: does counting 2xx in Lua's response() slow wrk? ----
+
+def section_luacount(ctx: Context) -> None:
+    reproduce(f"--only luacount --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
+    requests = ctx.plan.intake_requests[64]
+    runs: list[dict[str, Any]] = []
+    with baseline_server(ctx, "bare", ctx.path("unused.db")) as server:
+        server.wait_ready()
+        url = server.base_url + "/v1/kkt/receipt"
+        wrkrun.run(url, 64, ctx.plan.warmup_requests)
+        for round_no in range(1, ctx.plan.rounds + 1):
+            for counted in (False, True):
+                result = wrkrun.run(url, 64, requests, count2xx=counted)
+                runs.append({"count2xx_in_lua": counted, **result.as_dict()})
+                if counted:
+                    ctx.check(result.ok2xx_counted == result.ok2xx_derived,
+                              f"luacount: {result.ok2xx_counted} 2xx counted in Lua, "
+                              f"{result.ok2xx_derived} derived from wrk's errors.status")
+                print(f"  round {round_no} bare c64, 2xx counted in Lua: {'yes' if counted else 'no ':<3} "
+                      f"{result.rate:8.0f}/s  p99 {ms(result.latency_us['p99']):6.2f} ms  wrk cpu "
+                      f"{1e6 * result.wrk_cpu_s / result.completed:5.0f} ms/1k", flush=True)
+    summary = {}
+    for counted in (False, True):
+        rows = [r for r in runs if r["count2xx_in_lua"] is counted]
+        summary["counted" if counted else "derived"] = {
+            "receipts_per_s": median(r["receipts_per_s"] for r in rows),
+            "wrk_cpu_ms_per_1000": median(1e6 * r["wrk_cpu_s"] / r["completed"] for r in rows)}
+    ctx.results["luacount"] = {"runs": runs, "medians": summary}
+
+
+# ---- prepared databases ----
+
+def prepared(ctx: Context, pending: int, sent: int) -> Path:
+    path, built_s = dataset.ensure(pending, sent)
+    if built_s is not None:
+        print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.buffer "
+              f"in {built_s:.1f}s (cached for the next run)", flush=True)
+        ctx.results.setdefault("prepared", {})[path.name] = {"seconds": built_s}
+    return path
+
+
+# ---- report ----
+
+def median(values: Iterable[float]) -> float:
+    return float(statistics.median(list(values)))
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    section: str
+    value: Callable[[dict[str, Any]], float]
+    met: Callable[[float], bool]
+
+
+TARGETS = (
+    Target("intake c64 kktd >= 0.85 x bare", "intake", lambda r: r["ratios"]["c64"]["kktd/bare"],
+           lambda x: x >= 0.85),
+    Target("intake c64 kktd >= 2.5 x naive", "intake", lambda r: r["ratios"]["c64"]["kktd/naive"],
+           lambda x: x >= 2.5),
+    Target("kktd p99 < 20 ms at c16", "intake", lambda r: r["medians"]["kktd/c16"]["p99_ms"],
+           lambda x: x < 20),
+    Target("drain >= 5,000 receipts/s", "drain", lambda r: r["receipts_per_s"], lambda x: x >= 5000),
+    Target("READY <= 1.5 s with 1,000,000 rows", "restart", lambda r: r["median_ready_s"],
+           lambda x: x <= 1.5),
+    Target("peak RSS < 80 MB with 1,000,000 rows", "memory", lambda r: r["peak_rss_mb"], lambda x: x < 80),
+    Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
+)
+
+
+def report(ctx: Context) -> None:
+    results = ctx.results
+    print("\n== results (medians) ==")
+    if "intake" in results:
+        print(f"{'arm':<6} {'conns':>5} {'receipts/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu s':>7} "
+              f"{'cpu ms/1k':>10} {'wrk ms/1k':>10} {'rss MB':>7}")
+        for key, m in results["intake"]["medians"].items():
+            arm, conns = key.split("/")
+            print(f"{arm:<6} {conns[1:]:>5} {m['receipts_per_s']:>11.0f} {m['p50_ms']:>8.2f} "
+                  f"{m['p99_ms']:>8.2f} {m['server_cpu_s']:>7.2f} {m['cpu_ms_per_1000']:>10.0f} "
+                  f"{m['wrk_cpu_ms_per_1000']:>10.0f} {m['peak_rss_mb']:>7.1f}")
+        for conns, r in results["intake"]["ratios"].items():
+            print(f"ratio {conns}: kktd/bare {r['kktd/bare']:.2f}  kktd/naive {r['kktd/naive']:.2f}")
+    if "drain" in results:
+        d = results["drain"]
+        print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "
+              f"= {d['receipts_per_s']:.0f}/s")
+    if "restart" in results:
+        r = results["restart"]
+        print(f"restart: READY=1 after {r['median_ready_s']:.3f}s with {r['rows']} rows after a clean stop, "
+              f"{r['median_ready_after_kill_s']:.3f}s after SIGKILL")
+    if "memory" in results:
+        m = results["memory"]
+        print(f"memory: peak RSS {m['peak_rss_mb']:.1f} MB with {m['rows_before']} rows, under c16 load")
+    if "concurrent" in results:
+        c = results["concurrent"]
+        print(f"intake while draining: {c['draining_receipts_per_s']:.0f}/s vs alone "
+              f"{c['alone_receipts_per_s']:.0f}/s = {c['ratio']:.2f}")
+    if "luacount" in results:
+        lc = results["luacount"]["medians"]
+        derived, counted = lc["derived"], lc["counted"]
+        print(f"wrk 2xx counting: derived {derived['receipts_per_s']:.0f}/s "
+              f"({derived['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k), counted in Lua "
+              f"{counted['receipts_per_s']:.0f}/s ({counted['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k)")
+    print_targets(ctx)
+
+
+def print_targets(ctx: Context) -> None:
+    print("\n== targets ==")
+    verdicts = []
+    for target in TARGETS:
+        value: float | None = None
+        verdict = "not run"
+        if target.section in ctx.results:
+            value = target.value(ctx.results[target.section])
+            verdict = "MET" if target.met(value) else "MISSED"
+        verdicts.append({"target": target.name, "value": value, "verdict": verdict})
+        shown = f"{value:.3f}" if value is not None else "-"
+        print(f"  {verdict:<8} {target.name:<40} ({shown})")
+    if ctx.plan.quick:
+        print("  (--quick: smaller databases and counts than the targets are defined for)")
+    ctx.results["targets"] = verdicts
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    filesystem = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "--target", str(BENCH_DIR)],
+                                capture_output=True, text=True, check=False).stdout.strip()
+    wrk = subprocess.run([wrkrun.wrk_binary(), "-v"], capture_output=True, text=True, check=False).stdout
+    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "filesystem": filesystem,
+            "python": platform.python_version(), "wrk": wrk.split(" Copyright")[0].strip()}
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ---- main ----
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="kktd benchmark (see docs/performance.md)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one round, small counts and databases: a smoke run")
+    parser.add_argument("--rounds", type=int, help="intake and luacount rounds (default 5, --quick 1)")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this section (repeatable)")
+    parser.add_argument("--requests", type=int, help="receipts per intake run, at every concurrency")
+    parser.add_argument("--json", type=Path, help="also write every figure as JSON to this path")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work directory (server logs, databases)")
+    return parser.parse_args(argv)
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    plan = Plan.quick_plan() if args.quick else Plan.full()
+    if args.rounds is not None:
+        plan = replace(plan, rounds=max(1, args.rounds))
+    if args.requests is not None:
+        count = max(2, args.requests)
+        plan = replace(plan, intake_requests=dict.fromkeys(CONNECTIONS, count),
+                       warmup_requests=min(plan.warmup_requests, count))
+    return plan
+
+
+SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
+    "intake": section_intake, "drain": section_drain, "restart": section_restart, "memory": section_memory,
+    "concurrent": section_concurrent, "luacount": section_luacount,
+}
+
+
+def run_sections(ctx: Context, sections: Sequence[str]) -> bool:
+    """Run the sections in order; False if one could not run (the rest are skipped)."""
+    for section in sections:
+        print(f"\n-- {section} (load average {loadavg()}) --", flush=True)
+        ctx.results.setdefault("loadavg", {})[section] = loadavg()
+        try:
+            SECTION_RUNNERS[section](ctx)
+        except BenchError as exc:
+            print(f"\nbench failed in {section}: {exc}", file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = make_plan(args)
+    sections = args.only or list(DEFAULT_SECTIONS)
+    try:
+        info = machine()
+    except BenchError as exc:
+        print(f"bench cannot run: {exc}", file=sys.stderr)
+        return 1
+    dataset.RESULTS.mkdir(parents=True, exist_ok=True)
+    ctx = Context(plan, Path(tempfile.mkdtemp(prefix="run-", dir=dataset.RESULTS)))
+    ctx.results.update(machine=info, plan=plan.__dict__,
+                       command=" ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)]))
+    print(f"kktd bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}, {info['filesystem']}, "
+          f"{info['wrk']}, Python {info['python']}; load average {loadavg()}", flush=True)
+    started = time.monotonic()
+    try:
+        completed = run_sections(ctx, [s for s in SECTIONS if s in sections])
+    finally:
+        if not args.keep:
+            shutil.rmtree(ctx.workdir, ignore_errors=True)
+    ctx.results.update(elapsed_s=time.monotonic() - started, integrity_failures=ctx.integrity_failures)
+    report(ctx)
+    print(f"\nelapsed {ctx.results['elapsed_s']:.0f}s; load average now {loadavg()}"
+          + (f"; work directory kept: {ctx.workdir}" if args.keep else ""))
+    if args.json is not None:
+        args.json.write_text(json.dumps(ctx.results, indent=2, ensure_ascii=False) + "\n")
+    if not completed:
+        return 1
+    if ctx.integrity_failures:
+        print(f"INTEGRITY FAILURES: {len(ctx.integrity_failures)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
