@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,6 +14,7 @@ from kktd import config as config_module
 from kktd.api import Services, create_app
 from kktd.buffer import Buffer
 from kktd.config import Config
+from tests.support import KktdProcess
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
@@ -62,3 +63,14 @@ async def app(tmp_path: Path) -> AsyncIterator[App]:
         yield application
     finally:
         await close_app(application)
+
+
+@pytest.fixture
+def kktds() -> Iterator[list[KktdProcess]]:
+    """kktd processes a test starts: whatever state the test leaves them in, none outlives it."""
+    started: list[KktdProcess] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()

@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+
 
 import aiohttp
 import pytest
@@ -18,19 +18,10 @@ import pytest
 from tests.support import KKTD_BIN, KktdProcess, Posted, post_many, receipts, wait_until
 
 
-@pytest.fixture
-def processes() -> Iterator[list[KktdProcess]]:
-    started: list[KktdProcess] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.stop()
 
-
-def start(processes: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:
+def start(kktds: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:
     proc = KktdProcess(db=db, **kwargs)  # type: ignore[arg-type]
-    processes.append(proc)
+    kktds.append(proc)
     return proc.start()
 
 
@@ -74,14 +65,14 @@ async def _status_or_none(proc: KktdProcess) -> dict | None:  # type: ignore[typ
         return None
 
 
-def test_sigkill_mid_load_loses_no_acknowledged_receipt(tmp_path: Path, processes: list[KktdProcess]) -> None:
+def test_sigkill_mid_load_loses_no_acknowledged_receipt(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
-    proc = start(processes, db)
+    proc = start(kktds, db)
     answers = asyncio.run(load_until_signalled(proc, 3000, signal.SIGKILL, after=500))
     assert proc.wait(10) == -signal.SIGKILL
     acked = acknowledged(answers)
     assert len(acked) >= 500
-    restarted = start(processes, db)
+    restarted = start(kktds, db)
     rows = stored_rows(db)
     missing = acked - set(rows)
     assert not missing, f"{len(missing)} acknowledged receipts lost, e.g. {sorted(missing)[:3]}"
@@ -94,9 +85,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_receipt(tmp_path: Path, processe
     assert len(rows) == 3000 and set(rows.values()) == {1}
 
 
-def test_sigterm_during_load_stops_cleanly(tmp_path: Path, processes: list[KktdProcess]) -> None:
+def test_sigterm_during_load_stops_cleanly(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
-    proc = start(processes, db)
+    proc = start(kktds, db)
     answers = asyncio.run(load_until_signalled(proc, 3000, signal.SIGTERM, after=300))
     assert proc.wait(30) == 0, proc.log()
     acked = acknowledged(answers)
@@ -112,8 +103,8 @@ def test_sigterm_during_load_stops_cleanly(tmp_path: Path, processes: list[KktdP
     assert "stopped cleanly" in log
 
 
-def test_notify_protocol_order_and_watchdog(tmp_path: Path, processes: list[KktdProcess]) -> None:
-    proc = start(processes, tmp_path / "buffer.db", watchdog_usec=400_000)
+def test_notify_protocol_order_and_watchdog(tmp_path: Path, kktds: list[KktdProcess]) -> None:
+    proc = start(kktds, tmp_path / "buffer.db", watchdog_usec=400_000)
     assert proc.notify is not None
     wait_until(lambda: proc.notify.collect().count("WATCHDOG=1") >= 3, 10, "three watchdog pings")  # type: ignore[union-attr]
     proc.signal(signal.SIGTERM)
@@ -128,8 +119,8 @@ def test_notify_protocol_order_and_watchdog(tmp_path: Path, processes: list[Kktd
     assert all(line.isascii() for line in lines)
 
 
-def test_wedged_writer_stops_watchdog_pings(tmp_path: Path, processes: list[KktdProcess]) -> None:
-    proc = start(processes, tmp_path / "buffer.db", watchdog_usec=400_000, env={"KKTD_TEST_FAULTS": "1"})
+def test_wedged_writer_stops_watchdog_pings(tmp_path: Path, kktds: list[KktdProcess]) -> None:
+    proc = start(kktds, tmp_path / "buffer.db", watchdog_usec=400_000, env={"KKTD_TEST_FAULTS": "1"})
     notify = proc.notify
     assert notify is not None
     wait_until(lambda: notify.collect().count("WATCHDOG=1") >= 2, 10, "watchdog pings before the fault")
@@ -201,11 +192,11 @@ def test_credentials_in_ofd_url_are_masked(tmp_path: Path) -> None:
     assert "s3cret" not in result.stdout and "***" in result.stdout
 
 
-def test_corrupt_database_exits_65_and_is_left_alone(tmp_path: Path, processes: list[KktdProcess]) -> None:
+def test_corrupt_database_exits_65_and_is_left_alone(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
     db.write_bytes(b"garbage" * 2000)
     proc = KktdProcess(db=db)
-    processes.append(proc)
+    kktds.append(proc)
     proc.start(wait_ready=False)
     assert proc.wait(20) == 65
     assert "check-db" in proc.log()
@@ -213,10 +204,10 @@ def test_corrupt_database_exits_65_and_is_left_alone(tmp_path: Path, processes: 
     assert proc.notify is not None and "READY=1" not in proc.notify.collect()
 
 
-def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
-    first = start(processes, tmp_path / "a.db")
+def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, kktds: list[KktdProcess]) -> None:
+    first = start(kktds, tmp_path / "a.db")
     second = KktdProcess(db=tmp_path / "b.db", port=first.port)
-    processes.append(second)
+    kktds.append(second)
     second.start(wait_ready=False)
     assert second.wait(20) == 69
     assert "cannot listen" in second.log()
@@ -224,8 +215,8 @@ def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, processes: list[
 
 # ---- the integrity check: before READY after an unclean stop, right after it after a clean one ----
 
-def fill(processes: list[KktdProcess], db: Path, count: int) -> KktdProcess:
-    proc = start(processes, db)
+def fill(kktds: list[KktdProcess], db: Path, count: int) -> KktdProcess:
+    proc = start(kktds, db)
     answers = asyncio.run(post_many(proc.url, receipts("fill", count), concurrency=16))
     assert all(a.status == 201 for a in answers)
     return proc
@@ -243,30 +234,30 @@ def table_leaf_page(db: Path) -> tuple[int, int]:
     return pages[len(pages) // 2], page_size
 
 
-def test_clean_restart_checks_integrity_after_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
+def test_clean_restart_checks_integrity_after_ready(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
-    first = fill(processes, db, 200)
+    first = fill(kktds, db, 200)
     first.signal(signal.SIGTERM)
     assert first.wait(20) == 0
     assert not Path(f"{db}-wal").exists(), "a clean stop leaves no WAL behind"
-    second = start(processes, db)
+    second = start(kktds, db)
     assert "integrity check deferred until after start-up" in second.log()
     wait_until(lambda: "integrity check of" in second.log(), 20, "the deferred integrity check")
     assert "integrity check of" in second.log() and ": ok (" in second.log()
 
 
-def test_unclean_stop_checks_integrity_before_ready(tmp_path: Path, processes: list[KktdProcess]) -> None:
+def test_unclean_stop_checks_integrity_before_ready(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
-    fill(processes, db, 50).kill()
+    fill(kktds, db, 50).kill()
     assert Path(f"{db}-wal").exists()
-    second = start(processes, db)
+    second = start(kktds, db)
     assert "recovered after an unclean stop, integrity checked" in second.log()
 
 
 def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path,
-                                                             processes: list[KktdProcess]) -> None:
+                                                             kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
-    first = fill(processes, db, 1500)
+    first = fill(kktds, db, 1500)
     first.signal(signal.SIGTERM)
     assert first.wait(20) == 0
     page, page_size = table_leaf_page(db)
@@ -274,7 +265,7 @@ def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path,
         handle.seek((page - 1) * page_size + 200)
         handle.write(b"\xff" * (page_size - 400))
     second = KktdProcess(db=db)
-    processes.append(second)
+    kktds.append(second)
     second.start(wait_ready=True)
     assert second.wait(30) == 65
     log = second.log()
@@ -282,7 +273,7 @@ def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path,
     assert second.notify is not None and "STOPPING=1" in second.notify.collect()
     # The damage is now in front of every start: refused before READY, the file left as it is.
     third = KktdProcess(db=db)
-    processes.append(third)
+    kktds.append(third)
     third.start(wait_ready=False)
     assert third.wait(30) == 65
     assert third.notify is not None and "READY=1" not in third.notify.collect()

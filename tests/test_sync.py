@@ -27,15 +27,6 @@ def mock(tmp_path: Path) -> Iterator[MockOfdProcess]:
         proc.stop()
 
 
-@pytest.fixture
-def kktds() -> Iterator[list[KktdProcess]]:
-    started: list[KktdProcess] = []
-    try:
-        yield started
-    finally:
-        for proc in started:
-            proc.stop()
-
 
 def start_kktd(kktds: list[KktdProcess], tmp_path: Path, mock: MockOfdProcess, *args: str) -> KktdProcess:
     proc = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url, extra_args=[*FAST_RETRY, *args])
