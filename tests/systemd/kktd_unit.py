@@ -31,6 +31,7 @@ CONFIG_FILE = "/etc/kktd/kktd.toml"
 EXIT_LOG = "/run/kktd-test-exits"
 # ProtectHome= hides these; a checkout below them must stay visible to the service under test.
 HOME_PATHS = ("/home", "/root", "/run/user")
+PRIVATE_TMP_PATHS = ("/tmp", "/var/tmp")
 
 
 def free_port() -> int:
@@ -113,6 +114,11 @@ class KktdUnit:
         if any(str(self.venv).startswith(p + "/") for p in HOME_PATHS):
             lines.append("# The checkout lies below a ProtectHome= path: it must stay reachable (read-only).")
             lines.append("ProtectHome=read-only")
+        if any(str(self.venv).startswith(p + "/") for p in PRIVATE_TMP_PATHS):
+            # PrivateTmp= gives kktd an empty /tmp of its own; the checkout is bound into it, read-only,
+            # so PrivateTmp= itself stays on.
+            lines.append("# The checkout lies below /tmp or /var/tmp: bound read-only into kktd's private /tmp.")
+            lines.append(f"BindReadOnlyPaths={self.venv.parent}")
         return "\n".join(lines) + "\n"
 
     def dropin(self, name: str, text: str) -> None:
