@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from kktd.buffer import Accepted, Buffer, Conflict
+from kktd.buffer import Accepted, Buffer, Conflict, rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
 from kktd.receipt import parse_receipt
 
@@ -45,11 +45,6 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
-
-
-def rfc3339(ms: int) -> str:
-    """UTC with milliseconds, e.g. 2026-11-24T03:22:32.410Z (on every intake answer: kept cheap)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -198,19 +193,13 @@ async def collect_status(services: Services) -> dict[str, Any]:
         "capacity": buffer.max_pending,
         "fill_ratio": round(counts.undelivered / buffer.max_pending, 6),
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
-        "oldest_pending_alarm": pending_alarm(services.config, oldest_age),
+        "oldest_pending_alarm": services.config.pending_alarm(oldest_age),
         "db_size_bytes": await buffer.size_bytes(),
         "writer": {"commits": buffer.commits, "rows_committed": buffer.committed_rows},
     }
     if services.sync is not None:
         status["sync"] = services.sync.describe()
     return status
-
-
-def pending_alarm(config: Config, oldest_age_s: float | None) -> str:
-    if oldest_age_s is None or oldest_age_s < config.pending_warn_age:
-        return "ok"
-    return "critical" if oldest_age_s >= config.pending_critical_age else "warning"
 
 
 async def sync_now(request: web.Request) -> web.Response:

@@ -76,6 +76,12 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def rfc3339(ms: int) -> str:
+    """A stored millisecond timestamp as UTC RFC 3339, e.g. 2026-11-24T03:22:32.410Z (on every intake
+    answer: kept cheap)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
 def new_receipt_ids(at_ms: int, count: int) -> list[str]:
     """Time-ordered (48-bit milliseconds) plus 80 random bits: sorts by acceptance, never guessable.
     One read of the system's randomness serves the whole group."""

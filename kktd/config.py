@@ -52,6 +52,13 @@ class Config:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
 
+    def pending_alarm(self, oldest_pending_age_s: float | None) -> str:
+        """ok, warning or critical for the age of the oldest pending receipt (the fiscal storage may hold
+        unsent documents for at most 30 days)."""
+        if oldest_pending_age_s is None or oldest_pending_age_s < self.pending_warn_age:
+            return "ok"
+        return "critical" if oldest_pending_age_s >= self.pending_critical_age else "warning"
+
     def describe(self) -> dict[str, Any]:
         """The effective configuration, safe to print or log (credentials in the OFD URL are masked)."""
         shown = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from kktd.api import pending_alarm, rfc3339
-from kktd.buffer import Buffer, Delivered, PendingReceipt, Rejected, now_ms
+from kktd.buffer import Buffer, Delivered, PendingReceipt, Rejected, now_ms, rfc3339
 from kktd.ofd import CircuitBreaker, OfdAck, OfdClient, OfdItem, OfdUnavailable
 
 if TYPE_CHECKING:
@@ -364,7 +363,7 @@ class SyncLoop:
     async def check_pending_age(self) -> str:
         oldest_ms = await self.buffer.oldest_pending_ms()
         age = None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
-        level = pending_alarm(self.config, age)
+        level = self.config.pending_alarm(age)
         if level != "ok" and age is not None:
             text = (f"oldest pending receipt is {age / 86400:.1f} days old "
                     f"(pending={self.buffer.counts.pending}); the fiscal storage holds unsent documents "
