@@ -140,6 +140,10 @@ class Counts:
     def undelivered(self) -> int:
         return self.pending + self.failed
 
+    def move(self, source: str, target: str, count: int) -> None:
+        setattr(self, source, getattr(self, source) - count)
+        setattr(self, target, getattr(self, target) + count)
+
 
 @dataclass
 class _Intake:
@@ -333,22 +337,30 @@ class Buffer:
         return [PendingReceipt(*row) for row in rows]
 
     async def settle(self, delivered: Sequence[Delivered], rejected: Sequence[Rejected]) -> None:
-        """Record the OFD's answers for a batch: one statement (one transaction, one round trip) per outcome."""
+        """Record the OFD's answers for a batch: one statement (one transaction, one round trip) per outcome.
+        The counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
+        statement cannot leave them apart."""
         stamp = now_ms()
-        sent = failed = 0
         if delivered:
-            sent = await self._call(lambda conn: _update_from_values(
-                conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
-                      "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4",
-                stamp, [(d.receipt_id, d.fiscal_document_number, d.fiscal_sign, d.ofd_received_at)
-                        for d in delivered]))
+            rows = [(d.receipt_id, d.fiscal_document_number, d.fiscal_sign, d.ofd_received_at) for d in delivered]
+
+            async def mark_sent(conn: aiosqlite.Connection) -> None:
+                sent = await _update_from_values(
+                    conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
+                          "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4",
+                    stamp, rows)
+                self.counts.move("pending", "sent", sent)
+
+            await self._call(mark_sent)
         if rejected:
-            failed = await self._call(lambda conn: _update_from_values(
-                conn, "status = 'failed', last_error = v.column2, updated_ms = ?1",
-                stamp, [(r.receipt_id, r.reason) for r in rejected]))
-        self.counts.pending -= sent + failed
-        self.counts.sent += sent
-        self.counts.failed += failed
+            reasons = [(r.receipt_id, r.reason) for r in rejected]
+
+            async def mark_failed(conn: aiosqlite.Connection) -> None:
+                failed = await _update_from_values(
+                    conn, "status = 'failed', last_error = v.column2, updated_ms = ?1", stamp, reasons)
+                self.counts.move("pending", "failed", failed)
+
+            await self._call(mark_failed)
 
     async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
                                      strike: bool) -> list[str]:
@@ -381,12 +393,10 @@ class Buffer:
             except BaseException:
                 await _rollback(conn)
                 raise
+            self.counts.move("pending", "failed", len(moved))
             return moved
 
-        moved = await self._call(run)
-        self.counts.pending -= len(moved)
-        self.counts.failed += len(moved)
-        return moved
+        return await self._call(run)
 
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[dict[str, Any]]:
         rows = await self._call(lambda conn: _fetch_all(
@@ -395,22 +405,18 @@ class Buffer:
         return [_receipt_row(row) for row in rows]
 
     async def requeue(self, receipt_id: str) -> bool:
-        """Put a dead letter back to pending with a fresh attempt count. False if it is not a dead letter."""
-        if self.counts.pending + self.counts.failed > self.max_pending:
-            raise BufferFull(self.max_pending)
+        """Put a dead letter back to pending with a fresh attempt count. False if it is not a dead letter.
+        (It stays undelivered either way, so capacity does not change.)"""
         stamp = now_ms()
 
         async def run(conn: aiosqlite.Connection) -> int:
             cursor = await conn.execute(
                 "UPDATE receipts SET status = 'pending', attempts = 0, updated_ms = ? "
                 "WHERE receipt_id = ? AND status = 'failed'", (stamp, receipt_id))
+            self.counts.move("failed", "pending", cursor.rowcount)
             return cursor.rowcount
 
-        changed = await self._call(run)
-        if changed:
-            self.counts.failed -= 1
-            self.counts.pending += 1
-        return bool(changed)
+        return bool(await self._call(run))
 
     async def prune_sent(self, older_than_ms: int, limit: int) -> int:
         """Delete up to `limit` sent receipts acknowledged before `older_than_ms` (retention)."""
@@ -418,11 +424,10 @@ class Buffer:
             cursor = await conn.execute(
                 "DELETE FROM receipts WHERE seq IN (SELECT seq FROM receipts WHERE status = 'sent' "
                 "AND sent_ms < ? ORDER BY sent_ms LIMIT ?)", (older_than_ms, limit))
+            self.counts.sent -= cursor.rowcount
             return cursor.rowcount
 
-        deleted = await self._call(run)
-        self.counts.sent -= deleted
-        return deleted
+        return await self._call(run)
 
     # ---- the writer ----
 
@@ -506,8 +511,14 @@ class Buffer:
             self.last_intake_monotonic = time.monotonic()
         missing = [i.receipt.idempotency_key for i in intakes
                    if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
+        lookup_failed: StorageUnavailable | None = None
         if missing:
-            existing.update(await self._existing(missing))
+            try:
+                existing.update(await self._existing(missing))
+            except sqlite3.Error as exc:
+                # The rows inserted above are committed: they are answered as such all the same.
+                lookup_failed = StorageUnavailable(_describe(exc))
+                log.error("looking up %d existing idempotency keys failed: %s", len(missing), lookup_failed)
         results: list[Accepted | Conflict | Exception] = []
         for intake in intakes:
             receipt_id = ids.get(id(intake))
@@ -516,7 +527,7 @@ class Buffer:
             elif intake.receipt.idempotency_key in existing:
                 results.append(_replay(existing[intake.receipt.idempotency_key], intake.receipt))
             else:
-                results.append(BufferFull(self.max_pending))
+                results.append(lookup_failed or BufferFull(self.max_pending))
         return results
 
     async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> set[str]:

@@ -80,10 +80,10 @@ class Daemon:
             stack.push_async_callback(self._stop_sync, sync)
             runner = await self._start_server(services)
             stack.push_async_callback(self._stop_intake, services, runner)
-            self._supervise("sync", sync.run)
+            self._supervise("sync", sync.run, critical=True)
             interval = watchdog_interval()
             if interval is not None:
-                self._supervise("watchdog", lambda: self._watchdog(interval))
+                self._supervise("watchdog", lambda: self._watchdog(interval), critical=True)
             self._supervise("status", self._status_updates)
             self._supervise("integrity", self._deferred_integrity_check)
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
@@ -147,7 +147,10 @@ class Daemon:
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
-    def _supervise(self, name: str, factory: Callable[[], Awaitable[Any]]) -> None:
+    def _supervise(self, name: str, factory: Callable[[], Awaitable[Any]], critical: bool = False) -> None:
+        """Run a background task; a crash is logged and shown in health. A critical task (the sync loop, the
+        watchdog) cannot be done without: kktd then stops cleanly and exits 70, and systemd restarts it,
+        rather than keep taking receipts it would never forward."""
         async def guarded() -> None:
             try:
                 await factory()
@@ -158,6 +161,10 @@ class Daemon:
                 if self.services is not None:
                     self.services.task_failures[name] = repr(exc)
                 self.notifier.send(f"STATUS=degraded: task {name} crashed")
+                if critical and self.fatal is None:
+                    self.fatal = RuntimeError(f"background task {name} crashed: {exc!r}")
+                    self.notifier.send("STOPPING=1")
+                    self.stop_requested.set()
 
         self.tasks[name] = asyncio.get_running_loop().create_task(guarded(), name=f"kktd-{name}")
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from kktd.buffer import Buffer, Delivered, PendingReceipt, Rejected, now_ms, rfc3339
+from kktd.errors import StorageUnavailable
 from kktd.ofd import CircuitBreaker, OfdAck, OfdClient, OfdItem, OfdUnavailable
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share
 RETENTION_EVERY_S = 3600.0
 RETENTION_BATCH = 500
 ALARM_EVERY_S = 60.0
+MAX_HELD = 1000  # receipts held back at once; keeps the exclusion list far below SQLite's parameter limit
 
 
 class CircuitOpen(Exception):
@@ -134,6 +136,9 @@ class SyncLoop:
             except OfdUnavailable as exc:
                 error = f"OFD unavailable: {exc}"
                 self._note_error(error)
+            except StorageUnavailable as exc:
+                error = f"storage unavailable: {exc}"
+                self._note_error(error)
         return {"delivered": result.delivered, "rejected": result.rejected,
                 "dead_lettered": result.dead_lettered, "batches": result.batches,
                 "pending": self.buffer.counts.pending, "error": error, "breaker": str(self.breaker.state)}
@@ -172,8 +177,10 @@ class SyncLoop:
         return 0 < self.buffer.counts.pending <= len(self._suspects)
 
     async def _cycle_with_retries(self) -> None:
+        # A storage failure (disk full, I/O error) is retried like an OFD failure: the receipts stay pending
+        # and the loop must outlive it, whatever it was doing.
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type((OfdUnavailable, CircuitOpen)),
+            retry=retry_if_exception_type((OfdUnavailable, CircuitOpen, StorageUnavailable)),
             wait=self._wait,
             sleep=self._interruptible_sleep,
             before_sleep=self._before_sleep,
@@ -201,6 +208,8 @@ class SyncLoop:
         seconds = state.next_action.sleep if state.next_action else 0.0
         self.stats.retry_at_monotonic = time.monotonic() + seconds
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, StorageUnavailable):
+            self._note_error(f"storage unavailable: {exc}")
         log.debug("OFD delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
 
     async def _interruptible_sleep(self, seconds: float) -> None:
@@ -317,7 +326,7 @@ class SyncLoop:
                 and self._last_ack_monotonic > previous
             self._lone_failures[ids[0]] = now
             # Outlasts the retry wait (at most backoff_max), so the receipts behind it get their turn.
-            self.stats.held[ids[0]] = now + 2 * self.config.backoff_max
+            self._hold(ids[0], now + 2 * self.config.backoff_max)
             if strike:
                 self._suspects.add(ids[0])
             else:
@@ -337,6 +346,13 @@ class SyncLoop:
             del self.stats.held[receipt_id]
             self._suspects.discard(receipt_id)
 
+    def _hold(self, receipt_id: str, until: float) -> None:
+        if receipt_id not in self.stats.held and len(self.stats.held) >= MAX_HELD:
+            soonest = min(self.stats.held, key=self.stats.held.__getitem__)
+            del self.stats.held[soonest]
+            self._suspects.discard(soonest)
+        self.stats.held[receipt_id] = until
+
     def _release_unsuspected(self) -> None:
         """The OFD acknowledges again: receipts held during a failure that nothing showed to be theirs
         (the OFD was failing everyone) go back in line at once instead of waiting out their hold."""
@@ -353,12 +369,15 @@ class SyncLoop:
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()
-        if now >= self._next_alarm:
-            self._next_alarm = now + ALARM_EVERY_S
-            await self.check_pending_age()
-        if now >= self._next_retention:
-            self._next_retention = now + RETENTION_EVERY_S
-            await self.prune()
+        try:
+            if now >= self._next_alarm:
+                self._next_alarm = now + ALARM_EVERY_S
+                await self.check_pending_age()
+            if now >= self._next_retention:
+                self._next_retention = now + RETENTION_EVERY_S
+                await self.prune()
+        except StorageUnavailable as exc:
+            log.warning("housekeeping skipped, storage unavailable: %s", exc)
 
     async def check_pending_age(self) -> str:
         oldest_ms = await self.buffer.oldest_pending_ms()

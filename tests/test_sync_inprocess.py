@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from kktd.api import Services, create_app
 from kktd.buffer import Buffer, now_ms
+from kktd.errors import StorageUnavailable
 from kktd.mock_ofd import MockOfd, start_mock_ofd
 from kktd.ofd import CircuitBreaker, OfdClient
 from kktd.receipt import sample_receipt, validate_receipt
@@ -223,3 +224,68 @@ async def test_an_outage_never_dead_letters_receipts(rig_factory: Any, scripted:
                         config)
     await run_loop_until(rig, lambda: rig.buffer.counts.sent == 10, 30)
     assert len(ofd.acked) == 10
+
+
+async def db_counts(buffer: Buffer) -> dict[str, int]:
+    rows = await buffer._call(lambda conn: conn.execute_fetchall(
+        "SELECT status, count(*) FROM receipts GROUP BY status"))
+    return {"pending": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
+
+
+async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factory: Any, mock_ofd: MockOfd,
+                                                                       monkeypatch: Any) -> None:
+    """A disk error while recording the OFD's answers: the loop retries (it used to end for good), the
+    receipts stay pending until recorded, and the counters never drift from the database."""
+    rig = await rig_factory(mock_ofd.url, sync_interval=0.01)
+    mock_ofd.set_rejected_pos_ids(["POS-BAD"])
+    for i in range(20):
+        await accept(rig.buffer, f"st-{i}")
+    await accept(rig.buffer, "st-bad", pos_id="POS-BAD")
+    real_update = rig.buffer.__class__.settle
+    failures = {"left": 2}
+
+    async def flaky_settle(self: Buffer, delivered: Any, rejected: Any) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise StorageUnavailable("disk full: database or disk is full")
+        await real_update(self, delivered, rejected)
+
+    monkeypatch.setattr(Buffer, "settle", flaky_settle)
+    await run_loop_until(rig, lambda: rig.buffer.counts.pending == 0, 30)
+    assert failures["left"] == 0
+    assert await db_counts(rig.buffer) == {"pending": 0, "sent": 20, "failed": 1}
+    assert (rig.buffer.counts.pending, rig.buffer.counts.sent, rig.buffer.counts.failed) == (0, 20, 1)
+    assert mock_ofd.stats()["unique"] == 20
+
+
+async def test_counters_follow_the_rows_when_the_second_statement_fails(rig_factory: Any,
+                                                                        monkeypatch: Any) -> None:
+    from kktd import buffer as buffer_module
+    from kktd.buffer import Delivered, Rejected
+
+    rig = await rig_factory("http://127.0.0.1:9")
+    ids = [await accept(rig.buffer, f"cf-{i}") for i in range(3)]
+    real = buffer_module._update_from_values
+
+    async def fail_rejections(conn: Any, assignments: str, stamp: int, rows: Any) -> int:
+        if "failed" in assignments:
+            raise __import__("sqlite3").OperationalError("database or disk is full")
+        return await real(conn, assignments, stamp, rows)
+
+    monkeypatch.setattr(buffer_module, "_update_from_values", fail_rejections)
+    with pytest.raises(StorageUnavailable):
+        await rig.buffer.settle([Delivered(ids[0], 1, "0000000001", "2026-11-24T00:00:00Z")],
+                                [Rejected(ids[1], "kkt_not_registered: test")])
+    assert await db_counts(rig.buffer) == {"pending": 2, "sent": 1, "failed": 0}
+    assert (rig.buffer.counts.pending, rig.buffer.counts.sent, rig.buffer.counts.failed) == (2, 1, 0)
+
+
+def test_held_receipts_are_capped(tmp_path: Path) -> None:
+    from kktd import sync as sync_module
+
+    config = make_config(tmp_path)
+    loop = SyncLoop(None, None, CircuitBreaker(5, 30), config)  # type: ignore[arg-type]
+    for i in range(sync_module.MAX_HELD + 50):
+        loop._hold(f"r{i}", float(i))
+    assert len(loop.stats.held) == sync_module.MAX_HELD
+    assert f"r{sync_module.MAX_HELD + 49}" in loop.stats.held and "r0" not in loop.stats.held
