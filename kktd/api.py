@@ -219,11 +219,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 async def requeue_dead_letter(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     receipt_id = request.match_info["receipt_id"]
-    try:
-        changed = await _storage(services.buffer.requeue(receipt_id))
-    except BufferFull as exc:
-        raise ApiError(503, "buffer_full", str(exc),
-                       headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
+    changed = await _storage(services.buffer.requeue(receipt_id))
     if not changed:
         row = await _storage(services.buffer.get(receipt_id))
         if row is None:

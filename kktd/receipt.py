@@ -44,6 +44,8 @@ EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
 PHONE_RE = re.compile(r"\+7[0-9]{10}")
 INN_RE = re.compile(r"[0-9]{12}")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+# JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no character, and not encodable.
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +189,8 @@ def _cashier(cashier: Any) -> dict[str, str]:
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
         raise invalid("invalid_type", "customer_contact must be a string", "customer_contact")
-    if len(contact) > 64 or not (EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
+    if len(contact) > 64 or SURROGATE_RE.search(contact) or not (
+            EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
         raise invalid(
             "invalid_contact",
             "customer_contact must be an e-mail address or a phone number like +79991234567",
@@ -239,6 +242,8 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
         raise invalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
     if CONTROL_CHARS_RE.search(value):
         raise invalid("invalid_value", f"{path} must not contain control characters", path)
+    if SURROGATE_RE.search(value):
+        raise invalid("invalid_value", f"{path} must be valid Unicode text (it holds a lone surrogate)", path)
     return value
 
 

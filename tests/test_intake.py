@@ -283,3 +283,26 @@ async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) 
             assert await buffer.get(receipt_id) is not None, f"acknowledged receipt {receipt_id} lost"
     finally:
         await buffer.close()
+
+
+async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: Any) -> None:
+    """A group holding a new receipt and a replay: the insert commits, then looking up the replay's key
+    fails. The new receipt was stored and must be answered 201, not 'not stored'."""
+    from kktd.receipt import validate_receipt
+
+    first = await app.buffer.accept(validate_receipt(sample_receipt("look-1")))
+    real_existing = Buffer._existing
+
+    async def failing_existing(self: Buffer, keys: list[str]) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Buffer, "_existing", failing_existing)
+    new, replay = await asyncio.gather(
+        app.buffer.accept(validate_receipt(sample_receipt("look-2"))),
+        app.buffer.accept(validate_receipt(sample_receipt("look-1"))),
+        return_exceptions=True)
+    monkeypatch.setattr(Buffer, "_existing", real_existing)
+    assert getattr(new, "created", False) is True
+    assert isinstance(replay, StorageUnavailable)
+    assert (await app.buffer.get(new.receipt_id))["status"] == "pending"  # type: ignore[union-attr,index]
+    assert first is not None

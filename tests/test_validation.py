@@ -92,6 +92,8 @@ BAD_BODIES: list[tuple[str, Mutation, int, str, str | None]] = [
     ("item blank name", with_(f"{ITEM}.name", "   "), 422, "invalid_length", "items[0].name"),
     ("item long name", with_(f"{ITEM}.name", "Я" * 129), 422, "invalid_length", "items[0].name"),
     ("item name control char", with_(f"{ITEM}.name", "milk\nbread"), 422, "invalid_value", "items[0].name"),
+    ("item name lone surrogate", with_(f"{ITEM}.name", "milk\ud800"), 422, "invalid_value", "items[0].name"),
+    ("pos_id lone surrogate", with_("pos_id", "POS-\udfff"), 422, "invalid_value", "pos_id"),
     ("price float", with_(f"{ITEM}.price", 89.9), 422, "invalid_type", "items[0].price"),
     ("price integral float", with_(f"{ITEM}.price", 8990.0), 422, "invalid_type", "items[0].price"),
     ("price string", with_(f"{ITEM}.price", "8990"), 422, "invalid_type", "items[0].price"),
@@ -135,6 +137,8 @@ BAD_BODIES: list[tuple[str, Mutation, int, str, str | None]] = [
     ("contact foreign phone", with_("customer_contact", "+19991234567"), 422, "invalid_contact",
      "customer_contact"),
     ("contact number", with_("customer_contact", 79991234567), 422, "invalid_type", "customer_contact"),
+    ("contact lone surrogate", with_("customer_contact", "a\ud800@example.ru"), 422, "invalid_contact",
+     "customer_contact"),
     ("cashier string", with_("cashier", "Иванова"), 422, "invalid_type", "cashier"),
     ("cashier unknown field", with_("cashier", {"name": "Иванова", "role": "senior"}), 422, "unknown_field",
      "cashier.role"),
@@ -158,7 +162,8 @@ def test_table_is_large_enough() -> None:
 async def test_bad_body_is_rejected_and_not_stored(app: App, name: str, mutate: Mutation, status: int,
                                                    code: str, field: str | None) -> None:
     body = mutate(copy.deepcopy(good()))
-    got_status, answer = await post_raw(app, json.dumps(body, ensure_ascii=False).encode())
+    # ASCII-escaped JSON, so that a lone surrogate travels as the "\ud800" escape a client would send.
+    got_status, answer = await post_raw(app, json.dumps(body).encode())
     assert (got_status, answer["error"]["code"]) == (status, code), answer
     assert answer["error"].get("field") == field
     assert answer["error"]["message"]
