@@ -64,10 +64,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
 }
 
-RECEIPT_COLUMNS = (
-    "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
-    "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at"
+RECEIPT_COLUMN_NAMES = (
+    "receipt_id", "idempotency_key", "body", "total", "status", "attempts", "last_error", "accepted_ms",
+    "updated_ms", "sent_ms", "fiscal_document_number", "fiscal_sign", "ofd_received_at",
 )
+RECEIPT_COLUMNS = ", ".join(RECEIPT_COLUMN_NAMES)
 
 T = TypeVar("T")
 
@@ -113,7 +114,6 @@ class PendingReceipt:
     idempotency_key: str
     accepted_ms: int
     body: str
-    attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +212,8 @@ class Buffer:
             await conn.close()
             raise
         if is_new:
-            _fsync_directory(path.parent)
+            # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
+            _fsync(path.parent, os.O_DIRECTORY)
         buffer = cls(path, max_pending, conn, counts, checked_at_open=not clean)
         buffer._writer = asyncio.get_running_loop().create_task(buffer._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
@@ -325,7 +326,7 @@ class Buffer:
     async def pending_batch(self, limit: int, after_seq: int = 0, exclude: Sequence[str] = ()) -> list[
             PendingReceipt]:
         """The oldest pending receipts after `after_seq`, skipping `exclude` (receipts held back by the loop)."""
-        sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body, attempts FROM receipts "
+        sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body FROM receipts "
                "WHERE status = 'pending' AND seq > ?")
         params: list[Any] = [after_seq]
         if exclude:
@@ -586,8 +587,7 @@ def _describe(exc: sqlite3.Error) -> str:
 
 
 def _receipt_row(row: Sequence[Any]) -> dict[str, Any]:
-    names = [name.strip() for name in RECEIPT_COLUMNS.split(",")]
-    return dict(zip(names, row))
+    return dict(zip(RECEIPT_COLUMN_NAMES, row))
 
 
 # execute_fetchall is one round trip to the SQLite thread; execute + fetch + close would be three.
@@ -700,12 +700,8 @@ def damage_marker(path: Path) -> Path:
 def _write_damage_marker(marker: Path, reason: str) -> None:
     try:
         marker.write_text(reason + "\n")
-        fd = os.open(marker, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_directory(marker.parent)
+        _fsync(marker)
+        _fsync(marker.parent, os.O_DIRECTORY)
     except OSError as exc:
         log.error("could not write %s (%s); the damage is in the log", marker, exc.strerror)
 
@@ -716,9 +712,8 @@ def _clear_damage_marker(marker: Path) -> None:
         log.warning("database passes its integrity check again; removed %s", marker)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         os.fsync(fd)
     finally:
