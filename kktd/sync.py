@@ -54,13 +54,11 @@ class Stopping(Exception):
 class CycleResult:
     delivered: int = 0
     rejected: int = 0
-    dead_lettered: int = 0
     batches: int = 0
 
     def add(self, other: CycleResult) -> None:
         self.delivered += other.delivered
         self.rejected += other.rejected
-        self.dead_lettered += other.dead_lettered
         self.batches += other.batches
 
 
@@ -128,6 +126,8 @@ class SyncLoop:
         """One delivery cycle on request (`POST /v1/kkt/buffer/sync`), no retries: report what it did."""
         result = CycleResult()
         error: str | None = None
+        # Dead-lettering happens on the failure path, which raises: count it from the running total.
+        dead_lettered_before = self.stats.dead_lettered_total
         async with self._cycle_lock:
             try:
                 result = await self._drain()
@@ -140,7 +140,8 @@ class SyncLoop:
                 error = f"storage unavailable: {exc}"
                 self._note_error(error)
         return {"delivered": result.delivered, "rejected": result.rejected,
-                "dead_lettered": result.dead_lettered, "batches": result.batches,
+                "dead_lettered": self.stats.dead_lettered_total - dead_lettered_before,
+                "batches": result.batches,
                 "pending": self.buffer.counts.pending, "error": error, "breaker": str(self.breaker.state)}
 
     # ---- the loop ----
@@ -213,11 +214,9 @@ class SyncLoop:
         log.debug("OFD delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
 
     async def _interruptible_sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
-            return
-        raise Stopping()
+        await self._pause(seconds)
+        if self._stop.is_set():
+            raise Stopping()
 
     # ---- one cycle ----
 
@@ -259,6 +258,7 @@ class SyncLoop:
         return time.monotonic() - self.buffer.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
 
     async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the daemon stops meanwhile."""
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
         except asyncio.TimeoutError:
@@ -310,7 +310,7 @@ class SyncLoop:
         self.stats.last_success_ms = now_ms()
         self.stats.delivered_total += len(delivered)
         self.stats.rejected_total += len(rejected)
-        return CycleResult(len(delivered), len(rejected), 0, 1)
+        return CycleResult(len(delivered), len(rejected), 1)
 
     async def _count_failure(self, batch: list[PendingReceipt], exc: OfdUnavailable) -> None:
         if exc.reason in TRANSPORT_REASONS:
@@ -409,9 +409,12 @@ class SyncLoop:
 
 def _collect(done: set[asyncio.Task[CycleResult]], total: CycleResult) -> None:
     """Add up finished batches; every task's outcome is retrieved, then the first failure is raised."""
-    errors = [exc for exc in (task.exception() for task in done) if exc is not None]
+    errors: list[BaseException] = []
     for task in done:
-        if task.exception() is None:
+        exc = task.exception()
+        if exc is None:
             total.add(task.result())
+        else:
+            errors.append(exc)
     if errors:
         raise errors[0]

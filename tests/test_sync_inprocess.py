@@ -289,3 +289,22 @@ def test_held_receipts_are_capped(tmp_path: Path) -> None:
         loop._hold(f"r{i}", float(i))
     assert len(loop.stats.held) == sync_module.MAX_HELD
     assert f"r{sync_module.MAX_HELD + 49}" in loop.stats.held and "r0" not in loop.stats.held
+
+
+async def test_sync_endpoint_reports_dead_letters(rig_factory: Any, scripted: Any) -> None:
+    """POST /v1/kkt/buffer/sync says how many receipts a cycle dead-lettered (it used to say 0 always)."""
+    ofd, url = scripted
+    rig = await rig_factory(url, max_attempts=1, breaker_threshold=1000)
+    poison = await accept(rig.buffer, "dl-poison")
+    ofd.poison.add(poison)
+    reported = 0
+    deadline = asyncio.get_running_loop().time() + 20
+    i = 0
+    while rig.buffer.counts.failed == 0:
+        assert asyncio.get_running_loop().time() < deadline, "the poisoned receipt was never dead-lettered"
+        await accept(rig.buffer, f"dl-other-{i}")  # acknowledged others: the evidence against the poison
+        i += 1
+        reported += (await (await rig.http.post("/v1/kkt/buffer/sync")).json())["dead_lettered"]
+        await asyncio.sleep(0.02)  # lets the poison's short hold (2 x backoff_max = 0.1 s) run out
+    assert reported == 1
+    assert (await rig.buffer.get(poison))["status"] == "failed"  # type: ignore[index]
