@@ -27,8 +27,9 @@ from typing import Any, Awaitable, Callable
 import aiosqlite
 from aiohttp import web
 
+from kktd.api import api_error
 from kktd.errors import ApiError
-from kktd.receipt import Receipt, parse_receipt
+from kktd.receipt import Receipt, ReceiptInvalid, parse_receipt
 
 MAX_BODY = 64 * 1024
 SCHEMA = """
@@ -113,6 +114,8 @@ def make_app(store: Store) -> web.Application:
         try:
             receipt = parse_receipt(await request.read(), request.headers.get("Idempotency-Key"))
             status, body = await store(receipt, uuid.uuid4().hex, now_rfc3339())
+        except ReceiptInvalid as exc:
+            return error_response(api_error(exc))
         except ApiError as exc:
             return error_response(exc)
         return web.json_response(body, status=status, dumps=compact_dumps)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from kktd.buffer import Accepted, Buffer, Conflict, rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
-from kktd.receipt import parse_receipt
+from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
 
 if TYPE_CHECKING:
     from kktd.config import Config
@@ -64,6 +64,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except ApiError as error:
         _log_error(request, error)
         return error_response(error)
+    except ReceiptInvalid as invalid:
+        error = api_error(invalid)
+        _log_error(request, error)
+        return error_response(error)
     except web.HTTPRequestEntityTooLarge:
         too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
         _log_error(request, too_large)
@@ -83,6 +87,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal_error", "internal error; see the kktd log"))
+
+
+def api_error(invalid: ReceiptInvalid) -> ApiError:
+    """A receipt that breaks a rule is a 422; a body that is not JSON at all, a 400."""
+    return ApiError(400 if isinstance(invalid, MalformedBody) else 422, invalid.code, invalid.message,
+                    invalid.field)
 
 
 def _log_error(request: web.Request, error: ApiError) -> None:

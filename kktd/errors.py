@@ -30,11 +30,6 @@ class ApiError(Exception):
         return {"error": error}
 
 
-def invalid(code: str, message: str, field: str | None) -> ApiError:
-    """A 422: the request was well-formed JSON but breaks a receipt rule."""
-    return ApiError(422, code, message, field)
-
-
 class StorageError(Exception):
     """The buffer could not do what was asked; nothing was acknowledged."""
 

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kktd.errors import ApiError, invalid
 
 MAX_AMOUNT = 10**12  # exclusive upper bound for every amount, in kopecks
 MAX_ITEMS = 100
@@ -48,6 +47,21 @@ CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+class ReceiptInvalid(Exception):
+    """The receipt breaks a rule; nothing is stored. `code` is stable and machine-readable, `field` is the
+    path of the offending value (``items[2].sum``) where there is one. The HTTP layer maps it to a 422."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class MalformedBody(ReceiptInvalid):
+    """The body is not a JSON document at all (mapped to a 400)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Receipt:
     """A validated receipt: `canonical` is the normalized form stored and sent to the OFD."""
@@ -61,29 +75,30 @@ class Receipt:
 
 
 def parse_receipt(body: bytes, header_key: str | None) -> Receipt:
-    """Parse and validate a request body; raise ApiError (400/422) on the first violation."""
+    """Parse and validate a request body; raise ReceiptInvalid (MalformedBody for bad JSON) on the first
+    violation."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        raise MalformedBody("invalid_json", f"request body is not valid JSON: {exc}") from None
     return validate_receipt(data, header_key)
 
 
 def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
     if not isinstance(data, dict):
-        raise invalid("invalid_type", "request body must be a JSON object", None)
+        raise ReceiptInvalid("invalid_type", "request body must be a JSON object", None)
     _reject_unknown(data, RECEIPT_FIELDS, "")
     key = _idempotency_key(data.get("idempotency_key"), header_key)
     items = _list(data, "items", "", 1, MAX_ITEMS)
     normalized_items = [_item(item, f"items[{i}]") for i, item in enumerate(items)]
     total = sum(item["sum"] for item in normalized_items)
     if total >= MAX_AMOUNT:
-        raise invalid("amount_out_of_range", f"receipt total {total} must be below {MAX_AMOUNT} kopecks", "items")
+        raise ReceiptInvalid("amount_out_of_range", f"receipt total {total} must be below {MAX_AMOUNT} kopecks", "items")
     payments = _list(data, "payments", "", 1, MAX_PAYMENTS)
     normalized_payments = [_payment(p, f"payments[{i}]") for i, p in enumerate(payments)]
     paid = sum(p["amount"] for p in normalized_payments)
     if paid != total:
-        raise invalid(
+        raise ReceiptInvalid(
             "payment_total_mismatch",
             f"payments add up to {paid} kopecks but the receipt total is {total}",
             "payments",
@@ -108,22 +123,22 @@ def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
 
 def _idempotency_key(body_key: Any, header_key: str | None) -> str:
     if body_key is not None and not isinstance(body_key, str):
-        raise invalid("invalid_type", "idempotency_key must be a string", "idempotency_key")
+        raise ReceiptInvalid("invalid_type", "idempotency_key must be a string", "idempotency_key")
     if body_key is not None and header_key is not None and body_key != header_key:
-        raise invalid(
+        raise ReceiptInvalid(
             "idempotency_key_mismatch",
             "the Idempotency-Key header and the body's idempotency_key differ",
             "idempotency_key",
         )
     key = body_key if body_key is not None else header_key
     if key is None:
-        raise invalid(
+        raise ReceiptInvalid(
             "missing_field",
             "idempotency_key is required (in the body or the Idempotency-Key header)",
             "idempotency_key",
         )
     if not IDEMPOTENCY_KEY_RE.fullmatch(key):
-        raise invalid(
+        raise ReceiptInvalid(
             "invalid_idempotency_key",
             "idempotency_key must be 1..64 characters of A-Z a-z 0-9 . _ : -",
             "idempotency_key",
@@ -133,7 +148,7 @@ def _idempotency_key(body_key: Any, header_key: str | None) -> str:
 
 def _item(item: Any, path: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise invalid("invalid_type", f"{path} must be an object", path)
+        raise ReceiptInvalid("invalid_type", f"{path} must be an object", path)
     _reject_unknown(item, ITEM_FIELDS, path)
     price = _amount(item, "price", path)
     quantity_milli, quantity_text = _quantity(item.get("quantity"), f"{path}.quantity")
@@ -144,13 +159,13 @@ def _item(item: Any, path: str) -> dict[str, Any]:
     else:
         item_sum = _amount(item, "sum", path)
         if item_sum != expected_sum:
-            raise invalid(
+            raise ReceiptInvalid(
                 "item_sum_mismatch",
                 f"{path}.sum is {item_sum} but price x quantity rounds to {expected_sum} kopecks",
                 f"{path}.sum",
             )
     if item_sum >= MAX_AMOUNT:
-        raise invalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
+        raise ReceiptInvalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
     return {
         "name": _text(item, "name", path, 1, 128),
         "price": price,
@@ -164,14 +179,14 @@ def _item(item: Any, path: str) -> dict[str, Any]:
 
 def _payment(payment: Any, path: str) -> dict[str, Any]:
     if not isinstance(payment, dict):
-        raise invalid("invalid_type", f"{path} must be an object", path)
+        raise ReceiptInvalid("invalid_type", f"{path} must be an object", path)
     _reject_unknown(payment, PAYMENT_FIELDS, path)
     return {"type": _enum(payment, "type", path, PAYMENT_TYPES), "amount": _amount(payment, "amount", path)}
 
 
 def _cashier(cashier: Any) -> dict[str, str]:
     if not isinstance(cashier, dict):
-        raise invalid("invalid_type", "cashier must be an object", "cashier")
+        raise ReceiptInvalid("invalid_type", "cashier must be an object", "cashier")
     _reject_unknown(cashier, CASHIER_FIELDS, "cashier")
     result: dict[str, str] = {}
     if cashier.get("name") is not None:
@@ -179,19 +194,19 @@ def _cashier(cashier: Any) -> dict[str, str]:
     if cashier.get("inn") is not None:
         inn = cashier["inn"]
         if not isinstance(inn, str):
-            raise invalid("invalid_type", "cashier.inn must be a string of 12 digits", "cashier.inn")
+            raise ReceiptInvalid("invalid_type", "cashier.inn must be a string of 12 digits", "cashier.inn")
         if not INN_RE.fullmatch(inn):
-            raise invalid("invalid_inn", "cashier.inn must be exactly 12 digits", "cashier.inn")
+            raise ReceiptInvalid("invalid_inn", "cashier.inn must be exactly 12 digits", "cashier.inn")
         result["inn"] = inn
     return result
 
 
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
-        raise invalid("invalid_type", "customer_contact must be a string", "customer_contact")
+        raise ReceiptInvalid("invalid_type", "customer_contact must be a string", "customer_contact")
     if len(contact) > 64 or SURROGATE_RE.search(contact) or not (
             EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
-        raise invalid(
+        raise ReceiptInvalid(
             "invalid_contact",
             "customer_contact must be an e-mail address or a phone number like +79991234567",
             "customer_contact",
@@ -204,16 +219,16 @@ def _quantity(value: Any, path: str) -> tuple[int, str]:
     if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
         kind = "missing" if value is None else type(value).__name__
         code = "missing_field" if value is None else "invalid_type"
-        raise invalid(code, f"{path} must be a decimal string like \"1.000\" (got {kind})", path)
+        raise ReceiptInvalid(code, f"{path} must be a decimal string like \"1.000\" (got {kind})", path)
     match = QUANTITY_RE.fullmatch(value) if isinstance(value, str) else QUANTITY_RE.fullmatch(str(value))
     if match is None:
-        raise invalid(
+        raise ReceiptInvalid(
             "invalid_quantity", f"{path} must be a decimal number with at most 3 decimal places", path
         )
     whole, fraction = match.group(1), match.group(2) or ""
     milli = int(whole) * 1000 + int(fraction.ljust(3, "0"))
     if milli <= 0:
-        raise invalid("invalid_quantity", f"{path} must be greater than zero", path)
+        raise ReceiptInvalid("invalid_quantity", f"{path} must be greater than zero", path)
     return milli, f"{milli // 1000}.{milli % 1000:03d}"
 
 
@@ -221,13 +236,13 @@ def _amount(obj: dict[str, Any], name: str, parent: str) -> int:
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise invalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid("missing_field", f"{path} is required", path)
     if type(value) is not int:  # bool is an int subclass and floats/strings are never money here
-        raise invalid(
+        raise ReceiptInvalid(
             "invalid_type", f"{path} must be an integer number of kopecks (got {type(value).__name__})", path
         )
     if not 0 <= value < MAX_AMOUNT:
-        raise invalid("amount_out_of_range", f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks", path)
+        raise ReceiptInvalid("amount_out_of_range", f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks", path)
     return value
 
 
@@ -235,15 +250,15 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise invalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid("missing_field", f"{path} is required", path)
     if not isinstance(value, str):
-        raise invalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+        raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len or not value.strip():
-        raise invalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
+        raise ReceiptInvalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
     if CONTROL_CHARS_RE.search(value):
-        raise invalid("invalid_value", f"{path} must not contain control characters", path)
+        raise ReceiptInvalid("invalid_value", f"{path} must not contain control characters", path)
     if SURROGATE_RE.search(value):
-        raise invalid("invalid_value", f"{path} must be valid Unicode text (it holds a lone surrogate)", path)
+        raise ReceiptInvalid("invalid_value", f"{path} must be valid Unicode text (it holds a lone surrogate)", path)
     return value
 
 
@@ -251,11 +266,11 @@ def _enum(obj: dict[str, Any], name: str, parent: str, allowed: frozenset[str]) 
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise invalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid("missing_field", f"{path} is required", path)
     if not isinstance(value, str):
-        raise invalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+        raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
     if value not in allowed:
-        raise invalid("invalid_value", f"{path} must be one of: {', '.join(sorted(allowed))}", path)
+        raise ReceiptInvalid("invalid_value", f"{path} must be one of: {', '.join(sorted(allowed))}", path)
     return value
 
 
@@ -263,11 +278,11 @@ def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise invalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid("missing_field", f"{path} is required", path)
     if not isinstance(value, list):
-        raise invalid("invalid_type", f"{path} must be an array (got {type(value).__name__})", path)
+        raise ReceiptInvalid("invalid_type", f"{path} must be an array (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len:
-        raise invalid("invalid_count", f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
+        raise ReceiptInvalid("invalid_count", f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
     return value
 
 
@@ -276,7 +291,7 @@ def _reject_unknown(obj: dict[str, Any], allowed: frozenset[str], parent: str) -
     if unknown:
         name = sorted(unknown)[0]
         path = _join(parent, name)
-        raise invalid("unknown_field", f"{path} is not a known field", path)
+        raise ReceiptInvalid("unknown_field", f"{path} is not a known field", path)
 
 
 def _join(parent: str, name: str) -> str:

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import pytest
 
-from kktd.receipt import parse_receipt, sample_receipt
-from kktd.errors import ApiError
+from kktd.receipt import ReceiptInvalid, parse_receipt, sample_receipt
+from kktd.api import api_error
 from tests.conftest import App
 
 Mutation = Callable[[dict[str, Any]], Any]
@@ -251,7 +251,7 @@ def test_optional_fields_and_zero_amounts() -> None:
 
 
 def test_api_error_shape() -> None:
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(ReceiptInvalid) as caught:
         parse_receipt(b'{"idempotency_key": "k"}', None)
-    assert caught.value.body() == {"error": {"code": "missing_field", "message": "items is required",
+    assert api_error(caught.value).body() == {"error": {"code": "missing_field", "message": "items is required",
                                              "field": "items"}}
