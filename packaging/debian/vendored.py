@@ -5,6 +5,9 @@
   check-pins       every distribution in the venv but the project is pinned (==) in constraints.txt, at
                    the installed version: a new transitive dependency cannot slip in unpinned
   check-copyright  every distribution in the venv has a stanza in debian/copyright
+  fix-records      recomputes the hashes in each distribution's RECORD after debian/rules rewrote the
+                   staging path out of the console scripts (so RECORD matches the files, and two builds in
+                   different directories are identical)
   cli-module       prints the module of the project's `kktd` console script (for argparse-manpage), so a
                    moved CLI module needs no edit here
 """
@@ -12,6 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
+import hashlib
+import io
 import re
 import sys
 from importlib import metadata
@@ -80,6 +87,23 @@ def check_copyright(args: argparse.Namespace) -> int:
     return 1 if missing or stale else 0
 
 
+def fix_records(args: argparse.Namespace) -> int:
+    site = Path(args.site)
+    for dist in distributions(site).values():
+        record = next(Path(str(f.locate())) for f in dist.files or [] if f.name == "RECORD")
+        rows = list(csv.reader(io.StringIO(record.read_text())))
+        for row in rows:
+            path, digest = (site / row[0]).resolve(), row[1] if len(row) > 1 else ""
+            if digest and path.is_file():
+                data = path.read_bytes()
+                encoded = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                row[1:3] = [f"sha256={encoded}", str(len(data))]
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        record.write_text(out.getvalue())
+    return 0
+
+
 def cli_module(args: argparse.Namespace) -> int:
     dist = distributions(Path(args.site))[normalize(args.project)]
     scripts = [ep for ep in dist.entry_points if ep.group == "console_scripts" and ep.name == args.project]
@@ -104,12 +128,15 @@ def main() -> int:
     copyright_.add_argument("--site", required=True)
     copyright_.add_argument("--copyright", required=True)
     copyright_.add_argument("--project", required=True)
+    records = commands.add_parser("fix-records")
+    records.add_argument("--site", required=True)
     module = commands.add_parser("cli-module")
     module.add_argument("--site", required=True)
     module.add_argument("--project", required=True)
     args = parser.parse_args()
     handlers = {"check-version": check_version, "check-pins": check_pins,
-                "check-copyright": check_copyright, "cli-module": cli_module}
+                "check-copyright": check_copyright, "fix-records": fix_records,
+                "cli-module": cli_module}
     return handlers[args.command](args)
 
 
