@@ -42,8 +42,10 @@ build() {
     out="$(cd "$out" && pwd)"
     command -v dpkg-buildpackage >/dev/null || die "dpkg-buildpackage not found (apt-get install dpkg-dev debhelper)"
     # dpkg-buildpackage writes its results beside the source directory.
-    (cd "$src" && dpkg-buildpackage -us -uc -b) >"$src.log" 2>&1 \
-        || { tail -n 60 "$src.log" >&2; die "dpkg-buildpackage failed; full log: $src.log"; }
+    # The log goes beside the .deb: the scratch directory of a plain `make deb` is removed on exit.
+    local log="$out/build.log"
+    (cd "$src" && dpkg-buildpackage -us -uc -b) >"$log" 2>&1 \
+        || { tail -n 60 "$log" >&2; die "dpkg-buildpackage failed; full log: $log"; }
     local parent name version arch deb
     parent="$(dirname "$src")"
     name="$(cd "$src" && dpkg-parsechangelog -S Source)"
