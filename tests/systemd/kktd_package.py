@@ -50,12 +50,14 @@ class Builds:
 
 def host_run(argv: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, \
+        f"{argv} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
 
 def _changelog_field(source: Path, field: str) -> str:
-    return host_run(["dpkg-parsechangelog", "-l", str(source / "debian" / "changelog"), "-S", field]).stdout.strip()
+    changelog = source / "debian" / "changelog"
+    return host_run(["dpkg-parsechangelog", "-l", str(changelog), "-S", field]).stdout.strip()
 
 
 def _bump_revision(source: Path) -> str:

@@ -147,7 +147,8 @@ def test_fresh_install_serves_and_purge_keeps_pending_receipts(builds: Builds, p
     assert package.sqlite(f"{kept}/buffer.db", "SELECT idempotency_key FROM receipts") == "deb-0001"
 
 
-def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds, package: PackagedKktd) -> None:
+def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds,
+                                                                   package: PackagedKktd) -> None:
     box = package.sandbox
     package.start_mock_ofd("offline")  # receipts pile up as pending while the package is upgraded
     package.install_package(builds.first.deb)
@@ -178,7 +179,8 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
     assert (shown["NRestarts"], shown["ActiveState"]) == ("0", "active"), shown
     ready = [e for e in package.journal() if "ready: listening on" in str(e.get("MESSAGE"))]
     assert len(ready) == 2, ready  # the install's start and the upgrade's one restart
-    restart_s = (int(shown["ActiveEnterTimestampMonotonic"]) - int(shown["ActiveExitTimestampMonotonic"])) / 1e6
+    left, back = int(shown["ActiveExitTimestampMonotonic"]), int(shown["ActiveEnterTimestampMonotonic"])
+    restart_s = (back - left) / 1e6
     SUMMARY.append(f"deb: upgrade restart (active -> active) {restart_s:.2f}s; load: acknowledged "
                    f"{upgraded_at} by the end of apt-get, {len(result.acked)} in all, "
                    f"connection_errors={result.connection_errors}")
@@ -214,7 +216,8 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     assert status == 200, body
     package.install_package(builds.second.deb)
     assert package.post_receipt("downgrade-sent")[0] == 201
-    status, body = http("POST", f"{package.url}/v1/kkt/receipt", sample_receipt("downgrade-dead", REJECTED_POS))
+    rejected = sample_receipt("downgrade-dead", REJECTED_POS)
+    status, body = http("POST", f"{package.url}/v1/kkt/receipt", rejected)
     assert status == 201, body
     poll_until("one receipt sent and one dead-lettered",
                lambda: package.buffer_counts() == {"pending": 0, "sent": 1, "failed": 1}, timeout=60)
@@ -288,8 +291,8 @@ def assert_man_page_matches_the_parser(box: Sandbox) -> None:
 def assert_monitoring_files_installed(box: Sandbox) -> None:
     """The operations issue's dashboards and alert rules, when the tree has them (tests excluded)."""
     monitoring = CHECKOUT / "packaging" / "monitoring"
-    shipped = [p for p in monitoring.rglob("*") if p.is_file() and "test" not in str(p.relative_to(monitoring))] \
-        if monitoring.is_dir() else []
+    files = [p for p in monitoring.rglob("*") if p.is_file()] if monitoring.is_dir() else []
+    shipped = [p for p in files if "test" not in str(p.relative_to(monitoring))]
     for path in shipped:
         installed = box.read_file(f"/usr/share/kktd/{path.relative_to(monitoring)}")
         assert installed == path.read_text(), path
