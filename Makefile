@@ -10,13 +10,15 @@ PYTEST_ARGS ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
 RUN_PACKAGES   := python3-venv
-TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
-BENCH_PACKAGES := $(RUN_PACKAGES) wrk
+# gcc and libc6-dev build bench/slowsync.c, the slow-flush (SD card) shim that the bench and its test use.
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk gcc libc6-dev
+BENCH_PACKAGES := $(RUN_PACKAGES) wrk gcc libc6-dev
+SLOWSYNC       := build/slowsync.so
 # `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
 # package tests run on what they build.
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
+.PHONY: run test bench slowsync powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -53,7 +55,7 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test prereqs-deb verify-units
+test: $(STAMP) prereqs-test prereqs-deb verify-units $(SLOWSYNC)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 verify-units: $(STAMP) prereqs-test
@@ -62,8 +64,15 @@ verify-units: $(STAMP) prereqs-test
 powercut: $(STAMP) prereqs-test
 	KKTD_POWERCUT_CYCLES=$${KKTD_POWERCUT_CYCLES:-200} $(VPY) -m pytest tests/powercut $(PYTEST_ARGS)
 
-bench: $(STAMP) prereqs-bench
+bench: $(STAMP) prereqs-bench $(SLOWSYNC)
 	$(VPY) bench/run.py
+
+# The slow-flush shim (LD_PRELOAD): every fsync/fdatasync waits KKTD_SLOW_FSYNC_MS first (see the source).
+slowsync: $(SLOWSYNC)
+
+$(SLOWSYNC): bench/slowsync.c | prereqs-bench
+	mkdir -p $(dir $@)
+	gcc -shared -fPIC -O2 -Wall -Wextra -Werror -o $@ $< -ldl
 
 deb: prereqs-deb
 	packaging/build-deb.sh

@@ -1,9 +1,11 @@
 """The two baselines kktd is measured against, each a single-process aiohttp server on the same stack.
 
-    python bench/baselines.py bare  --listen 127.0.0.1:PORT
-    python bench/baselines.py naive --listen 127.0.0.1:PORT --db PATH
+    python bench/baselines.py minimal --listen 127.0.0.1:PORT
+    python bench/baselines.py bare    --listen 127.0.0.1:PORT
+    python bench/baselines.py naive   --listen 127.0.0.1:PORT --db PATH
 
-`bare` parses and validates every receipt with kktd's own validator and answers 201 without storing it: the
+`minimal` reads the body, `json.loads` it and answers 201 with a body of the shape and size kktd answers:
+no validation, no storage, the ceiling of the HTTP stack itself (aiohttp on this interpreter). `bare` parses and validates every receipt with kktd's own validator and answers 201 without storing it: the
 ceiling of aiohttp + the validator on this machine. `naive` adds what the obvious durable design does: one
 INSERT committed per request (WAL, synchronous=FULL) on one aiosqlite connection. It is built as well as that
 design allows: the connection is in autocommit mode, so the INSERT is its own transaction and costs a single
@@ -32,6 +34,7 @@ from kktd.errors import ApiError
 from kktd.receipt import Receipt, ReceiptInvalid, parse_receipt
 
 MAX_BODY = 64 * 1024
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
     seq             INTEGER PRIMARY KEY,
@@ -107,6 +110,30 @@ class NaiveStore:
         await self.db.close()
 
 
+def make_minimal_app() -> web.Application:
+    """The HTTP stack's ceiling: the same route, body size limit and content-type check, json.loads, 201."""
+    async def post_receipt(request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return error_response(ApiError(415, "unsupported_media_type", "send application/json"))
+        try:
+            json.loads(await request.read())
+        except ValueError:
+            return error_response(ApiError(400, "invalid_json", "request body is not valid JSON"))
+        # kktd's answer is a fixed-shape JSON of ~120 bytes; this one has the same shape and size.
+        body = (f'{{"receipt_id":"{uuid.uuid4().hex}","status":"pending","total":0,'
+                f'"accepted_at":"{now_rfc3339()}"}}')
+        return web.Response(body=body.encode(), status=201, headers=JSON_HEADERS)
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/v1/kkt/receipt", post_receipt)
+    app.router.add_get("/v1/health", health)
+    return app
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 def make_app(store: Store) -> web.Application:
     async def post_receipt(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
@@ -120,9 +147,6 @@ def make_app(store: Store) -> web.Application:
             return error_response(exc)
         return web.json_response(body, status=status, dumps=compact_dumps)
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     app = web.Application(client_max_size=MAX_BODY)
     app.router.add_post("/v1/kkt/receipt", post_receipt)
     app.router.add_get("/v1/health", health)
@@ -135,7 +159,10 @@ def compact_dumps(value: Any) -> str:
 
 async def serve(kind: str, host: str, port: int, db_path: Path | None) -> None:
     naive = await NaiveStore.open(db_path) if kind == "naive" and db_path else None
-    app = make_app(naive if naive is not None else store_nothing)
+    if kind == "minimal":
+        app = make_minimal_app()
+    else:
+        app = make_app(naive if naive is not None else store_nothing)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
@@ -153,7 +180,7 @@ async def serve(kind: str, host: str, port: int, db_path: Path | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("bare", "naive"))
+    parser.add_argument("kind", choices=("minimal", "bare", "naive"))
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     parser.add_argument("--db", type=Path, help="database file (naive only)")
     args = parser.parse_args()

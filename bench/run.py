@@ -1,9 +1,10 @@
-"""`make bench`: kktd's intake against two baselines, plus drain, restart, memory and intake-while-draining.
+"""`make bench`: kktd's intake against three baselines (also on a slow-flush model of an SD card), plus drain,
+restart, memory and intake-while-draining.
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
 
-SECTION is intake, drain, restart, memory or concurrent (all five by default), or luacount (only on request:
-does counting 2xx answers in wrk's Lua response() hook slow wrk down?).
+SECTION is intake, sdcard, drain, restart, memory or concurrent (all six by default), or luacount (only on
+request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?).
 
 A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
 (targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
@@ -35,12 +36,17 @@ from proc import BenchError, Server, cpu_seconds, free_port, http_json, peak_rss
 
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
-ARMS = ("bare", "naive", "kktd")
+ARMS = ("minimal", "bare", "naive", "kktd")
+STORING_ARMS = ("naive", "kktd")
 CONNECTIONS = (1, 16, 64)
-DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent")
+DEFAULT_SECTIONS = ("intake", "sdcard", "drain", "restart", "memory", "concurrent")
 SECTIONS = DEFAULT_SECTIONS + ("luacount",)
 STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
 COMMAND = ".venv/bin/python bench/run.py"
+# The slow-flush model of an SD card (bench/slowsync.c, built by `make slowsync`): every fsync/fdatasync of
+# the server waits this long first.
+SLOWSYNC = BENCH_DIR.parent / "build" / "slowsync.so"
+SD_DELAY_MS = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,19 +62,24 @@ class Plan:
     restarts: int
     load_requests: int
     concurrent_rounds: int
+    sd_rounds: int
+    sd_requests: dict[int, int]
+    sd_warmup_requests: int
     quick: bool
 
     @classmethod
     def full(cls) -> Plan:
         return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
                    drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
-                   load_requests=20000, concurrent_rounds=2, quick=False)
+                   load_requests=20000, concurrent_rounds=2, sd_rounds=3,
+                   sd_requests={1: 1000, 16: 2000, 64: 3000}, sd_warmup_requests=200, quick=False)
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
                    drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
-                   concurrent_rounds=1, quick=True)
+                   concurrent_rounds=1, sd_rounds=1, sd_requests={1: 40, 16: 100, 64: 200},
+                   sd_warmup_requests=20, quick=True)
 
 
 @dataclass
@@ -102,12 +113,12 @@ def kktd_server(ctx: Context, name: str, db: Path, ofd_url: str | None = None,
     return Server(name, argv, f"http://127.0.0.1:{port}", ctx.path(f"{name}.log"), env=server_env(env))
 
 
-def baseline_server(ctx: Context, kind: str, db: Path) -> Server:
+def baseline_server(ctx: Context, kind: str, db: Path, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     argv = [sys.executable, str(BENCH_DIR / "baselines.py"), kind, "--listen", f"127.0.0.1:{port}"]
     if kind == "naive":
         argv += ["--db", str(db)]
-    return Server(kind, argv, f"http://127.0.0.1:{port}", ctx.path(f"{kind}.log"), env=server_env())
+    return Server(kind, argv, f"http://127.0.0.1:{port}", ctx.path(f"{kind}.log"), env=server_env(env))
 
 
 def mock_ofd(ctx: Context) -> tuple[Server, str]:
@@ -157,27 +168,31 @@ def ms(microseconds: float) -> float:
 
 # ---- intake: bare / naive / kktd, interleaved ----
 
-def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: str) -> dict[str, Any]:
-    """One fresh server on a fresh database: warm-up, then the measured run; rows checked after stopping."""
+def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: str,
+                env: dict[str, str] | None = None, warmup: int | None = None) -> dict[str, Any]:
+    """One fresh server on a fresh database: warm-up, then the measured run; rows checked after stopping.
+    The warm-up starts as soon as the server answers, so its latencies are those of the first second after
+    READY (where a stall of the first checkpoint or of file growth would show); they are kept too."""
     db = ctx.path(f"{arm}-{label}.db")
-    server = kktd_server(ctx, "kktd", db) if arm == "kktd" else baseline_server(ctx, arm, db)
+    server = kktd_server(ctx, "kktd", db, env=env) if arm == "kktd" else baseline_server(ctx, arm, db, env)
     with server:
         server.wait_ready()
         url = server.base_url + "/v1/kkt/receipt"
         # Warm-up at the same concurrency: connections, imports and caches are not what is measured.
-        warm = wrkrun.run(url, connections, ctx.plan.warmup_requests)
+        warm = wrkrun.run(url, connections, ctx.plan.warmup_requests if warmup is None else warmup)
         cpu_before = cpu_seconds(server.pid)
         result = wrkrun.run(url, connections, requests)
         cpu = cpu_seconds(server.pid) - cpu_before
         rss = peak_rss_mb(server.pid)
         exit_code = server.stop()
     row = {"arm": arm, **result.as_dict(), "server_cpu_s": cpu, "peak_rss_mb": rss, "exit_code": exit_code,
-           "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0}
+           "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0,
+           "warmup": {"completed": warm.completed, "receipts_per_s": warm.rate, "latency_us": warm.latency_us}}
     where = f"{arm} c{connections}"
     ctx.check(result.finished, f"{where}: wrk stopped by its time cap, not its request count")
     ctx.check(result.ok2xx == result.completed,
               f"{where}: {result.completed - result.ok2xx} non-2xx answers {result.errors}")
-    if arm != "bare":
+    if arm in STORING_ARMS:
         rows, expected = count_rows(db), warm.ok2xx + result.ok2xx
         row.update(db_rows=rows, rows_match=rows == expected)
         ctx.check(rows == expected, f"{where}: {rows} rows in the database, {expected} 2xx answers")
@@ -188,9 +203,10 @@ def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: 
 def print_intake_row(round_no: int, row: dict[str, Any]) -> None:
     latency = row["latency_us"]
     rows = "  rows = 2xx" if row.get("rows_match") else ""
-    print(f"  round {round_no} c{row['connections']:<3} {row['arm']:<6} {row['receipts_per_s']:8.0f}/s  "
+    print(f"  round {round_no} c{row['connections']:<3} {row['arm']:<7} {row['receipts_per_s']:8.0f}/s  "
           f"p50 {ms(latency['p50']):6.2f} ms  p99 {ms(latency['p99']):7.2f} ms  "
-          f"cpu {row['server_cpu_s']:5.2f}s  rss {row['peak_rss_mb']:5.1f} MB{rows}", flush=True)
+          f"(warm-up p99 {ms(row['warmup']['latency_us']['p99']):7.2f} ms)  "
+          f"cpu {row['cpu_ms_per_1000']:4.0f} ms/1k  rss {row['peak_rss_mb']:5.1f} MB{rows}", flush=True)
 
 
 def section_intake(ctx: Context) -> None:
@@ -209,9 +225,14 @@ def section_intake(ctx: Context) -> None:
     ratios = {}
     for c in CONNECTIONS:
         kktd = medians[f"kktd/c{c}"]["receipts_per_s"]
-        ratios[f"c{c}"] = {"kktd/bare": kktd / medians[f"bare/c{c}"]["receipts_per_s"],
-                           "kktd/naive": kktd / medians[f"naive/c{c}"]["receipts_per_s"]}
-    ctx.results["intake"] = {"runs": runs, "medians": medians, "ratios": ratios}
+        ratios[f"c{c}"] = {f"kktd/{arm}": kktd / medians[f"{arm}/c{c}"]["receipts_per_s"]
+                           for arm in ARMS if arm != "kktd"}
+    kktd_c64 = [r for r in runs if r["arm"] == "kktd" and r["connections"] == 64]
+    worst_p99 = max(ms(max(r["latency_us"]["p99"], r["warmup"]["latency_us"]["p99"])) for r in kktd_c64)
+    ctx.results["intake"] = {"runs": runs, "medians": medians, "ratios": ratios,
+                             "kktd_c64_worst_p99_ms": worst_p99,
+                             "peak_rss_mb": {arm: max(r["peak_rss_mb"] for r in runs if r["arm"] == arm)
+                                             for arm in ARMS}}
 
 
 def intake_medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -223,9 +244,42 @@ def intake_medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_ms_per_1000": median(r["cpu_ms_per_1000"] for r in rows),
         "wrk_cpu_ms_per_1000": median(1e6 * r["wrk_cpu_s"] / r["completed"] for r in rows),
         "peak_rss_mb": median(r["peak_rss_mb"] for r in rows),
+        "warmup_p99_ms": median(ms(r["warmup"]["latency_us"]["p99"]) for r in rows),
         "requests": rows[0]["completed"],
         "rounds": len(rows),
     }
+
+
+# ---- sdcard: naive vs kktd with every flush delayed (the slow-flush model of an SD card) ----
+
+def slowsync_env(delay_ms: float) -> dict[str, str]:
+    if not SLOWSYNC.exists():
+        raise BenchError(f"{SLOWSYNC} is missing: `make slowsync` builds it (`make bench` does)")
+    return {"LD_PRELOAD": str(SLOWSYNC), "KKTD_SLOW_FSYNC_MS": f"{delay_ms:g}"}
+
+
+def section_sdcard(ctx: Context) -> None:
+    """naive (one commit, so one flush, per receipt) against kktd (one flush per group) when every fsync and
+    fdatasync of the server waits SD_DELAY_MS first: a commit costs what a flush of an SD card costs."""
+    reproduce("--only sdcard" + (" --quick" if ctx.plan.quick else ""))
+    env = slowsync_env(SD_DELAY_MS)
+    runs: list[dict[str, Any]] = []
+    for round_no in range(1, ctx.plan.sd_rounds + 1):
+        for connections in CONNECTIONS:
+            for arm in STORING_ARMS:
+                row = intake_once(ctx, arm, connections, ctx.plan.sd_requests[connections],
+                                  f"sd-r{round_no}-c{connections}", env=env, warmup=ctx.plan.sd_warmup_requests)
+                row["round"] = round_no
+                runs.append(row)
+                print_intake_row(round_no, row)
+    medians = {f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
+               for arm in STORING_ARMS for c in CONNECTIONS}
+    ratios = {f"c{c}": medians[f"kktd/c{c}"]["receipts_per_s"] / medians[f"naive/c{c}"]["receipts_per_s"]
+              for c in CONNECTIONS}
+    ceiling = 1000 / SD_DELAY_MS
+    ctx.results["sdcard"] = {"delay_ms": SD_DELAY_MS, "runs": runs, "medians": medians, "ratios": ratios,
+                             "one_flush_per_s": ceiling,
+                             "kktd_c1_of_one_flush": medians["kktd/c1"]["receipts_per_s"] / ceiling}
 
 
 # ---- drain: 100,000 pending delivered to the mock OFD ----
@@ -471,6 +525,18 @@ class Target:
 
 
 TARGETS = (
+    # issue 15: the HTTP stack's ceiling, a group of one, stalls, the SD card, memory
+    Target("intake c64 kktd >= 0.85 x minimal", "intake", lambda r: r["ratios"]["c64"]["kktd/minimal"],
+           lambda x: x >= 0.85),
+    Target("intake c1 kktd >= 1.0 x naive", "intake", lambda r: r["ratios"]["c1"]["kktd/naive"],
+           lambda x: x >= 1.0),
+    Target("kktd c64 p99 < 20 ms, every round, from READY", "intake", lambda r: r["kktd_c64_worst_p99_ms"],
+           lambda x: x < 20),
+    Target("intake peak RSS of kktd < 60 MB", "intake", lambda r: r["peak_rss_mb"]["kktd"], lambda x: x < 60),
+    Target("SD card c16 kktd >= 10 x naive", "sdcard", lambda r: r["ratios"]["c16"], lambda x: x >= 10),
+    Target("SD card c1 kktd >= 0.9 x 1/delay", "sdcard", lambda r: r["kktd_c1_of_one_flush"],
+           lambda x: x >= 0.9),
+    # earlier issues
     Target("intake c64 kktd >= 0.85 x bare", "intake", lambda r: r["ratios"]["c64"]["kktd/bare"],
            lambda x: x >= 0.85),
     Target("intake c64 kktd >= 2.5 x naive", "intake", lambda r: r["ratios"]["c64"]["kktd/naive"],
@@ -489,15 +555,17 @@ def report(ctx: Context) -> None:
     results = ctx.results
     print("\n== results (medians) ==")
     if "intake" in results:
-        print(f"{'arm':<6} {'conns':>5} {'receipts/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu s':>7} "
-              f"{'cpu ms/1k':>10} {'wrk ms/1k':>10} {'rss MB':>7}")
-        for key, m in results["intake"]["medians"].items():
-            arm, conns = key.split("/")
-            print(f"{arm:<6} {conns[1:]:>5} {m['receipts_per_s']:>11.0f} {m['p50_ms']:>8.2f} "
-                  f"{m['p99_ms']:>8.2f} {m['server_cpu_s']:>7.2f} {m['cpu_ms_per_1000']:>10.0f} "
-                  f"{m['wrk_cpu_ms_per_1000']:>10.0f} {m['peak_rss_mb']:>7.1f}")
+        print_medians(results["intake"]["medians"])
         for conns, r in results["intake"]["ratios"].items():
-            print(f"ratio {conns}: kktd/bare {r['kktd/bare']:.2f}  kktd/naive {r['kktd/naive']:.2f}")
+            print(f"ratio {conns}: " + "  ".join(f"{name} {value:.2f}" for name, value in r.items()))
+        print(f"kktd c64 worst p99 of any round, warm-up from READY included: "
+              f"{results['intake']['kktd_c64_worst_p99_ms']:.2f} ms")
+    if "sdcard" in results:
+        sd = results["sdcard"]
+        print(f"SD card model (every fsync/fdatasync + {sd['delay_ms']:g} ms):")
+        print_medians(sd["medians"])
+        print("ratio kktd/naive: " + "  ".join(f"{c} {v:.2f}" for c, v in sd["ratios"].items())
+              + f"; kktd c1 = {sd['kktd_c1_of_one_flush']:.2f} x 1/delay ({sd['one_flush_per_s']:.0f}/s)")
     if "drain" in results:
         d = results["drain"]
         print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "
@@ -522,6 +590,16 @@ def report(ctx: Context) -> None:
     print_targets(ctx)
 
 
+def print_medians(medians: dict[str, dict[str, Any]]) -> None:
+    print(f"{'arm':<7} {'conns':>5} {'receipts/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu s':>7} "
+          f"{'cpu ms/1k':>10} {'wrk ms/1k':>10} {'rss MB':>7}")
+    for key, m in medians.items():
+        arm, conns = key.split("/")
+        print(f"{arm:<7} {conns[1:]:>5} {m['receipts_per_s']:>11.0f} {m['p50_ms']:>8.2f} "
+              f"{m['p99_ms']:>8.2f} {m['server_cpu_s']:>7.2f} {m['cpu_ms_per_1000']:>10.0f} "
+              f"{m['wrk_cpu_ms_per_1000']:>10.0f} {m['peak_rss_mb']:>7.1f}")
+
+
 def print_targets(ctx: Context) -> None:
     print("\n== targets ==")
     verdicts = []
@@ -533,7 +611,7 @@ def print_targets(ctx: Context) -> None:
             verdict = "MET" if target.met(value) else "MISSED"
         verdicts.append({"target": target.name, "value": value, "verdict": verdict})
         shown = f"{value:.3f}" if value is not None else "-"
-        print(f"  {verdict:<8} {target.name:<40} ({shown})")
+        print(f"  {verdict:<8} {target.name:<46} ({shown})")
     if ctx.plan.quick:
         print("  (--quick: smaller databases and counts than the targets are defined for)")
     ctx.results["targets"] = verdicts
@@ -576,12 +654,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.requests is not None:
         count = max(2, args.requests)
         plan = replace(plan, intake_requests=dict.fromkeys(CONNECTIONS, count),
-                       warmup_requests=min(plan.warmup_requests, count))
+                       warmup_requests=min(plan.warmup_requests, count),
+                       sd_requests=dict.fromkeys(CONNECTIONS, count),
+                       sd_warmup_requests=min(plan.sd_warmup_requests, count))
     return plan
 
 
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
-    "intake": section_intake, "drain": section_drain, "restart": section_restart, "memory": section_memory,
+    "intake": section_intake, "sdcard": section_sdcard, "drain": section_drain, "restart": section_restart, "memory": section_memory,
     "concurrent": section_concurrent, "luacount": section_luacount,
 }
 
