@@ -219,7 +219,9 @@ async def collect_status(services: Services) -> dict[str, Any]:
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
         "oldest_pending_alarm": services.config.pending_alarm(oldest_age),
         "db_size_bytes": await store.size_bytes(),
-        "writer": {"commits": store.commits, "rows_committed": store.committed_rows},
+        "writer": {"commits": store.commits, "rows_committed": store.committed_rows,
+                   "checkpoints": store.checkpoints, "checkpoints_on_writer": store.writer_checkpoints,
+                   "wal_frames": store.wal_frames},
     }
     if services.sync is not None:
         status["sync"] = dataclasses.asdict(services.sync.status())

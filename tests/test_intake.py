@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -12,11 +13,11 @@ from typing import Any, AsyncIterator
 import pytest
 
 from kktd.store import PRAGMAS, SCHEMA_VERSION, Store
-from kktd.store import queries
+from kktd.store import queries, writer
 from kktd.errors import CorruptDatabase, StorageUnavailable
-from kktd.receipt import sample_receipt
+from kktd.receipt import parse_receipt, sample_receipt
 from tests.conftest import App, close_app, open_app
-from tests.support import KKTD_BIN, require
+from tests.support import KKTD_BIN, async_wait_until, require
 
 
 async def post(app: App, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -166,13 +167,76 @@ async def test_fault_endpoint_is_absent_from_the_product(app: App) -> None:
 
 async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
     buffer = await Store.open(tmp_path / "sub" / "buffer.db", 10)
-    await buffer.close()
+    try:
+        # Read back on the writer's own connection (these PRAGMAs are per connection): WAL + FULL, and no
+        # automatic checkpoint, which would run inside the commit that crosses its threshold (issue 15: the
+        # store checkpoints on a connection of its own, tested below).
+        settings = {name: await buffer.run(lambda conn, name=name: _pragma(conn, name))
+                    for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")}
+        assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0, "foreign_keys": 1}
+    finally:
+        await buffer.close()
     conn = sqlite3.connect(tmp_path / "sub" / "buffer.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+    assert not (tmp_path / "sub" / "buffer.db-wal").exists()  # a clean close still checkpoints and removes it
     assert {name for name, _, _ in PRAGMAS} >= {"journal_mode", "synchronous", "wal_autocheckpoint",
                                                 "foreign_keys", "busy_timeout"}
+
+
+async def _pragma(conn: Any, name: str) -> Any:
+    rows = await conn.execute_fetchall(f"PRAGMA {name}")
+    return list(rows)[0][0]
+
+
+async def accept_many(buffer: Store, prefix: str, count: int, concurrency: int = 50) -> None:
+    for start in range(0, count, concurrency):
+        receipts = [parse_receipt(json.dumps(sample_receipt(f"{prefix}-{i}")).encode(), None)
+                    for i in range(start, min(count, start + concurrency))]
+        results = await asyncio.gather(*(buffer.accept(r) for r in receipts))
+        assert all(getattr(r, "created", False) for r in results)
+
+
+async def test_checkpoints_run_outside_the_writer_and_keep_the_wal_bounded(tmp_path: Path) -> None:
+    """With the automatic checkpoint off, the store's own checkpointer copies the WAL into the database while
+    intake goes on; without it the database file would stay at its first pages and the WAL would grow."""
+    path = tmp_path / "buffer.db"
+    buffer = await Store.open(path, 100_000)
+    try:
+        empty_size = path.stat().st_size
+        await accept_many(buffer, "ckpt", 3 * writer.CHECKPOINT_CHANGES)
+        await async_wait_until(lambda: _true(buffer.checkpoints >= 2), 30, "two background checkpoints")
+        assert path.stat().st_size > empty_size  # pages reached the database file while kktd runs
+        assert buffer.writer_checkpoints == 0  # light load: the WAL restarts by itself
+    finally:
+        await buffer.close()
+    rows = sqlite3.connect(path).execute("SELECT count(*) FROM receipts").fetchone()[0]
+    assert rows == 3 * writer.CHECKPOINT_CHANGES
+
+
+async def test_writer_finishes_a_checkpoint_when_the_wal_cannot_restart(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback of unbroken load, forced by tiny limits: once the checkpointer reports a WAL that has not
+    restarted for WAL_RESTART_FRAMES frames, the writer checkpoints between transactions and the WAL file
+    stops growing."""
+    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 20)
+    monkeypatch.setattr(writer, "WAL_RESTART_FRAMES", 8)
+    monkeypatch.setattr(writer, "WAL_MAX_FRAMES", 64)
+    path = tmp_path / "buffer.db"
+    buffer = await Store.open(path, 100_000)
+    try:
+        await accept_many(buffer, "wal", 600, concurrency=10)
+        assert buffer.writer_checkpoints >= 1
+        page = (await buffer.run(lambda conn: _pragma(conn, "page_size")))
+        # Without restarts 600 receipts would leave well over a thousand frames in the WAL file.
+        assert Path(f"{path}-wal").stat().st_size < 400 * (page + 24)
+    finally:
+        await buffer.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_reopen_recovers_counts(tmp_path: Path) -> None:

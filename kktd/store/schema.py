@@ -26,7 +26,10 @@ PRAGMAS: tuple[tuple[str, str, Any], ...] = (
     # (pragma, value set, value expected when read back)
     ("journal_mode", "WAL", "wal"),
     ("synchronous", "FULL", 2),
-    ("wal_autocheckpoint", "100", 100),
+    # No checkpoint inside a commit: SQLite's automatic one runs in the COMMIT that crosses the threshold,
+    # so that commit (and every intake waiting on it) paid for copying the WAL into the database and fsyncing
+    # it. kktd checkpoints on a connection of its own instead (Store, "checkpoints" in writer.py).
+    ("wal_autocheckpoint", "0", 0),
     ("foreign_keys", "ON", 1),
     ("busy_timeout", "5000", 5000),
 )

@@ -5,6 +5,14 @@ One aiosqlite connection, owned by one writer task. Every operation is a job on 
 runs in the middle of another job's transaction. Intakes that arrive while a transaction commits are
 gathered into the next one (group commit): each caller is answered only after the COMMIT that holds its row
 has returned, with WAL + synchronous=FULL, i.e. after fsync.
+
+Checkpoints (copying the WAL into the database file and fsyncing it) are kept out of the commits: SQLite's
+automatic checkpoint is off, and a second connection of the store's own (its own aiosqlite thread) runs a
+PASSIVE checkpoint whenever enough rows changed. PASSIVE never blocks the writer: commits go on appending to
+the WAL meanwhile. SQLite can only restart the WAL from its beginning (instead of growing the file) when a
+checkpoint has copied every frame before a write starts; under unbroken load the checkpointer always lags a
+few frames behind, so when the WAL has not restarted for WAL_RESTART_FRAMES the writer itself finishes the
+checkpoint between two transactions, at a moment no intake is waiting (or, past WAL_MAX_FRAMES, at once).
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused,
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
+CHECKPOINT_CHANGES = 256  # rows changed (inserted or updated) since the last checkpoint that start the next
+WAL_RESTART_FRAMES = 2048  # WAL frames (8 MiB of 4 KiB pages) after which the writer helps the WAL restart
+WAL_MAX_FRAMES = 16384  # 64 MiB: past this the writer finishes the checkpoint even if intakes are waiting
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -61,9 +72,43 @@ class _Job:
 _STOP = object()
 
 
+class _Checkpointer:
+    """PASSIVE checkpoints on a connection of their own, off the writer's path; woken by the writer."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        self.wake = asyncio.Event()
+        self.wal_frames = 0  # frames in the WAL at the last checkpoint (SQLite's "log" figure)
+        self.checkpoints = 0
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                row = await schema.fetch_one(self.conn, "PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                # Nothing is lost: the frames stay in the WAL and the next checkpoint copies them.
+                log.warning("background checkpoint failed: %s", schema.describe_error(exc))
+                continue
+            self.checkpoints += 1
+            self.wal_frames = int(row[1])
+
+    async def close(self, timeout: float | None) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        try:
+            # Queued behind a checkpoint still running in its thread, if any.
+            await asyncio.wait_for(self.conn.close(), timeout)
+        except asyncio.TimeoutError:
+            log.error("checkpoint connection did not close within %gs", timeout)
+
+
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool) -> None:
+                 checked_at_open: bool, checkpoint_conn: aiosqlite.Connection) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -77,6 +122,9 @@ class Store:
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
+        self._checkpointer = _Checkpointer(checkpoint_conn)
+        self._changes_at_checkpoint = 0
+        self.writer_checkpoints = 0
 
     # ---- lifecycle ----
 
@@ -114,8 +162,15 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean)
-        store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
+        try:
+            checkpoint_conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            await conn.close()
+            raise StorageUnavailable(f"cannot open database {path} for checkpoints: {exc}") from exc
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, checkpoint_conn=checkpoint_conn)
+        loop = asyncio.get_running_loop()
+        store._writer = loop.create_task(store._write_loop(), name="kktd-db-writer")
+        store._checkpointer.task = loop.create_task(store._checkpointer.run(), name="kktd-db-checkpointer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
             "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
@@ -139,6 +194,9 @@ class Store:
                 self._writer.cancel()
                 self._drain_after_stop()
                 await asyncio.gather(self._writer, return_exceptions=True)
+        # The checkpoint connection first: the last connection to close checkpoints and deletes the -wal file
+        # (a clean stop, as the next open sees it), and that must be the writer's.
+        await self._checkpointer.close(timeout)
         try:
             await asyncio.wait_for(self._conn.close(), timeout)
         except asyncio.TimeoutError:
@@ -169,6 +227,16 @@ class Store:
             await conn.close()
         log.info("integrity check of %s: ok (%.2fs, after start-up)", self.path, time.monotonic() - started)
         return None
+
+    @property
+    def checkpoints(self) -> int:
+        """Background checkpoints run so far."""
+        return self._checkpointer.checkpoints
+
+    @property
+    def wal_frames(self) -> int:
+        """Frames in the WAL at the last checkpoint."""
+        return self._checkpointer.wal_frames
 
     @property
     def writer_alive(self) -> bool:
@@ -307,6 +375,27 @@ class Store:
             if stop:
                 self._drain_after_stop()
                 return
+            await self._checkpoint_policy()
+
+    async def _checkpoint_policy(self) -> None:
+        """Between transactions: wake the checkpointer when enough rows changed; finish a checkpoint here
+        when the WAL has not been able to restart for long (see the module's docstring)."""
+        changes = self._conn.total_changes
+        if changes - self._changes_at_checkpoint >= CHECKPOINT_CHANGES:
+            self._changes_at_checkpoint = changes
+            self._checkpointer.wake.set()
+        frames = self._checkpointer.wal_frames
+        if frames < WAL_RESTART_FRAMES or (not self._queue.empty() and frames < WAL_MAX_FRAMES):
+            return
+        try:
+            row = await schema.fetch_one(self._conn, "PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("checkpoint on the writer failed: %s", schema.describe_error(exc))
+            return
+        self.writer_checkpoints += 1
+        # Every frame is in the database now (unless the checkpointer was busy, row[0] = 1): the next write
+        # restarts the WAL from its beginning.
+        self._checkpointer.wal_frames = 0 if row[0] == 0 and row[1] == row[2] else int(row[1])
 
     def _drain_after_stop(self) -> None:
         while not self._queue.empty():
