@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from kktd.store import PRAGMAS, SCHEMA_VERSION, Store
+from kktd.store import PRAGMAS, SCHEMA_VERSION, Accepted, Store
 from kktd.store import queries, writer
 from kktd.errors import CorruptDatabase, StorageUnavailable
 from kktd.receipt import parse_receipt, sample_receipt
@@ -371,3 +371,28 @@ async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: 
     assert isinstance(replay, StorageUnavailable)
     assert (await app.store.get(new.receipt_id)).status == "pending"  # type: ignore[union-attr]
     assert first is not None
+
+
+async def test_cancelled_intake_on_the_fast_path_leaves_counts_true(tmp_path: Path) -> None:
+    """An intake that finds the writer idle commits by itself; a caller cancelled in the middle of that
+    commit cannot leave the capacity counters apart from the rows (the statement still commits in
+    aiosqlite's thread, and the store recounts behind it)."""
+    buffer = await Store.open(tmp_path / "buffer.db", 100)
+    try:
+        receipt = parse_receipt(json.dumps(sample_receipt("cancelled-1")).encode(), None)
+        task = asyncio.ensure_future(buffer.accept(receipt))
+        for _ in range(100):  # event-loop steps (no time passes): until the intake holds the connection
+            if buffer._conn_lock.locked():
+                break
+            await asyncio.sleep(0)
+        assert buffer._conn_lock.locked() and not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await buffer.ping()  # behind the recount
+        rows = await buffer.run(lambda conn: queries.count_by_status(conn))
+        assert buffer.counts.pending == rows.pending == 1
+        again = await buffer.accept(receipt)
+        assert isinstance(again, Accepted) and not again.created  # the cancelled intake's row is there
+    finally:
+        await buffer.close()

@@ -117,6 +117,9 @@ class Store:
         self.counts = counts
         self._conn = conn
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Held by whoever uses the connection: the writer task for a batch, or an intake committing itself
+        # while the writer is idle (accept's fast path).
+        self._conn_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self.commits = 0
@@ -247,9 +250,36 @@ class Store:
     async def accept(self, receipt: Receipt) -> Accepted | Conflict:
         """Store a receipt (or find it by its idempotency key); returns after the COMMIT that holds it."""
         future: asyncio.Future[Accepted | Conflict] = asyncio.get_running_loop().create_future()
-        self._submit(_Intake(receipt, future))
+        intake = _Intake(receipt, future)
+        if self._writer_idle():
+            await self._commit_alone(intake)
+        else:
+            self._submit(intake)
         # Not shielded: if the caller goes away the receipt is still committed, only the answer is dropped.
         return await future
+
+    def _writer_idle(self) -> bool:
+        """Nothing queued and nobody on the connection: the writer task is parked on its empty queue (it
+        takes the lock, without yielding, as soon as it takes an item). A WAL due for the writer's own
+        checkpoint goes through the writer, which runs it."""
+        return (self._queue.empty() and not self._conn_lock.locked() and not self._closing
+                and self.writer_alive and self._checkpointer.wal_frames < WAL_RESTART_FRAMES)
+
+    async def _commit_alone(self, intake: _Intake) -> None:
+        """A group of one committed by the caller itself: the same statement and bookkeeping as the writer's,
+        without the two hand-overs through the writer task (queue, then the answer's future). Intakes and
+        jobs arriving meanwhile queue up for the writer, which waits for the lock."""
+        async with self._conn_lock:
+            try:
+                await self._commit_intakes([intake])
+            except asyncio.CancelledError:
+                # The statement may still commit in aiosqlite's thread after this: recount behind it.
+                self._submit(_Job(self._recount, asyncio.get_running_loop().create_future()))
+                raise
+            self._wake_checkpointer()
+
+    async def _recount(self, conn: aiosqlite.Connection) -> None:
+        self.counts = await queries.count_by_status(conn)
 
     # ---- every other operation is a job, run between transactions ----
 
@@ -362,28 +392,40 @@ class Store:
     async def _write_loop(self) -> None:
         while True:
             first = await self._queue.get()
-            batch = [first]
-            while len(batch) < MAX_GROUP and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            stop = any(item is _STOP for item in batch)
-            intakes = [item for item in batch if isinstance(item, _Intake)]
-            jobs = [item for item in batch if isinstance(item, _Job)]
-            if intakes:
-                await self._commit_intakes(intakes)
-            for job in jobs:
-                await self._run_job(job)
-            if stop:
-                self._drain_after_stop()
-                return
-            await self._checkpoint_policy()
+            # No await between taking the item and holding the lock unless an intake's own commit holds it.
+            async with self._conn_lock:
+                if await self._write_batch(first):
+                    return
 
-    async def _checkpoint_policy(self) -> None:
-        """Between transactions: wake the checkpointer when enough rows changed; finish a checkpoint here
-        when the WAL has not been able to restart for long (see the module's docstring)."""
+    async def _write_batch(self, first: Any) -> bool:
+        """`first` and everything queued behind it: one group commit for the intakes, then the jobs. True
+        once the stop marker was seen."""
+        batch = [first]
+        while len(batch) < MAX_GROUP and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        stop = any(item is _STOP for item in batch)
+        intakes = [item for item in batch if isinstance(item, _Intake)]
+        jobs = [item for item in batch if isinstance(item, _Job)]
+        if intakes:
+            await self._commit_intakes(intakes)
+        for job in jobs:
+            await self._run_job(job)
+        if stop:
+            self._drain_after_stop()
+            return True
+        await self._checkpoint_policy()
+        return False
+
+    def _wake_checkpointer(self) -> None:
         changes = self._conn.total_changes
         if changes - self._changes_at_checkpoint >= CHECKPOINT_CHANGES:
             self._changes_at_checkpoint = changes
             self._checkpointer.wake.set()
+
+    async def _checkpoint_policy(self) -> None:
+        """Between transactions: wake the checkpointer when enough rows changed; finish a checkpoint here
+        when the WAL has not been able to restart for long (see the module's docstring)."""
+        self._wake_checkpointer()
         frames = self._checkpointer.wal_frames
         if frames < WAL_RESTART_FRAMES or (not self._queue.empty() and frames < WAL_MAX_FRAMES):
             return
