@@ -18,7 +18,8 @@ SLOWSYNC       := build/slowsync.so
 # package tests run on what they build.
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test bench slowsync powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
+.PHONY: slowsync
+.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -48,7 +49,7 @@ prereqs-deb:
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 run: $(STAMP)

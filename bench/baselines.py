@@ -5,7 +5,8 @@
     python bench/baselines.py naive   --listen 127.0.0.1:PORT --db PATH
 
 `minimal` reads the body, `json.loads` it and answers 201 with a body of the shape and size kktd answers:
-no validation, no storage, the ceiling of the HTTP stack itself (aiohttp on this interpreter). `bare` parses and validates every receipt with kktd's own validator and answers 201 without storing it: the
+no validation, no storage, the ceiling of the HTTP stack itself (aiohttp on this interpreter). `bare`
+parses and validates every receipt with kktd's own validator and answers 201 without storing it: the
 ceiling of aiohttp + the validator on this machine. `naive` adds what the obvious durable design does: one
 INSERT committed per request (WAL, synchronous=FULL) on one aiosqlite connection. It is built as well as that
 design allows: the connection is in autocommit mode, so the INSERT is its own transaction and costs a single

@@ -187,7 +187,8 @@ def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: 
         exit_code = server.stop()
     row = {"arm": arm, **result.as_dict(), "server_cpu_s": cpu, "peak_rss_mb": rss, "exit_code": exit_code,
            "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0,
-           "warmup": {"completed": warm.completed, "receipts_per_s": warm.rate, "latency_us": warm.latency_us}}
+           "warmup": {"completed": warm.completed, "receipts_per_s": warm.rate,
+                      "latency_us": warm.latency_us}}
     where = f"{arm} c{connections}"
     ctx.check(result.finished, f"{where}: wrk stopped by its time cap, not its request count")
     ctx.check(result.ok2xx == result.completed,
@@ -268,7 +269,8 @@ def section_sdcard(ctx: Context) -> None:
         for connections in CONNECTIONS:
             for arm in STORING_ARMS:
                 row = intake_once(ctx, arm, connections, ctx.plan.sd_requests[connections],
-                                  f"sd-r{round_no}-c{connections}", env=env, warmup=ctx.plan.sd_warmup_requests)
+                                  f"sd-r{round_no}-c{connections}", env=env,
+                                  warmup=ctx.plan.sd_warmup_requests)
                 row["round"] = round_no
                 runs.append(row)
                 print_intake_row(round_no, row)
@@ -661,7 +663,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
-    "intake": section_intake, "sdcard": section_sdcard, "drain": section_drain, "restart": section_restart, "memory": section_memory,
+    "intake": section_intake, "sdcard": section_sdcard,
+    "drain": section_drain, "restart": section_restart, "memory": section_memory,
     "concurrent": section_concurrent, "luacount": section_luacount,
 }
 

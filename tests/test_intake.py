@@ -173,7 +173,8 @@ async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
         # store checkpoints on a connection of its own, tested below).
         settings = {name: await buffer.run(lambda conn, name=name: _pragma(conn, name))
                     for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")}
-        assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0, "foreign_keys": 1}
+        assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0,
+                            "foreign_keys": 1}
     finally:
         await buffer.close()
     conn = sqlite3.connect(tmp_path / "sub" / "buffer.db")
@@ -215,8 +216,8 @@ async def test_checkpoints_run_outside_the_writer_and_keep_the_wal_bounded(tmp_p
     assert rows == 3 * writer.CHECKPOINT_CHANGES
 
 
-async def test_writer_finishes_a_checkpoint_when_the_wal_cannot_restart(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_writer_finishes_a_checkpoint_when_the_wal_cannot_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fallback of unbroken load, forced by tiny limits: once the checkpointer reports a WAL that has not
     restarted for WAL_RESTART_FRAMES frames, the writer checkpoints between transactions and the WAL file
     stops growing."""

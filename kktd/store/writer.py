@@ -170,7 +170,8 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             await conn.close()
             raise StorageUnavailable(f"cannot open database {path} for checkpoints: {exc}") from exc
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, checkpoint_conn=checkpoint_conn)
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean,
+                    checkpoint_conn=checkpoint_conn)
         loop = asyncio.get_running_loop()
         store._writer = loop.create_task(store._write_loop(), name="kktd-db-writer")
         store._checkpointer.task = loop.create_task(store._checkpointer.run(), name="kktd-db-checkpointer")
