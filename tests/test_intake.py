@@ -397,3 +397,31 @@ async def test_cancelled_intake_on_the_fast_path_leaves_counts_true(tmp_path: Pa
         assert isinstance(again, Accepted) and not again.created  # the cancelled intake's row is there
     finally:
         await buffer.close()
+
+
+async def test_slow_commits_gather_the_tills_they_answered(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a slow disk the writer waits (boundedly) for the tills its last group commit answered, instead of
+    committing the first receipt to come back alone. Forced here: every commit counts as slow and the bound
+    is far away, so the order of events alone decides (no timing)."""
+    monkeypatch.setattr(writer, "SLOW_COMMIT_S", 0.0)
+    monkeypatch.setattr(writer, "GATHER_SHARE", 1e6)
+    monkeypatch.setattr(writer, "GATHER_MAX_S", 30.0)
+    buffer = await Store.open(tmp_path / "buffer.db", 100)
+
+    def receipt(key: str) -> Any:
+        return parse_receipt(json.dumps(sample_receipt(key)).encode(), None)
+
+    try:
+        # The first commits by itself (the writer was idle), the two behind it as one group.
+        await asyncio.gather(*(buffer.accept(receipt(f"g-{n}")) for n in range(3)))
+        assert buffer.commits == 2
+        first = asyncio.ensure_future(buffer.accept(receipt("g-3")))
+        for _ in range(50):  # event-loop steps, no time: the writer waits for the second till
+            await asyncio.sleep(0)
+        assert not first.done() and buffer.commits == 2
+        second = await buffer.accept(receipt("g-4"))
+        assert (await first).created and second.created
+        assert buffer.commits == 3  # both in one commit
+    finally:
+        await buffer.close()
