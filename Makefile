@@ -13,7 +13,7 @@ RUN_PACKAGES   := python3-venv
 TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+.PHONY: run test typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -47,8 +47,12 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test verify-units
+test: $(STAMP) prereqs-test verify-units typecheck
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The file list is setup.cfg's [mypy] files: kktd, kktd_mocks, tests, bench.
+typecheck: $(STAMP)
+	$(VPY) -m mypy
 
 verify-units: $(STAMP) prereqs-test
 	systemd/verify-units.sh

@@ -281,7 +281,7 @@ class MockOfdProcess:
             return json.loads(response.read())
 
     def stats(self) -> dict[str, Any]:
-        return self._admin("GET", "/admin/stats")  # type: ignore[no-any-return]
+        return self._admin("GET", "/admin/stats")
 
     def set_mode(self, mode: str, **params: Any) -> None:
         self._admin("POST", "/admin/mode", {"mode": mode, **params})
@@ -293,7 +293,7 @@ class MockOfdProcess:
         import urllib.error
 
         try:
-            return self._admin("GET", f"/admin/receipts/{receipt_id}")  # type: ignore[no-any-return]
+            return self._admin("GET", f"/admin/receipts/{receipt_id}")
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None

@@ -7,7 +7,7 @@ import os
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -241,7 +241,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 # ---- a full disk (a real, tiny filesystem) ----
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 
 import aiohttp
@@ -61,11 +62,11 @@ async def load_until_signalled(proc: KktdProcess, count: int, signum: int, after
     return answers
 
 
-async def _status_or_none(proc: KktdProcess) -> dict | None:  # type: ignore[type-arg]
+async def _status_or_none(proc: KktdProcess) -> dict[str, Any] | None:
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{proc.url}/v1/kkt/buffer/status") as response:
-                return await response.json()  # type: ignore[no-any-return]
+                return await response.json()
     except aiohttp.ClientError:
         return None
 

@@ -37,7 +37,7 @@ def start_kktd(kktds: list[KktdProcess], tmp_path: Path, mock: MockOfdProcess, *
 def status(proc: KktdProcess) -> dict[str, Any]:
     code, body = asyncio.run(get_json(proc.url, "/v1/kkt/buffer/status"))
     assert code == 200
-    return body  # type: ignore[no-any-return]
+    return body
 
 
 def post(proc: KktdProcess, bodies: list[dict[str, Any]], concurrency: int = 8) -> list[str]:

@@ -51,7 +51,7 @@ async def rig_factory(app_factory: AppFactory) -> Callable[..., Any]:
 
 async def accept(store: Store, key: str, pos_id: str = "POS-001") -> str:
     result = await store.accept(validate_receipt(sample_receipt(key, pos_id=pos_id)))
-    return result.receipt_id  # type: ignore[union-attr]
+    return result.receipt_id
 
 
 async def test_sync_endpoint_runs_one_cycle_and_reports(rig_factory: Any, mock_ofd: MockOfd) -> None:
@@ -279,4 +279,4 @@ async def test_sync_endpoint_reports_dead_letters(rig_factory: Any, scripted: An
         reported += (await (await rig.http.post("/v1/kkt/buffer/sync")).json())["dead_lettered"]
         await asyncio.sleep(0.02)  # lets the poison's short hold (2 x backoff_max = 0.1 s) run out
     assert reported == 1
-    assert (await rig.store.get(poison)).status == "failed"  # type: ignore[union-attr]
+    assert (await rig.store.get(poison)).status == "failed"
