@@ -68,6 +68,27 @@ async def async_wait_until(predicate: Callable[[], Awaitable[Any]], timeout: flo
         await asyncio.sleep(interval)
 
 
+class FakeTime:
+    """A monotonic clock that moves only when told, for kktd.clock's Clock and Sleep: `advance()`, or
+    `sleep(s)`, which moves the clock by s and returns at once (after yielding to the event loop once), so
+    code that backs off for minutes runs in milliseconds. Every sleep asked for is recorded in `sleeps`."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
 class NotifySocket:
     """A datagram socket standing in for systemd's NOTIFY_SOCKET; records every message with its time."""
 
