@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -56,11 +57,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str,
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str,
                            interval: float = 0.02) -> Any:
+    """wait_until inside an event loop: `predicate` may return a value or an awaitable of one."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
