@@ -50,8 +50,8 @@ def require(condition: bool, reason: str, *, as_root_too: bool = False) -> None:
     if condition:
         return
     if IN_CI or (as_root_too and os.geteuid() == 0):
-        pytest.fail(f"a prerequisite is missing (CI={os.environ.get('CI', '')!r}, uid {os.geteuid()}): {reason}",
-                    pytrace=False)
+        where = f"CI={os.environ.get('CI', '')!r}, uid {os.geteuid()}"
+        pytest.fail(f"a prerequisite is missing ({where}): {reason}", pytrace=False)
     pytest.skip(reason)
 
 

@@ -87,7 +87,8 @@ def test_lone_failures_without_an_acknowledgement_between_them_never_strike(poli
     assert policy.probe_exclusions() == ()  # nobody is a suspect
 
 
-def test_a_lone_failure_after_others_were_acknowledged_strikes(policy: DeliveryPolicy, clock: FakeTime) -> None:
+def test_a_lone_failure_after_others_were_acknowledged_strikes(policy: DeliveryPolicy,
+                                                               clock: FakeTime) -> None:
     assert fail_alone(policy, "p") is False
     clock.advance(1.0)
     policy.on_answered(["a", "b"])  # others got through since p's lone failure: the upstream works

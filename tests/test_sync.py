@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support import KktdProcess, MockOfdProcess, cpu_seconds, http, post_many, receipts, sample_receipt, wait_until
+from tests.support import (KktdProcess, MockOfdProcess, cpu_seconds, http, post_many, receipts, sample_receipt,
+                           wait_until)
 
 FAST_RETRY = ["--backoff-max", "1", "--breaker-reset", "0.5", "--sync-interval", "0.2", "--ofd-timeout", "2"]
 

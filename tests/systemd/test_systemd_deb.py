@@ -11,8 +11,9 @@ import pytest
 from kktd import __version__
 from kktd.receipt import sample_receipt
 
+from tests.support import free_port, http
+
 from .conftest import CHECKOUT, require_prerequisites
-from .kktd_unit import free_port, http
 from .systemd_sandbox import Sandbox, boot
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
