@@ -286,7 +286,7 @@ async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) 
         await buffer.close()
 
 
-async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: Any) -> None:
+async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group holding a new receipt and a replay: the insert commits, then looking up the replay's key
     fails. The new receipt was stored and must be answered 201, not 'not stored'."""
     from kktd.receipt import validate_receipt
