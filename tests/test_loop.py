@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import pytest
 
+from kktd.clock import Sleep
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
@@ -120,14 +121,15 @@ class LoopRig:
 
 
 class LoopFactory(Protocol):
-    async def __call__(self, **overrides: Any) -> LoopRig: ...
+    async def __call__(self, sleep: Sleep | None = None, **overrides: Any) -> LoopRig: ...
 
 
 @pytest.fixture
 async def loop_factory(tmp_path: Path) -> AsyncIterator[LoopFactory]:
     rigs: list[LoopRig] = []
 
-    async def factory(**overrides: Any) -> LoopRig:
+    async def factory(sleep: Sleep | None = None, **overrides: Any) -> LoopRig:
+        """A loop on a fresh store; its sleep is the fake clock's unless the test brings its own."""
         config = make_config(tmp_path, **overrides)
         clock = FakeTime()
         store = await Store.open(config.db, config.max_pending)
@@ -136,7 +138,7 @@ async def loop_factory(tmp_path: Path) -> AsyncIterator[LoopFactory]:
         breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset,
                                  on_change=lambda old, new: changes.append((clock(), old, new)), clock=clock)
         checked: Upstream = upstream  # FakeUpstream implements the protocol the loop is written against
-        loop = SyncLoop(store, checked, breaker, config, clock=clock, sleep=clock.sleep)
+        loop = SyncLoop(store, checked, breaker, config, clock=clock, sleep=sleep or clock.sleep)
         rigs.append(LoopRig(store, upstream, breaker, loop, clock, changes))
         return rigs[-1]
 
@@ -297,9 +299,9 @@ class BlockingSleep:
                          ids=["breaker-open", "backoff"])
 async def test_a_stop_interrupts_a_retry_wait(loop_factory: LoopFactory, threshold: int,
                                               expected_wait: float | None) -> None:
-    rig = await loop_factory(breaker_threshold=threshold, breaker_reset=3600.0, backoff_max=3600.0)
     blocking = BlockingSleep()
-    rig.loop._sleep = blocking
+    rig = await loop_factory(sleep=blocking, breaker_threshold=threshold, breaker_reset=3600.0,
+                             backoff_max=3600.0)
     await rig.accept("s-1")
     rig.upstream.failure = (FailureKind.MAYBE_SENT, "http_503")
     task = asyncio.create_task(rig.loop.run())
