@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -171,7 +172,7 @@ async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
         # Read back on the writer's own connection (these PRAGMAs are per connection): WAL + FULL, and no
         # automatic checkpoint, which would run inside the commit that crosses its threshold (issue 15: the
         # store checkpoints on a connection of its own, tested below).
-        settings = {name: await buffer.run(lambda conn, name=name: _pragma(conn, name))
+        settings = {name: await buffer.run(functools.partial(_pragma, name=name))
                     for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")}
         assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0,
                             "foreign_keys": 1}
@@ -306,7 +307,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 # ---- a full disk (a real, tiny filesystem) ----
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
@@ -351,7 +352,7 @@ async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) 
         await buffer.close()
 
 
-async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: Any) -> None:
+async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group holding a new receipt and a replay: the insert commits, then looking up the replay's key
     fails. The new receipt was stored and must be answered 201, not 'not stored'."""
     from kktd.receipt import validate_receipt
@@ -421,7 +422,8 @@ async def test_slow_commits_gather_the_tills_they_answered(tmp_path: Path,
             await asyncio.sleep(0)
         assert not first.done() and buffer.commits == 2
         second = await buffer.accept(receipt("g-4"))
-        assert (await first).created and second.created
+        answers = [await first, second]
+        assert all(isinstance(answer, Accepted) and answer.created for answer in answers)
         assert buffer.commits == 3  # both in one commit
     finally:
         await buffer.close()
