@@ -259,11 +259,37 @@ def slowsync_env(delay_ms: float) -> dict[str, str]:
     return {"LD_PRELOAD": str(SLOWSYNC), "KKTD_SLOW_FSYNC_MS": f"{delay_ms:g}"}
 
 
+# One 4 KiB write + fdatasync, 50 times, in the database's directory: what one flush costs under the shim
+# (the delay, the sleep's overshoot and the real flush of this disk), and without it.
+FLUSH_PROBE = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+times = []
+for i in range(50):
+    os.pwrite(fd, b"x" * 4096, (i % 8) * 4096)
+    started = time.monotonic()
+    os.fdatasync(fd)
+    times.append(time.monotonic() - started)
+os.close(fd)
+os.unlink(sys.argv[1])
+print(sorted(times)[len(times) // 2] * 1000)
+"""
+
+
+def flush_ms(ctx: Context, env: dict[str, str] | None) -> float:
+    result = subprocess.run([sys.executable, "-c", FLUSH_PROBE, str(ctx.path("flush.probe"))],
+                            env=server_env(env), capture_output=True, text=True, check=True)
+    return float(result.stdout)
+
+
 def section_sdcard(ctx: Context) -> None:
     """naive (one commit, so one flush, per receipt) against kktd (one flush per group) when every fsync and
     fdatasync of the server waits SD_DELAY_MS first: a commit costs what a flush of an SD card costs."""
     reproduce("--only sdcard" + (" --quick" if ctx.plan.quick else ""))
     env = slowsync_env(SD_DELAY_MS)
+    flush_plain, flush_slowed = flush_ms(ctx, None), flush_ms(ctx, env)
+    print(f"  one fdatasync (median of 50): {flush_plain:.2f} ms on this disk, {flush_slowed:.2f} ms under the "
+          f"shim ({SD_DELAY_MS:g} ms delay)", flush=True)
     runs: list[dict[str, Any]] = []
     for round_no in range(1, ctx.plan.sd_rounds + 1):
         for connections in CONNECTIONS:
@@ -281,7 +307,9 @@ def section_sdcard(ctx: Context) -> None:
     ceiling = 1000 / SD_DELAY_MS
     ctx.results["sdcard"] = {"delay_ms": SD_DELAY_MS, "runs": runs, "medians": medians, "ratios": ratios,
                              "one_flush_per_s": ceiling,
-                             "kktd_c1_of_one_flush": medians["kktd/c1"]["receipts_per_s"] / ceiling}
+                             "kktd_c1_of_one_flush": medians["kktd/c1"]["receipts_per_s"] / ceiling,
+                             "flush_ms_plain": flush_plain, "flush_ms_slowed": flush_slowed,
+                             "kktd_c1_of_measured_flush": medians["kktd/c1"]["receipts_per_s"] * flush_slowed / 1000}
 
 
 # ---- drain: 100,000 pending delivered to the mock OFD ----
@@ -567,7 +595,9 @@ def report(ctx: Context) -> None:
         print(f"SD card model (every fsync/fdatasync + {sd['delay_ms']:g} ms):")
         print_medians(sd["medians"])
         print("ratio kktd/naive: " + "  ".join(f"{c} {v:.2f}" for c, v in sd["ratios"].items())
-              + f"; kktd c1 = {sd['kktd_c1_of_one_flush']:.2f} x 1/delay ({sd['one_flush_per_s']:.0f}/s)")
+              + f"; kktd c1 = {sd['kktd_c1_of_one_flush']:.2f} x 1/delay ({sd['one_flush_per_s']:.0f}/s), "
+              f"{sd['kktd_c1_of_measured_flush']:.2f} x 1/flush as measured under the shim "
+              f"({sd['flush_ms_slowed']:.2f} ms; {sd['flush_ms_plain']:.2f} ms without)")
     if "drain" in results:
         d = results["drain"]
         print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "

@@ -21,6 +21,7 @@ import pytest
 from tests.support import REPO, require
 
 RUN = REPO / "bench" / "run.py"
+SLOWSYNC = REPO / "build" / "slowsync.so"
 REQUESTS = 40  # per run; a multiple of wrk's two threads so the fixed count is exact
 TIMEOUT_S = 300
 
@@ -36,9 +37,10 @@ def wrk() -> str:
 
 @pytest.fixture
 def bench_json(tmp_path: Path, wrk: str) -> Iterator[dict[str, Any]]:
-    """Run `bench/run.py --quick --only intake` with tiny counts; yield its JSON results."""
+    """Run `bench/run.py --quick --only intake --only sdcard` with tiny counts; yield its JSON results."""
+    require(SLOWSYNC.exists(), f"{SLOWSYNC} is missing (make test builds it; or: make slowsync)")
     out = tmp_path / "bench.json"
-    argv = [sys.executable, str(RUN), "--quick", "--only", "intake", "--rounds", "1",
+    argv = [sys.executable, str(RUN), "--quick", "--only", "intake", "--only", "sdcard", "--rounds", "1",
             "--requests", str(REQUESTS), "--json", str(out)]
     # Its own session: whatever happens here, the servers and wrk it started go with its process group.
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -68,4 +70,16 @@ def test_intake_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None
             assert run["rows_match"] is True, (where, run["db_rows"])
     assert bench_json["integrity_failures"] == []
     verdicts = {t["target"]: t["verdict"] for t in bench_json["targets"]}
-    assert verdicts["drain >= 5,000 receipts/s"] == "not run"  # --only intake ran nothing else
+    assert verdicts["drain >= 5,000 receipts/s"] == "not run"  # --only intake/sdcard ran nothing else
+
+
+def test_sdcard_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None:
+    """The SD-card section: both storing arms under the slow-flush shim, every 2xx in the database."""
+    sdcard = bench_json["sdcard"]
+    assert sorted((r["arm"], r["connections"]) for r in sdcard["runs"]) == sorted(
+        (arm, c) for arm in ("naive", "kktd") for c in (1, 16, 64))
+    for run in sdcard["runs"]:
+        where = f"sdcard {run['arm']} c{run['connections']}"
+        assert run["finished"] and run["ok2xx"] == run["completed"] == REQUESTS, (where, run["errors"])
+        assert run["rows_match"] is True, (where, run["db_rows"])
+    assert sdcard["delay_ms"] == 5.0 and "flush_ms_slowed" in sdcard  # no timing here: tests/test_slowsync.py
