@@ -7,6 +7,7 @@ VPY         := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
 STATE_DIR   ?= $(CURDIR)/state
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
 RUN_PACKAGES   := python3-venv
@@ -71,7 +72,7 @@ powercut: $(STAMP) prereqs-test
 	KKTD_POWERCUT_CYCLES=$${KKTD_POWERCUT_CYCLES:-200} $(VPY) -m pytest tests/powercut $(PYTEST_ARGS)
 
 bench: $(STAMP) prereqs-bench $(SLOWSYNC)
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 # The slow-flush shim (LD_PRELOAD): every fsync/fdatasync waits KKTD_SLOW_FSYNC_MS first (see the source).
 slowsync: $(SLOWSYNC)
