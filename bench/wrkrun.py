@@ -84,10 +84,7 @@ def run(url: str, connections: int, requests: int, cap_s: int = 300, count2xx: b
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         done = _wait_threads_done(process, threads, cap_s + 30)
-        # wrk's main thread sleeps out -d; SIGINT ends that sleep and it prints its summary at once.
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        stdout, _ = process.communicate(timeout=60)
+        stdout = _interrupt(process) if process.poll() is None else process.communicate(timeout=60)[0]
     finally:
         if process.poll() is None:
             process.kill()
@@ -96,6 +93,20 @@ def run(url: str, connections: int, requests: int, cap_s: int = 300, count2xx: b
     if process.returncode != 0:
         raise BenchError(f"wrk exited with {process.returncode}: {' '.join(argv)}\n{stdout[-2000:]}")
     return _parse(stdout, connections, threads, done == threads, wrk_cpu)
+
+
+def _interrupt(process: subprocess.Popen[str], attempts: int = 60) -> str:
+    """wrk's main thread sleeps out -d; SIGINT ends that sleep and it prints its summary at once. wrk installs
+    its handler just before it starts sleeping: a SIGINT that lands in between (a very fast run, e.g. the
+    minimal arm with a few dozen requests) is noted and then slept through, so it is sent again every second
+    until wrk exits."""
+    for _ in range(attempts):
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.communicate(timeout=1)[0]
+        except subprocess.TimeoutExpired:
+            continue
+    raise BenchError(f"wrk did not exit within {attempts} SIGINTs")
 
 
 def _children_cpu() -> float:

@@ -26,7 +26,7 @@ REQUESTS = 40  # per run; a multiple of wrk's two threads so the fixed count is 
 TIMEOUT_S = 300
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def wrk() -> str:
     path = shutil.which("wrk")
     require(path is not None, "wrk is not installed (make test installs it; or: apt-get install wrk)",
@@ -35,11 +35,12 @@ def wrk() -> str:
     return path
 
 
-@pytest.fixture
-def bench_json(tmp_path: Path, wrk: str) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory: pytest.TempPathFactory, wrk: str) -> Iterator[dict[str, Any]]:
     """Run `bench/run.py --quick --only intake --only sdcard` with tiny counts; yield its JSON results."""
     require(SLOWSYNC.exists(), f"{SLOWSYNC} is missing (make test builds it; or: make slowsync)")
-    out = tmp_path / "bench.json"
+    # One run for both tests below (module scope): the harness is what is tested, not its figures.
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = [sys.executable, str(RUN), "--quick", "--only", "intake", "--only", "sdcard", "--rounds", "1",
             "--requests", str(REQUESTS), "--json", str(out)]
     # Its own session: whatever happens here, the servers and wrk it started go with its process group.
