@@ -181,6 +181,7 @@ class Document:
     early_polls: int = 0  # polls less than a second after the previous one
     last_poll: float | None = None
     total: str = "0"
+    timestamp: str = ""  # the body's timestamp, as the client sent it
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -189,7 +190,7 @@ class Document:
             "fiscal_document_number": self.payload["fiscal_document_number"] if self.payload else None,
             "error_code": self.error["code"] if self.error else None,
             "registration_requests": self.registration_requests, "polls": self.polls,
-            "early_polls": self.early_polls, "total": self.total,
+            "early_polls": self.early_polls, "total": self.total, "timestamp": self.timestamp,
         }
 
 
@@ -218,7 +219,8 @@ class MockAtolState:
         self.by_external_id: dict[str, Document] = {}
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.fiscal_document_number = 0
-        self.shift_number = 1
+        self.in_flight = 0
+        self.max_in_flight = 0  # protocol requests being served at once, at most
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -229,6 +231,7 @@ class MockAtolState:
         self.by_external_id.clear()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.fiscal_document_number = 0
+        self.max_in_flight = 0
         self.rng = random.Random(self._seed)
 
     def reseed(self, seed: int | None) -> None:
@@ -257,7 +260,7 @@ class MockAtolState:
             token.expires_at = min(token.expires_at, now)
         return len(self.tokens)
 
-    def register(self, external_id: str, operation: str, receipt: dict[str, Any]) -> Document:
+    def register(self, external_id: str, operation: str, receipt: dict[str, Any], timestamp: str) -> Document:
         if receipt["company"]["inn"] != self.inn:
             fate, error = "fail", _error_object(2009, "INN in the request does not match the KKT's INN", "agent")
         elif self.rng.random() < self.behaviour.fail_ratio:
@@ -267,7 +270,7 @@ class MockAtolState:
         document = Document(
             uuid=str(uuid_module.uuid4()), external_id=external_id, operation=operation,
             received_at=_timestamp(), fate=fate, polls_left=self.behaviour.wait_polls, error=error,
-            total=str(receipt["total"]),
+            total=str(receipt["total"]), timestamp=timestamp,
         )
         if fate == "done":
             document.payload = self._fiscalize(receipt["total"])
@@ -306,6 +309,7 @@ class MockAtolState:
             "failed": fates["fail"],
             "max_registration_requests_per_external_id": most,
             "early_polls": sum(d.early_polls for d in self.documents.values()),
+            "max_in_flight": self.max_in_flight,
             "behaviour": asdict(self.behaviour),
         }
 
@@ -629,7 +633,7 @@ async def handle_register(request: web.Request) -> web.Response:
             "error": _error_object(33, f"a document with external_id {external_id} already exists in group "
                                        f"{state.group_code}"),
         })
-    registered = state.register(external_id, operation, body["receipt"])
+    registered = state.register(external_id, operation, body["receipt"], body["timestamp"])
     if state.behaviour.drop_ratio and state.rng.random() < state.behaviour.drop_ratio:
         state.count("dropped_answers")
         return _reset_connection(request)
@@ -722,8 +726,21 @@ async def admin_document(request: web.Request) -> web.Response:
     return web.json_response(document.summary())
 
 
+@web.middleware
+async def _track_in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if not request.path.startswith(PREFIX):
+        return await handler(request)
+    state = request.app[STATE_KEY]
+    state.in_flight += 1
+    state.max_in_flight = max(state.max_in_flight, state.in_flight)
+    try:
+        return await handler(request)
+    finally:
+        state.in_flight -= 1
+
+
 def create_app(state: MockAtolState | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_track_in_flight])
     app[STATE_KEY] = state if state is not None else MockAtolState()
     app.router.add_route("POST", f"{PREFIX}/getToken", handle_get_token)
     app.router.add_route("GET", f"{PREFIX}/getToken", handle_get_token)
