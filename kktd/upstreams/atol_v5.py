@@ -496,7 +496,7 @@ class AtolOnlineV5:
         self._base = base.with_path(base.path.rstrip("/"))
         self._group = settings.group_code
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.timeout / 2)
-        # Registrations and polls share these slots: ATOL sees at most `concurrency` requests of ours at once.
+        # Registrations and polls share these slots: ATOL sees at most `concurrency` of them at once.
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
@@ -511,7 +511,8 @@ class AtolOnlineV5:
 
     async def start(self) -> None:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._settings.concurrency, enable_cleanup_closed=False)
+            # One connection more than the slots: a getToken never waits for a pooled connection.
+            connector = aiohttp.TCPConnector(limit=self._settings.concurrency + 1, enable_cleanup_closed=False)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, raise_for_status=False,
                 # Proxies from the environment must not capture fiscal traffic silently.
@@ -565,6 +566,8 @@ class AtolOnlineV5:
 
     def _registration_outcome(self, outgoing: Outgoing, answer: _Answer) -> SubmitOutcome:
         error, document = answer.error, answer.document
+        if error is not None and document.get("status") == "done":
+            raise _bad("status_and_error", f"status done with error {error.code}")
         if error is None:
             if answer.status != 200 or document.get("status") not in ("wait", "done"):
                 raise _http_failure(answer, sent=True)
@@ -590,17 +593,20 @@ class AtolOnlineV5:
     def _report_outcome(self, awaiting: AwaitingResult, answer: _Answer) -> PollOutcome:
         document, error = answer.document, answer.error
         status = document.get("status")
+        if status == "done" and error is not None:
+            raise _bad("status_and_error", f"status done with error {error.code}")
         if answer.status == 200 and status == "done" and error is None:
             self._check_identity(awaiting, document)
             return Fiscalized(awaiting.receipt_id, parse_fiscal_data(document.get("payload")))
         if answer.status == 200 and status == "wait" and (error is None or error.code == CODE_NOT_READY):
             return StillProcessing(awaiting.receipt_id)
-        if status == "fail" and error is not None and error.code not in TRANSIENT_CODES:
+        if status == "fail" and error is not None and (error.type == "timeout" or error.code not in TRANSIENT_CODES):
             self._check_identity(awaiting, document)
             code = f"atol_{error.code}"
+            # Section 7.1: the document timed out in ATOL's queue, no KKT took it (type "timeout"; its code reads
+            # -1 in clients and in the table's layout); section 7.2: the KKT failed and the remedy is to send it
+            # again. Not fiscalized either way: register it anew.
             if error.type == "timeout" or (error.type == "driver" and error.code in RESEND_DRIVER_CODES):
-                # Section 7.1: the document timed out in ATOL's queue, no KKT took it; section 7.2: the KKT
-                # failed and the remedy is to send it again. Not fiscalized: register it anew.
                 return NotRegistered(awaiting.receipt_id, code, error.text)
             # Any other failure (the KKT refused the content, an INN mismatch, a KKT fault of unknown effect)
             # goes to a person: registering it again could fiscalize it twice.
@@ -666,13 +672,18 @@ class AtolOnlineV5:
         return token
 
     async def _authorized(self, call: _Call, method: str, url: yarl.URL, body: bytes | None) -> _Answer:
-        token = await self._ensure_token(call)
-        answer = await self._request(method, url, body, token, sent=True)
+        # The token is read once a slot is ours: a request that waited for one uses the token of its time.
+        # getToken takes no slot (it is rare, and a slot held while waiting for it must not starve it).
+        async with self._slots:
+            token = await self._ensure_token(call)
+            answer = await self._request(method, url, body, token, sent=True)
         if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
             # ATOL asks for a new token only after it said the old one is no good; then the call is retried once.
             log.info("atol: the token was refused (error %d); getting a new one", answer.error.code)
-            token = await self._new_token(call, token)
-            answer = await self._request(method, url, body, token, sent=True)
+            await self._new_token(call, token)
+            async with self._slots:
+                token = await self._ensure_token(call)
+                answer = await self._request(method, url, body, token, sent=True)
             if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
                 raise UpstreamUnavailable(FailureKind.NOT_SENT, "token_rejected",
                                           f"a new token was refused too (error {answer.error.code})")
@@ -697,18 +708,17 @@ class AtolOnlineV5:
             headers["Content-Type"] = "application/json; charset=utf-8"
         if token is not None:
             headers["Token"] = token
-        async with self._slots:
-            try:
-                async with self._session.request(method, url, data=body, headers=headers,
-                                                 allow_redirects=False) as response:
-                    status = response.status
-                    content_type = response.content_type
-                    raw = await self._read_capped(response)
-            except UpstreamUnavailable:
-                raise
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-                # Never chained: aiohttp's messages and request info carry the URL and the Token header.
-                raise _classify_transport(exc, sent=sent) from None
+        try:
+            async with self._session.request(method, url, data=body, headers=headers,
+                                             allow_redirects=False) as response:
+                status = response.status
+                content_type = response.content_type
+                raw = await self._read_capped(response)
+        except UpstreamUnavailable:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # Never chained: aiohttp's messages and request info carry the URL and the Token header.
+            raise _classify_transport(exc, sent=sent) from None
         return self._decode(status, content_type, raw, sent=sent)
 
     @staticmethod
