@@ -1,4 +1,3 @@
-"""Development tools of kktd: mocks of the services it talks to, written from their specifications.
-
-A mock here imports nothing from kktd: it must catch what kktd gets wrong, not share kktd's mistakes.
-"""
+"""Development tools: mock upstreams that speak the real protocols, for `make run`, the tests and
+integrators. Apart from the daemon's code: they share no helpers with the kktd package (a mock must catch
+what kktd gets wrong, not share its mistakes)."""
