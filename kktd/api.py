@@ -20,6 +20,7 @@ from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 if TYPE_CHECKING:
     from kktd.config import Config
     from kktd.sync import SyncLoop
+    from kktd.upstreams import IntakeCheck
 
 log = logging.getLogger("kktd.api")
 
@@ -43,6 +44,8 @@ class Services:
     intake_open: bool = True
     task_failures: dict[str, str] = field(default_factory=dict)
     started_monotonic: float = field(default_factory=time.monotonic)
+    # The upstream's own refusals at intake (e.g. ATOL Online's limits), while the till can still fix them.
+    intake_check: IntakeCheck | None = None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -120,6 +123,8 @@ async def post_receipt(request: web.Request) -> web.Response:
                        f"Content-Type must be application/json (got {request.content_type or 'none'})")
     body = await request.read()
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
+    if services.intake_check is not None:
+        services.intake_check(receipt.canonical)
     try:
         result = await services.store.accept(receipt)
     except BufferFull as exc:

@@ -50,7 +50,7 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change,
                              clock=clock)
     sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep)
-    services = Services(config, store, sync)
+    services = Services(config, store, sync, intake_check=REGISTRY[config.upstream].intake_check)
     described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
     return Assembled(config, store, upstream, breaker, sync, services, create_app(services),
                      f"{config.upstream} ({described})")

@@ -1,4 +1,4 @@
-"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`."""
+"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`, `kktd mock-atol`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_db.add_argument("path", type=Path)
     commands.add_parser("mock-ofd", help="run the mock OFD server (see `kktd mock-ofd --help`)",
                         add_help=False)
+    commands.add_parser("mock-atol", help="run the mock of ATOL Online v5 (see `kktd mock-atol --help`)",
+                        add_help=False)
     return parser
 
 
@@ -49,6 +51,10 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
         from kktd_mocks import ofd  # a development tool, not part of the daemon
 
         return ofd.main(argv[1:])
+    if argv[:1] == ["mock-atol"]:
+        from kktd_mocks import atol  # a development tool, not part of the daemon
+
+        return atol.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check-db":
         return check_db(args.path)

@@ -19,7 +19,7 @@ from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.upstreams.atol_v5 import (
     NAME,
-    OPTION_SPECS,
+    OPTIONS,
     AtolOnlineV5,
     AtolSettings,
     atol_settings,
@@ -525,7 +525,7 @@ def raw_settings(password_file: Path, **changes: Any) -> dict[str, Any]:
         "atol_url": "https://online.atol.ru/possystem/v5/", "atol_login": "shop-login",
         "atol_group_code": "group_5179", "atol_password_file": str(password_file), "company_inn": "5544332219",
         "company_email": "shop@example.ru", "company_payment_address": "https://shop.example.ru",
-        "upstream_concurrency": "8", "upstream_timeout": "2.5s",
+        "upstream_concurrency": "8", "atol_timeout": "2.5s",
     }
     values.update(changes)
     return {k: v for k, v in values.items() if v is not None}
@@ -534,14 +534,15 @@ def raw_settings(password_file: Path, **changes: Any) -> dict[str, Any]:
 def test_settings_are_parsed(password_file: Path) -> None:
     settings = atol_settings(raw_settings(password_file), environ={})
     assert settings == AtolSettings("https://online.atol.ru/possystem/v5", "shop-login", PASSWORD, "group_5179",
-                                    "5544332219", "shop@example.ru", "https://shop.example.ru", 8, 2.5)
+                                    "5544332219", "shop@example.ru", "https://shop.example.ru", 8, 2.5,
+                                    password_file)
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.describe())
     assert "***" in repr(settings)
 
 
 def test_defaults(password_file: Path) -> None:
     settings = atol_settings(raw_settings(password_file, atol_url=None, upstream_concurrency=None,
-                                          upstream_timeout=None), environ={})
+                                          atol_timeout=None), environ={})
     assert (settings.url, settings.concurrency, settings.timeout) == \
         ("https://online.atol.ru/possystem/v5", 4, 10.0)
 
@@ -577,8 +578,8 @@ def test_no_password_at_all_names_the_key(password_file: Path) -> None:
     ("company_payment_address", "x" * 257),
     ("upstream_concurrency", "0"),
     ("upstream_concurrency", "many"),
-    ("upstream_timeout", "forever"),
-    ("upstream_timeout", "0"),
+    ("atol_timeout", "forever"),
+    ("atol_timeout", "0"),
 ])
 def test_each_bad_value_is_a_config_error_naming_its_key(password_file: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -642,9 +643,9 @@ def test_inn_check_digits(inn: str, valid: bool) -> None:
 
 
 def test_every_option_spec_parses_its_default_or_has_none(password_file: Path) -> None:
-    for spec in OPTION_SPECS:
+    for spec in OPTIONS:
         assert spec.key and spec.help
         if spec.default is not None:
             assert spec.parse(spec.default) == spec.default
-    keys = [spec.key for spec in OPTION_SPECS]
+    keys = [spec.key for spec in OPTIONS]
     assert len(keys) == len(set(keys))

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
@@ -28,7 +28,8 @@ import aiohttp
 import yarl
 
 from kktd.errors import ConfigError
-from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, registration_body
+from kktd.options import Option, duration_in, int_in
+from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
 from kktd.upstreams.base import (
     AwaitingResult,
     FailureKind,
@@ -48,20 +49,19 @@ from kktd.upstreams.base import (
 __all__ = [
     "DEFAULT_URL",
     "NAME",
-    "OPTION_SPECS",
+    "OPTIONS",
     "AtolOnlineV5",
     "AtolSettings",
-    "OptionSpec",
+    "atol_intake_check",
     "atol_settings",
+    "create",
     "parse_atol_url",
     "parse_company_email",
     "parse_company_inn",
-    "parse_concurrency",
     "parse_group_code",
     "parse_login",
     "parse_password_file",
     "parse_payment_address",
-    "parse_timeout",
     "read_password",
 ]
 
@@ -115,7 +115,6 @@ EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
 LOGIN_RE = re.compile(r"\S{1,100}")
 GROUP_CODE_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
-DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s)?\s*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +128,7 @@ class AtolSettings:
     company_payment_address: str
     concurrency: int = 4
     timeout: float = 10.0
+    password_file: Path | None = None  # where the password was read (shown by describe())
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{key}={value!r}" for key, value in self.describe().items())
@@ -137,10 +137,11 @@ class AtolSettings:
     def describe(self) -> dict[str, Any]:
         """Safe to print or log: the password is masked."""
         return {
-            "url": self.url, "login": self.login, "password": "***", "group_code": self.group_code,
-            "company_inn": self.company_inn, "company_email": self.company_email,
-            "company_payment_address": self.company_payment_address, "concurrency": self.concurrency,
-            "timeout": self.timeout,
+            "atol_url": self.url, "atol_login": self.login, "atol_password": "***",
+            "atol_password_file": None if self.password_file is None else str(self.password_file),
+            "atol_group_code": self.group_code, "company_inn": self.company_inn, "company_email": self.company_email,
+            "company_payment_address": self.company_payment_address, "upstream_concurrency": self.concurrency,
+            "atol_timeout": self.timeout,
         }
 
     @property
@@ -225,39 +226,11 @@ def parse_payment_address(raw: Any) -> str:
 
 
 def parse_password_file(raw: Any) -> Path:
+    """The path only: the file is read (and must be readable) when the upstream is atol-online-v5."""
     text = _text(raw) if not isinstance(raw, Path) else str(raw)
     if not text or "\x00" in text:
         raise ValueError("must be the path of a file holding the password")
-    path = Path(text)
-    read_password(path)
-    return path
-
-
-def parse_concurrency(raw: Any) -> int:
-    if isinstance(raw, bool):
-        raise ValueError("must be an integer")
-    try:
-        value = int(raw) if isinstance(raw, (int, str)) else None
-    except ValueError:
-        value = None
-    if value is None or not 1 <= value <= 64:
-        raise ValueError("must be an integer between 1 and 64")
-    return value
-
-
-def parse_timeout(raw: Any) -> float:
-    if isinstance(raw, bool):
-        raise ValueError("must be a duration such as 10, 2.5s or 500ms")
-    if isinstance(raw, (int, float)):
-        value = float(raw)
-    else:
-        match = DURATION_RE.fullmatch(_text(raw))
-        if match is None:
-            raise ValueError("must be a duration such as 10, 2.5s or 500ms")
-        value = float(match.group(1)) * (0.001 if match.group(2) == "ms" else 1.0)
-    if not 0.05 <= value <= 600:
-        raise ValueError("must be between 0.05 and 600 seconds")
-    return value
+    return Path(text)
 
 
 def read_password(path: Path) -> str:
@@ -283,32 +256,26 @@ def read_password(path: Path) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class OptionSpec:
-    """One setting of this upstream, for the option table: key (also KKTD_<KEY> and --flag), parser, default."""
-
-    key: str
-    parse: Callable[[Any], Any]
-    default: Any
-    help: str
-
-
-OPTION_SPECS: tuple[OptionSpec, ...] = (
-    OptionSpec("atol_url", parse_atol_url, DEFAULT_URL, "base URL of ATOL Online v5 (or Evotor's connector)"),
-    OptionSpec("atol_login", parse_login, None, "ATOL Online login (from the integration settings)"),
-    OptionSpec("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs"),
-    OptionSpec("atol_password_file", parse_password_file, None,
-               "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)"),
-    OptionSpec("company_inn", parse_company_inn, None, "seller's INN, as in the fiscal storage (10 or 12 digits)"),
-    OptionSpec("company_email", parse_company_email, None, "seller's e-mail printed on every receipt"),
-    OptionSpec("company_payment_address", parse_payment_address, None, "place of settlement: the shop's site"),
-    OptionSpec("upstream_concurrency", parse_concurrency, 4,
-               "HTTP requests to the upstream in flight at once (registrations and polls together)"),
-    OptionSpec("upstream_timeout", parse_timeout, 10.0, "timeout of one upstream request"),
+OPTIONS: tuple[Option, ...] = (
+    Option("atol_url", parse_atol_url, DEFAULT_URL,
+           "base URL of ATOL Online v5, or of Evotor's connector (upstream atol-online-v5)"),
+    Option("atol_login", parse_login, None, "ATOL Online login, from the integration settings (atol-online-v5)"),
+    Option("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs (atol-online-v5)"),
+    Option("atol_password_file", parse_password_file, None,
+           "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)"),
+    Option("company_inn", parse_company_inn, None,
+           "seller's INN, as in the fiscal storage: 10 or 12 digits (atol-online-v5)"),
+    Option("company_email", parse_company_email, None, "seller's e-mail on every receipt (atol-online-v5)"),
+    Option("company_payment_address", parse_payment_address, None,
+           "place of settlement, e.g. the shop's site (atol-online-v5)"),
+    Option("upstream_concurrency", int_in(1, 64), 4,
+           "HTTP requests to the upstream in flight at once, registrations and polls together (atol-online-v5)"),
+    Option("atol_timeout", duration_in(0.05, 600), 10.0, "timeout of one ATOL Online request (atol-online-v5)"),
 )
 _REQUIRED = ("atol_login", "atol_group_code", "company_inn", "company_email", "company_payment_address")
 
-def _setting(values: Mapping[str, Any], spec: OptionSpec) -> Any:
+
+def _setting(values: Mapping[str, Any], spec: Option) -> Any:
     raw = values.get(spec.key)
     if raw is None:
         if spec.key in _REQUIRED:
@@ -327,7 +294,7 @@ def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
     ``$CREDENTIALS_DIRECTORY/atol_password``: never from the TOML file or the environment.
     """
     environ = os.environ if environ is None else environ
-    parsed = {spec.key: _setting(values, spec) for spec in OPTION_SPECS}
+    parsed = {spec.key: _setting(values, spec) for spec in OPTIONS}
     password_path: Path | None = parsed["atol_password_file"]
     if password_path is None:
         credentials = environ.get("CREDENTIALS_DIRECTORY", "")
@@ -348,8 +315,13 @@ def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
         url=parsed["atol_url"], login=parsed["atol_login"], password=password,
         group_code=parsed["atol_group_code"], company_inn=parsed["company_inn"],
         company_email=parsed["company_email"], company_payment_address=parsed["company_payment_address"],
-        concurrency=parsed["upstream_concurrency"], timeout=parsed["upstream_timeout"],
+        concurrency=parsed["upstream_concurrency"], timeout=parsed["atol_timeout"],
+        password_file=password_path,
     )
+
+
+def create(settings: AtolSettings) -> AtolOnlineV5:
+    return AtolOnlineV5(settings)
 
 
 # ---- answers -----------------------------------------------------------------------------------------------
