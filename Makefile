@@ -12,8 +12,11 @@ PYTEST_ARGS ?=
 RUN_PACKAGES   := python3-venv
 TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
+# `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
+# package tests run on what they build.
+DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -38,6 +41,9 @@ prereqs-test:
 prereqs-bench:
 	$(call ensure_packages,$(BENCH_PACKAGES))
 
+prereqs-deb:
+	$(call ensure_packages,$(DEB_PACKAGES))
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
@@ -47,7 +53,7 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test verify-units
+test: $(STAMP) prereqs-test prereqs-deb verify-units
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 verify-units: $(STAMP) prereqs-test
@@ -59,7 +65,7 @@ powercut: $(STAMP) prereqs-test
 bench: $(STAMP) prereqs-bench
 	$(VPY) bench/run.py
 
-deb: $(STAMP)
+deb: prereqs-deb
 	packaging/build-deb.sh
 
 clean:

@@ -26,8 +26,9 @@ from kktd.clock import now_ms
 from kktd.errors import BufferFull, CorruptDatabase, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import queries, schema
-from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
-from kktd.upstreams.base import Fiscalized, Refused
+from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
+                             SubmittedReceipt)
+from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
 
 log = logging.getLogger("kktd.store")
 
@@ -117,9 +118,9 @@ class Store:
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
-            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d failed=%d sent=%d",
+            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
             path, schema.SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
-            counts.pending, counts.failed, counts.sent,
+            counts.pending, counts.submitted, counts.failed, counts.sent,
         )
         return store
 
@@ -203,8 +204,9 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.run(lambda conn: queries.receipt(conn, receipt_id))
 
-    async def oldest_pending_ms(self) -> int | None:
-        return await self.run(queries.oldest_pending_ms)
+    async def oldest_unsent_ms(self) -> int | None:
+        """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
+        return await self.run(queries.oldest_unsent_ms)
 
     async def size_bytes(self) -> int:
         def size_of(path: Path) -> int:
@@ -218,22 +220,37 @@ class Store:
                             exclude: Sequence[str] = ()) -> list[PendingReceipt]:
         return await self.run(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
 
+    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[SubmittedReceipt]:
+        return await self.run(lambda conn: queries.submitted_batch(conn, limit, after_seq))
+
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
         return await self.run(lambda conn: queries.dead_letters(conn, limit, after_seq))
 
-    async def settle(self, outcomes: Sequence[Fiscalized | Refused]) -> None:
-        """Record the upstream's answers: one statement (one transaction, one round trip) per kind. The
+    async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
+                     source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
+        """Record the upstream's answers about receipts in status `source` (pending for a submission,
+        submitted for a poll): one statement (one transaction, one round trip) per kind of outcome. The
         counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
-        statement cannot leave them apart."""
+        statement cannot leave them apart. Outcomes that change nothing (still processing, undelivered) are
+        the caller's."""
         stamp = now_ms()
         fiscalized = [o for o in outcomes if isinstance(o, Fiscalized)]
         refused = [o for o in outcomes if isinstance(o, Refused)]
+        registered = [o for o in outcomes if isinstance(o, Registered)]
+        not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
+        if registered:
+            # First: the upstream's reference must be committed before anything else can go wrong.
+            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED,
+                               lambda conn: queries.mark_submitted(conn, stamp, registered))
         if fiscalized:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SENT,
-                               lambda conn: queries.mark_sent(conn, stamp, fiscalized))
+            await self._moving(source, ReceiptStatus.SENT,
+                               lambda conn: queries.mark_sent(conn, stamp, source, fiscalized))
         if refused:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.FAILED,
-                               lambda conn: queries.mark_refused(conn, stamp, refused))
+            await self._moving(source, ReceiptStatus.FAILED,
+                               lambda conn: queries.mark_refused(conn, stamp, source, refused))
+        if not_registered:
+            await self._moving(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING,
+                               lambda conn: queries.mark_not_registered(conn, stamp, not_registered))
 
     async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
                                      strike: bool) -> list[str]:
