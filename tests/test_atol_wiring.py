@@ -181,7 +181,7 @@ async def test_intake_refuses_what_atol_is_certain_to_refuse(atol_kktd: TestClie
     error = (await response.json())["error"]
     assert (error["code"], error["field"]) == (code, field)
     status = await (await atol_kktd.get("/v1/kkt/buffer/status")).json()
-    assert status["counts"] == {"pending": 0, "sent": 0, "failed": 0}  # nothing stored
+    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 0, "failed": 0}  # nothing stored
 
 
 async def test_intake_without_atol_takes_a_receipt_without_contact(app: Any) -> None:
