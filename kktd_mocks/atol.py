@@ -18,7 +18,9 @@ Behaviour (each settable at start and through the admin API):
 * ``fail_ratio``: that share of new documents ends ``fail`` with code -1, type ``timeout`` (no KKT of the
   group took it in time): not fiscalized;
 * ``error5xx_ratio``: that share of protocol requests is answered 500 (code 50) before anything is done;
-* ``delay_s``: every protocol answer waits that long (slow);
+* ``delay_s``: every protocol answer waits that long (slow), before anything is done;
+* ``answer_delay_s``: a new registration is stored, then its answer waits that long (the window between
+  ATOL registering a document and the client learning its uuid);
 * ``drop_ratio``: that share of new registrations is stored, then the connection is reset instead of the
   answer (the answer lost after registering);
 * ``offline``: every protocol request gets a connection reset, nothing is done;
@@ -124,6 +126,7 @@ class Behaviour:
     fail_ratio: float = 0.0
     error5xx_ratio: float = 0.0
     delay_s: float = 0.0
+    answer_delay_s: float = 0.0
     drop_ratio: float = 0.0
     offline: bool = False
     blocked: bool = False
@@ -152,7 +155,7 @@ def _check_behaviour(key: str, value: Any) -> Any:
         if not isinstance(value, int) or not 0 <= value <= 1_000_000:
             raise ValueError("wait_polls must be an integer in [0, 1000000]")
         return value
-    limits = {"token_lifetime_s": (0.0, 864000.0), "delay_s": (0.0, 3600.0)}
+    limits = {"token_lifetime_s": (0.0, 864000.0), "delay_s": (0.0, 3600.0), "answer_delay_s": (0.0, 3600.0)}
     low, high = limits.get(key, (0.0, 1.0))
     if not low <= value <= high:
         raise ValueError(f"{key} must be in [{low:g}, {high:g}]")
@@ -191,6 +194,7 @@ class Document:
             "error_code": self.error["code"] if self.error else None,
             "registration_requests": self.registration_requests, "polls": self.polls,
             "early_polls": self.early_polls, "total": self.total, "timestamp": self.timestamp,
+            "fiscal": None if self.payload is None else {**self.payload, "total": str(self.payload["total"])},
         }
 
 
@@ -634,6 +638,8 @@ async def handle_register(request: web.Request) -> web.Response:
                                        f"{state.group_code}"),
         })
     registered = state.register(external_id, operation, body["receipt"], body["timestamp"])
+    if state.behaviour.answer_delay_s:
+        await asyncio.sleep(state.behaviour.answer_delay_s)
     if state.behaviour.drop_ratio and state.rng.random() < state.behaviour.drop_ratio:
         state.count("dropped_answers")
         return _reset_connection(request)

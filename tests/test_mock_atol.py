@@ -517,3 +517,27 @@ def test_main_reports_a_port_in_use() -> None:
                                 cwd=REPO, capture_output=True, text=True, timeout=30,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 74 and "cannot listen" in result.stderr
+
+
+async def test_answer_delay_holds_the_answer_of_a_document_already_registered(atol: MockAtol,
+                                                                             http: aiohttp.ClientSession) -> None:
+    tok = await token(atol, http)
+    atol.set_behaviour(answer_delay_s=5.0)
+    pending = asyncio.ensure_future(register(atol, http, sell_body("held"), tok))
+    deadline = time.monotonic() + 5
+    while "held" not in atol.state.by_external_id:  # registered while its answer is still held
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert not pending.done()
+    pending.cancel()
+    atol.set_behaviour(answer_delay_s=0.0)
+    status, body = await register(atol, http, sell_body("held"), tok)
+    assert (status, body["error"]["code"], body["uuid"]) == (400, 33, atol.state.by_external_id["held"].uuid)
+
+
+async def test_a_document_summary_carries_its_fiscal_data(atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    tok = await token(atol, http)
+    await register(atol, http, sell_body("f1"), tok)
+    _, summary = await admin(http, atol, "documents/f1")
+    assert summary["fiscal"]["fiscal_document_number"] == summary["fiscal_document_number"] == 1
+    assert summary["fiscal"]["total"] == "241"
