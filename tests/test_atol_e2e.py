@@ -61,6 +61,9 @@ def post(kktd: KktdProcess, bodies: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def get(kktd: KktdProcess, path: str) -> Any:
+    if kktd.notify is not None:
+        # Read what kktd told "systemd": a full notify queue blocks kktd's sd_notify, and with it kktd.
+        kktd.notify.collect()
     with urllib.request.urlopen(kktd.url + path, timeout=10) as response:
         return json.loads(response.read())
 
