@@ -16,7 +16,8 @@ BENCH_PACKAGES := $(RUN_PACKAGES) wrk
 # package tests run on what they build.
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
+.PHONY: run test typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench \
+        prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -53,8 +54,12 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test prereqs-deb verify-units
+test: $(STAMP) prereqs-test prereqs-deb verify-units typecheck
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The file list is setup.cfg's [mypy] files: kktd, kktd_mocks, tests, bench.
+typecheck: $(STAMP)
+	$(VPY) -m mypy
 
 verify-units: $(STAMP) prereqs-test
 	systemd/verify-units.sh

@@ -4,6 +4,7 @@ downgrade onto a newer schema, remove and purge with and without undelivered rec
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import time
@@ -19,8 +20,10 @@ from kktd.receipt import sample_receipt
 from .conftest import CHECKOUT, SUMMARY, require_prerequisites
 from .kktd_package import (CONFFILE, CONFFILE_ADDITION, VENV_INSIDE, Builds, PackagedKktd, build_packages,
                            control_field, host_run, package_files)
-from .kktd_unit import Load, http
-from .systemd_sandbox import Sandbox, boot, poll_until
+from tests.support import http, wait_until
+
+from .kktd_unit import Load
+from .systemd_sandbox import Sandbox, SandboxError, boot
 
 pytestmark = [pytest.mark.systemd, pytest.mark.slow]
 
@@ -110,7 +113,7 @@ def test_fresh_install_serves_and_purge_keeps_pending_receipts(builds: Builds, p
     assert int(user[2]) < 1000 and user[5] == STATE and user[6].endswith("nologin"), user
     assert box.show("kktd", "User")["User"] == "kktd"
 
-    status, stored = package.get_receipt(created["receipt_id"])
+    status, stored = package.get_receipt(str(created["receipt_id"]))
     assert (status, stored["status"], stored["idempotency_key"]) == (200, "pending", "deb-0001")
     assert package.sqlite(DB, f"SELECT status FROM receipts WHERE receipt_id = '{created['receipt_id']}'") \
         == "pending"
@@ -200,7 +203,8 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
                                        "failed": 0}
     package.set_ofd_mode("online")
     expected = {"pending": 0, "submitted": 0, "sent": len(result.acked), "failed": 0}
-    poll_until("every receipt delivered", lambda: package.buffer_counts() == expected, timeout=120)
+    wait_until(lambda: package.buffer_counts() == expected, 120, "every receipt delivered", interval=0.1,
+               error=SandboxError)
     assert package.ofd_stats()["unique"] == len(result.acked)
 
     # Everything was delivered: purge may remove the buffer.
@@ -220,9 +224,8 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     rejected = sample_receipt("downgrade-dead", REJECTED_POS)
     status, body = http("POST", f"{package.url}/v1/kkt/receipt", rejected)
     assert status == 201, body
-    poll_until("one receipt sent and one dead-lettered",
-               lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1},
-               timeout=60)
+    wait_until(lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1}, 60,
+               "one receipt sent and one dead-lettered", interval=0.1, error=SandboxError)
 
     # A newer kktd's database: the schema version above anything this code knows.
     package.systemctl("stop", "kktd")
@@ -232,8 +235,8 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     assert control_field_installed(package) == builds.first.version
 
     # 74, and failed rather than activating/auto-restart: systemd will not start it again by itself.
-    poll_until("kktd to settle as failed", lambda: package.show("ActiveState")["ActiveState"] == "failed",
-               timeout=30)
+    wait_until(lambda: package.show("ActiveState")["ActiveState"] == "failed", 30, "kktd to settle as failed",
+               interval=0.1, error=SandboxError)
     shown = package.show("ExecMainStatus", "Result", "NRestarts", "ActiveState", "SubState")
     assert shown == {"ExecMainStatus": "74", "Result": "exit-code", "NRestarts": "0", "ActiveState": "failed",
                      "SubState": "failed"}, shown
@@ -268,7 +271,7 @@ def poll_until_answered(package: PackagedKktd, key: str) -> tuple[int, dict[str,
             return False
         return True
 
-    poll_until("kktd to answer its first receipt", answered, timeout=60, interval=0.02)
+    wait_until(answered, 60, "kktd to answer its first receipt", interval=0.02, error=SandboxError)
     return answer[-1]
 
 
@@ -281,8 +284,8 @@ def assert_man_page_matches_the_parser(box: Sandbox) -> None:
     page = box.run(["sh", "-c", "zcat /usr/share/man/man8/kktd.8.gz"]).stdout
     assert page.startswith(".TH KKTD \"8\""), page[:200]
     parser = build_parser()
-    subcommands = next(a for a in parser._actions if a.dest == "command")
-    for name, subparser in subcommands.choices.items():  # type: ignore[attr-defined]
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, subparser in subcommands.choices.items():
         assert name.replace("-", "\\-") in page, name
         if subparser.add_help:
             for action in subparser._actions:
