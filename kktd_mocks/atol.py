@@ -24,7 +24,11 @@ Behaviour (each settable at start and through the admin API):
 * ``drop_ratio``: that share of new registrations is stored, then the connection is reset instead of the
   answer (the answer lost after registering);
 * ``offline``: every protocol request gets a connection reset, nothing is done;
-* ``blocked`` / ``group_v4``: getToken answers code 14 (user blocked) / code 21 (group not on v5).
+* ``blocked`` / ``group_v4``: getToken answers code 14 (user blocked) / code 21 (group not on v5);
+* ``refuse_external_ids``: registrations of these external ids are refused for their content (code 32).
+
+In process, :meth:`MockAtol.go_offline` closes the listening socket (connections refused, pooled ones
+dropped) and :meth:`MockAtol.go_online` binds the same port again.
 
 A registration is validated strictly against the rules of the ``sell`` schema (every object closed to unknown
 fields, types, patterns, limits, numbers as exact decimals with at most 2 or 3 places), plus the arithmetic the
@@ -131,6 +135,7 @@ class Behaviour:
     offline: bool = False
     blocked: bool = False
     group_v4: bool = False
+    refuse_external_ids: list[str] = field(default_factory=list)
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update; ValueError names the first bad key (nothing is changed then)."""
@@ -145,6 +150,10 @@ class Behaviour:
 
 
 def _check_behaviour(key: str, value: Any) -> Any:
+    if key == "refuse_external_ids":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("refuse_external_ids must be a list of strings")
+        return list(value)
     if key in ("offline", "blocked", "group_v4"):
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false")
@@ -628,6 +637,10 @@ async def handle_register(request: web.Request) -> web.Response:
         state.count("validation_errors")
         return _fail(400, 32, f"validation error of the receipt; fields: {exc}")
     external_id = body["external_id"]
+    if external_id in state.behaviour.refuse_external_ids:
+        state.count("validation_errors")
+        return _fail(400, 32, f"validation error of the receipt; fields: receipt (refused by the mock for "
+                              f"external_id {external_id})")
     known = state.by_external_id.get(external_id)
     if known is not None:
         known.registration_requests += 1
@@ -771,11 +784,30 @@ def _format_host(host: str) -> str:
 class MockAtol:
     """A running mock: ``url`` is the protocol's base (``…/possystem/v5``), ``admin_url`` the admin API's."""
 
-    def __init__(self, state: MockAtolState, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(self, state: MockAtolState, runner: web.AppRunner, site: web.TCPSite, host: str,
+                 port: int) -> None:
         self.state = state
         self._runner = runner
+        self._site: web.TCPSite | None = site
         self.host = host
         self.port = port
+
+    async def go_offline(self) -> None:
+        """Close the listening socket: new connections are refused, pooled ones are dropped."""
+        if self._site is None:
+            return
+        site, self._site = self._site, None
+        await site.stop()
+        server = self._runner.server
+        for connection in list(server.connections) if server is not None else ():
+            connection.force_close()
+
+    async def go_online(self) -> None:
+        """Listen on the same port again."""
+        if self._site is None:
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+            self._site = site
 
     @property
     def url(self) -> str:
@@ -821,7 +853,7 @@ async def start_mock_atol(host: str = "127.0.0.1", port: int = 0, **options: Any
         await runner.cleanup()
         raise
     bound = int(runner.addresses[0][1]) if port == 0 else port
-    mock = MockAtol(state, runner, host, bound)
+    mock = MockAtol(state, runner, site, host, bound)
     log.info("mock ATOL Online v5 listening on %s (admin %s)", mock.url, mock.admin_url)
     return mock
 

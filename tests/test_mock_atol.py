@@ -541,3 +541,26 @@ async def test_a_document_summary_carries_its_fiscal_data(atol: MockAtol, http: 
     _, summary = await admin(http, atol, "documents/f1")
     assert summary["fiscal"]["fiscal_document_number"] == summary["fiscal_document_number"] == 1
     assert summary["fiscal"]["total"] == "241"
+
+
+async def test_refused_external_ids_are_answered_code_32(atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    tok = await token(atol, http)
+    atol.set_behaviour(refuse_external_ids=["no-1"])
+    status, body = await register(atol, http, sell_body("no-1"), tok)
+    assert (status, body["error"]["code"]) == (400, 32)
+    assert (await register(atol, http, sell_body("yes-1"), tok))[0] == 200
+    assert (await admin(http, atol, "behaviour", {"refuse_external_ids": "no-1"}))[0] == 400
+
+
+async def test_go_offline_refuses_connections_and_go_online_listens_on_the_same_port(
+        atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    port = atol.port
+    await token(atol, http)  # a pooled keep-alive connection now exists
+    await atol.go_offline()
+    with pytest.raises(aiohttp.ClientConnectorError):
+        async with aiohttp.ClientSession() as fresh:
+            await get_token(atol, fresh)
+    with pytest.raises(aiohttp.ClientError):
+        await get_token(atol, http)  # the pooled connection was dropped
+    await atol.go_online()
+    assert atol.port == port and (await get_token(atol, http))[0] == 200
