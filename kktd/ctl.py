@@ -224,7 +224,8 @@ def status(client: Client, now: float | None = None) -> Report:
     breaker = sync.get("breaker", "unknown")
     reachability = _reachability(sync)
 
-    summary = f"{pending} pending, oldest {human_age(oldest)}, upstream {reachability}"
+    summary = f"{pending} pending" + (f", oldest {human_age(oldest)}" if oldest is not None else "") + \
+        f", upstream {reachability}"
     if reasons:
         summary += "; " + "; ".join(reasons)
     perfdata = (f"pending={pending};;;0;{buffer.get('capacity', '')} failed={failed};1;;0 "
@@ -234,7 +235,7 @@ def status(client: Client, now: float | None = None) -> Report:
     lines = [
         f"KKTD {state.name} - {summary} | {perfdata}",
         f"  pending        {pending} (capacity {capacity}{fill})",
-        f"  oldest         {human_age(oldest)} (alarm: {alarm})",
+        f"  oldest         {human_age(oldest) if oldest is not None else 'nothing pending'} (alarm: {alarm})",
         f"  upstream       {reachability}, breaker {breaker}",
         f"  last delivery  {since(sync.get('last_success_at'), now)}",
         f"  last error     {sync.get('last_error') or '-'}",
