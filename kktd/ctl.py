@@ -301,9 +301,8 @@ def dlq_list(client: Client) -> Report:
         page = _need(client.call("GET", f"/v1/kkt/dlq?limit={DLQ_PAGE}&after_seq={after}"), 200)
         rows = page.get("dead_letters", [])
         letters += rows
-        next_seq = rows[-1].get("seq") if rows else None
-        # Page on only if the daemon says where the page ended (older daemons give no seq).
-        if len(rows) < DLQ_PAGE or not isinstance(next_seq, int):
+        next_seq = page.get("next_after_seq")
+        if not rows or not isinstance(next_seq, int):
             break
         after = next_seq
     if not letters:
@@ -413,12 +412,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`kktd status` & co.; a configuration that cannot be read is UNKNOWN (3), like an absent daemon."""
-    from kktd import config as config_module
-    from kktd.errors import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    return run_with_config(args)
+
+
+def run_with_config(args: argparse.Namespace) -> int:
+    """Run an operator command at the address of the configuration (`--config`, KKTD_*, `--listen`)."""
+    from kktd import config as config_module
+    from kktd.errors import ConfigError
+
     try:
         config = config_module.load(args)
     except ConfigError as exc:

@@ -7,7 +7,7 @@ exists for Debian's own interpreter, not for kktd's venv. The native protocol is
 `KEY=value\\n`, or, for a value holding a newline, `KEY\\n` + its length as 64-bit little endian + the value +
 `\\n`; a record too large for a datagram goes in a sealed memfd whose descriptor is sent instead.
 
-Only the fields named in FIELDS are taken from a record's `extra=`: receipt contents, customer contacts,
+Only the fields named in FIELDS are taken from a record's `extra=` (a value or a list of values): receipt contents, customer contacts,
 passwords and tokens are never among them, so they cannot reach the journal by accident. Their values
 are escaped (no control characters) and truncated: some, such as the idempotency key, come from clients.
 
@@ -48,6 +48,7 @@ FIELDS = {
     "upstream_status": "UPSTREAM_STATUS",
 }
 MAX_FIELD_CHARS = 256
+MAX_FIELD_VALUES = 1024  # values of one field in one entry (a group commit holds at most 512 receipts)
 MAX_MESSAGE_CHARS = 64 * 1024
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 _TOO_BIG = (errno.EMSGSIZE, errno.ENOBUFS)
@@ -96,8 +97,12 @@ def record_fields(record: logging.LogRecord, message: str, identifier: str) -> l
         fields.append(("CODE_FUNC", record.funcName))
     for attribute, field in FIELDS.items():
         value = record.__dict__.get(attribute)
-        if value is not None:
-            fields.append((field, escape_field(value)))
+        if value is None:
+            continue
+        # A list gives the field once per item: one entry can name every receipt of a group commit or
+        # a delivery batch, and `journalctl RECEIPT_ID=<id>` matches any of them.
+        values = value[:MAX_FIELD_VALUES] if isinstance(value, (list, tuple)) else (value,)
+        fields.extend((field, escape_field(item)) for item in values)
     return fields
 
 

@@ -60,8 +60,14 @@ def setup(level: str, stream: TextIO | None = None, journal_socket: str = JOURNA
     handler = make_handler(stream or sys.stderr, journal_socket)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_level(level)
     # aiohttp's access log would be one line per receipt: kktd logs what matters itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    """The log level, at start and on reload."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
     # aiosqlite logs every statement at debug: thousands of lines a second under load.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))

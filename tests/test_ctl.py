@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from kktd import ctl
 from kktd.ctl import State
-from tests.support import KktdProcess, free_port, receipts, post_many, wait_until
+from tests.support import KKTD_BIN, KktdProcess, free_port, post_many, receipts, wait_until
 
 NOW = 1_800_000_000.0
 
@@ -247,8 +247,10 @@ async def test_dlq_list_empty_and_paged(daemon: FakeDaemon) -> None:
 
     def page(request: web.Request) -> dict[str, Any]:
         after = int(request.query["after_seq"])
-        rows = [letter(i) for i in range(after + 1, min(after + int(request.query["limit"]), 700) + 1)]
-        return {"dead_letters": rows, "count": len(rows)}
+        limit = int(request.query["limit"])
+        rows = [letter(i) for i in range(after + 1, min(after + limit, 700) + 1)]
+        return {"dead_letters": rows, "count": len(rows), "next_after_seq": after + limit if len(rows) == limit
+                else None}
 
     daemon.answers[("GET", "/v1/kkt/dlq")] = (200, page)
     ran = await run_ctl(daemon.url, "dlq", "list")
@@ -365,7 +367,7 @@ def test_address_from_the_daemons_config(tmp_path: Path, monkeypatch: pytest.Mon
 
 def kktd_ctl(port: int, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k != "NO_COLOR"}
-    return subprocess.run([sys.executable, "-m", "kktd.ctl", *argv, "--listen", f"127.0.0.1:{port}",
+    return subprocess.run([str(KKTD_BIN), *argv, "--listen", f"127.0.0.1:{port}",
                            "--config", os.devnull], capture_output=True, text=True, timeout=60, env=env)
 
 

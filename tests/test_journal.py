@@ -265,3 +265,20 @@ def test_logs_setup_uses_the_journal_only_under_journald(tmp_path: Path, fake_jo
         assert isinstance(handler, logging.StreamHandler) and isinstance(handler.formatter, logs.TerminalFormatter)
     assert set(FIELDS.values()) == {"RECEIPT_ID", "IDEMPOTENCY_KEY", "ERROR_CODE", "UPSTREAM", "UPSTREAM_STATUS"}
     assert sys.stderr is not None
+
+
+def test_a_list_gives_the_field_once_per_item(fake_journal: FakeJournal) -> None:
+    """One entry for a whole group commit or delivery batch, naming every receipt in it."""
+    handler = JournalHandler(fake_journal.path)
+    record = logging.LogRecord("kktd.store", logging.INFO, __file__, 1, "accepted", (), None, func="f")
+    record.receipt_id = [f"r{i}" for i in range(300)]
+    record.idempotency_key = ("k\n1", "k2")
+    try:
+        data = handler.encode(record)
+        handler.emit(record)
+    finally:
+        handler.close()
+    assert data.count(b"\nRECEIPT_ID=") == 300
+    assert b"IDEMPOTENCY_KEY=k\\n1\n" in data and b"IDEMPOTENCY_KEY=k2\n" in data
+    [entry] = fake_journal.entries()  # the parser keeps the last value of a repeated field
+    assert entry["RECEIPT_ID"] == "r299"

@@ -34,6 +34,7 @@ class ReceiptRow:
     accepted_ms: int
     updated_ms: int
     fiscal: FiscalRecord | None  # set once sent
+    seq: int = 0  # position in the store: what paging (after_seq) continues from
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -28,6 +28,9 @@ from kktd.receipt import Receipt
 from kktd.store import queries, schema
 from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
 from kktd.upstreams.base import Fiscalized, Refused
+
+if TYPE_CHECKING:
+    from kktd.metrics import Metrics
 
 log = logging.getLogger("kktd.store")
 
@@ -62,7 +65,7 @@ _STOP = object()
 
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool) -> None:
+                 checked_at_open: bool, oldest_pending_ms: int | None = None) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -76,6 +79,10 @@ class Store:
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
+        # accepted_ms of the oldest pending receipt, kept by the writer as rows move (like `counts`), so that
+        # a metrics scrape reads memory, never the database.
+        self.oldest_pending_known_ms = oldest_pending_ms
+        self.metrics: Metrics | None = None  # set by kktd.app.assemble
 
     # ---- lifecycle ----
 
@@ -104,6 +111,7 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
+            oldest = await queries.oldest_pending_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise schema.classify_open_error(exc, path) from exc
@@ -113,7 +121,7 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean)
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_pending_ms=oldest)
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
@@ -203,6 +211,10 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.run(lambda conn: queries.receipt(conn, receipt_id))
 
+    async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
+                                        limit: int) -> list[ReceiptRow]:
+        return await self.run(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
+
     async def oldest_pending_ms(self) -> int | None:
         return await self.run(queries.oldest_pending_ms)
 
@@ -244,6 +256,8 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> list[str]:
             moved = await queries.record_attempt_failure(conn, now_ms(), receipt_ids, reason, max_attempts, strike)
             self.counts.move(ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
+            if moved:
+                await self._refresh_oldest(conn)
             return moved
 
         return await self.run(job)
@@ -268,9 +282,15 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> int:
             changed = await update(conn)
             self.counts.move(source, target, changed)
+            if changed and ReceiptStatus.PENDING in (source, target):
+                await self._refresh_oldest(conn)
             return changed
 
         return await self.run(job)
+
+    async def _refresh_oldest(self, conn: aiosqlite.Connection) -> None:
+        """After pending rows moved: one lookup on the pending index, inside the job that moved them."""
+        self.oldest_pending_known_ms = await queries.oldest_pending_ms(conn)
 
     # ---- the writer ----
 
@@ -349,6 +369,19 @@ class Store:
             self.commits += 1
             self.committed_rows += len(inserted)
             self.last_intake_monotonic = time.monotonic()
+            if self.oldest_pending_known_ms is None and inserted:
+                self.oldest_pending_known_ms = stamp
+            if self.metrics is not None:
+                self.metrics.group_committed(len(inserted))
+            if inserted:
+                # One journal entry per group commit, carrying every receipt id and key of the group
+                # (journald fields may repeat): `journalctl RECEIPT_ID=<id>` finds it, at a cost per commit.
+                fresh = [i for i in candidates if ids[id(i)] in inserted]
+                first, last = ids[id(fresh[0])], ids[id(fresh[-1])]
+                log.info("accepted %s", first if len(fresh) == 1 else f"{len(fresh)} receipts in one commit: "
+                                                                      f"{first} .. {last}",
+                         extra={"receipt_id": [ids[id(i)] for i in fresh],
+                                "idempotency_key": [i.receipt.idempotency_key for i in fresh]})
         missing = [i.receipt.idempotency_key for i in intakes
                    if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
         lookup_failed: StorageUnavailable | None = None

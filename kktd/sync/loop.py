@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
+from kktd.metrics import Metrics, RequestOutcome
 from kktd.store import PendingReceipt, Store
 from kktd.sync.breaker import BreakerState, CircuitBreaker
 from kktd.sync.policy import DeliveryPolicy
@@ -108,9 +109,11 @@ class ManualCycle:
 
 class SyncLoop:
     def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
-                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None) -> None:
         self.store = store
         self.upstream = upstream
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
+        self.metrics.prepare_upstream(upstream.name)
         self.breaker = breaker
         self.config = config
         self.stats = SyncStats()
@@ -129,6 +132,19 @@ class SyncLoop:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def replace_upstream(self, upstream: Upstream) -> Upstream:
+        """Deliver through `upstream` from the next batch on (a reload changed its URL or credentials).
+        Returns the previous one, which batches already on the wire may still use: close it only after
+        `idle()`."""
+        previous, self.upstream = self.upstream, upstream
+        self.metrics.prepare_upstream(upstream.name)
+        return previous
+
+    async def idle(self) -> None:
+        """Wait until no delivery cycle runs (the cycle lock is free), then return at once."""
+        async with self._cycle_lock:
+            pass
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -230,6 +246,7 @@ class SyncLoop:
         seconds = state.next_action.sleep if state.next_action else 0.0
         self.stats.retry_at_monotonic = self._clock() + seconds
         exc = state.outcome.exception() if state.outcome else None
+        self.metrics.upstream_retry(self.upstream.name)
         if isinstance(exc, StorageUnavailable):
             self._note_error(f"storage unavailable: {exc}")
         log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
@@ -304,13 +321,22 @@ class SyncLoop:
             raise CircuitOpen(self.breaker.retry_after())
         outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.idempotency_key, r.accepted_ms, r.body)
                     for r in batch]
+        name = self.upstream.name
+        started = time.perf_counter()
         try:
             outcomes = await self.upstream.submit(outgoing)
         except UpstreamUnavailable as exc:
+            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
+            # Each attempt is part of each receipt's story (journalctl RECEIPT_ID=...): one entry per batch.
+            log.info("delivery of %d receipts to %s failed: %s", len(batch), name, exc,
+                     extra={"receipt_id": [r.receipt_id for r in batch], "upstream": name,
+                            "upstream_status": exc.reason})
             self.breaker.record_failure()
             self._note_error(f"{self.upstream.name} unavailable: {exc}")
             await self._count_failure(batch, exc)
             raise
+        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
+        self.metrics.upstream_outcomes(name, outcomes)
         self.breaker.record_success()
         self.policy.on_success(generation)
         return await self._record(outcomes)
@@ -319,9 +345,16 @@ class SyncLoop:
         settled = [o for o in outcomes if isinstance(o, (Fiscalized, Refused))]
         await self.store.settle(settled)
         refused = [o for o in outcomes if isinstance(o, Refused)]
+        name = self.upstream.name
+        fiscalized = [o.receipt_id for o in settled if isinstance(o, Fiscalized)]
+        if fiscalized:
+            log.info("%d receipts fiscalized by %s", len(fiscalized), name,
+                     extra={"receipt_id": fiscalized, "upstream": name, "upstream_status": "fiscalized"})
         for rejection in refused:
             log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
-                        rejection.receipt_id, self.upstream.name, rejection.code, rejection.message)
+                        rejection.receipt_id, name, rejection.code, rejection.message,
+                        extra={"receipt_id": rejection.receipt_id, "upstream": name, "upstream_status": "refused",
+                               "error_code": rejection.code})
         self.policy.on_answered(o.receipt_id for o in outcomes)
         delivered = len(settled) - len(refused)
         self.stats.last_success_ms = now_ms()
@@ -338,7 +371,9 @@ class SyncLoop:
         self.policy.forget(moved)
         for receipt_id in moved:
             log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
-                      receipt_id, self.config.max_attempts, exc.reason)
+                      receipt_id, self.config.max_attempts, exc.reason,
+                      extra={"receipt_id": receipt_id, "upstream": self.upstream.name,
+                             "upstream_status": exc.reason, "error_code": "max_attempts"})
         self.stats.dead_lettered_total += len(moved)
 
     def _note_error(self, error: str) -> None:
