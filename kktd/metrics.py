@@ -70,7 +70,7 @@ LAG_PROBE_INTERVAL_S = 0.5
 
 # Label values come from kktd's own vocabulary (error codes, upstream names); the check keeps a bug from
 # ever turning attacker text into an unbounded set of series.
-_LABEL_VALUE = re.compile(r"[a-z0-9_]{1,64}")
+_LABEL_VALUE = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 def _label(value: str) -> str:

@@ -36,7 +36,7 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 def snapshot(tmp_path: Path, **overrides: object) -> StateSnapshot:
     values: dict[str, object] = dict(
         receipts={"pending": 7, "submitted": 2, "sent": 40, "failed": 1}, capacity=1000,
-        oldest_pending_ms=NOW_MS - 90_000, db_path=tmp_path / "buffer.db", upstream="kktd_ofd",
+        oldest_pending_ms=NOW_MS - 90_000, db_path=tmp_path / "buffer.db", upstream="kktd-ofd",
         breaker_state="open", last_delivery_ms=NOW_MS - 5_000, pending_warn_age_s=3600.0,
         pending_critical_age_s=7200.0, version="9.9")
     values.update(overrides)
@@ -88,29 +88,29 @@ def test_label_values_cannot_be_chosen_by_a_client() -> None:
 
 def test_upstream_requests_outcomes_retries() -> None:
     metrics = Metrics(process=False)
-    metrics.prepare_upstream("kktd_ofd")
+    metrics.prepare_upstream("kktd-ofd")
     before = samples(metrics)
-    assert before[("kktd_upstream_requests_total", (("outcome", "maybe_sent"), ("upstream", "kktd_ofd")))] == 0
-    assert before[("kktd_upstream_retries_total", (("upstream", "kktd_ofd"),))] == 0
-    metrics.upstream_request("kktd_ofd", RequestOutcome.OK, 0.04)
-    metrics.upstream_request("kktd_ofd", RequestOutcome.failed(FailureKind.NOT_SENT), 0.002)
+    assert before[("kktd_upstream_requests_total", (("outcome", "maybe_sent"), ("upstream", "kktd-ofd")))] == 0
+    assert before[("kktd_upstream_retries_total", (("upstream", "kktd-ofd"),))] == 0
+    metrics.upstream_request("kktd-ofd", RequestOutcome.OK, 0.04)
+    metrics.upstream_request("kktd-ofd", RequestOutcome.failed(FailureKind.NOT_SENT), 0.002)
     fiscal = FiscalData(1, "sign", "2026-01-01T00:00:00Z")
     error = UpstreamUnavailable(FailureKind.MAYBE_SENT, "timeout")
-    metrics.upstream_outcomes("kktd_ofd", [Fiscalized("a", fiscal), Fiscalized("b", fiscal), Refused("c", "x", "y"),
+    metrics.upstream_outcomes("kktd-ofd", [Fiscalized("a", fiscal), Fiscalized("b", fiscal), Refused("c", "x", "y"),
                                            Registered("d", "ref"), Undelivered("e", error)])
-    metrics.upstream_receipts("kktd_ofd", ReceiptOutcome.FISCALIZED, 3)
-    metrics.upstream_retry("kktd_ofd")
+    metrics.upstream_receipts("kktd-ofd", ReceiptOutcome.FISCALIZED, 3)
+    metrics.upstream_retry("kktd-ofd")
     found = samples(metrics)
 
     def receipts(outcome: str) -> float:
-        return found[("kktd_upstream_receipts_total", (("outcome", outcome), ("upstream", "kktd_ofd")))]
+        return found[("kktd_upstream_receipts_total", (("outcome", outcome), ("upstream", "kktd-ofd")))]
 
     assert receipts("fiscalized") == 5 and receipts("refused") == 1 and receipts("registered") == 1
     assert receipts("undelivered") == 1 and receipts("still_processing") == 0
-    assert found[("kktd_upstream_requests_total", (("outcome", "ok"), ("upstream", "kktd_ofd")))] == 1
-    assert found[("kktd_upstream_requests_total", (("outcome", "not_sent"), ("upstream", "kktd_ofd")))] == 1
-    assert found[("kktd_upstream_request_duration_seconds_count", (("upstream", "kktd_ofd"),))] == 2
-    assert found[("kktd_upstream_retries_total", (("upstream", "kktd_ofd"),))] == 1
+    assert found[("kktd_upstream_requests_total", (("outcome", "ok"), ("upstream", "kktd-ofd")))] == 1
+    assert found[("kktd_upstream_requests_total", (("outcome", "not_sent"), ("upstream", "kktd-ofd")))] == 1
+    assert found[("kktd_upstream_request_duration_seconds_count", (("upstream", "kktd-ofd"),))] == 2
+    assert found[("kktd_upstream_retries_total", (("upstream", "kktd-ofd"),))] == 1
 
 
 def test_state_is_read_from_the_snapshot_at_each_scrape(tmp_path: Path) -> None:
@@ -136,22 +136,22 @@ def test_state_is_read_from_the_snapshot_at_each_scrape(tmp_path: Path) -> None:
     assert found[("kktd_pending_warn_age_seconds", ())] == 3600
     assert found[("kktd_pending_critical_age_seconds", ())] == 7200
     for state in BREAKER_STATES:
-        assert found[("kktd_upstream_breaker_state", (("state", state), ("upstream", "kktd_ofd")))] == (
+        assert found[("kktd_upstream_breaker_state", (("state", state), ("upstream", "kktd-ofd")))] == (
             1 if state == "open" else 0)
-    assert found[("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd_ofd"),))] == (
+    assert found[("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd-ofd"),))] == (
         NOW_MS - 5_000) / 1000
     assert found[("kktd_database_size_bytes", ())] == 4096
     assert found[("kktd_database_wal_size_bytes", ())] == 1000
     assert 0 < found[("kktd_storage_free_bytes", ())] <= found[("kktd_storage_size_bytes", ())]
-    assert found[("kktd_info", (("upstream", "kktd_ofd"), ("version", "9.9")))] == 1
+    assert found[("kktd_info", (("upstream", "kktd-ofd"), ("version", "9.9")))] == 1
 
     current["value"] = snapshot(tmp_path, oldest_pending_ms=None, breaker_state="closed", last_delivery_ms=None,
                                 db_path=tmp_path / "missing.db")
     found = samples(metrics)
     assert len(calls) == 2
     assert found[("kktd_oldest_pending_age_seconds", ())] == 0
-    assert found[("kktd_upstream_breaker_state", (("state", "closed"), ("upstream", "kktd_ofd")))] == 1
-    assert ("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd_ofd"),)) not in found
+    assert found[("kktd_upstream_breaker_state", (("state", "closed"), ("upstream", "kktd-ofd")))] == 1
+    assert ("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd-ofd"),)) not in found
     assert found[("kktd_database_size_bytes", ())] == 0
 
 

@@ -204,17 +204,17 @@ def exported_sample_names(tmp_path: Path) -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     metrics = Metrics(now_ms=lambda: 1_800_000_000_000)
-    metrics.prepare_upstream("kktd_ofd")
+    metrics.prepare_upstream("kktd-ofd")
     metrics.intake_accepted(0.001)
     metrics.intake_replayed(0.001)
     metrics.intake_rejected("invalid_json")
     metrics.group_committed(4)
-    metrics.upstream_request("kktd_ofd", RequestOutcome.OK, 0.05)
-    metrics.upstream_receipts("kktd_ofd", ReceiptOutcome.FISCALIZED, 4)
-    metrics.upstream_retry("kktd_ofd")
+    metrics.upstream_request("kktd-ofd", RequestOutcome.OK, 0.05)
+    metrics.upstream_receipts("kktd-ofd", ReceiptOutcome.FISCALIZED, 4)
+    metrics.upstream_retry("kktd-ofd")
     metrics.event_loop_lag(0.001)
     metrics.bind_state(lambda: StateSnapshot(
-        {"pending": 1}, 100, 1_799_999_999_000, tmp_path / "buffer.db", "kktd_ofd", "closed",
+        {"pending": 1}, 100, 1_799_999_999_000, tmp_path / "buffer.db", "kktd-ofd", "closed",
         1_799_999_999_000, 60.0, 120.0, "test"))
     families = text_string_to_metric_families(metrics.exposition().decode())
     return {sample.name for family in families for sample in family.samples}
