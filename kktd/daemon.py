@@ -24,6 +24,7 @@ from kktd.app import Assembled, assemble
 from kktd.config import Config
 from kktd.errors import ConfigError, CorruptDatabase
 from kktd.upstreams import REGISTRY
+from kktd.upstreams.base import Upstream
 
 log = logging.getLogger("kktd.daemon")
 
@@ -150,7 +151,9 @@ class Daemon:
             upstream = REGISTRY[new.upstream].create(new.upstream_settings)
             await upstream.start()
             previous = kktd.sync.replace_upstream(upstream)
-            asyncio.get_running_loop().create_task(self._close_after_cycle(previous))
+            # Kept with the daemon's tasks: a stop cancels it, and its `finally` still closes the old one.
+            self.tasks[f"close-upstream-{id(previous)}"] = asyncio.get_running_loop().create_task(
+                self._close_after_cycle(previous))
         logs.set_level(new.log_level)
         kktd.store.max_pending = new.max_pending
         kktd.sync.config = new
@@ -166,10 +169,13 @@ class Daemon:
         log.info("configuration reloaded: %s", "nothing changed" if plan.unchanged else
                  f"{len(plan.live)} applied, {len(plan.needs_restart)} need a restart")
 
-    async def _close_after_cycle(self, upstream: Any) -> None:
+    async def _close_after_cycle(self, upstream: Upstream) -> None:
+        """Batches already on the wire may still use the replaced upstream: close it once none runs."""
         assert self.kktd is not None
-        await self.kktd.sync.idle()
-        await upstream.close()
+        try:
+            await self.kktd.sync.idle()
+        finally:
+            await upstream.close()
 
     async def _start_server(self, app: web.Application) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -282,3 +282,15 @@ def test_a_list_gives_the_field_once_per_item(fake_journal: FakeJournal) -> None
     assert b"IDEMPOTENCY_KEY=k\\n1\n" in data and b"IDEMPOTENCY_KEY=k2\n" in data
     [entry] = fake_journal.entries()  # the parser keeps the last value of a repeated field
     assert entry["RECEIPT_ID"] == "r299"
+
+
+def test_an_entry_stays_under_journalds_field_limit(fake_journal: FakeJournal) -> None:
+    """journald ignores an entry of more than 1024 fields: lists are capped, and so is the whole entry."""
+    record = logging.LogRecord("kktd.store", logging.INFO, __file__, 1, "big", (), None, func="f")
+    record.receipt_id = [f"r{i}" for i in range(600)]
+    record.idempotency_key = [f"k{i}" for i in range(600)]
+    record.upstream = "kktd-ofd"
+    fields = journal.record_fields(record, "big", "kktd")
+    assert len(fields) <= journal.MAX_ENTRY_FIELDS < 1024
+    assert sum(1 for name, _ in fields if name == "RECEIPT_ID") == journal.MAX_FIELD_VALUES
+    assert fields[0] == ("MESSAGE", "big") and ("PRIORITY", "6") in fields

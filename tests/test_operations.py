@@ -219,3 +219,16 @@ async def test_story_of_a_failed_attempt_and_a_refusal(app_factory: AppFactory, 
     assert "failed" in failed.getMessage() and getattr(failed, "upstream_status") == "http_500"
     assert refused.levelno == logging.WARNING and getattr(refused, "error_code")
     assert getattr(refused, "upstream_status") == "refused"
+
+
+async def test_a_large_group_commit_is_told_in_chunks(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    """Every receipt of a group commit is named in an "accepted" entry, 200 at most per entry."""
+    from kktd.store.writer import STORY_CHUNK
+
+    caplog.set_level(logging.INFO)
+    results = await asyncio.gather(*(app.store.accept(validate_receipt(r)) for r in receipts("chunk", 450)))
+    entries = [r for r in caplog.records if r.getMessage().startswith("accepted")]
+    named = [receipt_id for r in entries for receipt_id in getattr(r, "receipt_id")]
+    assert sorted(named) == sorted(r.receipt_id for r in results)  # type: ignore[union-attr]
+    assert max(len(getattr(r, "receipt_id")) for r in entries) <= STORY_CHUNK
+    assert any(" of " in r.getMessage() for r in entries)  # 450 in commits of up to 512: split
