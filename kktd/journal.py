@@ -11,8 +11,10 @@ Only the fields named in FIELDS are taken from a record's `extra=` (a value or a
 passwords and tokens are never among them, so they cannot reach the journal by accident. Their values
 are escaped (no control characters) and truncated: some, such as the idempotency key, come from clients.
 
-If the journal cannot take a record (no socket, journald busy), the handler writes it to the fallback
-stream in today's stderr form, so under systemd it still lands in the journal, without the extra fields.
+If the journal cannot take a record (no socket; journald's queue full: net.unix.max_dgram_qlen
+datagrams, 512 on a systemd machine), the handler writes it at once to the fallback stream in today's
+stderr form: under systemd it still lands in the journal (as a stream line, without the extra fields), and
+the event loop never waits for journald.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import (
@@ -130,7 +130,6 @@ class StateSnapshot:
     pending_warn_age_s: float
     pending_critical_age_s: float
     version: str = ""
-    extra_states: Mapping[str, float] = field(default_factory=dict)
 
 
 def _file_size(path: Path) -> int:
