@@ -161,3 +161,30 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, kktds: list[KktdProcess
     finally:
         ofd.stop()
     assert os.path.exists(tmp_path / "buffer.db")
+
+
+async def test_apply_changes_the_running_parts(app_factory: Any, tmp_path: Path) -> None:
+    """Daemon._apply on an assembled kktd: log level, intervals, capacity and the upstream itself change;
+    the replaced upstream is closed once no cycle runs."""
+    import logging
+
+    from kktd.daemon import Daemon
+
+    app = await app_factory()
+    daemon = Daemon(app.kktd.config)
+    daemon.kktd = app.kktd
+    old_upstream = app.kktd.sync.upstream
+    new_config = make_config(tmp_path, log_level="debug", sync_interval=0.5, max_pending=77,
+                             pending_critical_age=86400.0, ofd_url="http://127.0.0.1:9")
+    root = logging.getLogger()
+    level = root.level
+    try:
+        await daemon._apply(reload.plan(app.kktd.config, new_config))
+        assert root.level == logging.DEBUG
+        assert app.kktd.sync.config.sync_interval == 0.5 and app.services.config.pending_critical_age == 86400
+        assert app.store.max_pending == 77
+        assert app.kktd.sync.upstream is not old_upstream
+        await asyncio.gather(*daemon.tasks.values())
+        assert getattr(old_upstream, "_session", "gone") is None  # closed
+    finally:
+        root.setLevel(level)
