@@ -13,8 +13,11 @@ PYTEST_ARGS ?=
 RUN_PACKAGES   := python3-venv
 TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk prometheus
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
+# `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
+# package tests run on what they build.
+DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -39,6 +42,9 @@ prereqs-test:
 prereqs-bench:
 	$(call ensure_packages,$(BENCH_PACKAGES))
 
+prereqs-deb:
+	$(call ensure_packages,$(DEB_PACKAGES))
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
@@ -48,7 +54,7 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test verify-units
+test: $(STAMP) prereqs-test prereqs-deb verify-units
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 verify-units: $(STAMP) prereqs-test
@@ -60,7 +66,7 @@ powercut: $(STAMP) prereqs-test
 bench: $(STAMP) prereqs-bench
 	$(VPY) bench/run.py
 
-deb: $(STAMP)
+deb: prereqs-deb
 	packaging/build-deb.sh
 
 clean:

@@ -71,9 +71,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         _log_error(request, error)
         return error_response(error)
     except ReceiptInvalid as invalid:
-        error = api_error(invalid)
-        _log_error(request, error)
-        return error_response(error)
+        refused = api_error(invalid)
+        _log_error(request, refused)
+        return error_response(refused)
     except web.HTTPRequestEntityTooLarge:
         too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
         _log_error(request, too_large)
@@ -178,14 +178,26 @@ def present_receipt(row: ReceiptRow) -> dict[str, Any]:
         "accepted_at": rfc3339(row.accepted_ms),
         "updated_at": rfc3339(row.updated_ms),
         "receipt": json.loads(row.body),
+        "upstream": {
+            "external_id": row.registration.external_id,
+            "registrations": row.registration.registrations,
+            "reference": row.registration.reference,
+            "submitted_at": rfc3339(row.registration.submitted_ms) if row.registration.submitted_ms else None,
+        },
         "ofd": None,
     }
-    if row.fiscal is not None:
+    fiscal = row.fiscal
+    if fiscal is not None:
         result["ofd"] = {
-            "fiscal_document_number": row.fiscal.fiscal_document_number,
-            "fiscal_sign": row.fiscal.fiscal_sign,
-            "ofd_received_at": row.fiscal.ofd_received_at,
-            "sent_at": rfc3339(row.fiscal.sent_ms),
+            "fiscal_document_number": fiscal.fiscal_document_number,
+            "fiscal_sign": fiscal.fiscal_sign,
+            "ofd_received_at": fiscal.ofd_received_at,
+            "sent_at": rfc3339(fiscal.sent_ms),
+            "fn_number": fiscal.fn_number,
+            "shift_number": fiscal.shift_number,
+            "receipt_number": fiscal.receipt_number,
+            "kkt_registration_number": fiscal.kkt_registration_number,
+            "ofd_receipt_url": fiscal.ofd_receipt_url,
         }
     return result
 
@@ -208,10 +220,11 @@ async def buffer_status(request: web.Request) -> web.Response:
 async def collect_status(services: Services) -> dict[str, Any]:
     store = services.store
     counts = store.counts
-    oldest_ms = await _storage(store.oldest_pending_ms())
+    oldest_ms = await _storage(store.oldest_unsent_ms())
     oldest_age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else None
     status: dict[str, Any] = {
-        "counts": {"pending": counts.pending, "sent": counts.sent, "failed": counts.failed},
+        "counts": {"pending": counts.pending, "submitted": counts.submitted, "sent": counts.sent,
+                   "failed": counts.failed},
         "capacity": store.max_pending,
         "fill_ratio": round(counts.undelivered / store.max_pending, 6),
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
@@ -294,6 +307,8 @@ async def health(request: web.Request) -> web.Response:
             warnings.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old")
         if "sync" in status:
             body["sync"] = status["sync"]
+            if status["sync"]["operator_action"]:
+                warnings.append(f"{status['sync']['upstream']} refuses kktd: {status['sync']['operator_action']}")
             if status["sync"]["breaker"] != "closed":
                 warnings.append(f"upstream circuit breaker is {status['sync']['breaker']}")
     if problems:

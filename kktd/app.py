@@ -86,7 +86,7 @@ def state_snapshot(services: Services) -> StateSnapshot:
     store, sync, config = services.store, services.sync, services.config
     counts = {f.name: int(getattr(store.counts, f.name)) for f in dataclasses.fields(store.counts)}
     return StateSnapshot(
-        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.oldest_pending_known_ms,
+        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.oldest_unsent_known_ms,
         db_path=store.path, upstream=sync.upstream.name if sync is not None else config.upstream,
         breaker_state=str(sync.breaker.state) if sync is not None else "closed",
         last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,

@@ -122,7 +122,7 @@ class StateSnapshot:
 
     receipts: Mapping[str, int]  # status -> count, from the writer's counters
     capacity: int  # max_pending
-    oldest_pending_ms: int | None  # accepted_ms of the oldest pending receipt, None when nothing is pending
+    oldest_pending_ms: int | None  # accepted_ms of the oldest receipt not sent yet (pending or submitted)
     db_path: Path
     upstream: str
     breaker_state: str  # closed, half_open or open

@@ -47,7 +47,8 @@ def post(proc: KktdProcess, bodies: list[dict[str, Any]], concurrency: int = 8) 
 
 
 def wait_all_sent(proc: KktdProcess, count: int, timeout: float = 60) -> None:
-    wait_until(lambda: status(proc)["counts"] == {"pending": 0, "sent": count, "failed": 0}, timeout,
+    wait_until(lambda: status(proc)["counts"] == {"pending": 0, "submitted": 0, "sent": count, "failed": 0},
+               timeout,
                f"all {count} receipts sent", interval=0.1)
 
 
@@ -132,7 +133,8 @@ def test_failing_ofd_backoff_breaker_and_no_busy_loop(tmp_path: Path, mock: Mock
     assert used < 0.2, f"kktd used {used:.2f} CPU seconds in 2 s while the OFD was down"
     wait_until(lambda: "open -> half_open" in kktd.log(), 30, "a half-open trial")
     wait_until(lambda: "half_open -> open" in kktd.log(), 30, "the failed trial to re-open it")
-    assert status(kktd)["counts"] == {"pending": 10, "sent": 0, "failed": 0}, "an outage dead-lettered receipts"
+    assert status(kktd)["counts"] == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, \
+        "an outage dead-lettered receipts"
     mock.set_mode("online")
     wait_all_sent(kktd, 10)
     assert "half_open -> closed" in kktd.log()
@@ -171,7 +173,8 @@ def test_rejected_receipt_goes_to_dead_letters_and_requeues(tmp_path: Path, mock
     kktd = start_kktd(kktds, tmp_path, mock)
     good = post(kktd, receipts("good", 10))
     bad = post(kktd, [sample_receipt("bad-1", pos_id="POS-BAD")])[0]
-    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "sent": 10, "failed": 1}, 30, "settled")
+    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "submitted": 0, "sent": 10, "failed": 1}, 30,
+               "settled")
     code, dlq = asyncio.run(get_json(kktd.url, "/v1/kkt/dlq"))
     assert [entry["receipt_id"] for entry in dlq["dead_letters"]] == [bad]
     assert "kkt_not_registered" in dlq["dead_letters"][0]["last_error"]

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kktd.clock import now_ms
 from kktd.errors import StorageUnavailable
 from kktd.receipt import sample_receipt, validate_receipt
-from kktd.store import Store, queries
+from kktd.store import ReceiptStatus, Store, queries
 from kktd.sync import CircuitBreaker, SyncLoop
 from kktd.sync.policy import MAX_HELD, DeliveryPolicy
 from kktd.upstreams.base import FiscalData, Fiscalized, Refused
@@ -207,7 +207,7 @@ async def test_an_outage_never_dead_letters_receipts(rig_factory: Any, scripted:
 async def db_counts(store: Store) -> dict[str, int]:
     rows = await store.run(lambda conn: conn.execute_fetchall(
         "SELECT status, count(*) FROM receipts GROUP BY status"))
-    return {"pending": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
+    return {"pending": 0, "submitted": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
 
 
 async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factory: Any, mock_ofd: MockOfd,
@@ -222,16 +222,16 @@ async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factor
     real_update = Store.settle
     failures = {"left": 2}
 
-    async def flaky_settle(self: Store, outcomes: Any) -> None:
+    async def flaky_settle(self: Store, outcomes: Any, source: Any = ReceiptStatus.PENDING) -> None:
         if failures["left"]:
             failures["left"] -= 1
             raise StorageUnavailable("disk full: database or disk is full")
-        await real_update(self, outcomes)
+        await real_update(self, outcomes, source)
 
     monkeypatch.setattr(Store, "settle", flaky_settle)
     await run_loop_until(rig, lambda: rig.store.counts.pending == 0, 30)
     assert failures["left"] == 0
-    assert await db_counts(rig.store) == {"pending": 0, "sent": 20, "failed": 1}
+    assert await db_counts(rig.store) == {"pending": 0, "submitted": 0, "sent": 20, "failed": 1}
     assert (rig.store.counts.pending, rig.store.counts.sent, rig.store.counts.failed) == (0, 20, 1)
     assert mock_ofd.stats()["unique"] == 20
 
@@ -240,18 +240,18 @@ async def test_counters_follow_the_rows_when_the_second_statement_fails(rig_fact
                                                                         monkeypatch: Any) -> None:
     rig = await rig_factory("http://127.0.0.1:9")
     ids = [await accept(rig.store, f"cf-{i}") for i in range(3)]
-    real = queries._update_pending_from_values
+    real = queries._update_from_values
 
-    async def fail_rejections(conn: Any, assignments: str, stamp: int, rows: Any) -> int:
+    async def fail_rejections(conn: Any, assignments: str, stamp: int, source: Any, rows: Any) -> int:
         if "failed" in assignments:
             raise __import__("sqlite3").OperationalError("database or disk is full")
-        return await real(conn, assignments, stamp, rows)
+        return await real(conn, assignments, stamp, source, rows)
 
-    monkeypatch.setattr(queries, "_update_pending_from_values", fail_rejections)
+    monkeypatch.setattr(queries, "_update_from_values", fail_rejections)
     with pytest.raises(StorageUnavailable):
         await rig.store.settle([Fiscalized(ids[0], FiscalData(1, "0000000001", "2026-11-24T00:00:00Z")),
                                 Refused(ids[1], "kkt_not_registered", "test")])
-    assert await db_counts(rig.store) == {"pending": 2, "sent": 1, "failed": 0}
+    assert await db_counts(rig.store) == {"pending": 2, "submitted": 0, "sent": 1, "failed": 0}
     assert (rig.store.counts.pending, rig.store.counts.sent, rig.store.counts.failed) == (2, 1, 0)
 
 

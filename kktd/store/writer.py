@@ -26,8 +26,9 @@ from kktd.clock import now_ms
 from kktd.errors import BufferFull, CorruptDatabase, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import queries, schema
-from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
-from kktd.upstreams.base import Fiscalized, Refused
+from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
+                             SubmittedReceipt)
+from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
 
 if TYPE_CHECKING:
     from kktd.metrics import Metrics
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
+UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
 STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
 
 T = TypeVar("T")
@@ -66,7 +68,7 @@ _STOP = object()
 
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool, oldest_pending_ms: int | None = None) -> None:
+                 checked_at_open: bool, oldest_unsent_ms: int | None = None) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -80,9 +82,9 @@ class Store:
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
-        # accepted_ms of the oldest pending receipt, kept by the writer as rows move (like `counts`), so that
-        # a metrics scrape reads memory, never the database.
-        self.oldest_pending_known_ms = oldest_pending_ms
+        # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
+        # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
+        self.oldest_unsent_known_ms = oldest_unsent_ms
         self.metrics: Metrics | None = None  # set by kktd.app.assemble
 
     # ---- lifecycle ----
@@ -112,7 +114,7 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
-            oldest = await queries.oldest_pending_ms(conn)
+            oldest = await queries.oldest_unsent_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise schema.classify_open_error(exc, path) from exc
@@ -122,13 +124,13 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_pending_ms=oldest)
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_unsent_ms=oldest)
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
-            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d failed=%d sent=%d",
+            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
             path, schema.SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
-            counts.pending, counts.failed, counts.sent,
+            counts.pending, counts.submitted, counts.failed, counts.sent,
         )
         return store
 
@@ -216,8 +218,9 @@ class Store:
                                         limit: int) -> list[ReceiptRow]:
         return await self.run(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
 
-    async def oldest_pending_ms(self) -> int | None:
-        return await self.run(queries.oldest_pending_ms)
+    async def oldest_unsent_ms(self) -> int | None:
+        """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
+        return await self.run(queries.oldest_unsent_ms)
 
     async def size_bytes(self) -> int:
         def size_of(path: Path) -> int:
@@ -231,22 +234,37 @@ class Store:
                             exclude: Sequence[str] = ()) -> list[PendingReceipt]:
         return await self.run(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
 
+    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[SubmittedReceipt]:
+        return await self.run(lambda conn: queries.submitted_batch(conn, limit, after_seq))
+
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
         return await self.run(lambda conn: queries.dead_letters(conn, limit, after_seq))
 
-    async def settle(self, outcomes: Sequence[Fiscalized | Refused]) -> None:
-        """Record the upstream's answers: one statement (one transaction, one round trip) per kind. The
+    async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
+                     source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
+        """Record the upstream's answers about receipts in status `source` (pending for a submission,
+        submitted for a poll): one statement (one transaction, one round trip) per kind of outcome. The
         counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
-        statement cannot leave them apart."""
+        statement cannot leave them apart. Outcomes that change nothing (still processing, undelivered) are
+        the caller's."""
         stamp = now_ms()
         fiscalized = [o for o in outcomes if isinstance(o, Fiscalized)]
         refused = [o for o in outcomes if isinstance(o, Refused)]
+        registered = [o for o in outcomes if isinstance(o, Registered)]
+        not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
+        if registered:
+            # First: the upstream's reference must be committed before anything else can go wrong.
+            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED,
+                               lambda conn: queries.mark_submitted(conn, stamp, registered))
         if fiscalized:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SENT,
-                               lambda conn: queries.mark_sent(conn, stamp, fiscalized))
+            await self._moving(source, ReceiptStatus.SENT,
+                               lambda conn: queries.mark_sent(conn, stamp, source, fiscalized))
         if refused:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.FAILED,
-                               lambda conn: queries.mark_refused(conn, stamp, refused))
+            await self._moving(source, ReceiptStatus.FAILED,
+                               lambda conn: queries.mark_refused(conn, stamp, source, refused))
+        if not_registered:
+            await self._moving(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING,
+                               lambda conn: queries.mark_not_registered(conn, stamp, not_registered))
 
     async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
                                      strike: bool) -> list[str]:
@@ -283,15 +301,16 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> int:
             changed = await update(conn)
             self.counts.move(source, target, changed)
-            if changed and ReceiptStatus.PENDING in (source, target):
+            if changed and (source in UNSENT) != (target in UNSENT):
                 await self._refresh_oldest(conn)
             return changed
 
         return await self.run(job)
 
     async def _refresh_oldest(self, conn: aiosqlite.Connection) -> None:
-        """After pending rows moved: one lookup on the pending index, inside the job that moved them."""
-        self.oldest_pending_known_ms = await queries.oldest_pending_ms(conn)
+        """After rows left or joined the unsent ones: lookups on the partial indexes, inside the job that
+        moved them."""
+        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
 
     # ---- the writer ----
 
@@ -370,8 +389,8 @@ class Store:
             self.commits += 1
             self.committed_rows += len(inserted)
             self.last_intake_monotonic = time.monotonic()
-            if self.oldest_pending_known_ms is None and inserted:
-                self.oldest_pending_known_ms = stamp
+            if self.oldest_unsent_known_ms is None and inserted:
+                self.oldest_unsent_known_ms = stamp
             if self.metrics is not None:
                 self.metrics.group_committed(len(inserted))
             if inserted:

@@ -43,7 +43,8 @@ def deliver_everything(kktd: KktdUnit, expected: int) -> None:
     """OFD back online: everything ends `sent`, and the OFD holds each receipt exactly once."""
     kktd.set_ofd_mode("online")
     poll_until(f"{expected} receipts sent to the OFD",
-               lambda: kktd.buffer_counts() == {"pending": 0, "sent": expected, "failed": 0}, timeout=60)
+               lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0},
+               timeout=60)
     assert kktd.ofd_stats()["unique"] == expected
 
 
