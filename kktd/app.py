@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kktd import __version__
+from kktd import __version__, logs
 from kktd.api import Services, create_app
 from kktd.clock import Clock, Sleep
 from kktd.config import Config
@@ -91,4 +91,4 @@ def state_snapshot(services: Services) -> StateSnapshot:
         breaker_state=str(sync.breaker.state) if sync is not None else "closed",
         last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,
         pending_warn_age_s=config.pending_warn_age, pending_critical_age_s=config.pending_critical_age,
-        version=__version__)
+        version=__version__, journal_fallbacks=logs.journal_fallbacks())

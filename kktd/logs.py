@@ -47,9 +47,20 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+_journal: JournalHandler | None = None  # the handler in use, when it is the journal's
+
+
+def journal_fallbacks() -> int:
+    """Records that went to stderr instead of the journal's socket (no socket, journald's queue full):
+    they reached the journal as plain stream lines, without their fields."""
+    return _journal.fallbacks if _journal is not None else 0
+
+
 def make_handler(stream: TextIO, journal_socket: str = JOURNAL_SOCKET) -> logging.Handler:
+    global _journal
     if under_journald(stream) and journal_available(journal_socket):
-        return JournalHandler(journal_socket, fallback=stream)
+        _journal = JournalHandler(journal_socket, fallback=stream)
+        return _journal
     handler = logging.StreamHandler(stream)
     prefixed = under_journald(stream) or os.environ.get("KKTD_LOG_FORMAT") == "journal"
     handler.setFormatter(JournalFormatter("%(name)s: %(message)s") if prefixed else TerminalFormatter())

@@ -33,7 +33,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kktd.upstreams.base import (
@@ -130,6 +130,7 @@ class StateSnapshot:
     pending_warn_age_s: float
     pending_critical_age_s: float
     version: str = ""
+    journal_fallbacks: int = 0  # log records that reached the journal without their fields
 
 
 def _file_size(path: Path) -> int:
@@ -173,8 +174,10 @@ class StateCollector(Collector):
                                       "Bytes free to kktd on the filesystem of the database")
         disk_size = GaugeMetricFamily("kktd_storage_size_bytes", "Size of the filesystem of the database")
         info = InfoMetricFamily("kktd", "kktd version and upstream")
+        fallbacks = CounterMetricFamily("kktd_journal_fallbacks", "Log records written to stderr because the "
+                                        "journal's socket could not take them (no structured fields)")
         families: list[Metric] = [receipts, capacity, oldest, warn, critical, breaker, last, db_size, wal_size,
-                                  disk_free, disk_size, info]
+                                  disk_free, disk_size, info, fallbacks]
         if s is None:
             yield from families
             return
@@ -200,6 +203,7 @@ class StateCollector(Collector):
             disk_free.add_metric([], fs.f_bavail * fs.f_frsize)
             disk_size.add_metric([], fs.f_blocks * fs.f_frsize)
         info.add_metric([], {"version": s.version, "upstream": upstream})
+        fallbacks.add_metric([], s.journal_fallbacks)
         yield from families
 
 

@@ -251,11 +251,14 @@ def test_any_text_round_trips_as_one_entry(message: str, key: str, code: str) ->
 def test_logs_setup_uses_the_journal_only_under_journald(tmp_path: Path, fake_journal: FakeJournal,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     stream_path = tmp_path / "stderr"
+    monkeypatch.setattr(logs, "_journal", None)  # restored after the test
     with open(stream_path, "w") as stream:
         st_ = os.fstat(stream.fileno())
         monkeypatch.setenv("JOURNAL_STREAM", f"{st_.st_dev}:{st_.st_ino}")
         handler = logs.make_handler(stream, fake_journal.path)
         assert isinstance(handler, JournalHandler)
+        handler.fallbacks = 2
+        assert logs.journal_fallbacks() == 2  # what /metrics reports as kktd_journal_fallbacks_total
         handler.close()
         # Under journald but without its socket (a container, a chroot): prefixed stderr lines.
         handler = logs.make_handler(stream, str(tmp_path / "absent.socket"))

@@ -38,7 +38,7 @@ def snapshot(tmp_path: Path, **overrides: object) -> StateSnapshot:
         receipts={"pending": 7, "submitted": 2, "sent": 40, "failed": 1}, capacity=1000,
         oldest_pending_ms=NOW_MS - 90_000, db_path=tmp_path / "buffer.db", upstream="kktd-ofd",
         breaker_state="open", last_delivery_ms=NOW_MS - 5_000, pending_warn_age_s=3600.0,
-        pending_critical_age_s=7200.0, version="9.9")
+        pending_critical_age_s=7200.0, version="9.9", journal_fallbacks=3)
     values.update(overrides)
     return StateSnapshot(**values)  # type: ignore[arg-type]
 
@@ -144,6 +144,7 @@ def test_state_is_read_from_the_snapshot_at_each_scrape(tmp_path: Path) -> None:
     assert found[("kktd_database_wal_size_bytes", ())] == 1000
     assert 0 < found[("kktd_storage_free_bytes", ())] <= found[("kktd_storage_size_bytes", ())]
     assert found[("kktd_info", (("upstream", "kktd-ofd"), ("version", "9.9")))] == 1
+    assert found[("kktd_journal_fallbacks_total", ())] == 3
 
     current["value"] = snapshot(tmp_path, oldest_pending_ms=None, breaker_state="closed", last_delivery_ms=None,
                                 db_path=tmp_path / "missing.db")
