@@ -9,8 +9,9 @@ STATE_DIR   ?= $(CURDIR)/state
 PYTEST_ARGS ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
+# prometheus: promtool checks and unit-tests the shipped alert rules; the server scrapes kktd in a test.
 RUN_PACKAGES   := python3-venv
-TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk prometheus
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
 # `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
 # package tests run on what they build.
