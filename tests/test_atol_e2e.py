@@ -261,6 +261,21 @@ def test_a_wrong_password_dead_letters_nothing_warns_and_says_what_to_fix(tmp_pa
     assert health(kktd)["status"] == "ok"
 
 
+def test_a_password_fixed_in_its_file_applies_on_reload(tmp_path: Path, mock: MockAtolProcess,
+                                                        kktds: list[KktdProcess]) -> None:
+    mock.start()
+    password_file = tmp_path / "operator_password"
+    password_file.write_text("typo-in-the-password\n")
+    kktd = start_kktd(tmp_path, mock, kktds, "--atol-password-file", str(password_file))
+    ids = post(kktd, receipts_with_contact("reload", 10))
+    wait_until(lambda: health(kktd)["status"] == "warning", 30, "health warning")
+    password_file.write_text(mock.password + "\n")
+    kktd.signal(signal.SIGHUP)  # systemctl reload kktd: the settings, the password file among them, again
+    wait_all_sent(kktd, 10)
+    assert_exactly_once(kktd, mock, ids)
+    assert "typo-in-the-password" not in kktd.log()
+
+
 def test_a_blocked_user_waits_and_drains_once_unblocked(tmp_path: Path, mock: MockAtolProcess,
                                                         kktds: list[KktdProcess]) -> None:
     mock.start(blocked=True)
