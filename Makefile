@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
+# prometheus: promtool checks and unit-tests the shipped alert rules; the server scrapes kktd in a test.
 RUN_PACKAGES   := python3-venv
 # gcc and libc6-dev build bench/slowsync.c, the slow-flush (SD card) shim that the bench and its test use.
-TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk gcc libc6-dev
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk prometheus gcc libc6-dev
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk gcc libc6-dev
 SLOWSYNC       := build/slowsync.so
 # `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the

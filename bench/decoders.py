@@ -56,6 +56,7 @@ class PItem(BaseModel):
     payment_method: kr.PaymentMethod
     payment_object: kr.PaymentObject
     sum: PAmount | None = None
+    measure: kr.Measure | None = None
 
 
 class PPayment(BaseModel):

@@ -3,8 +3,11 @@ restart, memory and intake-while-draining.
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
 
-SECTION is intake, sdcard, drain, restart, memory or concurrent (all six by default), or luacount (only on
-request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?).
+SECTION is intake, sdcard, drain, restart, memory, concurrent, scrape or atol (all eight by default), or
+luacount (only on request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?). sdcard:
+naive vs kktd with every fsync/fdatasync of the server delayed (bench/slowsync.c). scrape: intake with and
+without a Prometheus-style GET /metrics every 100 ms, side by side, and what one scrape costs kktd. atol:
+10,000 pending receipts drained through the ATOL Online v5 mock (`kktd mock-atol`), two HTTP calls each.
 
 A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
 (targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
@@ -24,7 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -39,9 +44,11 @@ VENV_BIN = Path(sys.executable).parent
 ARMS = ("minimal", "bare", "naive", "kktd")
 STORING_ARMS = ("naive", "kktd")
 CONNECTIONS = (1, 16, 64)
-DEFAULT_SECTIONS = ("intake", "sdcard", "drain", "restart", "memory", "concurrent")
+DEFAULT_SECTIONS = ("intake", "sdcard", "drain", "restart", "memory", "concurrent", "scrape", "atol")
 SECTIONS = DEFAULT_SECTIONS + ("luacount",)
 STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
+SCRAPE_EVERY_S = 0.1  # far more often than any Prometheus (15 s to 1 min): an upper bound on the cost
+SCRAPE_CONNECTIONS = 16
 COMMAND = ".venv/bin/python bench/run.py"
 # The slow-flush model of an SD card (bench/slowsync.c, built by `make slowsync`): every fsync/fdatasync of
 # the server waits this long first.
@@ -65,21 +72,24 @@ class Plan:
     sd_rounds: int
     sd_requests: dict[int, int]
     sd_warmup_requests: int
+    scrape_requests: int
     quick: bool
+    atol_pending: int = 10_000
 
     @classmethod
     def full(cls) -> Plan:
         return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
                    drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
                    load_requests=20000, concurrent_rounds=2, sd_rounds=3,
-                   sd_requests={1: 1000, 16: 2000, 64: 3000}, sd_warmup_requests=200, quick=False)
+                   sd_requests={1: 1000, 16: 2000, 64: 3000}, sd_warmup_requests=200, scrape_requests=15000,
+                   quick=False, atol_pending=10_000)
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
                    drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
                    concurrent_rounds=1, sd_rounds=1, sd_requests={1: 40, 16: 100, 64: 200},
-                   sd_warmup_requests=20, quick=True)
+                   sd_warmup_requests=20, scrape_requests=1000, quick=True, atol_pending=2000)
 
 
 @dataclass
@@ -102,14 +112,14 @@ class Context:
 # ---- servers ----
 
 def kktd_server(ctx: Context, name: str, db: Path, ofd_url: str | None = None,
-                env: dict[str, str] | None = None) -> Server:
+                env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> Server:
     """kktd as deployed, quiet; the OFD defaults to a port nobody listens on (connection refused)."""
     port = free_port()
     config = ctx.path("empty.toml")  # never pick up /etc/kktd/kktd.toml of the machine
     config.touch()
     argv = [str(VENV_BIN / "kktd"), "serve", "--config", str(config), "--db", str(db),
             "--listen", f"127.0.0.1:{port}", "--ofd-url", ofd_url or f"http://127.0.0.1:{free_port()}",
-            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000"]
+            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000", *extra]
     return Server(name, argv, f"http://127.0.0.1:{port}", ctx.path(f"{name}.log"), env=server_env(env))
 
 
@@ -370,6 +380,76 @@ def section_drain(ctx: Context) -> None:
     ctx.results["drain"] = result
 
 
+# ---- atol: 10,000 pending through the ATOL Online v5 mock ----
+
+ATOL_LOGIN, ATOL_GROUP, ATOL_INN = "bench", "bench-group", "5544332219"
+
+
+def mock_atol(ctx: Context) -> tuple[Server, list[str]]:
+    """`kktd mock-atol` (in memory); returns the server (base URL = its root) and kktd's flags for it."""
+    port = free_port()
+    password = ctx.path("atol_password")
+    password.write_text("bench-password\n")
+    argv = [str(VENV_BIN / "kktd"), "mock-atol", "--listen", f"127.0.0.1:{port}", "--login", ATOL_LOGIN,
+            "--password", "bench-password", "--group-code", ATOL_GROUP, "--inn", ATOL_INN,
+            "--log-level", "warning"]
+    server = Server("mock-atol", argv, f"http://127.0.0.1:{port}", ctx.path("mock-atol.log"), env=server_env())
+    flags = ["--upstream", "atol-online-v5", "--atol-url", f"http://127.0.0.1:{port}/possystem/v5",
+             "--atol-login", ATOL_LOGIN, "--atol-group-code", ATOL_GROUP, "--atol-password-file", str(password),
+             "--company-inn", ATOL_INN, "--company-email", "shop@example.ru",
+             "--company-payment-address", "https://shop.example.ru"]
+    return server, flags
+
+
+def undelivered_of(server: Server) -> int:
+    """Receipts not yet fiscalized: pending, and (two-phase upstreams) registered but awaiting their result."""
+    status, body = http_json(server.base_url + "/v1/kkt/buffer/status")
+    if status != 200:
+        raise BenchError(f"{server.name}: GET /v1/kkt/buffer/status answered {status}: {body}")
+    counts = body["counts"]
+    return int(counts["pending"]) + int(counts.get("submitted", 0))
+
+
+def section_atol(ctx: Context) -> None:
+    reproduce("--only atol" + (" --quick" if ctx.plan.quick else ""))
+    pending = ctx.plan.atol_pending
+    db = ctx.path("atol.db")
+    dataset.copy_to(prepared(ctx, pending, 0, contact=True), db)
+    mock, flags = mock_atol(ctx)
+    kktd = kktd_server(ctx, "kktd-atol", db, extra=flags)
+    with mock:
+        mock.wait_ready("/admin/stats")
+        with kktd:
+            ready_s = kktd.wait_ready()
+            first_at = time.monotonic()
+            at_first = undelivered_of(kktd)
+            cpu_before = cpu_seconds(kktd.pid)
+            deadline = first_at + 600
+            while undelivered_of(kktd) > 0:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"kktd did not drain through ATOL within 600s; log: {kktd.log}")
+                time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
+            drained_s = time.monotonic() - first_at
+            cpu = cpu_seconds(kktd.pid) - cpu_before
+            mock_cpu = cpu_seconds(mock.pid)
+            _, stats = http_json(mock.base_url + "/admin/stats")
+            _, status = http_json(kktd.base_url + "/v1/kkt/buffer/status")
+    remove_db(db)
+    ctx.check(stats["fiscalized"] == pending and status["counts"]["sent"] == pending,
+              f"atol: the mock fiscalized {stats['fiscalized']} documents, kktd marked {status['counts']['sent']} "
+              f"sent, of {pending}")
+    ctx.check(stats["documents"] == pending, f"atol: {stats['documents']} documents for {pending} receipts")
+    result = {"receipts": pending, "undelivered_at_first_status": at_first, "ready_s": ready_s,
+              "drain_s": drained_s, "receipts_per_s": at_first / drained_s, "kktd_cpu_s": cpu,
+              "kktd_cpu_ms_per_1000": 1e6 * cpu / at_first if at_first else 0.0, "mock_atol_cpu_s": mock_cpu,
+              "http_requests": stats["registration_requests"] + stats["report_requests"] + stats["token_requests"],
+              "early_polls": stats["early_polls"]}
+    print(f"  drained {at_first} receipts through ATOL in {drained_s:.2f}s: {result['receipts_per_s']:.0f}/s, "
+          f"{result['http_requests']} HTTP requests; kktd cpu {cpu:.2f}s = "
+          f"{result['kktd_cpu_ms_per_1000']:.0f} ms per 1,000 receipts; mock cpu {mock_cpu:.1f}s", flush=True)
+    ctx.results["atol"] = result
+
+
 # ---- restart: READY with 1,000,000 rows ----
 
 def big_database(ctx: Context) -> Path:
@@ -499,6 +579,114 @@ def load_during_drain(ctx: Context, kktd: Server, requests: int) -> dict[str, An
             "pending_at_load_end": pending_after, "overlap": "yes" if pending_after > 0 else "NO"}
 
 
+# ---- scrape: intake with and without GET /metrics every 100 ms ----
+
+class Scraper:
+    """A Prometheus stand-in: GET /metrics every SCRAPE_EVERY_S on its own thread (of the bench, not kktd),
+    timing each answer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.durations_s: list[float] = []
+        self.sizes: list[int] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    body = response.read()
+                    ok = response.status == 200 and b"kktd_receipts_accepted_total" in body
+            except OSError:
+                ok, body = False, b""
+            elapsed = time.perf_counter() - started
+            if ok:
+                self.durations_s.append(elapsed)
+                self.sizes.append(len(body))
+            else:
+                self.failures += 1
+            self._stop.wait(max(0.0, SCRAPE_EVERY_S - elapsed))
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def scrape_once(ctx: Context, scraped: bool, label: str) -> dict[str, Any]:
+    db = ctx.path(f"scrape-{label}.db")
+    server = kktd_server(ctx, "kktd", db)
+    with server:
+        server.wait_ready()
+        url = server.base_url + "/v1/kkt/receipt"
+        warm = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.warmup_requests)
+        scraper = Scraper(server.base_url + "/metrics")
+        cpu_before = cpu_seconds(server.pid)
+        if scraped:
+            with scraper:
+                result = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.scrape_requests)
+        else:
+            result = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.scrape_requests)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        # What one scrape costs kktd on its own, with nothing else running: CPU over a burst of scrapes.
+        idle_cpu_before = cpu_seconds(server.pid)
+        for _ in range(200):
+            with urllib.request.urlopen(server.base_url + "/metrics", timeout=5) as response:
+                response.read()
+        idle_cpu_ms = 1000 * (cpu_seconds(server.pid) - idle_cpu_before) / 200
+        server.stop()
+    where = f"scrape {'with' if scraped else 'without'}"
+    ctx.check(result.ok2xx == result.completed, f"{where}: {result.completed - result.ok2xx} non-2xx answers")
+    rows, expected = count_rows(db), warm.ok2xx + result.ok2xx
+    ctx.check(rows == expected, f"{where}: {rows} rows in the database, {expected} 2xx answers")
+    ctx.check(scraper.failures == 0, f"{where}: {scraper.failures} scrapes failed")
+    remove_db(db)
+    row = {"scraped": scraped, **result.as_dict(), "server_cpu_s": cpu, "scrape_cpu_ms_idle": idle_cpu_ms}
+    if scraped:
+        row.update(scrapes=len(scraper.durations_s),
+                   scrape_ms_p50=1000 * median(scraper.durations_s),
+                   scrape_ms_max=1000 * max(scraper.durations_s, default=0.0),
+                   scrape_bytes=median(scraper.sizes))
+    return row
+
+
+def section_scrape(ctx: Context) -> None:
+    reproduce(f"--only scrape --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
+    runs: list[dict[str, Any]] = []
+    for round_no in range(1, ctx.plan.rounds + 1):
+        for scraped in (False, True):  # interleaved, like the intake arms
+            row = scrape_once(ctx, scraped, f"r{round_no}-{int(scraped)}")
+            row["round"] = round_no
+            runs.append(row)
+            latency = row["latency_us"]
+            extra = (f"  {row['scrapes']} scrapes, p50 {row['scrape_ms_p50']:.2f} ms, "
+                     f"max {row['scrape_ms_max']:.2f} ms, {row['scrape_bytes'] / 1024:.1f} KiB"
+                     if scraped else "")
+            print(f"  round {round_no} c{SCRAPE_CONNECTIONS} {'scraped' if scraped else 'alone':<8} "
+                  f"{row['receipts_per_s']:8.0f}/s  p50 {ms(latency['p50']):6.2f} ms  "
+                  f"p99 {ms(latency['p99']):7.2f} ms{extra}", flush=True)
+    alone = [r for r in runs if not r["scraped"]]
+    scraped_runs = [r for r in runs if r["scraped"]]
+    ctx.results["scrape"] = {
+        "runs": runs,
+        "alone_receipts_per_s": median(r["receipts_per_s"] for r in alone),
+        "scraped_receipts_per_s": median(r["receipts_per_s"] for r in scraped_runs),
+        "alone_p99_ms": median(ms(r["latency_us"]["p99"]) for r in alone),
+        "scraped_p99_ms": median(ms(r["latency_us"]["p99"]) for r in scraped_runs),
+        "scrape_ms_p50": median(r["scrape_ms_p50"] for r in scraped_runs),
+        "scrape_cpu_ms": median(r["scrape_cpu_ms_idle"] for r in runs),
+        "scrape_bytes": median(r["scrape_bytes"] for r in scraped_runs),
+    }
+    result = ctx.results["scrape"]
+    result["ratio"] = result["scraped_receipts_per_s"] / result["alone_receipts_per_s"]
+
+
 # ---- luacount: does counting 2xx in Lua's response() slow wrk? ----
 
 def section_luacount(ctx: Context) -> None:
@@ -531,8 +719,8 @@ def section_luacount(ctx: Context) -> None:
 
 # ---- prepared databases ----
 
-def prepared(ctx: Context, pending: int, sent: int) -> Path:
-    path, built_s = dataset.ensure(pending, sent)
+def prepared(ctx: Context, pending: int, sent: int, contact: bool = False) -> Path:
+    path, built_s = dataset.ensure(pending, sent, contact)
     if built_s is not None:
         print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.store "
               f"in {built_s:.1f}s (cached for the next run)", flush=True)
@@ -578,6 +766,8 @@ TARGETS = (
            lambda x: x <= 1.5),
     Target("peak RSS < 80 MB with 1,000,000 rows", "memory", lambda r: r["peak_rss_mb"], lambda x: x < 80),
     Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
+    Target("intake scraped every 100 ms >= 0.95 x alone", "scrape", lambda r: r["ratio"], lambda x: x >= 0.95),
+    Target("drain through ATOL >= 500 receipts/s", "atol", lambda r: r["receipts_per_s"], lambda x: x >= 500),
 )
 
 
@@ -602,6 +792,10 @@ def report(ctx: Context) -> None:
         d = results["drain"]
         print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "
               f"= {d['receipts_per_s']:.0f}/s")
+    if "atol" in results:
+        a = results["atol"]
+        print(f"drain through ATOL: {a['undelivered_at_first_status']} receipts in {a['drain_s']:.2f}s "
+              f"= {a['receipts_per_s']:.0f}/s; kktd cpu {a['kktd_cpu_ms_per_1000']:.0f} ms per 1,000")
     if "restart" in results:
         r = results["restart"]
         print(f"restart: READY=1 after {r['median_ready_s']:.3f}s with {r['rows']} rows after a clean stop, "
@@ -613,6 +807,13 @@ def report(ctx: Context) -> None:
         c = results["concurrent"]
         print(f"intake while draining: {c['draining_receipts_per_s']:.0f}/s vs alone "
               f"{c['alone_receipts_per_s']:.0f}/s = {c['ratio']:.2f}")
+    if "scrape" in results:
+        sc = results["scrape"]
+        print(f"scrape every {SCRAPE_EVERY_S * 1000:.0f} ms at c{SCRAPE_CONNECTIONS}: "
+              f"{sc['scraped_receipts_per_s']:.0f}/s (p99 {sc['scraped_p99_ms']:.2f} ms) vs alone "
+              f"{sc['alone_receipts_per_s']:.0f}/s (p99 {sc['alone_p99_ms']:.2f} ms) = {sc['ratio']:.2f}; "
+              f"one scrape {sc['scrape_ms_p50']:.2f} ms under load, {sc['scrape_cpu_ms']:.2f} ms of kktd CPU, "
+              f"{sc['scrape_bytes'] / 1024:.1f} KiB")
     if "luacount" in results:
         lc = results["luacount"]["medians"]
         derived, counted = lc["derived"], lc["counted"]
@@ -695,7 +896,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
     "intake": section_intake, "sdcard": section_sdcard,
     "drain": section_drain, "restart": section_restart, "memory": section_memory,
-    "concurrent": section_concurrent, "luacount": section_luacount,
+    "concurrent": section_concurrent, "scrape": section_scrape, "atol": section_atol,
+    "luacount": section_luacount,
 }
 
 

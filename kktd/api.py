@@ -8,18 +8,21 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
 from kktd.clock import rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
+from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
 from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 
 if TYPE_CHECKING:
     from kktd.config import Config
     from kktd.sync import SyncLoop
+    from kktd.upstreams import IntakeCheck
 
 log = logging.getLogger("kktd.api")
 
@@ -28,6 +31,8 @@ HEALTH_TIMEOUT_S = 2.0
 BUFFER_FULL_RETRY_AFTER_S = 60
 STORAGE_RETRY_AFTER_S = 5
 DLQ_PAGE_MAX = 500
+EXPORT_PAGE = 200  # receipts per store job while exporting: bounded memory, intake runs in between
+RECEIPT_PATH = "/v1/kkt/receipt"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -43,6 +48,9 @@ class Services:
     intake_open: bool = True
     task_failures: dict[str, str] = field(default_factory=dict)
     started_monotonic: float = field(default_factory=time.monotonic)
+    metrics: Metrics = field(default_factory=Metrics)
+    # The upstream's own refusals at intake (e.g. ATOL Online's limits), while the till can still fix them.
+    intake_check: IntakeCheck | None = None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -100,12 +108,15 @@ def _log_error(request: web.Request, error: ApiError) -> None:
     level = logging.ERROR if error.status >= 500 else logging.INFO
     where = f" field={error.field}" if error.field else ""
     log.log(level, "%s %s -> %d %s%s: %s", request.method, request.path, error.status, error.code, where,
-            error.message)
+            error.message, extra={"error_code": error.code})
+    if request.method == "POST" and request.path == RECEIPT_PATH:
+        request.app[SERVICES].metrics.intake_rejected(error.code)
 
 
 # ---- receipts ----
 
 async def post_receipt(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     services = request.app[SERVICES]
     if not services.intake_open:
         raise ApiError(503, "shutting_down", "kktd is stopping; retry in a moment",
@@ -120,6 +131,8 @@ async def post_receipt(request: web.Request) -> web.Response:
                        f"Content-Type must be application/json (got {request.content_type or 'none'})")
     body = await request.read()
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
+    if services.intake_check is not None:
+        services.intake_check(receipt.canonical)
     try:
         result = await services.store.accept(receipt)
     except BufferFull as exc:
@@ -132,16 +145,19 @@ async def post_receipt(request: web.Request) -> web.Response:
         raise ApiError(409, "idempotency_conflict",
                        f"idempotency key {receipt.idempotency_key} is already used by receipt "
                        f"{result.receipt_id} with a different body", "idempotency_key")
-    return _accepted_response(result, receipt.idempotency_key, services)
+    return _accepted_response(result, receipt.idempotency_key, services, started)
 
 
-def _accepted_response(result: Accepted, key: str, services: Services) -> web.Response:
+def _accepted_response(result: Accepted, key: str, services: Services, started: float) -> web.Response:
+    story = {"receipt_id": result.receipt_id, "idempotency_key": key}
     if result.created:
-        log.debug("receipt %s accepted key=%s total=%d", result.receipt_id, key, result.total)
+        services.metrics.intake_accepted(time.perf_counter() - started)
+        log.debug("receipt %s accepted key=%s total=%d", result.receipt_id, key, result.total, extra=story)
         if services.sync is not None:
             services.sync.wake()
     else:
-        log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key)
+        services.metrics.intake_replayed(time.perf_counter() - started)
+        log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key, extra=story)
     # The hot path's answer has a fixed shape of ids, integers and fixed words: formatted directly.
     body = (f'{{"receipt_id":"{result.receipt_id}","status":"{result.status}","total":{result.total},'
             f'"accepted_at":"{rfc3339(result.accepted_ms)}"}}')
@@ -239,7 +255,10 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit", 100, 1, DLQ_PAGE_MAX)
     after = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
     rows = await _storage(request.app[SERVICES].store.dead_letters(limit, after))
-    return json_response({"dead_letters": [present_receipt(row) for row in rows], "count": len(rows)})
+    # Where the next page starts (null on the last one): pass it back as after_seq.
+    next_after = rows[-1].seq if len(rows) == limit else None
+    return json_response({"dead_letters": [present_receipt(row) for row in rows], "count": len(rows),
+                          "next_after_seq": next_after})
 
 
 async def requeue_dead_letter(request: web.Request) -> web.Response:
@@ -251,7 +270,7 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
         if row is None:
             raise ApiError(404, "not_found", f"no receipt {receipt_id}")
         raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
-    log.info("receipt %s requeued from the dead-letter list", receipt_id)
+    log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
         services.sync.wake()
     return json_response({"receipt_id": receipt_id, "status": "pending"})
@@ -306,6 +325,64 @@ async def health(request: web.Request) -> web.Response:
     return json_response(body)
 
 
+# ---- operations: metrics and export ----
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. Built from memory only (counters, the writer's counts): a scrape never waits
+    for the database, so it cannot slow intake."""
+    body = request.app[SERVICES].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _time_query(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(400, "invalid_query", f"{name} must be an RFC 3339 time with a zone, e.g. "
+                       f"2026-11-01T00:00:00Z", name)
+    return int(moment.timestamp() * 1000)
+
+
+async def export_receipts(request: web.Request) -> web.StreamResponse:
+    """Receipts accepted in [since, until), oldest first, as JSON lines (application/x-ndjson), streamed: the
+    store is read a page at a time, each page its own short job, so an export of any size holds little
+    memory and never holds up intake."""
+    services = request.app[SERVICES]
+    since_ms = _time_query(request, "since") or 0
+    until_ms = _time_query(request, "until")
+    if until_ms is not None and until_ms < since_ms:
+        raise ApiError(400, "invalid_query", "until must not be before since", "until")
+    first = await _storage(services.store.receipts_accepted_between(since_ms, until_ms, None, EXPORT_PAGE))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
+    await response.prepare(request)
+    rows, exported = first, 0
+    while rows:
+        await response.write(b"".join(json.dumps(present_receipt(row), ensure_ascii=False,
+                                                 separators=(",", ":")).encode() + b"\n" for row in rows))
+        exported += len(rows)
+        if len(rows) < EXPORT_PAGE:
+            break
+        try:
+            rows = await services.store.receipts_accepted_between(since_ms, until_ms, rows[-1].receipt_id,
+                                                                  EXPORT_PAGE)
+        except StorageUnavailable as exc:
+            # The answer has begun: the only honest signal left is to cut it short (no final chunk), which
+            # every HTTP client reports as an incomplete body.
+            log.error("export cut short after %d receipts: storage unavailable: %s", exported, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    await response.write_eof()
+    log.info("exported %d receipts accepted in [%s, %s)", exported, rfc3339(since_ms),
+             rfc3339(until_ms) if until_ms is not None else "now")
+    return response
+
+
 def create_app(services: Services) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
     app[SERVICES] = services
@@ -316,4 +393,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/kkt/dlq", list_dead_letters)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/kkt/receipts", export_receipts)
+    # Stays open when the API gets access control (as /v1/health): Prometheus scrapes it.
+    app.router.add_get("/metrics", metrics)
     return app

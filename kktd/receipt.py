@@ -37,6 +37,13 @@ PaymentMethod = Literal["full_payment", "full_prepayment", "prepayment", "advanc
                         "partial_payment", "credit", "credit_payment"]  # tag 1214
 PaymentObject = Literal["commodity", "excise", "job", "service", "payment", "another"]  # tag 1212
 PaymentType = Literal["cash", "electronic", "prepaid", "credit", "other"]
+# Tag 2108, the unit of an item's quantity. Optional; "piece" when absent. The canonical form leaves "piece" out,
+# so a receipt stored before the field existed keeps its hash and its meaning.
+Measure = Literal["piece", "gram", "kilogram", "ton", "centimeter", "decimeter", "meter",
+                  "square_centimeter", "square_decimeter", "square_meter", "milliliter", "liter", "cubic_meter",
+                  "kilowatt_hour", "gigacalorie", "day", "hour", "minute", "second",
+                  "kilobyte", "megabyte", "gigabyte", "terabyte", "other"]
+DEFAULT_MEASURE = "piece"
 
 OPERATIONS = frozenset(get_args(Operation))
 TAXATIONS = frozenset(get_args(Taxation))
@@ -44,11 +51,14 @@ VAT_RATES = frozenset(get_args(VatRate))
 PAYMENT_METHODS = frozenset(get_args(PaymentMethod))
 PAYMENT_OBJECTS = frozenset(get_args(PaymentObject))
 PAYMENT_TYPES = frozenset(get_args(PaymentType))
+MEASURES = frozenset(get_args(Measure))
 
 RECEIPT_FIELDS = frozenset({
     "idempotency_key", "pos_id", "operation", "taxation", "items", "payments", "customer_contact", "cashier",
 })
-ITEM_FIELDS = frozenset({"name", "price", "quantity", "sum", "vat", "payment_method", "payment_object"})
+ITEM_FIELDS = frozenset({
+    "name", "price", "quantity", "sum", "vat", "payment_method", "payment_object", "measure",
+})
 PAYMENT_FIELDS = frozenset({"type", "amount"})
 CASHIER_FIELDS = frozenset({"name", "inn"})
 
@@ -102,6 +112,7 @@ class _ItemIn(msgspec.Struct, forbid_unknown_fields=True):
     payment_method: PaymentMethod
     payment_object: PaymentObject
     sum: Amount | None = None
+    measure: Measure | None = None
 
 
 class _PaymentIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -171,9 +182,12 @@ def _typed_item(item: _ItemIn) -> dict[str, Any]:
     expected_sum = (item.price * quantity_milli + 500) // 1000
     if (item.sum is not None and item.sum != expected_sum) or expected_sum >= MAX_AMOUNT:
         raise ReceiptInvalid("refused", "the reference validator names the rule", None)
-    return {"name": _typed_text(item.name), "price": item.price, "quantity": quantity_text,
-            "sum": expected_sum, "vat": item.vat, "payment_method": item.payment_method,
-            "payment_object": item.payment_object}
+    normalized: dict[str, Any] = {
+        "name": _typed_text(item.name), "price": item.price, "quantity": quantity_text, "sum": expected_sum,
+        "vat": item.vat, "payment_method": item.payment_method, "payment_object": item.payment_object}
+    if item.measure is not None and item.measure != DEFAULT_MEASURE:
+        normalized["measure"] = item.measure
+    return normalized
 
 
 def _typed_cashier(cashier: _CashierIn) -> dict[str, str]:
@@ -286,7 +300,7 @@ def _item(item: Any, path: str) -> dict[str, Any]:
             )
     if item_sum >= MAX_AMOUNT:
         raise ReceiptInvalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
-    return {
+    normalized = {
         "name": _text(item, "name", path, 1, 128),
         "price": price,
         "quantity": quantity_text,
@@ -295,6 +309,11 @@ def _item(item: Any, path: str) -> dict[str, Any]:
         "payment_method": _enum(item, "payment_method", path, PAYMENT_METHODS),
         "payment_object": _enum(item, "payment_object", path, PAYMENT_OBJECTS),
     }
+    if item.get("measure") is not None:
+        measure = _enum(item, "measure", path, MEASURES)
+        if measure != DEFAULT_MEASURE:
+            normalized["measure"] = measure
+    return normalized
 
 
 def _payment(payment: Any, path: str) -> dict[str, Any]:

@@ -221,7 +221,8 @@ class KktdProcess:
         if self.faults:
             env["PYTHONPATH"] = str(REPO)
         args = [*command, "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
-                "--ofd-url", self.ofd_url, "--config", os.devnull, *self.extra_args]
+                *(["--ofd-url", self.ofd_url] if self.ofd_url else []),  # "": left to the config file
+                "--config", os.devnull, *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          env=env, start_new_session=True)

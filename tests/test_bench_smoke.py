@@ -84,3 +84,27 @@ def test_sdcard_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None
         assert run["finished"] and run["ok2xx"] == run["completed"] == REQUESTS, (where, run["errors"])
         assert run["rows_match"] is True, (where, run["db_rows"])
     assert sdcard["delay_ms"] == 5.0 and "flush_ms_slowed" in sdcard  # no timing here: tests/test_slowsync.py
+
+
+def test_scrape_section_runs_and_scrapes(tmp_path: Path, wrk: str) -> None:
+    """`bench/run.py --only scrape`: both arms complete with rows = 2xx, and the scraped arm did scrape."""
+    out = tmp_path / "scrape.json"
+    argv = [sys.executable, str(RUN), "--quick", "--only", "scrape", "--json", str(out)]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    assert process.returncode == 0, output
+    results = json.loads(out.read_text())
+    assert results["integrity_failures"] == []
+    runs = results["scrape"]["runs"]
+    assert sorted(r["scraped"] for r in runs) == [False, True]
+    scraped = next(r for r in runs if r["scraped"])
+    assert scraped["scrapes"] > 0 and scraped["scrape_bytes"] > 0
+    assert all(r["ok2xx"] == r["completed"] for r in runs)

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kktd import receipt as receipt_module
-from kktd.receipt import (MAX_AMOUNT, OPERATIONS, PAYMENT_METHODS, PAYMENT_OBJECTS, PAYMENT_TYPES, TAXATIONS,
+from kktd.receipt import (MAX_AMOUNT, MEASURES, OPERATIONS, PAYMENT_METHODS, PAYMENT_OBJECTS, PAYMENT_TYPES, TAXATIONS,
                           VAT_RATES, Receipt, ReceiptInvalid, parse_receipt, sample_receipt, validate_receipt)
 
 JSON_VALUES = st.recursive(
@@ -53,6 +53,8 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
                             "vat": draw(mostly(st.sampled_from(sorted(VAT_RATES)), st.text(max_size=6))),
                             "payment_method": draw(st.sampled_from(sorted(PAYMENT_METHODS))),
                             "payment_object": draw(st.sampled_from(sorted(PAYMENT_OBJECTS)))}
+    if draw(st.sampled_from([False, False, True])):
+        item["measure"] = draw(mostly(st.sampled_from(sorted(MEASURES)), st.none() | st.text(max_size=8)))
     if draw(st.booleans()):
         try:
             milli, _ = receipt_module._quantity(quantity, "q")

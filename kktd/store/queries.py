@@ -21,7 +21,7 @@ SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 _ROW_COLUMNS = (
     "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
     "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at, fn_number, shift_number, receipt_number, "
-    "kkt_registration_number, ofd_receipt_url, external_id, registrations, upstream_ref, submitted_ms"
+    "kkt_registration_number, ofd_receipt_url, external_id, registrations, upstream_ref, submitted_ms, seq"
 )
 # A receipt is registered under its idempotency key until the upstream says a document was not registered;
 # then under this derived id ('~' never occurs in a key, so it can never be another receipt's key).
@@ -31,14 +31,14 @@ REREGISTRATION_SEPARATOR = "~"
 def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
     (receipt_id, key, body, total, status, attempts, last_error, accepted_ms, updated_ms, sent_ms, fdn, sign,
      received, fn_number, shift, receipt_number, kkt_number, receipt_url, external_id, registrations,
-     reference, submitted_ms) = row
+     reference, submitted_ms, seq) = row
     fiscal = None
     if status == ReceiptStatus.SENT:
         fiscal = FiscalRecord(fdn, sign, received, sent_ms, fn_number, shift, receipt_number, kkt_number,
                               receipt_url)
     registration = Registration(external_id or key, registrations, reference, submitted_ms)
     return ReceiptRow(receipt_id, key, body, total, ReceiptStatus(status), attempts, last_error, accepted_ms,
-                      updated_ms, fiscal, registration)
+                      updated_ms, fiscal, registration, seq)
 
 
 async def count_by_status(conn: aiosqlite.Connection) -> Counts:
@@ -59,6 +59,20 @@ async def receipt(conn: aiosqlite.Connection, receipt_id: str) -> ReceiptRow | N
 async def dead_letters(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[ReceiptRow]:
     rows = await fetch_all(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE status = 'failed' AND seq > ? "
                                  f"ORDER BY seq LIMIT ?", (after_seq, limit))
+    return [_receipt_row(row) for row in rows]
+
+
+async def accepted_between(conn: aiosqlite.Connection, since_ms: int, until_ms: int | None, after_id: str | None,
+                           limit: int) -> list[ReceiptRow]:
+    """Receipts accepted in [since_ms, until_ms), in id order, after `after_id` (keyset paging). A receipt
+    id starts with its acceptance time in milliseconds as 12 hex digits (writer.new_receipt_ids), so the
+    range is a scan of the receipt_id index, never of the table; accepted_ms is checked as well."""
+    low = after_id if after_id is not None else f"{since_ms:012x}"
+    high = f"{until_ms:012x}" if until_ms is not None else "g"  # "g" sorts after every hex digit
+    rows = await fetch_all(
+        conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE receipt_id > ? AND receipt_id < ? "
+              f"AND accepted_ms >= ? AND accepted_ms < ? ORDER BY receipt_id LIMIT ?",
+        (low, high, since_ms, until_ms if until_ms is not None else 2**62, limit))
     return [_receipt_row(row) for row in rows]
 
 

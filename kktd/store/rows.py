@@ -51,6 +51,7 @@ class ReceiptRow:
     updated_ms: int
     fiscal: FiscalRecord | None  # set once sent
     registration: Registration
+    seq: int = 0  # position in the store: what paging (after_seq) continues from
 
 
 @dataclass(frozen=True, slots=True)

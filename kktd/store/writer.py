@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -38,6 +38,9 @@ from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, Receipt
                              SubmittedReceipt)
 from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
 
+if TYPE_CHECKING:
+    from kktd.metrics import Metrics
+
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
@@ -48,6 +51,8 @@ WAL_MAX_FRAMES = 16384  # 64 MiB: past this the writer finishes the checkpoint e
 SLOW_COMMIT_S = 0.001  # a group commit slower than this is a slow flush
 GATHER_SHARE = 0.2  # wait at most this share of the last commit's duration for more receipts...
 GATHER_MAX_S = 0.002  # ...and never longer than this
+UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
+STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -112,7 +117,8 @@ class _Checkpointer:
 
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool, checkpoint_conn: aiosqlite.Connection) -> None:
+                 checked_at_open: bool, checkpoint_conn: aiosqlite.Connection,
+                 oldest_unsent_ms: int | None = None) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -137,6 +143,10 @@ class Store:
         self._gathered = asyncio.Event()
         self._changes_at_checkpoint = 0
         self.writer_checkpoints = 0
+        # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
+        # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
+        self.oldest_unsent_known_ms = oldest_unsent_ms
+        self.metrics: Metrics | None = None  # set by kktd.app.assemble
 
     # ---- lifecycle ----
 
@@ -165,6 +175,7 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
+            oldest = await queries.oldest_unsent_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise schema.classify_open_error(exc, path) from exc
@@ -180,7 +191,7 @@ class Store:
             await conn.close()
             raise StorageUnavailable(f"cannot open database {path} for checkpoints: {exc}") from exc
         store = cls(path, max_pending, conn, counts, checked_at_open=not clean,
-                    checkpoint_conn=checkpoint_conn)
+                    checkpoint_conn=checkpoint_conn, oldest_unsent_ms=oldest)
         loop = asyncio.get_running_loop()
         store._writer = loop.create_task(store._write_loop(), name="kktd-db-writer")
         store._checkpointer.task = loop.create_task(store._checkpointer.run(), name="kktd-db-checkpointer")
@@ -319,6 +330,10 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.run(lambda conn: queries.receipt(conn, receipt_id))
 
+    async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
+                                        limit: int) -> list[ReceiptRow]:
+        return await self.run(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
+
     async def oldest_unsent_ms(self) -> int | None:
         """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
         return await self.run(queries.oldest_unsent_ms)
@@ -376,6 +391,8 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> list[str]:
             moved = await queries.record_attempt_failure(conn, now_ms(), receipt_ids, reason, max_attempts, strike)
             self.counts.move(ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
+            if moved:
+                await self._refresh_oldest(conn)
             return moved
 
         return await self.run(job)
@@ -400,9 +417,16 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> int:
             changed = await update(conn)
             self.counts.move(source, target, changed)
+            if changed and (source in UNSENT) != (target in UNSENT):
+                await self._refresh_oldest(conn)
             return changed
 
         return await self.run(job)
+
+    async def _refresh_oldest(self, conn: aiosqlite.Connection) -> None:
+        """After rows left or joined the unsent ones: lookups on the partial indexes, inside the job that
+        moved them."""
+        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
 
     # ---- the writer ----
 
@@ -538,6 +562,13 @@ class Store:
             self.commits += 1
             self.committed_rows += len(inserted)
             self.last_intake_monotonic = time.monotonic()
+            if self.oldest_unsent_known_ms is None and inserted:
+                self.oldest_unsent_known_ms = stamp
+            if self.metrics is not None:
+                self.metrics.group_committed(len(inserted))
+            if inserted:
+                _log_accepted_chunks([(ids[id(i)], i.receipt.idempotency_key) for i in candidates
+                                    if ids[id(i)] in inserted])
         missing = [i.receipt.idempotency_key for i in intakes
                    if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
         lookup_failed: StorageUnavailable | None = None
@@ -558,6 +589,20 @@ class Store:
             else:
                 results.append(lookup_failed or BufferFull(self.max_pending))
         return results
+
+
+def _log_accepted_chunks(accepted: list[tuple[str, str]]) -> None:
+    """One journal entry per group commit (in chunks of STORY_CHUNK), carrying every receipt id and key
+    of the group (journald fields may repeat): `journalctl RECEIPT_ID=<id>` finds it, at a cost per commit
+    rather than per receipt."""
+    for start in range(0, len(accepted), STORY_CHUNK):
+        chunk = accepted[start:start + STORY_CHUNK]
+        first, last = chunk[0][0], chunk[-1][0]
+        what = first if len(accepted) == 1 else (
+            f"{len(chunk)} receipts in one commit: {first} .. {last}" if len(chunk) == len(accepted) else
+            f"{len(chunk)} of {len(accepted)} receipts in one commit: {first} .. {last}")
+        log.info("accepted %s", what, extra={"receipt_id": [receipt_id for receipt_id, _ in chunk],
+                                            "idempotency_key": [key for _, key in chunk]})
 
 
 def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:

@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
+from kktd.metrics import Metrics, RequestOutcome
 from kktd.store import PendingReceipt, ReceiptStatus, Store, SubmittedReceipt
 from kktd.sync.breaker import BreakerState, CircuitBreaker
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
@@ -114,9 +115,11 @@ class ManualCycle:
 
 class SyncLoop:
     def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
-                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None) -> None:
         self.store = store
         self.upstream = upstream
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
+        self.metrics.prepare_upstream(upstream.name)
         self.breaker = breaker
         self.config = config
         self.stats = SyncStats()
@@ -136,6 +139,19 @@ class SyncLoop:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def replace_upstream(self, upstream: Upstream) -> Upstream:
+        """Deliver through `upstream` from the next batch on (a reload changed its URL or credentials).
+        Returns the previous one, which batches already on the wire may still use: close it only after
+        `idle()`."""
+        previous, self.upstream = self.upstream, upstream
+        self.metrics.prepare_upstream(upstream.name)
+        return previous
+
+    async def idle(self) -> None:
+        """Wait until no delivery cycle runs (the cycle lock is free), then return at once."""
+        async with self._cycle_lock:
+            pass
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -242,6 +258,7 @@ class SyncLoop:
         seconds = state.next_action.sleep if state.next_action else 0.0
         self.stats.retry_at_monotonic = self._clock() + seconds
         exc = state.outcome.exception() if state.outcome else None
+        self.metrics.upstream_retry(self.upstream.name)
         if isinstance(exc, StorageUnavailable):
             self._note_error(f"storage unavailable: {exc}")
         log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
@@ -318,13 +335,22 @@ class SyncLoop:
             raise CircuitOpen(self.breaker.retry_after())
         outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.external_id, r.accepted_ms, r.body)
                     for r in batch]
+        name = self.upstream.name
+        started = time.perf_counter()
         try:
             outcomes = await self.upstream.submit(outgoing)
         except UpstreamUnavailable as exc:
+            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
+            # Each attempt is part of each receipt's story (journalctl RECEIPT_ID=...): one entry per batch.
+            log.info("delivery of %d receipts to %s failed: %s", len(batch), name, exc,
+                     extra={"receipt_id": [r.receipt_id for r in batch], "upstream": name,
+                            "upstream_status": exc.reason})
             self.breaker.record_failure()
             self._note_error(f"{self.upstream.name} unavailable: {exc}")
             await self._count_failure([r.receipt_id for r in batch], exc)
             raise
+        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
+        self.metrics.upstream_outcomes(name, outcomes)
         self.breaker.record_success()
         self.policy.on_success(generation)
         return await self._record(outcomes)
@@ -339,21 +365,38 @@ class SyncLoop:
             self.policy.on_answered(answered)
         for failure in undelivered:
             # The upstream answered others of this call: this receipt's own call failed, alone.
+            log.info("delivery of receipt %s to %s failed: %s", failure.receipt_id, self.upstream.name,
+                     failure.error, extra={"receipt_id": failure.receipt_id, "upstream": self.upstream.name,
+                                           "upstream_status": failure.error.reason})
             self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
             await self._count_failure([failure.receipt_id], failure.error)
         return self._tally(outcomes, submitted=len(registered))
 
     def _tally(self, outcomes: Sequence[SubmitOutcome | PollOutcome], submitted: int = 0) -> CycleResult:
         refused = [o for o in outcomes if isinstance(o, Refused)]
-        for rejection in refused:
-            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
-                        rejection.receipt_id, self.upstream.name, rejection.code, rejection.message)
+        self._tell(outcomes)
         delivered = sum(1 for o in outcomes if isinstance(o, Fiscalized))
         self._clear_operator_action()
         self.stats.last_success_ms = now_ms()
         self.stats.delivered_total += delivered
         self.stats.rejected_total += len(refused)
         return CycleResult(delivered, len(refused), 1, submitted)
+
+    def _tell(self, outcomes: Sequence[SubmitOutcome | PollOutcome]) -> None:
+        """Each receipt's part of a call's answer, in its story (journalctl RECEIPT_ID=...): one entry per
+        kind of outcome, naming every receipt; a refusal, one entry per receipt with its code."""
+        name = self.upstream.name
+        for kind, status, text in ((Fiscalized, "fiscalized", "fiscalized by"),
+                                   (Registered, "registered", "registered (result pending) by")):
+            ids = [o.receipt_id for o in outcomes if isinstance(o, kind)]
+            if ids:
+                log.info("%d receipts %s %s", len(ids), text, name,
+                         extra={"receipt_id": ids, "upstream": name, "upstream_status": status})
+        for rejection in (o for o in outcomes if isinstance(o, Refused)):
+            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
+                        rejection.receipt_id, name, rejection.code, rejection.message,
+                        extra={"receipt_id": rejection.receipt_id, "upstream": name, "upstream_status": "refused",
+                               "error_code": rejection.code})
 
     # ---- two-phase upstreams: asking for the results of registered documents ----
 
@@ -376,16 +419,23 @@ class SyncLoop:
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
         ids = [r.receipt_id for r in due]
+        name = self.upstream.name
+        started = time.perf_counter()
         try:
             outcomes = await self.upstream.poll([AwaitingResult(r.receipt_id, r.external_id, r.reference)
                                                  for r in due])
         except UpstreamUnavailable as exc:
+            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
+            log.info("asking %s for the result of %d receipts failed: %s", name, len(ids), exc,
+                     extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason})
             self.breaker.record_failure()
             self.polls.polled(ids)
             self._note_error(f"{self.upstream.name} unavailable: {exc}")
             if exc.operator_action is not None:
                 self._needs_operator(exc.operator_action)
             raise
+        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
+        self.metrics.upstream_outcomes(name, outcomes)
         self.breaker.record_success()
         self.polls.polled(ids)
         await self.store.settle(outcomes, ReceiptStatus.SUBMITTED)
@@ -393,7 +443,9 @@ class SyncLoop:
         self.polls.forget(finished)
         for failed in (o for o in outcomes if isinstance(o, NotRegistered)):
             log.warning("receipt %s was not registered by %s (%s: %s); registering it again under a new "
-                        "external id", failed.receipt_id, self.upstream.name, failed.code, failed.message)
+                        "external id", failed.receipt_id, self.upstream.name, failed.code, failed.message,
+                        extra={"receipt_id": failed.receipt_id, "upstream": name,
+                               "upstream_status": "not_registered", "error_code": failed.code})
         for failure in (o for o in outcomes if isinstance(o, Undelivered)):
             self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
         return self._tally(outcomes)
@@ -408,7 +460,9 @@ class SyncLoop:
         self.policy.forget(moved)
         for receipt_id in moved:
             log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
-                      receipt_id, self.config.max_attempts, exc.reason)
+                      receipt_id, self.config.max_attempts, exc.reason,
+                      extra={"receipt_id": receipt_id, "upstream": self.upstream.name,
+                             "upstream_status": exc.reason, "error_code": "max_attempts"})
         self.stats.dead_lettered_total += len(moved)
 
     def _needs_operator(self, action: str) -> None:

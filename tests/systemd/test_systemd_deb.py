@@ -35,6 +35,7 @@ UPGRADE_LOAD_MAX = 12000
 # Commands an operator runs on the till; each must exit 0 against the freshly installed kktd.
 OPERATOR_COMMANDS: list[list[str]] = [
     ["kktd", "check-config"],  # the shipped kktd.toml is valid as is
+    ["kktd", "status"],  # the operator CLI answers from the running daemon (exit 0: all well)
 ]
 
 

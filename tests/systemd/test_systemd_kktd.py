@@ -66,8 +66,9 @@ def test_start_returns_after_ready_with_status_and_leveled_journal(kktd: KktdUni
     entries = [e for e in kktd.journal() if e.get("_PID") == main_pid]
     ready = [e for e in entries if "ready: listening on" in str(e.get("MESSAGE"))]
     assert len(ready) == 1 and ready[0]["PRIORITY"] == "6", entries
-    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("kktd.store: buffer open")]
-    assert opened and opened[0]["PRIORITY"] == "6", entries
+    # Native journal protocol: the logger is a field of its own, the message is the event alone.
+    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("buffer open")]
+    assert opened and opened[0]["PRIORITY"] == "6" and opened[0]["LOGGER"] == "kktd.store", entries
     # journald consumed the <N> prefixes as priorities instead of showing them.
     assert not [e for e in entries if re.match(r"<\d>", str(e.get("MESSAGE")))]
 
