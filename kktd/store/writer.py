@@ -306,6 +306,7 @@ class Store:
 
     async def _recount(self, conn: aiosqlite.Connection) -> None:
         self.counts = await queries.count_by_status(conn)
+        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
 
     # ---- every other operation is a job, run between transactions ----
 
