@@ -6,16 +6,20 @@ kopecks exactly and a fiscal document must add up to the kopeck.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from kktd.safetext import escape, forbidden_character, quoted
+
 
 MAX_AMOUNT = 10**12  # exclusive upper bound for every amount, in kopecks
 MAX_ITEMS = 100
 MAX_PAYMENTS = 10
+MAX_INTEGER_DIGITS = 32  # in a JSON body; the largest amount has 12
 
 OPERATIONS = frozenset({"sale", "sale_refund", "purchase", "purchase_refund"})  # tag 1054
 TAXATIONS = frozenset({"osn", "usn_income", "usn_income_outcome", "esn", "patent"})  # tag 1055
@@ -42,9 +46,6 @@ QUANTITY_RE = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.([0-9]{1,3}))?")
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
 PHONE_RE = re.compile(r"\+7[0-9]{10}")
 INN_RE = re.compile(r"[0-9]{12}")
-CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
-# JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no character, and not encodable.
-SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class ReceiptInvalid(Exception):
@@ -75,13 +76,63 @@ class Receipt:
 
 
 def parse_receipt(body: bytes, header_key: str | None) -> Receipt:
-    """Parse and validate a request body; raise ReceiptInvalid (MalformedBody for bad JSON) on the first
-    violation."""
+    """Parse and validate a request body; raise ReceiptInvalid (MalformedBody for a body that is not a
+    UTF-8 JSON document with unique keys) on the first violation."""
+    return validate_receipt(decode_json(body), header_key)
+
+
+# RFC 8259 §8.1: JSON exchanged between systems is UTF-8, without a byte order mark. json.loads(bytes) would
+# also detect and accept UTF-16 and UTF-32 and skip a UTF-8 BOM: a body that a strict proxy and kktd read
+# differently is refused instead.
+BYTE_ORDER_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF8, codecs.BOM_UTF16_LE,
+                    codecs.BOM_UTF16_BE)
+
+
+def decode_json(body: bytes) -> Any:
+    """The JSON document in `body`: UTF-8, no byte order mark, no NaN/Infinity, no key twice in one object."""
+    if body.startswith(BYTE_ORDER_MARKS):
+        raise MalformedBody("invalid_encoding", "request body starts with a byte order mark: send UTF-8 JSON "
+                            "without one (RFC 8259)")
+    if b"\x00" in body:
+        # Never in UTF-8 JSON (a NUL inside a string must be escaped): the body is UTF-16 or UTF-32.
+        raise MalformedBody("invalid_encoding", "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 "
+                            "JSON is accepted (RFC 8259)")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody("invalid_json", f"request body is not valid JSON: {exc}") from None
-    return validate_receipt(data, header_key)
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("invalid_encoding", f"request body is not valid UTF-8 (at byte {exc.start}): "
+                            f"only UTF-8 JSON is accepted (RFC 8259)") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_int=_integer)
+    except RecursionError:
+        raise MalformedBody("nesting_too_deep", "request body nests arrays or objects too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and the integer digit limit of int()
+        raise MalformedBody("invalid_json", f"request body is not valid JSON: {escape(str(exc))}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys are legal JSON syntax, but parsers disagree about which one wins: a proxy that checks
+    the first idempotency_key and kktd that stored the last would not be talking about the same receipt."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedBody("duplicate_key", f"key {quoted(key)} appears more than once in one object")
+            seen.add(key)
+    return obj
+
+
+def _integer(digits: str) -> int:
+    # No amount has more than 12 digits; a longer number is refused before int() spends time on it.
+    if len(digits) > MAX_INTEGER_DIGITS:
+        raise MalformedBody("number_too_large", f"request body holds an integer of {len(digits)} digits "
+                            f"(at most {MAX_INTEGER_DIGITS})")
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise MalformedBody("invalid_json", f"{name} is not a JSON number (RFC 8259)")
 
 
 def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
@@ -204,7 +255,7 @@ def _cashier(cashier: Any) -> dict[str, str]:
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
         raise ReceiptInvalid("invalid_type", "customer_contact must be a string", "customer_contact")
-    if len(contact) > 64 or SURROGATE_RE.search(contact) or not (
+    if len(contact) > 64 or forbidden_character(contact) is not None or not (
             EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
         raise ReceiptInvalid(
             "invalid_contact",
@@ -255,10 +306,10 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
         raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len or not value.strip():
         raise ReceiptInvalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
-    if CONTROL_CHARS_RE.search(value):
-        raise ReceiptInvalid("invalid_value", f"{path} must not contain control characters", path)
-    if SURROGATE_RE.search(value):
-        raise ReceiptInvalid("invalid_value", f"{path} must be valid Unicode text (it holds a lone surrogate)", path)
+    bad = forbidden_character(value)
+    if bad is not None:
+        raise ReceiptInvalid("invalid_value", f"{path} must not hold control, bidirectional-override or "
+                             f"other invisible formatting characters (it holds {bad})", path)
     return value
 
 
@@ -289,7 +340,8 @@ def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
 def _reject_unknown(obj: dict[str, Any], allowed: frozenset[str], parent: str) -> None:
     unknown = obj.keys() - allowed
     if unknown:
-        name = sorted(unknown)[0]
+        # The name is the client's: escaped and cut short in both the message and the field path.
+        name = escape(min(unknown), limit=64)
         path = _join(parent, name)
         raise ReceiptInvalid("unknown_field", f"{path} is not a known field", path)
 
