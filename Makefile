@@ -13,7 +13,7 @@ RUN_PACKAGES   := python3-venv
 TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
 
-.PHONY: run test bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+.PHONY: run test fuzz bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -49,6 +49,14 @@ run: $(STAMP)
 
 test: $(STAMP) prereqs-test verify-units
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The long fuzz run: every fuzzer of the suite with KKTD_FUZZ_EXAMPLES cases per test (make test runs a
+# fixed, derandomized few thousand). Randomized; a failure prints its seed, KKTD_FUZZ_SEED=N repeats it.
+FUZZ_TESTS        := tests/test_fuzz_receipt.py tests/test_fuzz_live.py tests/test_schemathesis.py
+KKTD_FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) prereqs-test
+	KKTD_FUZZ_EXAMPLES=$(KKTD_FUZZ_EXAMPLES) $(VPY) -m pytest $(FUZZ_TESTS) \
+	  $(if $(KKTD_FUZZ_SEED),--hypothesis-seed=$(KKTD_FUZZ_SEED)) $(PYTEST_ARGS)
 
 verify-units: $(STAMP) prereqs-test
 	systemd/verify-units.sh
