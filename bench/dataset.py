@@ -1,9 +1,9 @@
 """Prepared buffer databases (N pending + M sent receipts), written through kktd's own storage code.
 
 Receipts are generated like bench/receipts.lua generates them (2-5 items, Cyrillic names, matching
-payments), validated by kktd.receipt.validate_receipt and stored with kktd.buffer.Buffer.accept (group
+payments), validated by kktd.receipt.validate_receipt and stored with kktd.store.Store.accept (group
 commit, exactly the path the HTTP intake takes minus HTTP); the sent ones are then acknowledged with
-Buffer.settle, as the sync loop does after an OFD answer. The result is cached under bench/results/, keyed by
+Store.settle, as the sync loop does after an OFD answer. The result is cached under bench/results/, keyed by
 kktd's SCHEMA_VERSION, and never used directly: every run works on a copy.
 """
 
@@ -19,11 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kktd.buffer import SCHEMA_VERSION, Accepted, Buffer, Delivered
+from kktd.store import SCHEMA_VERSION, Accepted, Store
+from kktd.upstreams.base import FiscalData, Fiscalized
 from kktd.receipt import validate_receipt
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CHUNK = 512  # concurrent intakes in flight: one full group commit (kktd.buffer.MAX_GROUP)
+CHUNK = 512  # concurrent intakes in flight: one full group commit (kktd.store.writer.MAX_GROUP)
 SETTLE_CHUNK = 5000
 
 NAMES = (
@@ -104,14 +105,14 @@ def copy_to(source: Path, target: Path) -> None:
 
 
 async def _build(path: Path, pending: int, sent: int) -> None:
-    buffer = await Buffer.open(path, max_pending=pending + sent + 1)
+    buffer = await Store.open(path, max_pending=pending + sent + 1)
     try:
         rng = random.Random(20261124)
         # The sent receipts are the older ones, as in a real buffer: insert and acknowledge them first.
         sent_ids = await _insert(buffer, rng, "sent", sent)
         for start in range(0, len(sent_ids), SETTLE_CHUNK):
             await buffer.settle([_ack(receipt_id, start + i) for i, receipt_id in
-                                 enumerate(sent_ids[start:start + SETTLE_CHUNK])], [])
+                                 enumerate(sent_ids[start:start + SETTLE_CHUNK])])
         await _insert(buffer, rng, "pending", pending)
         if (buffer.counts.pending, buffer.counts.sent) != (pending, sent):
             raise RuntimeError(f"prepared buffer holds {buffer.counts}, wanted pending={pending} sent={sent}")
@@ -119,7 +120,7 @@ async def _build(path: Path, pending: int, sent: int) -> None:
         await buffer.close()
 
 
-async def _insert(buffer: Buffer, rng: random.Random, label: str, count: int) -> list[str]:
+async def _insert(buffer: Store, rng: random.Random, label: str, count: int) -> list[str]:
     ids: list[str] = []
     for start in range(0, count, CHUNK):
         receipts = [validate_receipt(receipt(f"prep-{label}-{n}", rng))
@@ -132,10 +133,10 @@ async def _insert(buffer: Buffer, rng: random.Random, label: str, count: int) ->
     return ids
 
 
-def _ack(receipt_id: str, number: int) -> Delivered:
+def _ack(receipt_id: str, number: int) -> Fiscalized:
     stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return Delivered(receipt_id, fiscal_document_number=number + 1,
-                     fiscal_sign=f"{number * 7919 % 10**10:010d}", ofd_received_at=stamp)
+    return Fiscalized(receipt_id, FiscalData(fiscal_document_number=number + 1,
+                                             fiscal_sign=f"{number * 7919 % 10**10:010d}", registered_at=stamp))
 
 
 def _checkpoint(path: Path) -> None:

@@ -450,7 +450,7 @@ def section_luacount(ctx: Context) -> None:
 def prepared(ctx: Context, pending: int, sent: int) -> Path:
     path, built_s = dataset.ensure(pending, sent)
     if built_s is not None:
-        print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.buffer "
+        print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.store "
               f"in {built_s:.1f}s (cached for the next run)", flush=True)
         ctx.results.setdefault("prepared", {})[path.name] = {"seconds": built_s}
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -11,9 +12,10 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from kktd.buffer import Accepted, Buffer, Conflict, rfc3339
+from kktd.clock import rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
+from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 
 if TYPE_CHECKING:
     from kktd.config import Config
@@ -36,11 +38,10 @@ class Services:
     """What the handlers may use; the daemon owns all of it."""
 
     config: Config
-    buffer: Buffer
+    store: Store
     sync: SyncLoop | None = None
     intake_open: bool = True
     task_failures: dict[str, str] = field(default_factory=dict)
-    faults_enabled: bool = False
     started_monotonic: float = field(default_factory=time.monotonic)
 
 
@@ -109,9 +110,9 @@ async def post_receipt(request: web.Request) -> web.Response:
     if not services.intake_open:
         raise ApiError(503, "shutting_down", "kktd is stopping; retry in a moment",
                        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)})
-    if services.buffer.damage is not None:
+    if services.store.damage is not None:
         raise ApiError(503, "storage_unavailable", f"the database is damaged, nothing is accepted: "
-                       f"{services.buffer.damage}")
+                       f"{services.store.damage}")
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
     if request.content_type != "application/json":
@@ -120,7 +121,7 @@ async def post_receipt(request: web.Request) -> web.Response:
     body = await request.read()
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
     try:
-        result = await services.buffer.accept(receipt)
+        result = await services.store.accept(receipt)
     except BufferFull as exc:
         raise ApiError(503, "buffer_full", f"{exc}; nothing was stored, retry later",
                        headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
@@ -149,31 +150,31 @@ def _accepted_response(result: Accepted, key: str, services: Services) -> web.Re
 
 async def get_receipt(request: web.Request) -> web.Response:
     receipt_id = request.match_info["receipt_id"]
-    row = await _storage(request.app[SERVICES].buffer.get(receipt_id))
+    row = await _storage(request.app[SERVICES].store.get(receipt_id))
     if row is None:
         raise ApiError(404, "not_found", f"no receipt {receipt_id}")
     return json_response(present_receipt(row))
 
 
-def present_receipt(row: dict[str, Any]) -> dict[str, Any]:
+def present_receipt(row: ReceiptRow) -> dict[str, Any]:
     result: dict[str, Any] = {
-        "receipt_id": row["receipt_id"],
-        "idempotency_key": row["idempotency_key"],
-        "status": row["status"],
-        "total": row["total"],
-        "attempts": row["attempts"],
-        "last_error": row["last_error"],
-        "accepted_at": rfc3339(row["accepted_ms"]),
-        "updated_at": rfc3339(row["updated_ms"]),
-        "receipt": json.loads(row["body"]),
+        "receipt_id": row.receipt_id,
+        "idempotency_key": row.idempotency_key,
+        "status": row.status,
+        "total": row.total,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "accepted_at": rfc3339(row.accepted_ms),
+        "updated_at": rfc3339(row.updated_ms),
+        "receipt": json.loads(row.body),
         "ofd": None,
     }
-    if row["status"] == "sent":
+    if row.fiscal is not None:
         result["ofd"] = {
-            "fiscal_document_number": row["fiscal_document_number"],
-            "fiscal_sign": row["fiscal_sign"],
-            "ofd_received_at": row["ofd_received_at"],
-            "sent_at": rfc3339(row["sent_ms"]),
+            "fiscal_document_number": row.fiscal.fiscal_document_number,
+            "fiscal_sign": row.fiscal.fiscal_sign,
+            "ofd_received_at": row.fiscal.ofd_received_at,
+            "sent_at": rfc3339(row.fiscal.sent_ms),
         }
     return result
 
@@ -194,21 +195,21 @@ async def buffer_status(request: web.Request) -> web.Response:
 
 
 async def collect_status(services: Services) -> dict[str, Any]:
-    buffer = services.buffer
-    counts = buffer.counts
-    oldest_ms = await _storage(buffer.oldest_pending_ms())
+    store = services.store
+    counts = store.counts
+    oldest_ms = await _storage(store.oldest_pending_ms())
     oldest_age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else None
     status: dict[str, Any] = {
         "counts": {"pending": counts.pending, "sent": counts.sent, "failed": counts.failed},
-        "capacity": buffer.max_pending,
-        "fill_ratio": round(counts.undelivered / buffer.max_pending, 6),
+        "capacity": store.max_pending,
+        "fill_ratio": round(counts.undelivered / store.max_pending, 6),
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
         "oldest_pending_alarm": services.config.pending_alarm(oldest_age),
-        "db_size_bytes": await buffer.size_bytes(),
-        "writer": {"commits": buffer.commits, "rows_committed": buffer.committed_rows},
+        "db_size_bytes": await store.size_bytes(),
+        "writer": {"commits": store.commits, "rows_committed": store.committed_rows},
     }
     if services.sync is not None:
-        status["sync"] = services.sync.describe()
+        status["sync"] = dataclasses.asdict(services.sync.status())
     return status
 
 
@@ -216,25 +217,25 @@ async def sync_now(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if services.sync is None:
         raise ApiError(503, "sync_unavailable", "the sync loop is not running")
-    return json_response(await services.sync.run_once_now())
+    return json_response(dataclasses.asdict(await services.sync.run_once_now()))
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit", 100, 1, DLQ_PAGE_MAX)
     after = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
-    rows = await _storage(request.app[SERVICES].buffer.dead_letters(limit, after))
+    rows = await _storage(request.app[SERVICES].store.dead_letters(limit, after))
     return json_response({"dead_letters": [present_receipt(row) for row in rows], "count": len(rows)})
 
 
 async def requeue_dead_letter(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     receipt_id = request.match_info["receipt_id"]
-    changed = await _storage(services.buffer.requeue(receipt_id))
+    changed = await _storage(services.store.requeue(receipt_id))
     if not changed:
-        row = await _storage(services.buffer.get(receipt_id))
+        row = await _storage(services.store.get(receipt_id))
         if row is None:
             raise ApiError(404, "not_found", f"no receipt {receipt_id}")
-        raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row['status']}, not failed")
+        raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
     log.info("receipt %s requeued from the dead-letter list", receipt_id)
     if services.sync is not None:
         services.sync.wake()
@@ -259,14 +260,14 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
 async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     problems: list[str] = [f"task {name} crashed: {why}" for name, why in services.task_failures.items()]
-    if services.buffer.damage is not None:
-        problems.append(f"database damaged: {services.buffer.damage}")
+    if services.store.damage is not None:
+        problems.append(f"database damaged: {services.store.damage}")
     try:
-        await asyncio.wait_for(services.buffer.ping(), HEALTH_TIMEOUT_S)
+        await asyncio.wait_for(services.store.ping(), HEALTH_TIMEOUT_S)
     except (StorageUnavailable, asyncio.TimeoutError) as exc:
         problems.append(f"database does not answer: {exc or 'timeout'}")
     warnings: list[str] = []
-    body: dict[str, Any] = {"pending": services.buffer.counts.pending,
+    body: dict[str, Any] = {"pending": services.store.counts.pending,
                             "uptime_s": round(time.monotonic() - services.started_monotonic, 3)}
     if not problems:
         status = await collect_status(services)
@@ -280,31 +281,12 @@ async def health(request: web.Request) -> web.Response:
         if "sync" in status:
             body["sync"] = status["sync"]
             if status["sync"]["breaker"] != "closed":
-                warnings.append(f"OFD circuit breaker is {status['sync']['breaker']}")
+                warnings.append(f"upstream circuit breaker is {status['sync']['breaker']}")
     if problems:
         body.update(status="error", problems=problems, warnings=warnings)
         return json_response(body, 503)
     body.update(status="warning" if warnings else "ok", warnings=warnings)
     return json_response(body)
-
-
-# ---- test-only faults ----
-
-async def inject_fault(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    try:
-        fault = (await request.json()).get("fault")
-    except (ValueError, AttributeError):
-        raise ApiError(400, "invalid_json", "body must be {\"fault\": ...}") from None
-    if fault == "wedge_writer":
-        services.buffer.wedge_writer()
-    elif fault == "block_loop":
-        # Blocking the loop on purpose is the fault: the watchdog must catch it.
-        asyncio.get_running_loop().call_later(0.05, time.sleep, 3600)
-    else:
-        raise ApiError(422, "invalid_value", "fault must be wedge_writer or block_loop", "fault")
-    log.warning("test fault injected: %s", fault)
-    return json_response({"fault": fault}, 202)
 
 
 def create_app(services: Services) -> web.Application:
@@ -317,6 +299,4 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/kkt/dlq", list_dead_letters)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
     app.router.add_get("/v1/health", health)
-    if services.faults_enabled:
-        app.router.add_post("/v1/test/fault", inject_fault)
     return app

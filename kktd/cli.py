@@ -8,10 +8,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from kktd import __version__, config as config_module, logs
 from kktd.errors import ConfigError, CorruptDatabase, StorageUnavailable
+
+if TYPE_CHECKING:
+    from kktd.daemon import Extension
 
 log = logging.getLogger("kktd")
 
@@ -25,7 +28,7 @@ EX_CONFIG = 78
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kktd", description="Fiscal receipt buffer and OFD forwarder.")
+    parser = argparse.ArgumentParser(prog="kktd", description="Fiscal receipt buffer and upstream forwarder.")
     parser.add_argument("--version", action="version", version=f"kktd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
@@ -39,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extension: Extension | None = None) -> int:
+    """`extension` adds to the assembled daemon before it serves (only the test-only entry point sets it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mock-ofd"]:
-        from kktd import mock_ofd
+        from kktd_mocks import ofd  # a development tool, not part of the daemon
 
-        return mock_ofd.main(argv[1:])
+        return ofd.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "check-db":
         return check_db(args.path)
@@ -57,16 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
         return EX_OK
     logs.setup(config.log_level)
-    return serve(config)
+    return serve(config, extension)
 
 
-def serve(config: config_module.Config) -> int:
+def serve(config: config_module.Config, extension: Extension | None = None) -> int:
     from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
 
     if config.embedded_mock_ofd:
         _print_welcome(config)
     try:
-        return asyncio.run(Daemon(config).run())
+        return asyncio.run(Daemon(config, extension).run())
     except CorruptDatabase as exc:
         log.critical("%s; kktd will not start on it and will not replace it. Inspect it with "
                      "`kktd check-db %s`, restore a backup or move it aside.", exc, config.db)
@@ -83,7 +87,7 @@ def serve(config: config_module.Config) -> int:
 
 
 def check_db(path: Path) -> int:
-    from kktd.buffer import check_database
+    from kktd.store import check_database
 
     problems = check_database(path)
     if problems:

@@ -1,29 +1,29 @@
 """Configuration: one TOML file, overridden by KKTD_* environment variables, overridden by CLI flags.
 
-Every option is declared once in OPTIONS; the file keys, the environment names and the flags are derived from
-it, so the three sources can never drift apart. Each bad value is reported with the key and where it came from.
+Every option is declared once (kktd/options.py): the common ones in COMMON_OPTIONS, each upstream's own in
+its module. The file keys, the environment names and the flags are derived from that one table, so the three
+sources can never drift apart. Each bad value is reported with the key and where it came from.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
-
-from yarl import URL
+from typing import Any, Mapping
 
 from kktd.errors import ConfigError
+from kktd.options import (DAY, ENV_PREFIX, Option, boolean, duration_in, file_path, int_in, mask_url,
+                          one_of)
+from kktd.upstreams import DEFAULT_UPSTREAM, REGISTRY, UpstreamSettings, upstream_options
+
+__all__ = ["Config", "ConfigError", "OPTIONS", "add_arguments", "load", "mask_url"]
 
 DEFAULT_CONFIG_PATH = Path("/etc/kktd/kktd.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/kktd")
-ENV_PREFIX = "KKTD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,14 @@ class Config:
     listen_host: str
     listen_port: int
     db: Path
-    ofd_url: str
+    upstream: str
+    upstream_settings: UpstreamSettings  # the chosen upstream's own typed settings
     max_pending: int
     log_level: str
     batch_size: int
     sync_interval: float
     max_attempts: int
     backoff_max: float
-    ofd_timeout: float
     breaker_threshold: int
     breaker_reset: float
     pending_warn_age: float
@@ -60,56 +60,11 @@ class Config:
         return "critical" if oldest_pending_age_s >= self.pending_critical_age else "warning"
 
     def describe(self) -> dict[str, Any]:
-        """The effective configuration, safe to print or log (credentials in the OFD URL are masked)."""
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The effective configuration, safe to print or log (secrets masked or left out)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "upstream_settings"}
         shown["db"] = str(self.db)
-        shown["ofd_url"] = mask_url(self.ofd_url)
+        shown.update(self.upstream_settings.describe())
         return shown
-
-
-def mask_url(url: str) -> str:
-    parsed = URL(url)
-    if parsed.user or parsed.password:
-        parsed = parsed.with_user("***").with_password(None)
-    return str(parsed)
-
-
-# ---- value parsers: each takes the raw value (a TOML value or a string) and returns the typed value ----
-
-Parser = Callable[[Any], Any]
-
-
-def _int_in(low: int, high: int) -> Parser:
-    def parse(raw: Any) -> int:
-        if isinstance(raw, bool):
-            raise ValueError("must be an integer")
-        try:
-            value = int(raw) if isinstance(raw, (int, str)) else None
-        except ValueError:
-            value = None
-        if value is None:
-            raise ValueError("must be an integer")
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}")
-        return value
-    return parse
-
-
-def _duration_in(low: float, high: float) -> Parser:
-    def parse(raw: Any) -> float:
-        if isinstance(raw, bool):
-            raise ValueError("must be a duration such as 5, 2.5s, 500ms, 10m, 3d")
-        if isinstance(raw, (int, float)):
-            value = float(raw)
-        else:
-            match = DURATION_RE.fullmatch(str(raw))
-            if match is None:
-                raise ValueError("must be a duration such as 5, 2.5s, 500ms, 10m, 3d")
-            value = float(match.group(1)) * DURATION_UNITS[match.group(2)]
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low:g} and {high:g} seconds")
-        return value
-    return parse
 
 
 def _listen(raw: Any) -> tuple[str, int]:
@@ -118,60 +73,8 @@ def _listen(raw: Any) -> tuple[str, int]:
     if not sep or not host:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8731")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    port = _int_in(1, 65535)(port_text) if port_text != "0" else 0
+    port = int_in(1, 65535)(port_text) if port_text != "0" else 0
     return host, port
-
-
-def _url(raw: Any) -> str:
-    text = str(raw)
-    try:
-        parsed = URL(text)
-    except (ValueError, TypeError):
-        raise ValueError("must be an http:// or https:// URL") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    return text.rstrip("/")
-
-
-def _path(raw: Any) -> Path:
-    text = str(raw)
-    if not text or "\x00" in text:
-        raise ValueError("must be a file path")
-    return Path(text)
-
-
-def _log_level(raw: Any) -> str:
-    text = str(raw).lower()
-    if text not in LOG_LEVELS:
-        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
-    return text
-
-
-def _bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
-
-
-@dataclass(frozen=True)
-class Option:
-    key: str
-    parse: Parser
-    default: Any
-    help: str
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.key.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
 
 
 def _default_db() -> str:
@@ -179,34 +82,36 @@ def _default_db() -> str:
     return str(Path(state) / "buffer.db") if state else str(DEFAULT_STATE_DIR / "buffer.db")
 
 
-DAY = 86400.0
-OPTIONS: tuple[Option, ...] = (
+COMMON_OPTIONS: tuple[Option, ...] = (
     Option("listen", _listen, "127.0.0.1:8731", "HOST:PORT to listen on (default 127.0.0.1:8731)"),
-    Option("db", _path, None, "buffer database (default $STATE_DIRECTORY/buffer.db or /var/lib/kktd/buffer.db)"),
-    Option("ofd_url", _url, "http://127.0.0.1:9000", "base URL of the OFD"),
-    Option("max_pending", _int_in(1, 100_000_000), 200_000, "buffer capacity: undelivered receipts"),
-    Option("log_level", _log_level, "info", "debug, info, warning or error"),
-    Option("batch_size", _int_in(1, 100), 50, "receipts per OFD request"),
-    Option("sync_interval", _duration_in(0.01, DAY), 5.0, "idle sync interval"),
-    Option("max_attempts", _int_in(1, 1_000_000), 20, "failed deliveries before a receipt is dead-lettered"),
-    Option("backoff_max", _duration_in(0.01, DAY), 60.0, "cap of the retry backoff"),
-    Option("ofd_timeout", _duration_in(0.05, 600), 10.0, "timeout of one OFD request"),
-    Option("breaker_threshold", _int_in(1, 1000), 5, "consecutive OFD failures that open the circuit breaker"),
-    Option("breaker_reset", _duration_in(0.01, DAY), 30.0, "how long the breaker stays open before a trial"),
-    Option("pending_warn_age", _duration_in(1, 30 * DAY), 3 * DAY, "warn when the oldest pending is older"),
-    Option("pending_critical_age", _duration_in(1, 30 * DAY), 25 * DAY, "error when the oldest pending is older"),
-    Option("retention_days", _int_in(1, 3650), 90, "days to keep sent receipts"),
-    Option("drain_timeout", _duration_in(0, 300), 10.0, "on stop, how long to wait for in-flight work"),
-    Option("embedded_mock_ofd", _bool, False, "run a mock OFD inside the process (development, `make run`)"),
+    Option("db", file_path, None,
+           "buffer database (default $STATE_DIRECTORY/buffer.db or /var/lib/kktd/buffer.db)"),
+    Option("upstream", one_of(*REGISTRY), DEFAULT_UPSTREAM,
+           f"where receipts are forwarded: {', '.join(REGISTRY)} (default {DEFAULT_UPSTREAM})"),
+    Option("max_pending", int_in(1, 100_000_000), 200_000, "buffer capacity: undelivered receipts"),
+    Option("log_level", one_of(*LOG_LEVELS), "info", "debug, info, warning or error"),
+    Option("batch_size", int_in(1, 100), 50, "receipts per upstream request"),
+    Option("sync_interval", duration_in(0.01, DAY), 5.0, "idle sync interval"),
+    Option("max_attempts", int_in(1, 1_000_000), 20, "failed deliveries before a receipt is dead-lettered"),
+    Option("backoff_max", duration_in(0.01, DAY), 60.0, "cap of the retry backoff"),
+    Option("breaker_threshold", int_in(1, 1000), 5, "consecutive upstream failures that open the circuit breaker"),
+    Option("breaker_reset", duration_in(0.01, DAY), 30.0, "how long the breaker stays open before a trial"),
+    Option("pending_warn_age", duration_in(1, 30 * DAY), 3 * DAY, "warn when the oldest pending is older"),
+    Option("pending_critical_age", duration_in(1, 30 * DAY), 25 * DAY, "error when the oldest pending is older"),
+    Option("retention_days", int_in(1, 3650), 90, "days to keep sent receipts"),
+    Option("drain_timeout", duration_in(0, 300), 10.0, "on stop, how long to wait for in-flight work"),
+    Option("embedded_mock_ofd", boolean, False, "run a mock OFD inside the process (development, `make run`)"),
 )
+OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + upstream_options()
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
+UPSTREAM_KEYS = frozenset(option.key for option in upstream_options())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per option; defaults stay None so only explicit flags override."""
     parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH} if it exists)")
     for option in OPTIONS:
-        if option.parse is _bool:
+        if option.parse is boolean:
             parser.add_argument(option.flag, dest=option.key, action="store_const", const=True, help=option.help)
         else:
             parser.add_argument(option.flag, dest=option.key, help=option.help)
@@ -251,6 +156,8 @@ def _read_file(explicit: str | None, raw: Mapping[str, Any]) -> dict[str, tuple[
 
 
 def _parse(key: str, value: Any, source: str) -> Any:
+    if value is None:  # an option without a default that nobody set
+        return None
     try:
         return OPTIONS_BY_KEY[key].parse(value)
     except ValueError as exc:
@@ -263,5 +170,10 @@ def _build(values: dict[str, Any]) -> Config:
             "pending_critical_age: must be greater than pending_warn_age "
             f"({values['pending_critical_age']:g}s <= {values['pending_warn_age']:g}s)"
         )
+    if values["embedded_mock_ofd"] and values["upstream"] != DEFAULT_UPSTREAM:
+        raise ConfigError(f"embedded_mock_ofd: only with upstream = {DEFAULT_UPSTREAM} "
+                          f"(upstream is {values['upstream']})")
     host, port = values.pop("listen")
-    return Config(listen_host=host, listen_port=port, **values)
+    upstream_values = {key: values.pop(key) for key in UPSTREAM_KEYS}
+    settings = REGISTRY[values["upstream"]].settings(upstream_values)
+    return Config(listen_host=host, listen_port=port, upstream_settings=settings, **values)

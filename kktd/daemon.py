@@ -1,5 +1,7 @@
-"""The daemon's lifecycle: open and recover the buffer, start the server, start the sync loop, READY=1;
-on SIGTERM: STOPPING=1, stop intake, finish in-flight commits, cancel and await the loop, close the database.
+"""The daemon's systemd lifecycle, top to bottom:
+
+open and recover the store, start the server, start the sync loop, READY=1; on SIGTERM: STOPPING=1, stop
+intake, finish in-flight commits, stop the loop, close the upstream and the database.
 """
 
 from __future__ import annotations
@@ -8,23 +10,24 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import sdnotify  # type: ignore[import-untyped]
 from aiohttp import web
 
 from kktd import __version__
-from kktd.api import Services, create_app
-from kktd.buffer import Buffer
-from kktd.config import Config, mask_url
+from kktd.app import Assembled, assemble
+from kktd.config import Config
 from kktd.errors import CorruptDatabase
-from kktd.ofd import CircuitBreaker, OfdClient
-from kktd.sync import SyncLoop
 
 log = logging.getLogger("kktd.daemon")
 
 STATUS_EVERY_S = 5.0
+
+# A hook that may add to the assembled daemon before it serves (the test-only fault entry point uses it).
+Extension = Callable[[Assembled], None]
 
 
 class Notifier:
@@ -52,12 +55,13 @@ def watchdog_interval() -> float | None:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, extension: Extension | None = None) -> None:
         self.config = config
+        self.extension = extension
         self.notifier = Notifier()
         self.stop_requested = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.services: Services | None = None
+        self.kktd: Assembled | None = None
         self.fatal: Exception | None = None
 
     async def run(self) -> int:
@@ -65,32 +69,22 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         async with AsyncExitStack() as stack:
-            buffer = await Buffer.open(self.config.db, self.config.max_pending)
-            stack.push_async_callback(buffer.close, self.config.drain_timeout)
-            ofd_url = await self._ofd_url(stack)
-            client = OfdClient(ofd_url, self.config.ofd_timeout)
-            await client.start()
-            stack.push_async_callback(client.close)
-            breaker = CircuitBreaker(self.config.breaker_threshold, self.config.breaker_reset,
-                                     on_change=_log_breaker_change)
-            sync = SyncLoop(buffer, client, breaker, self.config)
-            services = Services(self.config, buffer, sync,
-                                faults_enabled=os.environ.get("KKTD_TEST_FAULTS") == "1")
-            self.services = services
-            stack.push_async_callback(self._stop_sync, sync)
-            runner = await self._start_server(services)
-            stack.push_async_callback(self._stop_intake, services, runner)
-            self._supervise("sync", sync.run, critical=True)
+            kktd = self.kktd = await assemble(self.config, stack)
+            if self.extension is not None:
+                self.extension(kktd)
+            stack.push_async_callback(self._stop_sync)
+            runner = await self._start_server(kktd.web_app)
+            stack.push_async_callback(self._stop_intake, runner)
+            self._supervise("sync", kktd.sync.run, critical=True)
             interval = watchdog_interval()
             if interval is not None:
                 self._supervise("watchdog", lambda: self._watchdog(interval), critical=True)
             self._supervise("status", self._status_updates)
             self._supervise("integrity", self._deferred_integrity_check)
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
-            log.info("kktd %s ready: listening on http://%s, OFD %s, database %s, pending=%d",
-                     __version__, self.config.listen, mask_url(ofd_url), self.config.db, buffer.counts.pending)
-            if services.faults_enabled:
-                log.warning("test fault hooks are enabled (KKTD_TEST_FAULTS=1): never in production")
+            log.info("kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
+                     __version__, self.config.listen, kktd.upstream_description, self.config.db,
+                     kktd.store.counts.pending)
             await self.stop_requested.wait()
         if self.fatal is not None:
             raise self.fatal
@@ -105,18 +99,7 @@ class Daemon:
                  self.config.drain_timeout)
         self.stop_requested.set()
 
-    async def _ofd_url(self, stack: AsyncExitStack) -> str:
-        if not self.config.embedded_mock_ofd:
-            return self.config.ofd_url
-        from kktd.mock_ofd import start_mock_ofd  # development only: keep it out of normal start-up
-
-        mock = await start_mock_ofd("127.0.0.1", 0)
-        stack.push_async_callback(mock.close)
-        log.info("embedded mock OFD on %s (admin %s)", mock.url, mock.admin_url)
-        return str(mock.url)
-
-    async def _start_server(self, services: Services) -> web.AppRunner:
-        app = create_app(services)
+    async def _start_server(self, app: web.Application) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                shutdown_timeout=self.config.drain_timeout)
         await runner.setup()
@@ -129,21 +112,23 @@ class Daemon:
             raise
         return runner
 
-    async def _stop_intake(self, services: Services, runner: web.AppRunner) -> None:
+    async def _stop_intake(self, runner: web.AppRunner) -> None:
         # New requests get 503 shutting_down; requests already inside a handler finish their commit.
-        services.intake_open = False
+        assert self.kktd is not None
+        self.kktd.services.intake_open = False
         await runner.cleanup()
         log.info("intake stopped; in-flight requests finished")
 
-    async def _stop_sync(self, sync: SyncLoop) -> None:
-        sync.request_stop()
+    async def _stop_sync(self) -> None:
+        assert self.kktd is not None
+        self.kktd.sync.request_stop()
         task = self.tasks.get("sync")
         if task is not None and not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.config.drain_timeout)
             except asyncio.TimeoutError:
                 log.warning("sync loop did not stop within %gs; cancelling", self.config.drain_timeout)
-        for name, task in self.tasks.items():
+        for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
@@ -158,8 +143,8 @@ class Daemon:
                 raise
             except Exception as exc:  # noqa: BLE001 - a crash must be logged and shown in health
                 log.critical("background task %s crashed: %r", name, exc, exc_info=True)
-                if self.services is not None:
-                    self.services.task_failures[name] = repr(exc)
+                if self.kktd is not None:
+                    self.kktd.services.task_failures[name] = repr(exc)
                 self.notifier.send(f"STATUS=degraded: task {name} crashed")
                 if critical and self.fatal is None:
                     self.fatal = RuntimeError(f"background task {name} crashed: {exc!r}")
@@ -169,8 +154,8 @@ class Daemon:
         self.tasks[name] = asyncio.get_running_loop().create_task(guarded(), name=f"kktd-{name}")
 
     async def _deferred_integrity_check(self) -> None:
-        assert self.services is not None
-        damage = await self.services.buffer.verify_in_background()
+        assert self.kktd is not None
+        damage = await self.kktd.store.verify_in_background()
         if damage is None:
             return
         # Intake refuses from here on (storage_unavailable); what was acknowledged stays where it is.
@@ -181,12 +166,12 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only after a round trip through the database writer: a wedged writer stops the pings."""
-        assert self.services is not None
-        buffer = self.services.buffer
+        assert self.kktd is not None
+        store = self.kktd.store
         healthy = True
         while True:
             try:
-                await asyncio.wait_for(buffer.ping(), interval)
+                await asyncio.wait_for(store.ping(), interval)
             except Exception as exc:  # noqa: BLE001 - any failure means: do not ping
                 if healthy:
                     log.error("database writer did not answer within %.1fs (%r): withholding watchdog pings",
@@ -205,13 +190,7 @@ class Daemon:
             self.notifier.send(f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
-        assert self.services is not None
-        counts = self.services.buffer.counts
-        sync = self.services.sync
-        breaker = str(sync.breaker.state) if sync is not None else "n/a"
-        return f"pending={counts.pending} failed={counts.failed} sent={counts.sent} ofd={breaker}"
-
-
-def _log_breaker_change(old: Any, new: Any) -> None:
-    level = logging.WARNING if str(new) == "open" else logging.INFO
-    log.log(level, "OFD circuit breaker %s -> %s", old, new)
+        assert self.kktd is not None
+        counts = self.kktd.store.counts
+        return (f"pending={counts.pending} failed={counts.failed} sent={counts.sent} "
+                f"ofd={self.kktd.breaker.state}")

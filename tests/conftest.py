@@ -1,39 +1,56 @@
-"""Fixtures for in-process tests: a real buffer on a temporary database behind the real aiohttp app."""
+"""Fixtures for in-process tests: kktd assembled by kktd.app.assemble (as the daemon does) on a temporary
+database, behind a real aiohttp test server."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from kktd import config as config_module
-from kktd.api import Services, create_app
-from kktd.buffer import Buffer
+from kktd.api import Services
+from kktd.app import Assembled, assemble
 from kktd.config import Config
+from kktd.store import Store
+from kktd.upstreams.kktd_ofd import KktdOfdSettings
+from tests.faulty_kktd import add_fault_routes
 from tests.support import KktdProcess
+
+UPSTREAM_FIELDS = {"ofd_url": "url", "ofd_timeout": "timeout"}
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    """The default configuration on a database under tmp_path; `ofd_url` / `ofd_timeout` set the kktd-ofd
+    upstream's own settings, every other keyword a Config field."""
     base = config_module.load(None, environ={"KKTD_CONFIG": os.devnull})
-    return dataclasses.replace(base, db=tmp_path / "buffer.db", **overrides)
+    upstream = {UPSTREAM_FIELDS[key]: overrides.pop(key) for key in list(overrides) if key in UPSTREAM_FIELDS}
+    settings = base.upstream_settings
+    assert isinstance(settings, KktdOfdSettings)
+    return dataclasses.replace(base, db=tmp_path / "buffer.db",
+                               upstream_settings=dataclasses.replace(settings, **upstream), **overrides)
 
 
 @dataclasses.dataclass
 class App:
     client: TestClient
-    services: Services
+    kktd: Assembled
+    stack: AsyncExitStack
 
     @property
-    def buffer(self) -> Buffer:
-        return self.services.buffer
+    def services(self) -> Services:
+        return self.kktd.services
+
+    @property
+    def store(self) -> Store:
+        return self.kktd.store
 
     async def row_count(self) -> int:
-        row = await self.buffer._call(lambda conn: _count_rows(conn))
-        return int(row)
+        return await self.store.run(_count_rows)
 
 
 async def _count_rows(conn: Any) -> int:
@@ -43,26 +60,46 @@ async def _count_rows(conn: Any) -> int:
 
 
 async def open_app(tmp_path: Path, faults: bool = False, **overrides: Any) -> App:
+    """kktd in process, its sync loop assembled but not running (tests drive it)."""
     config = make_config(tmp_path, **overrides)
-    buffer = await Buffer.open(config.db, config.max_pending)
-    services = Services(config, buffer, faults_enabled=faults)
-    client = TestClient(TestServer(create_app(services)))
+    stack = AsyncExitStack()
+    kktd = await assemble(config, stack)
+    if faults:
+        add_fault_routes(kktd.web_app, kktd.services)
+    client = TestClient(TestServer(kktd.web_app))
     await client.start_server()
-    return App(client, services)
+    return App(client, kktd, stack)
 
 
 async def close_app(app: App) -> None:
     await app.client.close()
-    await app.buffer.close()
+    await app.stack.aclose()
+
+
+class AppFactory(Protocol):
+    async def __call__(self, faults: bool = False, **overrides: Any) -> App: ...
 
 
 @pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[App]:
-    application = await open_app(tmp_path)
+async def app_factory(tmp_path: Path) -> AsyncIterator[AppFactory]:
+    """Opens in-process kktds (on tmp_path's database); all are closed after the test."""
+    opened: list[App] = []
+
+    async def factory(faults: bool = False, **overrides: Any) -> App:
+        application = await open_app(tmp_path, faults, **overrides)
+        opened.append(application)
+        return application
+
     try:
-        yield application
+        yield factory
     finally:
-        await close_app(application)
+        for application in reversed(opened):
+            await close_app(application)
+
+
+@pytest.fixture
+async def app(app_factory: AppFactory) -> App:
+    return await app_factory()
 
 
 @pytest.fixture

@@ -116,6 +116,7 @@ class KktdProcess:
     notify: NotifySocket | None = None
     log_path: Path | None = None
     log_dir: Path | None = None  # default: beside the database (not on a filesystem a test cuts)
+    faults: bool = False  # run tests.faulty_kktd: kktd plus POST /v1/test/fault
 
     @property
     def url(self) -> str:
@@ -129,7 +130,10 @@ class KktdProcess:
         env.update({"NOTIFY_SOCKET": self.notify.path, "KKTD_LOG_LEVEL": "debug", **self.env})
         if self.watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
-        args = [str(KKTD_BIN), "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
+        command = [sys.executable, "-m", "tests.faulty_kktd"] if self.faults else [str(KKTD_BIN)]
+        if self.faults:
+            env["PYTHONPATH"] = str(REPO)
+        args = [*command, "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
                 "--ofd-url", self.ofd_url, "--config", os.devnull, *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,

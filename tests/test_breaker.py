@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kktd.ofd import BreakerState, CircuitBreaker
+from kktd.sync import BreakerState, CircuitBreaker
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kktd.daemon import Daemon
-from kktd.sync import SyncLoop
+from kktd.sync.loop import SyncLoop
 from tests.conftest import make_config
 
 
@@ -24,5 +24,5 @@ async def test_a_crashed_sync_loop_stops_kktd_for_systemd_to_restart(tmp_path: P
     daemon = Daemon(config)
     with pytest.raises(RuntimeError, match="background task sync crashed"):
         await daemon.run()
-    assert daemon.services is not None
-    assert "sync" in daemon.services.task_failures
+    assert daemon.kktd is not None
+    assert "sync" in daemon.kktd.services.task_failures

@@ -20,10 +20,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kktd.mock_ofd import (
+from kktd_mocks.ofd import (
     BadRequest, MockOfd, MockOfdState, create_app, parse_listen, split_batch, start_mock_ofd,
 )
-from kktd.ofd import OfdAck, OfdClient, OfdItem, OfdUnavailable
+from kktd.upstreams.base import UpstreamUnavailable
+from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem
 
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"
 REPO = Path(__file__).resolve().parent.parent
@@ -426,7 +427,7 @@ async def test_close_does_not_wait_for_a_long_slow_request() -> None:
     try:
         await ofd.set_mode("slow", delay_s=600.0)
         async with OfdClient(ofd.url, 0.2) as client:
-            with pytest.raises(OfdUnavailable):
+            with pytest.raises(UpstreamUnavailable):
                 await client.send_batch([OfdItem("r1", "k1", ACCEPTED_AT, receipt())])
     finally:
         started = loop.time()
@@ -445,7 +446,7 @@ async def flaky_outcomes(seed: int, fail_ratio: float, n: int = 40) -> list[str]
                 try:
                     await client.send_batch([OfdItem(f"r{i}", f"k{i}", ACCEPTED_AT, receipt())])
                     outcomes.append("ok")
-                except OfdUnavailable as exc:
+                except UpstreamUnavailable as exc:
                     outcomes.append(exc.reason)
         stats = ofd.stats()
         assert stats["failed_requests"] == n - outcomes.count("ok")
@@ -568,7 +569,7 @@ def test_admin_port_defaults_to_the_next_port() -> None:
 
 def _start_cli(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "kktd.mock_ofd", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "kktd_mocks.ofd", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 

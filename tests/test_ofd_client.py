@@ -1,7 +1,7 @@
 """OfdClient against the real mock OFD and against small servers that answer garbage.
 
 Whatever the OFD answers, the client either returns one well-typed result per receipt, in order, or raises
-OfdUnavailable with a stable reason: garbage is never taken as an acknowledgement.
+UpstreamUnavailable with a stable reason: garbage is never taken as an acknowledgement.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kktd.mock_ofd import MockOfd, start_mock_ofd
-from kktd.ofd import OfdAck, OfdClient, OfdItem, OfdRejection, OfdUnavailable
+from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from kktd.upstreams.base import UpstreamUnavailable
+from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem, OfdRejection
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"
@@ -122,7 +123,7 @@ async def send_to(url: str, items: list[OfdItem], timeout_s: float = 5.0) -> lis
 
 
 async def reason_from(url: str, items: list[OfdItem] | None = None, timeout_s: float = 5.0) -> str:
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await send_to(url, items or [item(1), item(2)], timeout_s)
     return info.value.reason
 
@@ -177,11 +178,11 @@ async def test_full_batch_of_100(client: OfdClient, mock: MockOfd) -> None:
 
 async def test_offline_mock_is_a_connect_error(client: OfdClient, mock: MockOfd) -> None:
     await mock.set_mode("offline")
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     # The first attempt may still pick the pooled connection the mock has just closed.
     assert info.value.reason in ("connect_error", "connection_lost")
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "connect_error"
     await mock.set_mode("online")
@@ -191,7 +192,7 @@ async def test_offline_mock_is_a_connect_error(client: OfdClient, mock: MockOfd)
 async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: OfdClient,
                                                                      mock: MockOfd) -> None:
     await mock.set_mode("drop_ack")
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "connection_lost"
     assert mock.stats()["unique"] == 1
@@ -203,7 +204,7 @@ async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: Ofd
 
 async def test_error500_mode_is_http_500(client: OfdClient, mock: MockOfd) -> None:
     await mock.set_mode("error500")
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "http_500"
     assert mock.stats()["unique"] == 0
@@ -302,7 +303,7 @@ async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: Any) -> None:
         return {"results": results}
 
     server = await fake_ofd(results_of(make))
-    with pytest.raises(OfdUnavailable) as info:
+    with pytest.raises(UpstreamUnavailable) as info:
         await send_to(server.url, [item(n) for n in range(10)])
     assert info.value.reason == "bad_response: invalid_ack"
     assert "result 9" in str(info.value)
@@ -416,7 +417,7 @@ async def test_connect_that_hangs_is_a_connect_error_not_a_timeout() -> None:
             filler.connect_ex(("127.0.0.1", port))
         loop = asyncio.get_running_loop()
         started = loop.time()
-        with pytest.raises(OfdUnavailable) as info:
+        with pytest.raises(UpstreamUnavailable) as info:
             await send_to(f"http://127.0.0.1:{port}", [item(1)], timeout_s=0.4)
         assert info.value.reason == "connect_error"
         assert "ConnectionTimeoutError" in str(info.value)
@@ -509,7 +510,7 @@ async def test_messages_never_carry_credentials() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        with pytest.raises(OfdUnavailable) as info:
+        with pytest.raises(UpstreamUnavailable) as info:
             await send_to(f"http://{user}:{secret}@127.0.0.1:{port}/", [item(1)])
     # Not even a traceback logged with exc_info may show the URL: the transport error is not chained.
     rendered = "".join(traceback.format_exception(info.value))

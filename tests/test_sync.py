@@ -175,7 +175,7 @@ def test_rejected_receipt_goes_to_dead_letters_and_requeues(tmp_path: Path, mock
     code, dlq = asyncio.run(get_json(kktd.url, "/v1/kkt/dlq"))
     assert [entry["receipt_id"] for entry in dlq["dead_letters"]] == [bad]
     assert "kkt_not_registered" in dlq["dead_letters"][0]["last_error"]
-    assert f"receipt {bad} rejected by the OFD" in kktd.log()
+    assert f"receipt {bad} rejected by the upstream" in kktd.log()
     mock.reject_pos_ids([])
 
     async def requeue(receipt_id: str) -> tuple[int, Any]:

@@ -11,21 +11,21 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from kktd.api import Services, create_app
-from kktd.buffer import Buffer, now_ms
+from kktd.clock import now_ms
 from kktd.errors import StorageUnavailable
-from kktd.mock_ofd import MockOfd, start_mock_ofd
-from kktd.ofd import CircuitBreaker, OfdClient
 from kktd.receipt import sample_receipt, validate_receipt
-from kktd.sync import SyncLoop
-from tests.conftest import make_config
+from kktd.store import Store, queries
+from kktd.sync import CircuitBreaker, SyncLoop
+from kktd.sync.policy import MAX_HELD, DeliveryPolicy
+from kktd.upstreams.base import FiscalData, Fiscalized, Refused
+from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from tests.conftest import AppFactory
 
 
 @dataclasses.dataclass
 class Rig:
-    buffer: Buffer
+    store: Store
     sync: SyncLoop
-    client: OfdClient
     http: TestClient
 
 
@@ -38,85 +38,63 @@ async def mock_ofd() -> AsyncIterator[MockOfd]:
         await mock.close()
 
 
-async def make_rig(tmp_path: Path, ofd_url: str, **overrides: Any) -> Rig:
-    config = make_config(tmp_path, ofd_url=ofd_url, backoff_max=0.05, breaker_reset=0.05, **overrides)
-    buffer = await Buffer.open(config.db, config.max_pending)
-    client = OfdClient(ofd_url, config.ofd_timeout)
-    await client.start()
-    sync = SyncLoop(buffer, client, CircuitBreaker(config.breaker_threshold, config.breaker_reset), config)
-    http = TestClient(TestServer(create_app(Services(config, buffer, sync))))
-    await http.start_server()
-    return Rig(buffer, sync, client, http)
-
-
-async def close_rig(rig: Rig) -> None:
-    await rig.http.close()
-    await rig.client.close()
-    await rig.buffer.close()
-
-
 @pytest.fixture
-async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    rigs: list[Rig] = []
-
+async def rig_factory(app_factory: AppFactory) -> Callable[..., Any]:
+    """kktd assembled in process against the OFD at `ofd_url`, with quick retries; the loop is driven by
+    the test."""
     async def factory(ofd_url: str, **overrides: Any) -> Rig:
-        rig = await make_rig(tmp_path, ofd_url, **overrides)
-        rigs.append(rig)
-        return rig
+        app = await app_factory(ofd_url=ofd_url, backoff_max=0.05, breaker_reset=0.05, **overrides)
+        return Rig(app.store, app.kktd.sync, app.client)
 
-    try:
-        yield factory
-    finally:
-        for rig in rigs:
-            await close_rig(rig)
+    return factory
 
 
-async def accept(buffer: Buffer, key: str, pos_id: str = "POS-001") -> str:
-    result = await buffer.accept(validate_receipt(sample_receipt(key, pos_id=pos_id)))
+async def accept(store: Store, key: str, pos_id: str = "POS-001") -> str:
+    result = await store.accept(validate_receipt(sample_receipt(key, pos_id=pos_id)))
     return result.receipt_id  # type: ignore[union-attr]
 
 
 async def test_sync_endpoint_runs_one_cycle_and_reports(rig_factory: Any, mock_ofd: MockOfd) -> None:
     rig = await rig_factory(mock_ofd.url)
     for i in range(7):
-        await accept(rig.buffer, f"now-{i}")
+        await accept(rig.store, f"now-{i}")
     response = await rig.http.post("/v1/kkt/buffer/sync")
     result = await response.json()
     assert response.status == 200
     assert result["delivered"] == 7 and result["pending"] == 0 and result["error"] is None
     assert mock_ofd.stats()["unique"] == 7
     await mock_ofd.set_mode("offline")
-    await accept(rig.buffer, "now-offline")
+    await accept(rig.store, "now-offline")
     result = await (await rig.http.post("/v1/kkt/buffer/sync")).json()
     assert result["delivered"] == 0 and "connect_error" in result["error"] and result["pending"] == 1
 
 
 async def test_retention_prunes_only_old_sent_receipts(rig_factory: Any, mock_ofd: MockOfd) -> None:
     rig = await rig_factory(mock_ofd.url, retention_days=90)
-    ids = [await accept(rig.buffer, f"ret-{i}") for i in range(1200)]
+    ids = [await accept(rig.store, f"ret-{i}") for i in range(1200)]
     await rig.sync.run_once_now()
-    await accept(rig.buffer, "ret-pending")
+    await accept(rig.store, "ret-pending")
     old = now_ms() - 91 * 86_400_000
 
     async def age(conn: Any) -> None:
         await conn.execute("UPDATE receipts SET sent_ms = ? WHERE receipt_id IN (%s)" % ",".join(
             "?" * 1000), (old, *ids[:1000]))
 
-    await rig.buffer._call(age)
+    await rig.store.run(age)
     assert await rig.sync.prune() == 1000
-    assert rig.buffer.counts.sent == 200 and rig.buffer.counts.pending == 1
-    assert await rig.buffer.get(ids[0]) is None
-    assert await rig.buffer.get(ids[1000]) is not None
+    assert rig.store.counts.sent == 200 and rig.store.counts.pending == 1
+    assert await rig.store.get(ids[0]) is None
+    assert await rig.store.get(ids[1000]) is not None
 
 
 async def test_pending_age_alarm_warns_then_goes_critical(rig_factory: Any, caplog: Any) -> None:
     rig = await rig_factory("http://127.0.0.1:9", pending_warn_age=3 * 86400.0,
                             pending_critical_age=25 * 86400.0)
-    receipt_id = await accept(rig.buffer, "old-1")
+    receipt_id = await accept(rig.store, "old-1")
 
     async def set_age(days: float) -> None:
         stamp = now_ms() - int(days * 86_400_000)
-        await rig.buffer._call(lambda conn: conn.execute(
+        await rig.store.run(lambda conn: conn.execute(
             "UPDATE receipts SET accepted_ms = ? WHERE receipt_id = ?", (stamp, receipt_id)))
 
     assert await rig.sync.check_pending_age() == "ok"
@@ -183,29 +161,29 @@ async def run_loop_until(rig: Rig, predicate: Callable[[], bool], timeout: float
 async def test_poison_receipt_is_isolated_and_dead_lettered(rig_factory: Any, scripted: Any) -> None:
     ofd, url = scripted
     rig = await rig_factory(url, max_attempts=3, breaker_threshold=1000, sync_interval=0.01)
-    ids = [await accept(rig.buffer, f"p-{i}") for i in range(30)]
+    ids = [await accept(rig.store, f"p-{i}") for i in range(30)]
     ofd.poison.add(ids[5])
 
     async def till_keeps_selling() -> None:
         # Other receipts flowing is the evidence that the OFD works and the poisoned one is the problem.
         for i in range(10_000):
-            if rig.buffer.counts.failed:
+            if rig.store.counts.failed:
                 return
-            await accept(rig.buffer, f"later-{i}")
+            await accept(rig.store, f"later-{i}")
             await asyncio.sleep(0.02)
 
     seller = asyncio.create_task(till_keeps_selling())
     try:
-        await run_loop_until(rig, lambda: seller.done() and rig.buffer.counts.pending == 0, 60)
+        await run_loop_until(rig, lambda: seller.done() and rig.store.counts.pending == 0, 60)
     finally:
         seller.cancel()
         await asyncio.gather(seller, return_exceptions=True)
-    assert rig.buffer.counts.failed == 1
-    row = await rig.buffer.get(ids[5])
-    assert row is not None and row["status"] == "failed" and row["attempts"] == 4
-    assert "gave up after 3 failed deliveries" in row["last_error"]
-    innocent = [await rig.buffer.get(receipt_id) for receipt_id in ids if receipt_id != ids[5]]
-    assert all(r is not None and r["status"] == "sent" and r["attempts"] == 0 for r in innocent)
+    assert rig.store.counts.failed == 1
+    row = await rig.store.get(ids[5])
+    assert row is not None and row.status == "failed" and row.attempts == 4
+    assert row.last_error is not None and "gave up after 3 failed deliveries" in row.last_error
+    innocent = [await rig.store.get(receipt_id) for receipt_id in ids if receipt_id != ids[5]]
+    assert all(r is not None and r.status == "sent" and r.attempts == 0 for r in innocent)
 
 
 async def test_an_outage_never_dead_letters_receipts(rig_factory: Any, scripted: Any) -> None:
@@ -213,21 +191,21 @@ async def test_an_outage_never_dead_letters_receipts(rig_factory: Any, scripted:
     ofd.down = True
     rig = await rig_factory(url, max_attempts=2, breaker_threshold=1000, sync_interval=0.01)
     for i in range(10):
-        await accept(rig.buffer, f"o-{i}")
+        await accept(rig.store, f"o-{i}")
     await run_loop_until(rig, lambda: rig.sync.stats.cycles >= 30, 60)
-    assert rig.buffer.counts.failed == 0 and rig.buffer.counts.pending == 10
-    rows = [await rig.buffer.get(r.receipt_id) for r in await rig.buffer.pending_batch(10)]
-    assert all(row is not None and row["attempts"] == 0 and row["last_error"] == "http_500" for row in rows)
+    assert rig.store.counts.failed == 0 and rig.store.counts.pending == 10
+    rows = [await rig.store.get(r.receipt_id) for r in await rig.store.pending_batch(10)]
+    assert all(row is not None and row.attempts == 0 and row.last_error == "http_500" for row in rows)
     ofd.down = False
     config = rig.sync.config
-    rig.sync = SyncLoop(rig.buffer, rig.client, CircuitBreaker(config.breaker_threshold, config.breaker_reset),
-                        config)
-    await run_loop_until(rig, lambda: rig.buffer.counts.sent == 10, 30)
+    rig.sync = SyncLoop(rig.store, rig.sync.upstream,
+                        CircuitBreaker(config.breaker_threshold, config.breaker_reset), config)
+    await run_loop_until(rig, lambda: rig.store.counts.sent == 10, 30)
     assert len(ofd.acked) == 10
 
 
-async def db_counts(buffer: Buffer) -> dict[str, int]:
-    rows = await buffer._call(lambda conn: conn.execute_fetchall(
+async def db_counts(store: Store) -> dict[str, int]:
+    rows = await store.run(lambda conn: conn.execute_fetchall(
         "SELECT status, count(*) FROM receipts GROUP BY status"))
     return {"pending": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
 
@@ -239,72 +217,66 @@ async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factor
     rig = await rig_factory(mock_ofd.url, sync_interval=0.01)
     mock_ofd.set_rejected_pos_ids(["POS-BAD"])
     for i in range(20):
-        await accept(rig.buffer, f"st-{i}")
-    await accept(rig.buffer, "st-bad", pos_id="POS-BAD")
-    real_update = rig.buffer.__class__.settle
+        await accept(rig.store, f"st-{i}")
+    await accept(rig.store, "st-bad", pos_id="POS-BAD")
+    real_update = Store.settle
     failures = {"left": 2}
 
-    async def flaky_settle(self: Buffer, delivered: Any, rejected: Any) -> None:
+    async def flaky_settle(self: Store, outcomes: Any) -> None:
         if failures["left"]:
             failures["left"] -= 1
             raise StorageUnavailable("disk full: database or disk is full")
-        await real_update(self, delivered, rejected)
+        await real_update(self, outcomes)
 
-    monkeypatch.setattr(Buffer, "settle", flaky_settle)
-    await run_loop_until(rig, lambda: rig.buffer.counts.pending == 0, 30)
+    monkeypatch.setattr(Store, "settle", flaky_settle)
+    await run_loop_until(rig, lambda: rig.store.counts.pending == 0, 30)
     assert failures["left"] == 0
-    assert await db_counts(rig.buffer) == {"pending": 0, "sent": 20, "failed": 1}
-    assert (rig.buffer.counts.pending, rig.buffer.counts.sent, rig.buffer.counts.failed) == (0, 20, 1)
+    assert await db_counts(rig.store) == {"pending": 0, "sent": 20, "failed": 1}
+    assert (rig.store.counts.pending, rig.store.counts.sent, rig.store.counts.failed) == (0, 20, 1)
     assert mock_ofd.stats()["unique"] == 20
 
 
 async def test_counters_follow_the_rows_when_the_second_statement_fails(rig_factory: Any,
                                                                         monkeypatch: Any) -> None:
-    from kktd import buffer as buffer_module
-    from kktd.buffer import Delivered, Rejected
-
     rig = await rig_factory("http://127.0.0.1:9")
-    ids = [await accept(rig.buffer, f"cf-{i}") for i in range(3)]
-    real = buffer_module._update_from_values
+    ids = [await accept(rig.store, f"cf-{i}") for i in range(3)]
+    real = queries._update_pending_from_values
 
     async def fail_rejections(conn: Any, assignments: str, stamp: int, rows: Any) -> int:
         if "failed" in assignments:
             raise __import__("sqlite3").OperationalError("database or disk is full")
         return await real(conn, assignments, stamp, rows)
 
-    monkeypatch.setattr(buffer_module, "_update_from_values", fail_rejections)
+    monkeypatch.setattr(queries, "_update_pending_from_values", fail_rejections)
     with pytest.raises(StorageUnavailable):
-        await rig.buffer.settle([Delivered(ids[0], 1, "0000000001", "2026-11-24T00:00:00Z")],
-                                [Rejected(ids[1], "kkt_not_registered: test")])
-    assert await db_counts(rig.buffer) == {"pending": 2, "sent": 1, "failed": 0}
-    assert (rig.buffer.counts.pending, rig.buffer.counts.sent, rig.buffer.counts.failed) == (2, 1, 0)
+        await rig.store.settle([Fiscalized(ids[0], FiscalData(1, "0000000001", "2026-11-24T00:00:00Z")),
+                                Refused(ids[1], "kkt_not_registered", "test")])
+    assert await db_counts(rig.store) == {"pending": 2, "sent": 1, "failed": 0}
+    assert (rig.store.counts.pending, rig.store.counts.sent, rig.store.counts.failed) == (2, 1, 0)
 
 
-def test_held_receipts_are_capped(tmp_path: Path) -> None:
-    from kktd import sync as sync_module
-
-    config = make_config(tmp_path)
-    loop = SyncLoop(None, None, CircuitBreaker(5, 30), config)  # type: ignore[arg-type]
-    for i in range(sync_module.MAX_HELD + 50):
-        loop._hold(f"r{i}", float(i))
-    assert len(loop.stats.held) == sync_module.MAX_HELD
-    assert f"r{sync_module.MAX_HELD + 49}" in loop.stats.held and "r0" not in loop.stats.held
+def test_held_receipts_are_capped() -> None:
+    policy = DeliveryPolicy(50, hold_s=60)
+    for i in range(MAX_HELD + 50):
+        policy._hold(f"r{i}", float(i))
+    assert len(policy.held) == MAX_HELD
+    assert f"r{MAX_HELD + 49}" in policy.held and "r0" not in policy.held
 
 
 async def test_sync_endpoint_reports_dead_letters(rig_factory: Any, scripted: Any) -> None:
     """POST /v1/kkt/buffer/sync says how many receipts a cycle dead-lettered (it used to say 0 always)."""
     ofd, url = scripted
     rig = await rig_factory(url, max_attempts=1, breaker_threshold=1000)
-    poison = await accept(rig.buffer, "dl-poison")
+    poison = await accept(rig.store, "dl-poison")
     ofd.poison.add(poison)
     reported = 0
     deadline = asyncio.get_running_loop().time() + 20
     i = 0
-    while rig.buffer.counts.failed == 0:
+    while rig.store.counts.failed == 0:
         assert asyncio.get_running_loop().time() < deadline, "the poisoned receipt was never dead-lettered"
-        await accept(rig.buffer, f"dl-other-{i}")  # acknowledged others: the evidence against the poison
+        await accept(rig.store, f"dl-other-{i}")  # acknowledged others: the evidence against the poison
         i += 1
         reported += (await (await rig.http.post("/v1/kkt/buffer/sync")).json())["dead_lettered"]
         await asyncio.sleep(0.02)  # lets the poison's short hold (2 x backoff_max = 0.1 s) run out
     assert reported == 1
-    assert (await rig.buffer.get(poison))["status"] == "failed"  # type: ignore[index]
+    assert (await rig.store.get(poison)).status == "failed"  # type: ignore[union-attr]

@@ -168,7 +168,7 @@ async def test_bad_body_is_rejected_and_not_stored(app: App, name: str, mutate: 
     assert answer["error"].get("field") == field
     assert answer["error"]["message"]
     assert await app.row_count() == 0
-    assert app.buffer.counts.pending == 0
+    assert app.store.counts.pending == 0
 
 
 @pytest.mark.parametrize(("body", "headers", "status", "code"), [

@@ -121,6 +121,14 @@ class KktdUnit:
             lines.append(f"BindReadOnlyPaths={self.venv.parent}")
         return "\n".join(lines) + "\n"
 
+    def faults_dropin(self) -> str:
+        """Drop-in lines that run kktd through the test-only entry point with fault hooks (tests.faulty_kktd)."""
+        return "\n".join([
+            "ExecStart=",
+            f"ExecStart={self.venv}/bin/python -m tests.faulty_kktd serve",
+            f"Environment=PYTHONPATH={self.venv.parent}",
+        ])
+
     def dropin(self, name: str, text: str) -> None:
         """Adds a per-test drop-in (removed again by reset())."""
         self.sandbox.write_file(f"{DROPIN_DIR}/{name}.conf", "[Service]\n" + text.strip() + "\n")

@@ -63,14 +63,14 @@ def test_start_returns_after_ready_with_status_and_leveled_journal(kktd: KktdUni
     entries = [e for e in kktd.journal() if e.get("_PID") == main_pid]
     ready = [e for e in entries if "ready: listening on" in str(e.get("MESSAGE"))]
     assert len(ready) == 1 and ready[0]["PRIORITY"] == "6", entries
-    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("kktd.buffer: buffer open")]
+    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("kktd.store: buffer open")]
     assert opened and opened[0]["PRIORITY"] == "6", entries
     # journald consumed the <N> prefixes as priorities instead of showing them.
     assert not [e for e in entries if re.match(r"<\d>", str(e.get("MESSAGE")))]
 
 
 def test_warning_lines_reach_the_journal_as_warnings(kktd: KktdUnit) -> None:
-    kktd.dropin("50-faults", "Environment=KKTD_TEST_FAULTS=1")
+    kktd.dropin("50-faults", kktd.faults_dropin())
     kktd.systemctl("start", "kktd")
     main_pid = str(kktd.main_pid())
     warnings = [e for e in kktd.journal()
@@ -170,7 +170,7 @@ def test_restart_during_load_keeps_every_acknowledged_receipt(kktd: KktdUnit) ->
 
 @pytest.mark.parametrize("fault", ["block_loop", "wedge_writer"])
 def test_watchdog_restarts_a_hung_kktd_without_losing_receipts(kktd: KktdUnit, fault: str) -> None:
-    kktd.dropin("50-watchdog", "Environment=KKTD_TEST_FAULTS=1\nWatchdogSec=3s")
+    kktd.dropin("50-watchdog", kktd.faults_dropin() + "\nWatchdogSec=3s")
     kktd.start_mock_ofd("offline")
     kktd.systemctl("start", "kktd")
     acked = {}

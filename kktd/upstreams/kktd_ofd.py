@@ -1,35 +1,37 @@
-"""Client side of the OFD wire protocol, and the circuit breaker the sync loop puts in front of it.
+"""The `kktd-ofd` upstream: kktd's own OFD wire protocol (docs/contract.md), one phase.
 
 The client never trusts the OFD: an answer is taken as acknowledgements only when it matches the
-protocol in docs/contract.md exactly (status 200, JSON object, one result per receipt in order, typed
-fields). Anything else raises :class:`OfdUnavailable`, so the receipts stay pending and are resent;
-the OFD deduplicates on ``idempotency_key``, which makes resending after a lost answer safe.
+protocol exactly (status 200, JSON object, one result per receipt in order, typed fields). Anything else
+raises :class:`UpstreamUnavailable`, so the receipts stay pending and are resent; the OFD deduplicates on
+``idempotency_key``, which makes resending after a lost answer safe.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeGuard
+from typing import Any, ClassVar, TypeGuard
 
 import aiohttp
 import yarl
 
+from kktd.clock import rfc3339
+from kktd.options import Option, duration_in, http_url, mask_url
+from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
+                                 Refused, SubmitOutcome, UpstreamUnavailable)
+
 __all__ = [
     "MAX_BATCH",
-    "BreakerState",
-    "CircuitBreaker",
+    "OPTIONS",
+    "KktdOfdSettings",
     "OfdAck",
     "OfdClient",
     "OfdItem",
     "OfdRejection",
     "OfdResult",
-    "OfdUnavailable",
 ]
 
 MAX_BATCH = 100
@@ -94,22 +96,8 @@ class OfdRejection:
 OfdResult = OfdAck | OfdRejection
 
 
-class OfdUnavailable(Exception):
-    """The OFD could not be reached or did not answer by the protocol; nothing may be marked sent.
-
-    ``reason`` is short and stable (``connect_error``, ``connection_lost``, ``timeout``,
-    ``http_<status>``, ``bad_response: <what>``) so it can be logged, counted and compared;
-    ``detail`` adds context for humans. Neither ever contains URLs, credentials or OFD-provided text.
-    """
-
-    def __init__(self, reason: str, detail: str | None = None) -> None:
-        super().__init__(reason if detail is None else f"{reason} ({detail})")
-        self.reason = reason
-        self.detail = detail
-
-
-def _bad(what: str, detail: str | None = None) -> OfdUnavailable:
-    return OfdUnavailable(f"bad_response: {what}", detail)
+def _bad(what: str, detail: str | None = None) -> UpstreamUnavailable:
+    return UpstreamUnavailable(FailureKind.BAD_ANSWER, f"bad_response: {what}", detail)
 
 
 def _is_rfc3339(value: object) -> TypeGuard[str]:
@@ -152,7 +140,7 @@ def _parse_rejection(index: int, receipt_id: str, result: dict[str, Any]) -> Ofd
 
 
 def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]:
-    """Check a decoded answer against the batch sent; raise OfdUnavailable unless it fits exactly."""
+    """Check a decoded answer against the batch sent; raise UpstreamUnavailable unless it fits exactly."""
     if not isinstance(document, dict) or not isinstance(document.get("results"), list):
         raise _bad("shape", "expected an object with a results list")
     results = document["results"]
@@ -171,7 +159,7 @@ def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]
     return parsed
 
 
-def _classify(exc: BaseException) -> OfdUnavailable:
+def _classify(exc: BaseException) -> UpstreamUnavailable:
     """Map a transport failure to a stable reason; the detail names the error class and OS error only."""
     detail = type(exc).__name__
     os_error = getattr(exc, "os_error", exc)
@@ -179,23 +167,28 @@ def _classify(exc: BaseException) -> OfdUnavailable:
         detail = f"{detail}: {os_error.strerror}"
     # Order matters: aiohttp's timeout errors are also connection errors, and a connect timeout is both.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return OfdUnavailable("connect_error", detail)  # nothing was sent
+        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)  # nothing was sent
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return OfdUnavailable("timeout", detail)
+        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "timeout", detail)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return OfdUnavailable("connect_error", detail)
+        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
     if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
         # The request may have reached the OFD: the answer, not the receipt, is what got lost.
-        return OfdUnavailable("connection_lost", detail)
+        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "connection_lost", detail)
     if isinstance(exc, aiohttp.ClientResponseError):
         return _bad("http_protocol", detail)
     if isinstance(exc, aiohttp.ClientError):
-        return OfdUnavailable("client_error", detail)
-    return OfdUnavailable("connect_error", detail)
+        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "client_error", detail)
+    return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
 
 
 class OfdClient:
-    """Sends batches to ``POST {base_url}/v1/receipts`` over one keep-alive HTTP session."""
+    """The `kktd-ofd` upstream: sends batches to ``POST {base_url}/v1/receipts`` over one keep-alive HTTP
+    session; the answer carries each receipt's result (one phase)."""
+
+    name: ClassVar[str] = "kktd-ofd"
+    two_phase: ClassVar[bool] = False
+    max_batch = MAX_BATCH
 
     def __init__(self, base_url: str, timeout_s: float, *, connection_limit: int = 2) -> None:
         if timeout_s <= 0:
@@ -237,7 +230,7 @@ class OfdClient:
     async def send_batch(self, items: Sequence[OfdItem]) -> list[OfdResult]:
         """Post ``items`` (1..100) and return one result per item, in order.
 
-        Raises OfdUnavailable for any transport failure or malformed answer; cancellation propagates.
+        Raises UpstreamUnavailable for any transport failure or malformed answer; cancellation propagates.
         """
         if not 0 < len(items) <= MAX_BATCH:
             raise ValueError(f"a batch holds 1..{MAX_BATCH} receipts, got {len(items)}")
@@ -257,11 +250,11 @@ class OfdClient:
                 allow_redirects=False,
             ) as response:
                 if response.status != 200:
-                    raise OfdUnavailable(f"http_{response.status}")
+                    raise UpstreamUnavailable(FailureKind.MAYBE_SENT, f"http_{response.status}")
                 if response.content_type != "application/json":
                     raise _bad("content_type")
                 raw = await self._read_capped(response)
-        except OfdUnavailable:
+        except UpstreamUnavailable:
             raise
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             # Not chained: aiohttp's messages can quote the URL, and with it any credentials in it.
@@ -284,95 +277,41 @@ class OfdClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
+        items = [OfdItem(r.receipt_id, r.external_id, rfc3339(r.accepted_ms), receipt_json=r.body) for r in batch]
+        outcomes: list[SubmitOutcome] = []
+        for result in await self.send_batch(items):
+            if isinstance(result, OfdAck):
+                fiscal = FiscalData(result.fiscal_document_number, result.fiscal_sign, result.ofd_received_at)
+                outcomes.append(Fiscalized(result.receipt_id, fiscal))
+            else:
+                outcomes.append(Refused(result.receipt_id, result.code, result.message))
+        return outcomes
 
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+    async def poll(self, awaiting: Sequence[AwaitingResult]) -> list[PollOutcome]:
+        raise TypeError("kktd-ofd is a one-phase upstream: its answers carry the results, nothing is polled")
 
 
-class CircuitBreaker:
-    """Consecutive-failure circuit breaker; synchronous and driven by an injectable clock.
+# ---- settings ----
 
-    closed --(failure_threshold consecutive failures)--> open --(reset_timeout_s, on allow())-->
-    half_open, which lets exactly one trial through: its success closes, its failure re-opens and
-    restarts the timer. A trial whose outcome is never recorded (its caller was cancelled) is
-    considered lost after another reset_timeout_s, and a new trial is allowed then, so the breaker
-    cannot wedge in half_open.
-    """
+@dataclass(frozen=True)
+class KktdOfdSettings:
+    url: str
+    timeout: float
 
-    def __init__(
-        self,
-        failure_threshold: int = 5,
-        reset_timeout_s: float = 30.0,
-        on_change: Callable[[BreakerState, BreakerState], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if failure_threshold < 1:
-            raise ValueError("failure_threshold must be >= 1")
-        if reset_timeout_s < 0:
-            raise ValueError("reset_timeout_s must be >= 0")
-        self._threshold = failure_threshold
-        self._reset_timeout = float(reset_timeout_s)
-        self._on_change = on_change
-        self._clock = clock
-        self._state = BreakerState.CLOSED
-        self._failures = 0
-        self._opened_at = 0.0
-        self._trial_started_at: float | None = None
+    def describe(self) -> dict[str, Any]:
+        return {"ofd_url": mask_url(self.url), "ofd_timeout": self.timeout}
 
-    @property
-    def state(self) -> BreakerState:
-        return self._state
 
-    @property
-    def consecutive_failures(self) -> int:
-        return self._failures
+OPTIONS: tuple[Option, ...] = (
+    Option("ofd_url", http_url, "http://127.0.0.1:9000", "base URL of the OFD (upstream kktd-ofd)"),
+    Option("ofd_timeout", duration_in(0.05, 600), 10.0, "timeout of one OFD request (upstream kktd-ofd)"),
+)
 
-    def allow(self) -> bool:
-        """May a request go out now? In half_open, a True answer hands out the single trial."""
-        if self._state is BreakerState.CLOSED:
-            return True
-        now = self._clock()
-        if self._state is BreakerState.OPEN:
-            if now < self._opened_at + self._reset_timeout:
-                return False
-            self._transition(BreakerState.HALF_OPEN)
-        elif self._trial_started_at is not None and now < self._trial_started_at + self._reset_timeout:
-            return False
-        self._trial_started_at = now
-        return True
 
-    def record_success(self) -> None:
-        # Any answer by the protocol proves the OFD works, whatever state we were in.
-        self._failures = 0
-        self._trial_started_at = None
-        if self._state is not BreakerState.CLOSED:
-            self._transition(BreakerState.CLOSED)
+def settings(values: Mapping[str, Any]) -> KktdOfdSettings:
+    return KktdOfdSettings(url=values["ofd_url"], timeout=values["ofd_timeout"])
 
-    def record_failure(self) -> None:
-        self._failures += 1
-        self._trial_started_at = None
-        if self._state is BreakerState.CLOSED and self._failures < self._threshold:
-            return
-        # Opening, re-opening after a failed trial, or a late failure while open: wait a full period.
-        self._opened_at = self._clock()
-        if self._state is not BreakerState.OPEN:
-            self._transition(BreakerState.OPEN)
 
-    def retry_after(self) -> float:
-        """Seconds until allow() would return True (0.0 when it would now)."""
-        if self._state is BreakerState.CLOSED:
-            return 0.0
-        if self._state is BreakerState.OPEN:
-            start = self._opened_at
-        elif self._trial_started_at is None:
-            return 0.0
-        else:
-            start = self._trial_started_at
-        return max(0.0, start + self._reset_timeout - self._clock())
-
-    def _transition(self, new: BreakerState) -> None:
-        old, self._state = self._state, new
-        if self._on_change is not None:
-            self._on_change(old, new)
+def create(settings: KktdOfdSettings) -> OfdClient:
+    return OfdClient(settings.url, settings.timeout)

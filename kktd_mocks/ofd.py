@@ -64,7 +64,7 @@ __all__ = [
     "start_mock_ofd",
 ]
 
-log = logging.getLogger("kktd.mock_ofd")
+log = logging.getLogger("kktd_mocks.ofd")
 
 MODES = ("online", "offline", "error500", "slow", "flaky", "drop_ack")
 MAX_BATCH = 100
@@ -873,9 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from kktd import logs  # local: keeps the module importable on its own for in-process use
-
-    logs.setup(args.log_level)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args.listen, args.db, args.admin_listen, args.seed)
 
 

@@ -1,0 +1,74 @@
+"""Assembling kktd from a configuration: store, upstream, breaker, sync loop and web app.
+
+One function used by the daemon and by the in-process tests alike, so the wiring exists once. Everything it
+opens is registered on the caller's AsyncExitStack, to be closed in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kktd.api import Services, create_app
+from kktd.clock import Clock, Sleep
+from kktd.config import Config
+from kktd.store import Store
+from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
+from kktd.upstreams import REGISTRY, UpstreamSettings
+from kktd.upstreams.base import Upstream
+from kktd.upstreams.kktd_ofd import KktdOfdSettings
+
+log = logging.getLogger("kktd.app")
+
+
+@dataclass
+class Assembled:
+    config: Config
+    store: Store
+    upstream: Upstream
+    breaker: CircuitBreaker
+    sync: SyncLoop
+    services: Services
+    web_app: web.Application
+    upstream_description: str  # where receipts go, safe to log
+
+
+async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time.monotonic,
+                   sleep: Sleep = asyncio.sleep) -> Assembled:
+    store = await Store.open(config.db, config.max_pending)
+    stack.push_async_callback(store.close, config.drain_timeout)
+    settings = await _upstream_settings(config, stack)
+    upstream = REGISTRY[config.upstream].create(settings)
+    await upstream.start()
+    stack.push_async_callback(upstream.close)
+    breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change,
+                             clock=clock)
+    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep)
+    services = Services(config, store, sync)
+    described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
+    return Assembled(config, store, upstream, breaker, sync, services, create_app(services),
+                     f"{config.upstream} ({described})")
+
+
+async def _upstream_settings(config: Config, stack: AsyncExitStack) -> UpstreamSettings:
+    settings = config.upstream_settings
+    if not config.embedded_mock_ofd or not isinstance(settings, KktdOfdSettings):
+        return settings  # config.load() allows the embedded mock only with the kktd-ofd upstream
+    # Development only (`make run`): the mock is a tool of its own, imported only here.
+    from kktd_mocks.ofd import start_mock_ofd
+
+    mock = await start_mock_ofd("127.0.0.1", 0)
+    stack.push_async_callback(mock.close)
+    log.info("embedded mock OFD on %s (admin %s)", mock.url, mock.admin_url)
+    return dataclasses.replace(settings, url=str(mock.url))
+
+
+def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
+    level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+    log.log(level, "upstream circuit breaker %s -> %s", old, new)

@@ -1,0 +1,175 @@
+"""The receipt queries: each a job the writer runs on its connection, returning typed rows.
+
+Nothing here is called except through `Store.run` (kktd/store/writer.py), so no query ever runs inside
+another job's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+
+from kktd.store.rows import Counts, FiscalRecord, PendingReceipt, ReceiptRow, ReceiptStatus
+from kktd.store.schema import fetch_all, fetch_one, rollback
+from kktd.upstreams.base import Fiscalized, Refused
+
+SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
+
+_ROW_COLUMNS = (
+    "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
+    "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at"
+)
+
+
+def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
+    (receipt_id, key, body, total, status, attempts, last_error, accepted_ms, updated_ms, sent_ms, fdn, sign,
+     received) = row
+    fiscal = FiscalRecord(fdn, sign, received, sent_ms) if status == ReceiptStatus.SENT else None
+    return ReceiptRow(receipt_id, key, body, total, ReceiptStatus(status), attempts, last_error, accepted_ms,
+                      updated_ms, fiscal)
+
+
+async def count_by_status(conn: aiosqlite.Connection) -> Counts:
+    counts = Counts()
+    for status in ReceiptStatus:
+        # The partial indexes make these index-only counts (a literal, not a parameter: SQLite matches a
+        # partial index only against a WHERE it can see).
+        row = await fetch_one(conn, f"SELECT count(*) FROM receipts WHERE status = '{status.value}'")
+        setattr(counts, status, row[0])
+    return counts
+
+
+async def receipt(conn: aiosqlite.Connection, receipt_id: str) -> ReceiptRow | None:
+    row = await fetch_one(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE receipt_id = ?", (receipt_id,))
+    return _receipt_row(row) if row is not None else None
+
+
+async def dead_letters(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[ReceiptRow]:
+    rows = await fetch_all(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE status = 'failed' AND seq > ? "
+                                 f"ORDER BY seq LIMIT ?", (after_seq, limit))
+    return [_receipt_row(row) for row in rows]
+
+
+async def oldest_pending_ms(conn: aiosqlite.Connection) -> int | None:
+    row = await fetch_one(conn, "SELECT accepted_ms FROM receipts WHERE status = 'pending' ORDER BY seq LIMIT 1")
+    return row[0] if row is not None else None
+
+
+async def pending_batch(conn: aiosqlite.Connection, limit: int, after_seq: int,
+                        exclude: Sequence[str]) -> list[PendingReceipt]:
+    """The oldest pending receipts after `after_seq`, skipping `exclude` (receipts held back by the loop)."""
+    sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body FROM receipts "
+           "WHERE status = 'pending' AND seq > ?")
+    params: list[Any] = [after_seq]
+    if exclude:
+        sql += f" AND receipt_id NOT IN ({','.join('?' * len(exclude))})"
+        params.extend(exclude)
+    sql += " ORDER BY seq LIMIT ?"
+    params.append(limit)
+    return [PendingReceipt(*row) for row in await fetch_all(conn, sql, params)]
+
+
+async def existing_keys(conn: aiosqlite.Connection, keys: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """(receipt_id, body_hash, total, accepted_ms, status) of the receipts holding these idempotency keys."""
+    found: dict[str, tuple[Any, ...]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), SQL_PARAM_CHUNK):
+        chunk = unique[start:start + SQL_PARAM_CHUNK]
+        rows = await fetch_all(
+            conn, f"SELECT idempotency_key, receipt_id, body_hash, total, accepted_ms, status FROM receipts "
+                  f"WHERE idempotency_key IN ({','.join('?' * len(chunk))})", chunk)
+        for key, receipt_id, body_hash, total, accepted_ms, status in rows:
+            found[key] = (receipt_id, body_hash, total, accepted_ms, status)
+    return found
+
+
+async def insert_receipts(conn: aiosqlite.Connection, rows: list[tuple[Any, ...]]) -> set[str]:
+    """One multi-row INSERT: in autocommit it is its own transaction, so the rows are committed (fsynced)
+    before the statement returns, in a single round trip to the SQLite thread. Returns the ids inserted
+    (a key that exists already inserts nothing)."""
+    values = ",".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows))
+    returned = await conn.execute_fetchall(
+        "INSERT INTO receipts (receipt_id, idempotency_key, body_hash, body, pos_id, total, accepted_ms, "
+        f"updated_ms) VALUES {values} ON CONFLICT (idempotency_key) DO NOTHING RETURNING receipt_id",
+        [value for row in rows for value in row])
+    return {row[0] for row in returned}
+
+
+async def mark_sent(conn: aiosqlite.Connection, stamp: int, fiscalized: Sequence[Fiscalized]) -> int:
+    rows = [(f.receipt_id, f.fiscal.fiscal_document_number, f.fiscal.fiscal_sign, f.fiscal.registered_at)
+            for f in fiscalized]
+    return await _update_pending_from_values(
+        conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
+              "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4",
+        stamp, rows)
+
+
+async def mark_refused(conn: aiosqlite.Connection, stamp: int, refused: Sequence[Refused]) -> int:
+    rows = [(r.receipt_id, f"{r.code}: {r.message}") for r in refused]
+    return await _update_pending_from_values(
+        conn, "status = 'failed', last_error = v.column2, updated_ms = ?1", stamp, rows)
+
+
+async def record_attempt_failure(conn: aiosqlite.Connection, stamp: int, receipt_ids: Sequence[str],
+                                 reason: str, max_attempts: int, strike: bool) -> list[str]:
+    """Note a failed delivery of these receipts. With `strike` (the failure is the receipts' own), count it
+    in `attempts` and move those past max_attempts to failed. Returns the ids dead-lettered."""
+    marks = ",".join("?" * len(receipt_ids))
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        await conn.execute(
+            f"UPDATE receipts SET attempts = attempts + ?, last_error = ?, updated_ms = ? "
+            f"WHERE status = 'pending' AND receipt_id IN ({marks})",
+            (int(strike), reason, stamp, *receipt_ids))
+        moved: list[str] = []
+        if strike:
+            rows = await fetch_all(
+                conn, f"SELECT receipt_id FROM receipts WHERE status = 'pending' AND attempts > ? "
+                      f"AND receipt_id IN ({marks})", (max_attempts, *receipt_ids))
+            moved = [row[0] for row in rows]
+            if moved:
+                await conn.execute(
+                    f"UPDATE receipts SET status = 'failed', last_error = ? "
+                    f"WHERE receipt_id IN ({','.join('?' * len(moved))})",
+                    (f"gave up after {max_attempts} failed deliveries: {reason}", *moved))
+        await conn.execute("COMMIT")
+    except BaseException:
+        await rollback(conn)
+        raise
+    return moved
+
+
+async def requeue(conn: aiosqlite.Connection, stamp: int, receipt_id: str) -> int:
+    cursor = await conn.execute(
+        "UPDATE receipts SET status = 'pending', attempts = 0, updated_ms = ? "
+        "WHERE receipt_id = ? AND status = 'failed'", (stamp, receipt_id))
+    return cursor.rowcount
+
+
+async def prune_sent(conn: aiosqlite.Connection, older_than_ms: int, limit: int) -> int:
+    cursor = await conn.execute(
+        "DELETE FROM receipts WHERE seq IN (SELECT seq FROM receipts WHERE status = 'sent' "
+        "AND sent_ms < ? ORDER BY sent_ms LIMIT ?)", (older_than_ms, limit))
+    return cursor.rowcount
+
+
+async def _update_pending_from_values(conn: aiosqlite.Connection, assignments: str, stamp: int,
+                                      rows: list[tuple[Any, ...]]) -> int:
+    """UPDATE pending receipts from a VALUES list whose first column is the receipt_id; returns rows changed.
+    One statement: one transaction, one round trip."""
+    width = len(rows[0])
+    placeholders = ",".join(["(" + ",".join(["?"] * width) + ")"] * len(rows))
+    # ?1 is the timestamp; the VALUES placeholders are numbered after it.
+    numbered = _number_placeholders(placeholders, start=2)
+    cursor = await conn.execute(
+        f"UPDATE receipts SET {assignments} FROM (VALUES {numbered}) AS v "
+        f"WHERE receipts.receipt_id = v.column1 AND receipts.status = 'pending'",
+        [stamp, *(value for row in rows for value in row)])
+    return cursor.rowcount
+
+
+def _number_placeholders(text: str, start: int) -> str:
+    parts = text.split("?")
+    return "".join(f"{part}?{start + i}" if i < len(parts) - 1 else part for i, part in enumerate(parts))

@@ -1,0 +1,397 @@
+"""The store: the only code that touches SQLite.
+
+One aiosqlite connection, owned by one writer task. Every operation is a job on the writer's queue
+(`Store.run`), as aiosqlite's own connection thread and Home Assistant's recorder queue do, so nothing ever
+runs in the middle of another job's transaction. Intakes that arrive while a transaction commits are
+gathered into the next one (group commit): each caller is answered only after the COMMIT that holds its row
+has returned, with WAL + synchronous=FULL, i.e. after fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from kktd.clock import now_ms
+from kktd.errors import BufferFull, CorruptDatabase, StorageUnavailable
+from kktd.receipt import Receipt
+from kktd.store import queries, schema
+from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
+from kktd.upstreams.base import Fiscalized, Refused
+
+log = logging.getLogger("kktd.store")
+
+MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
+
+T = TypeVar("T")
+Job = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+
+def new_receipt_ids(at_ms: int, count: int) -> list[str]:
+    """Time-ordered (48-bit milliseconds) plus 80 random bits: sorts by acceptance, never guessable.
+    One read of the system's randomness serves the whole group."""
+    prefix = f"{at_ms:012x}"
+    noise = secrets.token_hex(10 * count)
+    return [prefix + noise[i * 20:(i + 1) * 20] for i in range(count)]
+
+
+@dataclass
+class _Intake:
+    receipt: Receipt
+    future: asyncio.Future[Accepted | Conflict]
+
+
+@dataclass
+class _Job:
+    fn: Job[Any]
+    future: asyncio.Future[Any]
+
+
+_STOP = object()
+
+
+class Store:
+    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
+                 checked_at_open: bool) -> None:
+        self.path = path
+        # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
+        self.checked_at_open = checked_at_open
+        self.damage: str | None = None
+        self.max_pending = max_pending
+        self.counts = counts
+        self._conn = conn
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.commits = 0
+        self.committed_rows = 0
+        self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
+
+    # ---- lifecycle ----
+
+    @classmethod
+    async def open(cls, path: Path, max_pending: int) -> Store:
+        """Open (creating if new), verify PRAGMAs, migrate, count, start the writer. The integrity check
+        runs here, before the caller may announce readiness, unless the last run closed the database
+        cleanly: then verify_in_background() runs it without holding up start-up.
+
+        SQLite deletes the -wal file when the last connection closes cleanly (and fsyncs its directory when
+        it creates it), so a -wal file found before connecting means a crash, a kill, a power cut or a
+        failed final checkpoint: exactly when damage is plausible, so the check comes first."""
+        path = Path(path)
+        is_new = not path.exists()
+        marker = schema.damage_marker(path)
+        clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailable(f"cannot open database {path}: {exc}") from exc
+        try:
+            await schema.configure(conn, path)
+            await schema.migrate(conn, path)
+            if not clean:
+                await schema.quick_check(conn, path)
+                schema.clear_damage_marker(marker)
+            counts = await queries.count_by_status(conn)
+        except sqlite3.DatabaseError as exc:
+            await conn.close()
+            raise schema.classify_open_error(exc, path) from exc
+        except BaseException:
+            await conn.close()
+            raise
+        if is_new:
+            # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
+            schema.fsync(path.parent, os.O_DIRECTORY)
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean)
+        store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
+        state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
+        log.info(
+            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d failed=%d sent=%d",
+            path, schema.SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
+            counts.pending, counts.failed, counts.sent,
+        )
+        return store
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Finish every queued job (in-flight commits), then close the connection. A writer that does not
+        finish within `timeout` (wedged in the disk) is cancelled: its uncommitted work was never answered."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._writer is not None and not self._writer.done():
+            self._queue.put_nowait(_STOP)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+            except asyncio.TimeoutError:
+                log.error("database writer did not finish within %gs; abandoning queued work", timeout)
+                self._writer.cancel()
+                self._drain_after_stop()
+                await asyncio.gather(self._writer, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._conn.close(), timeout)
+        except asyncio.TimeoutError:
+            log.error("database connection did not close within %gs", timeout)
+        log.info("buffer closed: %s", self.path)
+
+    async def verify_in_background(self) -> str | None:
+        """The integrity check deferred by open(), on a read-only connection of its own: WAL readers never
+        block the writer, so intake goes on meanwhile. Returns the damage found, None if sound."""
+        if self.checked_at_open:
+            return None
+        started = time.monotonic()
+        try:
+            conn = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            return f"cannot open database {self.path} for its integrity check: {exc}"
+        try:
+            await schema.quick_check(conn, self.path)
+        except asyncio.CancelledError:
+            # Stopping: abort the scan now rather than read the rest of a large file first.
+            await conn.interrupt()
+            raise
+        except CorruptDatabase as exc:
+            self.damage = str(exc)
+            schema.write_damage_marker(schema.damage_marker(self.path), self.damage)
+            return self.damage
+        finally:
+            await conn.close()
+        log.info("integrity check of %s: ok (%.2fs, after start-up)", self.path, time.monotonic() - started)
+        return None
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer is not None and not self._writer.done()
+
+    # ---- intake ----
+
+    async def accept(self, receipt: Receipt) -> Accepted | Conflict:
+        """Store a receipt (or find it by its idempotency key); returns after the COMMIT that holds it."""
+        future: asyncio.Future[Accepted | Conflict] = asyncio.get_running_loop().create_future()
+        self._submit(_Intake(receipt, future))
+        # Not shielded: if the caller goes away the receipt is still committed, only the answer is dropped.
+        return await future
+
+    # ---- every other operation is a job, run between transactions ----
+
+    async def run(self, job: Job[T]) -> T:
+        """Run `job(connection)` on the writer, between transactions; its result or exception is returned.
+        A caller that goes away does not cancel a job already queued (it may hold a transaction)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(_Job(job, future))
+        return await asyncio.shield(future)
+
+    def _submit(self, item: _Intake | _Job) -> None:
+        if self._closing or not self.writer_alive:
+            raise StorageUnavailable("the buffer is closed")
+        self._queue.put_nowait(item)
+
+    async def ping(self) -> None:
+        """A round trip through the writer and the database: proves neither is wedged."""
+        await self.run(lambda conn: schema.fetch_one(conn, "SELECT 1"))
+
+    async def get(self, receipt_id: str) -> ReceiptRow | None:
+        return await self.run(lambda conn: queries.receipt(conn, receipt_id))
+
+    async def oldest_pending_ms(self) -> int | None:
+        return await self.run(queries.oldest_pending_ms)
+
+    async def size_bytes(self) -> int:
+        def size_of(path: Path) -> int:
+            try:
+                return path.stat().st_size
+            except FileNotFoundError:
+                return 0
+        return sum(size_of(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
+
+    async def pending_batch(self, limit: int, after_seq: int = 0,
+                            exclude: Sequence[str] = ()) -> list[PendingReceipt]:
+        return await self.run(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
+
+    async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
+        return await self.run(lambda conn: queries.dead_letters(conn, limit, after_seq))
+
+    async def settle(self, outcomes: Sequence[Fiscalized | Refused]) -> None:
+        """Record the upstream's answers: one statement (one transaction, one round trip) per kind. The
+        counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
+        statement cannot leave them apart."""
+        stamp = now_ms()
+        fiscalized = [o for o in outcomes if isinstance(o, Fiscalized)]
+        refused = [o for o in outcomes if isinstance(o, Refused)]
+        if fiscalized:
+            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SENT,
+                               lambda conn: queries.mark_sent(conn, stamp, fiscalized))
+        if refused:
+            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.FAILED,
+                               lambda conn: queries.mark_refused(conn, stamp, refused))
+
+    async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
+                                     strike: bool) -> list[str]:
+        """Note a failed delivery; with `strike`, count it and dead-letter those past max_attempts."""
+        if not receipt_ids:
+            return []
+
+        async def job(conn: aiosqlite.Connection) -> list[str]:
+            moved = await queries.record_attempt_failure(conn, now_ms(), receipt_ids, reason, max_attempts, strike)
+            self.counts.move(ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
+            return moved
+
+        return await self.run(job)
+
+    async def requeue(self, receipt_id: str) -> bool:
+        """Put a dead letter back to pending with a fresh attempt count. False if it is not a dead letter.
+        (It stays undelivered either way, so capacity does not change.)"""
+        stamp = now_ms()
+        return bool(await self._moving(ReceiptStatus.FAILED, ReceiptStatus.PENDING,
+                                       lambda conn: queries.requeue(conn, stamp, receipt_id)))
+
+    async def prune_sent(self, older_than_ms: int, limit: int) -> int:
+        """Delete up to `limit` sent receipts acknowledged before `older_than_ms` (retention)."""
+        async def job(conn: aiosqlite.Connection) -> int:
+            deleted = await queries.prune_sent(conn, older_than_ms, limit)
+            self.counts.sent -= deleted
+            return deleted
+
+        return await self.run(job)
+
+    async def _moving(self, source: ReceiptStatus, target: ReceiptStatus, update: Job[int]) -> int:
+        async def job(conn: aiosqlite.Connection) -> int:
+            changed = await update(conn)
+            self.counts.move(source, target, changed)
+            return changed
+
+        return await self.run(job)
+
+    # ---- the writer ----
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < MAX_GROUP and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            stop = any(item is _STOP for item in batch)
+            intakes = [item for item in batch if isinstance(item, _Intake)]
+            jobs = [item for item in batch if isinstance(item, _Job)]
+            if intakes:
+                await self._commit_intakes(intakes)
+            for job in jobs:
+                await self._run_job(job)
+            if stop:
+                self._drain_after_stop()
+                return
+
+    def _drain_after_stop(self) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, (_Intake, _Job)) and not item.future.done():
+                item.future.set_exception(StorageUnavailable("the buffer is closing"))
+
+    async def _run_job(self, job: _Job) -> None:
+        try:
+            result = await job.fn(self._conn)
+        except sqlite3.Error as exc:
+            log.error("database operation failed: %s", exc)
+            _resolve_exception(job.future, StorageUnavailable(schema.describe_error(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not kill the writer
+            log.exception("database job crashed")
+            _resolve_exception(job.future, exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+
+    async def _commit_intakes(self, intakes: list[_Intake]) -> None:
+        try:
+            results = await self._insert_group(intakes)
+        except sqlite3.Error as exc:
+            await schema.rollback(self._conn)
+            reason = schema.describe_error(exc)
+            log.error("intake commit of %d receipts failed, none acknowledged: %s", len(intakes), reason)
+            for intake in intakes:
+                _resolve_exception(intake.future, StorageUnavailable(reason))
+            return
+        for intake, result in zip(intakes, results):
+            if intake.future.done():
+                continue
+            if isinstance(result, Exception):
+                intake.future.set_exception(result)
+            else:
+                intake.future.set_result(result)
+
+    async def _insert_group(self, intakes: list[_Intake]) -> list[Accepted | Conflict | Exception]:
+        """One multi-row INSERT for the whole group (queries.insert_receipts). Keys that already exist
+        (replays) and a group larger than the free capacity take extra queries."""
+        stamp = now_ms()
+        free = self.max_pending - self.counts.undelivered
+        existing: dict[str, tuple[Any, ...]] = {}
+        candidates = intakes
+        if len(intakes) > free:
+            existing = await queries.existing_keys(self._conn, [i.receipt.idempotency_key for i in intakes])
+            candidates = _within_capacity(intakes, existing, free)
+        ids = dict(zip(map(id, candidates), new_receipt_ids(stamp, len(candidates))))
+        inserted: set[str] = set()
+        if candidates:
+            inserted = await queries.insert_receipts(
+                self._conn,
+                [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
+                  i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates])
+            self.counts.pending += len(inserted)
+            self.commits += 1
+            self.committed_rows += len(inserted)
+            self.last_intake_monotonic = time.monotonic()
+        missing = [i.receipt.idempotency_key for i in intakes
+                   if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
+        lookup_failed: StorageUnavailable | None = None
+        if missing:
+            try:
+                existing.update(await queries.existing_keys(self._conn, missing))
+            except sqlite3.Error as exc:
+                # The rows inserted above are committed: they are answered as such all the same.
+                lookup_failed = StorageUnavailable(schema.describe_error(exc))
+                log.error("looking up %d existing idempotency keys failed: %s", len(missing), lookup_failed)
+        results: list[Accepted | Conflict | Exception] = []
+        for intake in intakes:
+            receipt_id = ids.get(id(intake))
+            if receipt_id in inserted:
+                results.append(Accepted(receipt_id, True, intake.receipt.total, stamp, ReceiptStatus.PENDING))
+            elif intake.receipt.idempotency_key in existing:
+                results.append(_replay(existing[intake.receipt.idempotency_key], intake.receipt))
+            else:
+                results.append(lookup_failed or BufferFull(self.max_pending))
+        return results
+
+
+def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:
+    """The intakes that may be inserted: new keys, first occurrence only, no more than `free` of them."""
+    chosen: list[_Intake] = []
+    seen: set[str] = set()
+    for intake in intakes:
+        key = intake.receipt.idempotency_key
+        if key in existing or key in seen:
+            continue
+        seen.add(key)
+        if len(chosen) < free:
+            chosen.append(intake)
+    return chosen
+
+
+def _replay(found: tuple[Any, ...], receipt: Receipt) -> Accepted | Conflict:
+    receipt_id, body_hash, total, accepted_ms, status = found
+    if body_hash != receipt.body_hash:
+        return Conflict(receipt_id)
+    return Accepted(receipt_id, False, total, accepted_ms, ReceiptStatus(status))
+
+
+def _resolve_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,402 @@
+"""The background loop that forwards buffered receipts upstream.
+
+Exactly once in effect: every submission carries the receipt's external id (its idempotency key) and a
+receipt is marked sent only from the upstream's own acknowledgement, so after a crash, a lost answer or a
+timeout the receipt is simply submitted again and the upstream's deduplication settles it.
+
+Which receipts go out and when a failure counts against one is the delivery policy's (policy.py); the loop
+drives it: batches oldest first, a few on the wire while all is well, tenacity backoff between failed
+cycles, the circuit breaker in front of every call, and the outcome of every call recorded in the store
+before the next is decided. The loop takes a clock and a sleep, so its retry tests run in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+
+from kktd.clock import Clock, Sleep, now_ms, rfc3339
+from kktd.errors import StorageUnavailable
+from kktd.store import PendingReceipt, Store
+from kktd.sync.breaker import BreakerState, CircuitBreaker
+from kktd.sync.policy import DeliveryPolicy
+from kktd.upstreams.base import (FailureKind, Fiscalized, Outgoing, Refused, SubmitOutcome, Upstream,
+                                 UpstreamUnavailable)
+
+if TYPE_CHECKING:
+    from kktd.config import Config
+
+log = logging.getLogger("kktd.sync")
+
+PIPELINE_DEPTH = 2  # batches on the wire at once while the breaker is closed
+INTAKE_BUSY_WINDOW_S = 0.25  # an intake this recent means the till is busy
+INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share of wall time
+RETENTION_EVERY_S = 3600.0
+RETENTION_BATCH = 500
+ALARM_EVERY_S = 60.0
+
+
+class CircuitOpen(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"circuit breaker open; next trial in {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class Stopping(Exception):
+    """Raised out of a retry wait when the daemon stops."""
+
+
+@dataclass
+class CycleResult:
+    delivered: int = 0
+    rejected: int = 0
+    batches: int = 0
+
+    def add(self, other: CycleResult) -> None:
+        self.delivered += other.delivered
+        self.rejected += other.rejected
+        self.batches += other.batches
+
+
+@dataclass
+class SyncStats:
+    cycles: int = 0
+    delivered_total: int = 0
+    rejected_total: int = 0
+    dead_lettered_total: int = 0
+    last_success_ms: int | None = None
+    last_error: str | None = None
+    last_error_ms: int | None = None
+    retry_at_monotonic: float | None = None
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """The loop as `GET /v1/kkt/buffer/status` and health show it."""
+
+    breaker: BreakerState
+    consecutive_failures: int
+    cycles: int
+    delivered_total: int
+    rejected_total: int
+    dead_lettered_total: int
+    last_success_at: str | None
+    last_error: str | None
+    last_error_at: str | None
+    retry_in_s: float | None
+    held_back: int
+
+
+@dataclass(frozen=True)
+class ManualCycle:
+    """What `POST /v1/kkt/buffer/sync` did."""
+
+    delivered: int
+    rejected: int
+    dead_lettered: int
+    batches: int
+    pending: int
+    error: str | None
+    breaker: BreakerState
+
+
+class SyncLoop:
+    def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.breaker = breaker
+        self.config = config
+        self.stats = SyncStats()
+        batch_size = min(config.batch_size, upstream.max_batch)
+        self.policy = DeliveryPolicy(batch_size, hold_s=2 * config.backoff_max, clock=clock)
+        self._clock = clock
+        self._sleep = sleep
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._cycle_lock = asyncio.Lock()
+        self._next_retention = 0.0
+        self._next_alarm = 0.0
+        self._alarm_level = "ok"
+
+    # ---- control ----
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def status(self) -> SyncStatus:
+        stats = self.stats
+        retry_in = None
+        if stats.retry_at_monotonic is not None:
+            retry_in = round(max(0.0, stats.retry_at_monotonic - self._clock()), 3)
+        return SyncStatus(
+            breaker=self.breaker.state,
+            consecutive_failures=self.breaker.consecutive_failures,
+            cycles=stats.cycles,
+            delivered_total=stats.delivered_total,
+            rejected_total=stats.rejected_total,
+            dead_lettered_total=stats.dead_lettered_total,
+            last_success_at=rfc3339(stats.last_success_ms) if stats.last_success_ms else None,
+            last_error=stats.last_error,
+            last_error_at=rfc3339(stats.last_error_ms) if stats.last_error_ms else None,
+            retry_in_s=retry_in,
+            held_back=len(self.policy.held),
+        )
+
+    async def run_once_now(self) -> ManualCycle:
+        """One delivery cycle on request (`POST /v1/kkt/buffer/sync`), no retries: report what it did."""
+        result = CycleResult()
+        error: str | None = None
+        # Dead-lettering happens on the failure path, which raises: count it from the running total.
+        dead_lettered_before = self.stats.dead_lettered_total
+        async with self._cycle_lock:
+            try:
+                result = await self._drain()
+            except CircuitOpen as exc:
+                error = str(exc)
+            except UpstreamUnavailable as exc:
+                error = f"{self.upstream.name} unavailable: {exc}"
+                self._note_error(error)
+            except StorageUnavailable as exc:
+                error = f"storage unavailable: {exc}"
+                self._note_error(error)
+        return ManualCycle(delivered=result.delivered, rejected=result.rejected,
+                           dead_lettered=self.stats.dead_lettered_total - dead_lettered_before,
+                           batches=result.batches, pending=self.store.counts.pending, error=error,
+                           breaker=self.breaker.state)
+
+    # ---- the loop ----
+
+    async def run(self) -> None:
+        log.info("sync loop started: %s, batches of %d, idle interval %gs", self.upstream.name,
+                 self.policy.batch_size, self.config.sync_interval)
+        while not self._stop.is_set():
+            await self._housekeeping()
+            try:
+                await self._cycle_with_retries()
+            except Stopping:
+                break
+            await self._idle()
+        log.info("sync loop stopped")
+
+    async def _idle(self) -> None:
+        if self.store.counts.pending and not self.policy.only_held_pending(self.store.counts.pending):
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.policy.idle_timeout(self.config.sync_interval))
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _cycle_with_retries(self) -> None:
+        # A storage failure (disk full, I/O error) is retried like an upstream failure: the receipts stay
+        # pending and the loop must outlive it, whatever it was doing.
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((UpstreamUnavailable, CircuitOpen, StorageUnavailable)),
+            wait=self._wait,
+            sleep=self._interruptible_sleep,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                async with self._cycle_lock:
+                    self._wake.clear()
+                    result = await self._drain()
+                self.stats.retry_at_monotonic = None
+                if result.batches:
+                    log.debug("sync cycle: %d delivered, %d rejected in %d batches", result.delivered,
+                              result.rejected, result.batches)
+
+    def _wait(self, state: RetryCallState) -> float:
+        # While the breaker is open its reset timer sets the pace of trials; the exponential backoff
+        # (capped) spaces the retries before it opens.
+        if self.breaker.state is BreakerState.OPEN:
+            return max(self.breaker.retry_after(), 0.01)
+        backoff = wait_exponential_jitter(multiplier=0.5, max=self.config.backoff_max, jitter=1.0)(state)
+        return float(min(backoff, self.config.backoff_max))
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        seconds = state.next_action.sleep if state.next_action else 0.0
+        self.stats.retry_at_monotonic = self._clock() + seconds
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, StorageUnavailable):
+            self._note_error(f"storage unavailable: {exc}")
+        log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
+
+    async def _interruptible_sleep(self, seconds: float) -> None:
+        await self._pause(seconds)
+        if self._stop.is_set():
+            raise Stopping()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less if the daemon stops meanwhile."""
+        if self._stop.is_set():
+            return
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    # ---- one cycle ----
+
+    async def _drain(self) -> CycleResult:
+        """Send every pending receipt once, batch after batch, a few batches on the wire at a time. While
+        the till is posting receipts the drain gives way: one batch at a time, and pauses that keep its
+        share of the event loop small, so a long backlog never slows intake."""
+        self.stats.cycles += 1
+        total = CycleResult()
+        in_flight: set[asyncio.Task[CycleResult]] = set()
+        after_seq = 0
+        try:
+            while not self._stop.is_set():
+                batch = await self._next_batch(after_seq)
+                if not batch:
+                    break
+                after_seq = batch[-1].seq
+                started = self._clock()
+                in_flight.add(asyncio.create_task(self._deliver(batch, self.policy.generation)))
+                giving_way = self._intake_busy()
+                full_speed = self.breaker.state is BreakerState.CLOSED and self.policy.at_full_speed()
+                depth = PIPELINE_DEPTH if full_speed and not giving_way else 1
+                while len(in_flight) >= depth:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    _collect(done, total)
+                if giving_way:
+                    await self._pause((self._clock() - started) * (1 - INTAKE_BUSY_DRAIN_SHARE)
+                                      / INTAKE_BUSY_DRAIN_SHARE)
+            while in_flight:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                _collect(done, total)
+        finally:
+            if in_flight:
+                # Batches still on the wire: their acknowledgements must be recorded before we go on.
+                await asyncio.gather(*in_flight, return_exceptions=True)
+        return total
+
+    def _intake_busy(self) -> bool:
+        return time.monotonic() - self.store.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
+
+    async def _next_batch(self, after_seq: int) -> list[PendingReceipt]:
+        limit = self.policy.batch_limit
+        batch = await self.store.pending_batch(limit, after_seq, self.policy.exclusions())
+        if not batch and after_seq == 0:
+            probe = self.policy.probe_exclusions()
+            if probe is not None:
+                batch = await self.store.pending_batch(limit, 0, probe)
+        return batch
+
+    async def _deliver(self, batch: list[PendingReceipt], generation: int) -> CycleResult:
+        if not self.breaker.allow():
+            raise CircuitOpen(self.breaker.retry_after())
+        outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.idempotency_key, r.accepted_ms, r.body)
+                    for r in batch]
+        try:
+            outcomes = await self.upstream.submit(outgoing)
+        except UpstreamUnavailable as exc:
+            self.breaker.record_failure()
+            self._note_error(f"{self.upstream.name} unavailable: {exc}")
+            await self._count_failure(batch, exc)
+            raise
+        self.breaker.record_success()
+        self.policy.on_success(generation)
+        return await self._record(outcomes)
+
+    async def _record(self, outcomes: Sequence[SubmitOutcome]) -> CycleResult:
+        settled = [o for o in outcomes if isinstance(o, (Fiscalized, Refused))]
+        await self.store.settle(settled)
+        refused = [o for o in outcomes if isinstance(o, Refused)]
+        for rejection in refused:
+            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
+                        rejection.receipt_id, self.upstream.name, rejection.code, rejection.message)
+        self.policy.on_answered(o.receipt_id for o in outcomes)
+        delivered = len(settled) - len(refused)
+        self.stats.last_success_ms = now_ms()
+        self.stats.delivered_total += delivered
+        self.stats.rejected_total += len(refused)
+        return CycleResult(delivered, len(refused), 1)
+
+    async def _count_failure(self, batch: list[PendingReceipt], exc: UpstreamUnavailable) -> None:
+        if exc.kind is FailureKind.NOT_SENT:
+            return  # nothing reached the upstream: not a failed delivery
+        ids = [r.receipt_id for r in batch]
+        verdict = self.policy.on_failure(ids)
+        moved = await self.store.record_attempt_failure(ids, exc.reason, self.config.max_attempts, verdict.strike)
+        self.policy.forget(moved)
+        for receipt_id in moved:
+            log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
+                      receipt_id, self.config.max_attempts, exc.reason)
+        self.stats.dead_lettered_total += len(moved)
+
+    def _note_error(self, error: str) -> None:
+        if self.stats.last_error != error:
+            log.warning("%s", error)
+        self.stats.last_error = error
+        self.stats.last_error_ms = now_ms()
+
+    # ---- housekeeping: pending-age alarm and retention ----
+
+    async def _housekeeping(self) -> None:
+        now = self._clock()
+        try:
+            if now >= self._next_alarm:
+                self._next_alarm = now + ALARM_EVERY_S
+                await self.check_pending_age()
+            if now >= self._next_retention:
+                self._next_retention = now + RETENTION_EVERY_S
+                await self.prune()
+        except StorageUnavailable as exc:
+            log.warning("housekeeping skipped, storage unavailable: %s", exc)
+
+    async def check_pending_age(self) -> str:
+        oldest_ms = await self.store.oldest_pending_ms()
+        age = None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        level = self.config.pending_alarm(age)
+        if level != "ok" and age is not None:
+            text = (f"oldest pending receipt is {age / 86400:.1f} days old "
+                    f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
+                    f"for at most 30 days")
+            log.log(logging.ERROR if level == "critical" else logging.WARNING, "%s", text)
+        elif self._alarm_level != "ok":
+            log.info("oldest pending receipt age back under the warning threshold")
+        self._alarm_level = level
+        return level
+
+    async def prune(self) -> int:
+        cutoff = now_ms() - self.config.retention_days * 86_400_000
+        deleted = 0
+        while not self._stop.is_set():
+            count = await self.store.prune_sent(cutoff, RETENTION_BATCH)
+            deleted += count
+            if count < RETENTION_BATCH:
+                break
+            await asyncio.sleep(0)  # let intake in between batches
+        if deleted:
+            log.info("retention: pruned %d sent receipts older than %d days", deleted, self.config.retention_days)
+        return deleted
+
+
+def _collect(done: set[asyncio.Task[CycleResult]], total: CycleResult) -> None:
+    """Add up finished batches; every task's outcome is retrieved, then the first failure is raised."""
+    errors: list[BaseException] = []
+    for task in done:
+        exc = task.exception()
+        if exc is None:
+            total.add(task.result())
+        else:
+            errors.append(exc)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,2 @@
+"""Development tools: mock upstreams that speak the real protocols, for `make run`, the tests and
+integrators. Apart from the daemon's code: they share no helpers with the kktd package."""
