@@ -118,8 +118,8 @@ async def test_non_ascii_names_without_formatting_characters_are_kept(app: App) 
     body["items"][0]["name"] = "Ёжик «в тумане» — 1 шт. 😀 naïve"
     got, answer, _ = await post_raw(app, utf8(body))
     assert got == 201, answer
-    row = await app.buffer.get(answer["receipt_id"])
-    assert row is not None and json.loads(row["body"])["items"][0]["name"] == body["items"][0]["name"]
+    row = await app.store.get(answer["receipt_id"])
+    assert row is not None and json.loads(row.body)["items"][0]["name"] == body["items"][0]["name"]
 
 
 # ---- the escaping helper itself ----

@@ -10,11 +10,9 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 
-from kktd.buffer import Rejected
-from kktd.ofd import CircuitBreaker, OfdClient
 from kktd.openapi import spec, spec_json
 from kktd.receipt import sample_receipt
-from kktd.sync import SyncLoop
+from kktd.upstreams.base import Refused
 from tests.conftest import App, close_app, open_app
 from tests.openapi_contract import Contract
 
@@ -71,18 +69,12 @@ def contract() -> Contract:
 
 @pytest.fixture
 async def rigged(tmp_path: Path) -> AsyncIterator[App]:
-    """The app with a sync loop whose upstream is down (nothing listens on the discard port)."""
-    application = await open_app(tmp_path / "rigged")
-    client = OfdClient("http://127.0.0.1:9", 0.5)
-    await client.start()
-    config = application.services.config
-    application.services.sync = SyncLoop(application.buffer, client,
-                                         CircuitBreaker(config.breaker_threshold, config.breaker_reset), config)
+    """The app with its sync loop's upstream down (nothing listens on the discard port)."""
+    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5)
     try:
         yield application
     finally:
         await close_app(application)
-        await client.close()
 
 
 async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, rigged: App,
@@ -105,7 +97,7 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("GET", "/v1/kkt/dlq?limit=0", 400)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 409)
     await call("POST", "/v1/kkt/dlq/nothing-here/requeue", 404)
-    await rigged.buffer.settle([], [Rejected(receipt_id, "rejected by the contract test")])
+    await rigged.store.settle([Refused(receipt_id, "test_refusal", "refused by the contract test")])
     listing = await call("GET", "/v1/kkt/dlq?limit=10&after_seq=0", 200)
     assert listing["count"] == 1
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
@@ -118,7 +110,7 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("POST", "/v1/kkt/receipt", 503, sample_receipt("contract-2"))
 
     # Storage gone: every operation that needs the database answers 503 storage_unavailable.
-    await rigged.buffer.close()
+    await rigged.store.close()
     rigged.services.intake_open = True
     await call("POST", "/v1/kkt/receipt", 503, sample_receipt("contract-3"))
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 503)
