@@ -23,15 +23,18 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from kktd.clock import now_ms
-from kktd.errors import BufferFull, CorruptDatabase, StorageUnavailable
+from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
-from kktd.store import queries, schema
+from kktd.store import identity, queries, schema
 from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
 from kktd.upstreams.base import Fiscalized, Refused
 
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
+# kktd checkpoints itself (then stamps the new WAL, kktd/store/identity.py) once the WAL passes this size:
+# what SQLite's autocheckpoint was set to before (100 pages of 4 KiB).
+CHECKPOINT_WAL_BYTES = 100 * 4096
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -67,12 +70,17 @@ class Store:
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
         self.damage: str | None = None
+        # Why the last commit was refused (disk full, I/O error, read-only filesystem), until one succeeds:
+        # health reports it, since reads (and so a ping) still work while every intake fails.
+        self.commit_failure: str | None = None
         self.max_pending = max_pending
         self.counts = counts
         self._conn = conn
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._stamp: identity.Stamp | None = None
+        self._needs_stamp = False  # a checkpoint ran: the next write must be the stamp
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
@@ -89,6 +97,14 @@ class Store:
         it creates it), so a -wal file found before connecting means a crash, a kill, a power cut or a
         failed final checkpoint: exactly when damage is plausible, so the check comes first."""
         path = Path(path)
+        # Before SQLite sees the files: connecting would apply whatever -wal lies beside the database.
+        wal = identity.check_wal(path)
+        if wal.refused:
+            raise ForeignWal(f"database {path}: {wal.detail}; kktd applies neither file to the other and "
+                             f"changes neither. If {path} is the right database, move "
+                             f"{identity.wal_path(path)} aside")
+        if wal.verdict is identity.WalVerdict.UNSTAMPED:
+            log.warning("%s", wal.detail)
         is_new = not path.exists()
         marker = schema.damage_marker(path)
         clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()
@@ -104,6 +120,8 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
+            stamp = await _read_identity(conn)
+            await _name_in_header(conn, stamp)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise schema.classify_open_error(exc, path) from exc
@@ -114,6 +132,9 @@ class Store:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
         store = cls(path, max_pending, conn, counts, checked_at_open=not clean)
+        store._stamp = stamp
+        # Copy the verified WAL into the database and empty it; the next WAL then begins with a stamp.
+        await store._checkpoint("TRUNCATE", stamp)
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
@@ -283,10 +304,16 @@ class Store:
             stop = any(item is _STOP for item in batch)
             intakes = [item for item in batch if isinstance(item, _Intake)]
             jobs = [item for item in batch if isinstance(item, _Job)]
+            if intakes and not await self._stamp_if_needed():
+                for intake in intakes:
+                    _resolve_exception(intake.future, StorageUnavailable(
+                        f"the database refuses writes: {self.commit_failure or 'the WAL cannot be stamped'}"))
+                intakes = []
             if intakes:
                 await self._commit_intakes(intakes)
             for job in jobs:
                 await self._run_job(job)
+            await self._checkpoint_if_due()
             if stop:
                 self._drain_after_stop()
                 return
@@ -302,6 +329,8 @@ class Store:
             result = await job.fn(self._conn)
         except sqlite3.Error as exc:
             log.error("database operation failed: %s", exc)
+            if schema.refuses_writes(exc):
+                self._commit_refused(schema.describe_error(exc))
             _resolve_exception(job.future, StorageUnavailable(schema.describe_error(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not kill the writer
             log.exception("database job crashed")
@@ -317,9 +346,13 @@ class Store:
             await schema.rollback(self._conn)
             reason = schema.describe_error(exc)
             log.error("intake commit of %d receipts failed, none acknowledged: %s", len(intakes), reason)
+            self._commit_refused(reason)
             for intake in intakes:
                 _resolve_exception(intake.future, StorageUnavailable(reason))
             return
+        if self.commit_failure is not None:
+            log.info("the database takes commits again (after: %s)", self.commit_failure)
+            self.commit_failure = None
         for intake, result in zip(intakes, results):
             if intake.future.done():
                 continue
@@ -327,6 +360,46 @@ class Store:
                 intake.future.set_exception(result)
             else:
                 intake.future.set_result(result)
+
+    async def _checkpoint_if_due(self) -> None:
+        """Checkpoint once the WAL is large (PASSIVE: it never waits for the background integrity check's
+        reader), then stamp."""
+        try:
+            size = os.stat(identity.wal_path(self.path)).st_size
+        except OSError:
+            return
+        if size >= CHECKPOINT_WAL_BYTES and self._stamp is not None:
+            await self._checkpoint("PASSIVE", self._stamp)
+
+    async def _checkpoint(self, mode: str, stamp: identity.Stamp) -> None:
+        """SQLite restarts the WAL at the first write after a checkpoint that copied everything: that write is
+        the stamp, so every WAL kktd writes begins with one (kktd/store/identity.py)."""
+        try:
+            await self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:
+            log.error("checkpoint of %s failed: %s", self.path, schema.describe_error(exc))
+            if schema.refuses_writes(exc):
+                self._commit_refused(schema.describe_error(exc))
+        self._needs_stamp = True
+        await self._stamp_if_needed()
+
+    async def _stamp_if_needed(self) -> bool:
+        """True when the WAL is stamped; while it cannot be, nothing else may write first."""
+        if not self._needs_stamp or self._stamp is None:
+            return True
+        try:
+            self._stamp = await _write_stamp(self._conn, self._stamp)
+        except sqlite3.Error as exc:
+            reason = schema.describe_error(exc)
+            log.error("cannot stamp the WAL of %s: %s", self.path, reason)
+            if schema.refuses_writes(exc):
+                self._commit_refused(reason)
+            return False
+        self._needs_stamp = False
+        return True
+
+    def _commit_refused(self, reason: str) -> None:
+        self.commit_failure = reason
 
     async def _insert_group(self, intakes: list[_Intake]) -> list[Accepted | Conflict | Exception]:
         """One multi-row INSERT for the whole group (queries.insert_receipts). Keys that already exist
@@ -369,6 +442,26 @@ class Store:
             else:
                 results.append(lookup_failed or BufferFull(self.max_pending))
         return results
+
+
+async def _read_identity(conn: aiosqlite.Connection) -> identity.Stamp:
+    row = await schema.fetch_one(conn, "SELECT db_id, generation FROM kktd_identity WHERE id = 1")
+    return identity.Stamp(bytes(row[0]), int(row[1]))
+
+
+async def _name_in_header(conn: aiosqlite.Connection, stamp: identity.Stamp) -> None:
+    """The id's first 4 bytes in the file header (once per database): readable mid-checkpoint too."""
+    expected = identity.id_prefix(stamp.db_id)
+    row = await schema.fetch_one(conn, "PRAGMA application_id")
+    if row[0] != expected:
+        await conn.execute(f"PRAGMA application_id = {expected}")
+
+
+async def _write_stamp(conn: aiosqlite.Connection, previous: identity.Stamp) -> identity.Stamp:
+    stamp = identity.Stamp(previous.db_id, previous.generation + 1)
+    await conn.execute("UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1",
+                       (stamp.generation, stamp.encode()))
+    return stamp
 
 
 def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:
