@@ -21,10 +21,17 @@ from kktd import __version__
 from kktd.app import Assembled, assemble
 from kktd.config import Config
 from kktd.errors import CorruptDatabase
+from kktd.server import (DescriptorBudget, EventSummary, GuardedSite, ServerLimits, descriptor_budget,
+                         install_accept_error_summary, runner_options)
 
 log = logging.getLogger("kktd.daemon")
 
 STATUS_EVERY_S = 5.0
+# Signals kktd does not stop on. SIGUSR1/SIGUSR2: a status line in the log (an operator's `kill -USR1`, or a
+# stray signal from a misdirected logrotate script, must not kill a daemon holding receipts). SIGPIPE:
+# ignored, so a peer that hangs up is an EPIPE error on that socket, never a dead process. SIGHUP is the
+# reload (kktd's operations part), not here.
+STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 # A hook that may add to the assembled daemon before it serves (the test-only fault entry point uses it).
 Extension = Callable[[Assembled], None]
@@ -63,17 +70,31 @@ class Daemon:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.kktd: Assembled | None = None
         self.fatal: Exception | None = None
+        self.site: GuardedSite | None = None
+        self.summary = EventSummary(logging.getLogger("kktd.server"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        for signum in STATUS_SIGNALS:
+            loop.add_signal_handler(signum, self._on_status_signal, signum)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        budget = descriptor_budget(self.config.max_connections)
+        log.info("%s (max_connections %d)", budget.describe(), self.config.max_connections)
+        if budget.connection_cap < self.config.max_connections:
+            log.warning("max_connections %d does not fit the descriptor limit %d: capped at %d (raise "
+                        "LimitNOFILE= to allow more)", self.config.max_connections, budget.soft_limit,
+                        budget.connection_cap)
+        self.summary = EventSummary(logging.getLogger("kktd.server"))
+        install_accept_error_summary(loop, self.summary, budget)
         async with AsyncExitStack() as stack:
             kktd = self.kktd = await assemble(self.config, stack)
             if self.extension is not None:
                 self.extension(kktd)
             stack.push_async_callback(self._stop_sync)
-            runner = await self._start_server(kktd.web_app)
+            stack.callback(self.summary.close)
+            runner = await self._start_server(kktd.web_app, budget)
             stack.push_async_callback(self._stop_intake, runner)
             self._supervise("sync", kktd.sync.run, critical=True)
             interval = watchdog_interval()
@@ -91,6 +112,13 @@ class Daemon:
         log.info("kktd stopped cleanly")
         return 0
 
+    def _on_status_signal(self, signum: int) -> None:
+        guard = self.site.guard if self.site is not None else None
+        connections = f" connections={guard.open_connections} (peak {guard.peak}, dropped at the cap " \
+                      f"{guard.evicted_total})" if guard is not None else ""
+        log.info("received %s: not a stop signal; status %s%s", signal.Signals(signum).name,
+                 self._status_line() if self.kktd is not None else "starting", connections)
+
     def _on_stop_signal(self, signum: int) -> None:
         if self.stop_requested.is_set():
             return
@@ -99,17 +127,19 @@ class Daemon:
                  self.config.drain_timeout)
         self.stop_requested.set()
 
-    async def _start_server(self, app: web.Application) -> web.AppRunner:
+    async def _start_server(self, app: web.Application, budget: DescriptorBudget) -> web.AppRunner:
+        limits = ServerLimits(budget.connection_cap, self.config.idle_timeout, self.config.body_timeout)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.config.drain_timeout)
+                               shutdown_timeout=self.config.drain_timeout, **runner_options(limits))
         await runner.setup()
-        site = web.TCPSite(runner, self.config.listen_host, self.config.listen_port, reuse_address=True,
-                           backlog=1024)
+        site = GuardedSite(runner, self.config.listen_host, self.config.listen_port, limits.max_connections,
+                           self.summary, backlog=1024)
         try:
             await site.start()
         except OSError:
             await runner.cleanup()
             raise
+        self.site = site
         return runner
 
     async def _stop_intake(self, runner: web.AppRunner) -> None:

@@ -3,6 +3,7 @@ documented status, provoked here one by one, matches its schema."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -70,7 +71,8 @@ def contract() -> Contract:
 @pytest.fixture
 async def rigged(tmp_path: Path) -> AsyncIterator[App]:
     """The app with its sync loop's upstream down (nothing listens on the discard port)."""
-    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5)
+    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5,
+                                 body_timeout=0.3)
     try:
         yield application
     finally:
@@ -120,7 +122,49 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     rigged.services.sync = None
     await call("POST", "/v1/kkt/buffer/sync", 503)
 
+    # A body that never arrives: 408 after body_timeout (raw socket: the head, then nothing).
+    answer = await slow_body(rigged, contract)
+    assert answer["error"]["code"] == "body_timeout"
+    await call("GET", "/v1/openapi.json", 200)
+
+    await provoke_unauthorized(tmp_path, contract)
     assert contract.never_seen() == set(), "documented answers no test provokes"
+
+
+TOKEN = "contract-test-token-0123456789"
+
+
+async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
+    guarded = await open_app(tmp_path / "guarded", api_token=TOKEN)
+    try:
+        call = Caller(guarded, contract)
+        for method, path in sorted(described_routes()):
+            if path == "/v1/health":
+                continue
+            concrete = path.replace("{receipt_id}", "0" * 32)
+            body = sample_receipt("unauthorized-1") if method == "POST" else None
+            answer = await call(method, concrete, 401, body, headers={"Authorization": "Bearer wrong"})
+            assert answer["error"]["code"] == "unauthorized"
+        await call("GET", "/v1/health", 200)
+    finally:
+        await close_app(guarded)
+
+
+async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
+    server = app.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        body = await reader.readexactly(length)
+        return contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)  # type: ignore[no-any-return]
+    finally:
+        writer.close()
 
 
 async def test_buffer_full_is_the_documented_503(tmp_path: Path, contract: Contract) -> None:
