@@ -150,7 +150,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         if flag_values.get(option.key) is not None:
             raw[option.key] = (flag_values[option.key], option.flag)
     values = {key: _parse(key, value, source) for key, (value, source) in raw.items()}
-    return _build(values)
+    return _build(values, environ)
 
 
 def _read_file(explicit: str | None, raw: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
@@ -183,7 +183,7 @@ def _parse(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{key} (from {source}) = {value!r}: {exc}") from None
 
 
-def _build(values: dict[str, Any]) -> Config:
+def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
     if values["pending_critical_age"] <= values["pending_warn_age"]:
         raise ConfigError(
             "pending_critical_age: must be greater than pending_warn_age "
@@ -193,7 +193,7 @@ def _build(values: dict[str, Any]) -> Config:
         raise ConfigError(f"embedded_mock_ofd: only with upstream = {DEFAULT_UPSTREAM} "
                           f"(upstream is {values['upstream']})")
     host, port = values.pop("listen")
-    token_file, token = _api_token(values["api_token_file"])
+    token_file, token = _api_token(values["api_token_file"], environ)
     values["api_token_file"] = token_file
     if token is None and not is_loopback(host):
         raise ConfigError(
@@ -208,11 +208,11 @@ API_TOKEN_CREDENTIAL = "api_token"
 MIN_TOKEN_LENGTH = 16
 
 
-def _api_token(explicit: Path | None) -> tuple[Path | None, str | None]:
+def _api_token(explicit: Path | None, environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
     """The bearer token: from api_token_file, else the systemd credential, else none."""
     path = explicit
     if path is None:
-        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
         candidate = Path(credentials) / API_TOKEN_CREDENTIAL if credentials else None
         if candidate is None or not candidate.exists():
             return None, None
