@@ -87,6 +87,11 @@ def _listen(raw: Any) -> tuple[str, int]:
     return host, port
 
 
+def _optional_file(raw: Any) -> Path | None:
+    """A file path, or "" for none (TOML has no null)."""
+    return None if str(raw) == "" else file_path(raw)
+
+
 def _default_db() -> str:
     state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     return str(Path(state) / "buffer.db") if state else str(DEFAULT_STATE_DIR / "buffer.db")
@@ -117,7 +122,7 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("idle_timeout", duration_in(0.1, 3600), 10.0,
            "a connection must send a complete request head within this of opening or of its last answer"),
     Option("body_timeout", duration_in(0.1, 3600), 10.0, "how long a request body may take to arrive"),
-    Option("api_token_file", file_path, None,
+    Option("api_token_file", _optional_file, None,
            "file holding the API bearer token (default $CREDENTIALS_DIRECTORY/api_token if it exists); "
            "required to listen beyond loopback"),
 )
