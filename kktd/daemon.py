@@ -86,7 +86,6 @@ class Daemon:
             log.warning("max_connections %d does not fit the descriptor limit %d: capped at %d (raise "
                         "LimitNOFILE= to allow more)", self.config.max_connections, budget.soft_limit,
                         budget.connection_cap)
-        self.summary = EventSummary(logging.getLogger("kktd.server"))
         install_accept_error_summary(loop, self.summary, budget)
         async with AsyncExitStack() as stack:
             kktd = self.kktd = await assemble(self.config, stack)
