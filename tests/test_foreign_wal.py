@@ -192,3 +192,23 @@ def test_stamp_round_trip() -> None:
     stamp = Stamp(bytes(range(16)), 7)
     assert Stamp.decode(stamp.encode()) == stamp
     assert Stamp.decode(b"x" * 32) is None
+
+
+def test_a_database_file_caught_mid_checkpoint_is_named_by_its_header(kktds: list[KktdProcess],
+                                                                      tmp_path: Path) -> None:
+    """When the file alone does not read as a database (a checkpoint was copying the WAL into it), the id's
+    prefix in the header's application_id still tells our WAL from another's."""
+    ours, theirs = tmp_path / "ours" / "buffer.db", tmp_path / "theirs" / "buffer.db"
+    crashed_with_receipts(kktds, ours, "ours", 10)
+    crashed_with_receipts(kktds, theirs, "theirs", 10)
+    conn = sqlite3.connect(f"file:{ours}?immutable=1", uri=True)
+    root = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'kktd_identity'").fetchone()[0]
+    conn.close()
+    header = read_db_header(ours)
+    assert header is not None and header.application_id != 0
+    with open(ours, "r+b") as handle:  # the identity's page half-copied: unreadable on its own
+        handle.seek((root - 1) * header.page_size)
+        handle.write(b"\xff" * header.page_size)
+    assert check_wal(ours).verdict is WalVerdict.OWN, check_wal(ours).detail
+    shutil.copy(wal_path(theirs), wal_path(ours))
+    assert check_wal(ours).verdict is WalVerdict.FOREIGN, check_wal(ours).detail
