@@ -38,14 +38,36 @@ Extension = Callable[[Assembled], None]
 
 
 class Notifier:
-    """sd_notify messages; silent when not started by systemd (no NOTIFY_SOCKET)."""
+    """sd_notify messages; silent when not started by systemd (no NOTIFY_SOCKET).
+
+    The socket is non-blocking: a datagram queue that nobody drains (10 messages by default,
+    net.unix.max_dgram_qlen) would otherwise block the event loop in sendto() and with it every till. A
+    message that does not fit is dropped, and that is logged once until one fits again."""
 
     def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        self._socket = notifier.socket if notifier is not None else None
+        if self._socket is not None:
+            self._socket.setblocking(False)
+        self._dropping = False
 
     def send(self, message: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify(message)
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(message.encode("latin-1", "replace"))
+        except BlockingIOError:
+            if not self._dropping:
+                log.warning("the notify socket is full (the service manager is not reading it): dropping "
+                            "notifications until it is (first dropped: %s)", message.split("\n")[0])
+            self._dropping = True
+            return
+        except OSError as exc:
+            log.warning("cannot send to the notify socket: %s", exc.strerror or exc)
+            return
+        if self._dropping:
+            log.info("the notify socket takes notifications again")
+            self._dropping = False
 
 
 def watchdog_interval() -> float | None:

@@ -35,3 +35,23 @@ def test_signal_is_handled_deliberately_and_kktd_keeps_serving(kktds: list[KktdP
     kktd.signal(signal.SIGTERM)
     assert kktd.wait() == 0
     assert "Traceback" not in kktd.log()
+
+
+def test_an_undrained_notify_socket_never_blocks_serving(kktds: list[KktdProcess], tmp_path: Path) -> None:
+    """A service manager that stops reading the notify socket (its queue holds 10 datagrams) must not stall
+    kktd: watchdog pings every 50 ms fill the queue within a second, and kktd keeps answering."""
+    import time
+
+    kktd = KktdProcess(tmp_path / "buffer.db", env={"KKTD_LOG_LEVEL": "info"}, watchdog_usec=100_000)
+    kktds.append(kktd)
+    kktd.start()  # READY read; nothing is read from the socket after this
+    deadline = time.monotonic() + 3.0
+    round_number = 0
+    while time.monotonic() < deadline:
+        answers = asyncio.run(post_many(kktd.url, receipts(f"notify-{round_number}", 2)))
+        assert [answer.status for answer in answers] == [201, 201]
+        round_number += 1
+    wait_until(lambda: "the notify socket is full" in kktd.log(), 10, "the dropped-notification warning")
+    assert kktd.log().count("the notify socket is full") == 1
+    kktd.signal(signal.SIGTERM)
+    assert kktd.wait() == 0
