@@ -9,11 +9,16 @@ STATE_DIR   ?= $(CURDIR)/state
 PYTEST_ARGS ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
+# prometheus: promtool checks and unit-tests the shipped alert rules; the server scrapes kktd in a test.
 RUN_PACKAGES   := python3-venv
-TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk
+TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk prometheus
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk
+# `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
+# package tests run on what they build.
+DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
-.PHONY: run test fuzz bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench
+.PHONY: run test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test \
+        prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -38,6 +43,9 @@ prereqs-test:
 prereqs-bench:
 	$(call ensure_packages,$(BENCH_PACKAGES))
 
+prereqs-deb:
+	$(call ensure_packages,$(DEB_PACKAGES))
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
@@ -47,7 +55,7 @@ run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test verify-units
+test: $(STAMP) prereqs-test prereqs-deb verify-units typecheck
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The long fuzz run: every fuzzer of the suite with KKTD_FUZZ_EXAMPLES cases per test (make test runs a
@@ -58,6 +66,10 @@ fuzz: $(STAMP) prereqs-test
 	KKTD_FUZZ_EXAMPLES=$(KKTD_FUZZ_EXAMPLES) $(VPY) -m pytest $(FUZZ_TESTS) \
 	  $(if $(KKTD_FUZZ_SEED),--hypothesis-seed=$(KKTD_FUZZ_SEED)) $(PYTEST_ARGS)
 
+# The file list is setup.cfg's [mypy] files: kktd, kktd_mocks, tests, bench.
+typecheck: $(STAMP)
+	$(VPY) -m mypy
+
 verify-units: $(STAMP) prereqs-test
 	systemd/verify-units.sh
 
@@ -67,7 +79,7 @@ powercut: $(STAMP) prereqs-test
 bench: $(STAMP) prereqs-bench
 	$(VPY) bench/run.py
 
-deb: $(STAMP)
+deb: prereqs-deb
 	packaging/build-deb.sh
 
 clean:

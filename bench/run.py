@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
 
-SECTION is intake, drain, restart, memory or concurrent (all five by default), or luacount (only on request:
-does counting 2xx answers in wrk's Lua response() hook slow wrk down?).
+SECTION is intake, drain, restart, memory, concurrent or scrape (all six by default), or luacount (only on
+request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?). scrape: intake with and
+without a Prometheus-style GET /metrics every 100 ms, side by side, and what one scrape costs kktd.
 
 A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
 (targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
@@ -23,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -37,9 +40,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 ARMS = ("bare", "naive", "kktd")
 CONNECTIONS = (1, 16, 64)
-DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent")
+DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent", "scrape")
 SECTIONS = DEFAULT_SECTIONS + ("luacount",)
 STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
+SCRAPE_EVERY_S = 0.1  # far more often than any Prometheus (15 s to 1 min): an upper bound on the cost
+SCRAPE_CONNECTIONS = 16
 COMMAND = ".venv/bin/python bench/run.py"
 
 
@@ -56,19 +61,20 @@ class Plan:
     restarts: int
     load_requests: int
     concurrent_rounds: int
+    scrape_requests: int
     quick: bool
 
     @classmethod
     def full(cls) -> Plan:
         return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
                    drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
-                   load_requests=20000, concurrent_rounds=2, quick=False)
+                   load_requests=20000, concurrent_rounds=2, scrape_requests=15000, quick=False)
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
                    drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
-                   concurrent_rounds=1, quick=True)
+                   concurrent_rounds=1, scrape_requests=1000, quick=True)
 
 
 @dataclass
@@ -415,6 +421,114 @@ def load_during_drain(ctx: Context, kktd: Server, requests: int) -> dict[str, An
             "pending_at_load_end": pending_after, "overlap": "yes" if pending_after > 0 else "NO"}
 
 
+# ---- scrape: intake with and without GET /metrics every 100 ms ----
+
+class Scraper:
+    """A Prometheus stand-in: GET /metrics every SCRAPE_EVERY_S on its own thread (of the bench, not kktd),
+    timing each answer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.durations_s: list[float] = []
+        self.sizes: list[int] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    body = response.read()
+                    ok = response.status == 200 and b"kktd_receipts_accepted_total" in body
+            except OSError:
+                ok, body = False, b""
+            elapsed = time.perf_counter() - started
+            if ok:
+                self.durations_s.append(elapsed)
+                self.sizes.append(len(body))
+            else:
+                self.failures += 1
+            self._stop.wait(max(0.0, SCRAPE_EVERY_S - elapsed))
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def scrape_once(ctx: Context, scraped: bool, label: str) -> dict[str, Any]:
+    db = ctx.path(f"scrape-{label}.db")
+    server = kktd_server(ctx, "kktd", db)
+    with server:
+        server.wait_ready()
+        url = server.base_url + "/v1/kkt/receipt"
+        warm = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.warmup_requests)
+        scraper = Scraper(server.base_url + "/metrics")
+        cpu_before = cpu_seconds(server.pid)
+        if scraped:
+            with scraper:
+                result = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.scrape_requests)
+        else:
+            result = wrkrun.run(url, SCRAPE_CONNECTIONS, ctx.plan.scrape_requests)
+        cpu = cpu_seconds(server.pid) - cpu_before
+        # What one scrape costs kktd on its own, with nothing else running: CPU over a burst of scrapes.
+        idle_cpu_before = cpu_seconds(server.pid)
+        for _ in range(200):
+            with urllib.request.urlopen(server.base_url + "/metrics", timeout=5) as response:
+                response.read()
+        idle_cpu_ms = 1000 * (cpu_seconds(server.pid) - idle_cpu_before) / 200
+        server.stop()
+    where = f"scrape {'with' if scraped else 'without'}"
+    ctx.check(result.ok2xx == result.completed, f"{where}: {result.completed - result.ok2xx} non-2xx answers")
+    rows, expected = count_rows(db), warm.ok2xx + result.ok2xx
+    ctx.check(rows == expected, f"{where}: {rows} rows in the database, {expected} 2xx answers")
+    ctx.check(scraper.failures == 0, f"{where}: {scraper.failures} scrapes failed")
+    remove_db(db)
+    row = {"scraped": scraped, **result.as_dict(), "server_cpu_s": cpu, "scrape_cpu_ms_idle": idle_cpu_ms}
+    if scraped:
+        row.update(scrapes=len(scraper.durations_s),
+                   scrape_ms_p50=1000 * median(scraper.durations_s),
+                   scrape_ms_max=1000 * max(scraper.durations_s, default=0.0),
+                   scrape_bytes=median(scraper.sizes))
+    return row
+
+
+def section_scrape(ctx: Context) -> None:
+    reproduce(f"--only scrape --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
+    runs: list[dict[str, Any]] = []
+    for round_no in range(1, ctx.plan.rounds + 1):
+        for scraped in (False, True):  # interleaved, like the intake arms
+            row = scrape_once(ctx, scraped, f"r{round_no}-{int(scraped)}")
+            row["round"] = round_no
+            runs.append(row)
+            latency = row["latency_us"]
+            extra = (f"  {row['scrapes']} scrapes, p50 {row['scrape_ms_p50']:.2f} ms, "
+                     f"max {row['scrape_ms_max']:.2f} ms, {row['scrape_bytes'] / 1024:.1f} KiB"
+                     if scraped else "")
+            print(f"  round {round_no} c{SCRAPE_CONNECTIONS} {'scraped' if scraped else 'alone':<8} "
+                  f"{row['receipts_per_s']:8.0f}/s  p50 {ms(latency['p50']):6.2f} ms  "
+                  f"p99 {ms(latency['p99']):7.2f} ms{extra}", flush=True)
+    alone = [r for r in runs if not r["scraped"]]
+    scraped_runs = [r for r in runs if r["scraped"]]
+    ctx.results["scrape"] = {
+        "runs": runs,
+        "alone_receipts_per_s": median(r["receipts_per_s"] for r in alone),
+        "scraped_receipts_per_s": median(r["receipts_per_s"] for r in scraped_runs),
+        "alone_p99_ms": median(ms(r["latency_us"]["p99"]) for r in alone),
+        "scraped_p99_ms": median(ms(r["latency_us"]["p99"]) for r in scraped_runs),
+        "scrape_ms_p50": median(r["scrape_ms_p50"] for r in scraped_runs),
+        "scrape_cpu_ms": median(r["scrape_cpu_ms_idle"] for r in runs),
+        "scrape_bytes": median(r["scrape_bytes"] for r in scraped_runs),
+    }
+    result = ctx.results["scrape"]
+    result["ratio"] = result["scraped_receipts_per_s"] / result["alone_receipts_per_s"]
+
+
 # ---- luacount: does counting 2xx in Lua's response() slow wrk? ----
 
 def section_luacount(ctx: Context) -> None:
@@ -482,6 +596,7 @@ TARGETS = (
            lambda x: x <= 1.5),
     Target("peak RSS < 80 MB with 1,000,000 rows", "memory", lambda r: r["peak_rss_mb"], lambda x: x < 80),
     Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
+    Target("intake scraped every 100 ms >= 0.95 x alone", "scrape", lambda r: r["ratio"], lambda x: x >= 0.95),
 )
 
 
@@ -513,6 +628,13 @@ def report(ctx: Context) -> None:
         c = results["concurrent"]
         print(f"intake while draining: {c['draining_receipts_per_s']:.0f}/s vs alone "
               f"{c['alone_receipts_per_s']:.0f}/s = {c['ratio']:.2f}")
+    if "scrape" in results:
+        sc = results["scrape"]
+        print(f"scrape every {SCRAPE_EVERY_S * 1000:.0f} ms at c{SCRAPE_CONNECTIONS}: "
+              f"{sc['scraped_receipts_per_s']:.0f}/s (p99 {sc['scraped_p99_ms']:.2f} ms) vs alone "
+              f"{sc['alone_receipts_per_s']:.0f}/s (p99 {sc['alone_p99_ms']:.2f} ms) = {sc['ratio']:.2f}; "
+              f"one scrape {sc['scrape_ms_p50']:.2f} ms under load, {sc['scrape_cpu_ms']:.2f} ms of kktd CPU, "
+              f"{sc['scrape_bytes'] / 1024:.1f} KiB")
     if "luacount" in results:
         lc = results["luacount"]["medians"]
         derived, counted = lc["derived"], lc["counted"]
@@ -582,7 +704,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
     "intake": section_intake, "drain": section_drain, "restart": section_restart, "memory": section_memory,
-    "concurrent": section_concurrent, "luacount": section_luacount,
+    "concurrent": section_concurrent, "scrape": section_scrape, "luacount": section_luacount,
 }
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from aiohttp import web
 from kktd.clock import rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
 from kktd.openapi import spec_json
+from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, quoted
 from kktd.server import EventSummary
@@ -32,6 +34,8 @@ HEALTH_TIMEOUT_S = 2.0
 BUFFER_FULL_RETRY_AFTER_S = 60
 STORAGE_RETRY_AFTER_S = 5
 DLQ_PAGE_MAX = 500
+EXPORT_PAGE = 200  # receipts per store job while exporting: bounded memory, intake runs in between
+RECEIPT_PATH = "/v1/kkt/receipt"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -55,6 +59,7 @@ class Services:
     started_monotonic: float = field(default_factory=time.monotonic)
     # What an attacker can multiply (timeouts, disconnects, refused tokens) is logged once per interval.
     events: EventSummary = field(default_factory=lambda: EventSummary(log))
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -83,9 +88,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         _log_error(request, error)
         return error_response(error)
     except ReceiptInvalid as invalid:
-        error = api_error(invalid)
-        _log_error(request, error)
-        return error_response(error)
+        refused = api_error(invalid)
+        _log_error(request, refused)
+        return error_response(refused)
     except web.HTTPRequestEntityTooLarge:
         too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
         _log_error(request, too_large)
@@ -144,12 +149,15 @@ def _log_error(request: web.Request, error: ApiError) -> None:
     if error.code == "body_timeout":
         request.app[SERVICES].events.event("request bodies too slow", level, "%s", line)
     else:
-        log.log(level, "%s", line)
+        log.log(level, "%s", line, extra={"error_code": error.code})
+    if request.method == "POST" and request.path == RECEIPT_PATH:
+        request.app[SERVICES].metrics.intake_rejected(error.code)
 
 
 # ---- receipts ----
 
 async def post_receipt(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     services = request.app[SERVICES]
     if not services.intake_open:
         raise ApiError(503, "shutting_down", "kktd is stopping; retry in a moment",
@@ -176,7 +184,7 @@ async def post_receipt(request: web.Request) -> web.Response:
         raise ApiError(409, "idempotency_conflict",
                        f"idempotency key {receipt.idempotency_key} is already used by receipt "
                        f"{result.receipt_id} with a different body", "idempotency_key")
-    return _accepted_response(result, receipt.idempotency_key, services)
+    return _accepted_response(result, receipt.idempotency_key, services, started)
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
@@ -191,13 +199,16 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
         raise ClientGone(str(exc) or type(exc).__name__) from None
 
 
-def _accepted_response(result: Accepted, key: str, services: Services) -> web.Response:
+def _accepted_response(result: Accepted, key: str, services: Services, started: float) -> web.Response:
+    story = {"receipt_id": result.receipt_id, "idempotency_key": key}
     if result.created:
-        log.debug("receipt %s accepted key=%s total=%d", result.receipt_id, key, result.total)
+        services.metrics.intake_accepted(time.perf_counter() - started)
+        log.debug("receipt %s accepted key=%s total=%d", result.receipt_id, key, result.total, extra=story)
         if services.sync is not None:
             services.sync.wake()
     else:
-        log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key)
+        services.metrics.intake_replayed(time.perf_counter() - started)
+        log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key, extra=story)
     # The hot path's answer has a fixed shape of ids, integers and fixed words: formatted directly.
     body = (f'{{"receipt_id":"{result.receipt_id}","status":"{result.status}","total":{result.total},'
             f'"accepted_at":"{rfc3339(result.accepted_ms)}"}}')
@@ -226,14 +237,26 @@ def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, An
         "accepted_at": rfc3339(row.accepted_ms),
         "updated_at": rfc3339(row.updated_ms),
         "receipt": stored,
+        "upstream": {
+            "external_id": row.registration.external_id,
+            "registrations": row.registration.registrations,
+            "reference": row.registration.reference,
+            "submitted_at": rfc3339(row.registration.submitted_ms) if row.registration.submitted_ms else None,
+        },
         "ofd": None,
     }
-    if row.fiscal is not None:
+    fiscal = row.fiscal
+    if fiscal is not None:
         result["ofd"] = {
-            "fiscal_document_number": row.fiscal.fiscal_document_number,
-            "fiscal_sign": row.fiscal.fiscal_sign,
-            "ofd_received_at": row.fiscal.ofd_received_at,
-            "sent_at": rfc3339(row.fiscal.sent_ms),
+            "fiscal_document_number": fiscal.fiscal_document_number,
+            "fiscal_sign": fiscal.fiscal_sign,
+            "ofd_received_at": fiscal.ofd_received_at,
+            "sent_at": rfc3339(fiscal.sent_ms),
+            "fn_number": fiscal.fn_number,
+            "shift_number": fiscal.shift_number,
+            "receipt_number": fiscal.receipt_number,
+            "kkt_registration_number": fiscal.kkt_registration_number,
+            "ofd_receipt_url": fiscal.ofd_receipt_url,
         }
     return result
 
@@ -256,10 +279,11 @@ async def buffer_status(request: web.Request) -> web.Response:
 async def collect_status(services: Services) -> dict[str, Any]:
     store = services.store
     counts = store.counts
-    oldest_ms = await _storage(store.oldest_pending_ms())
+    oldest_ms = await _storage(store.oldest_unsent_ms())
     oldest_age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else None
     status: dict[str, Any] = {
-        "counts": {"pending": counts.pending, "sent": counts.sent, "failed": counts.failed},
+        "counts": {"pending": counts.pending, "submitted": counts.submitted, "sent": counts.sent,
+                   "failed": counts.failed},
         "capacity": store.max_pending,
         "fill_ratio": round(counts.undelivered / store.max_pending, 6),
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
@@ -284,11 +308,13 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     after = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
     services = request.app[SERVICES]
     rows = await _storage(services.store.dead_letters(limit, after))
+    # Where the next page starts (null on the last one): pass it back as after_seq.
+    next_after = rows[-1].seq if len(rows) == limit else None
     # Customer contacts are personal data: shown only to a caller who presented the API token.
     token = services.config.api_token
     masked = token is None or not presents_token(request, token)
     return json_response({"dead_letters": [present_receipt(row, mask_contact=masked) for row in rows],
-                          "count": len(rows), "contacts_masked": masked})
+                          "count": len(rows), "next_after_seq": next_after, "contacts_masked": masked})
 
 
 def mask_contact_text(contact: str) -> str:
@@ -308,7 +334,7 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
         if row is None:
             raise ApiError(404, "not_found", f"no receipt {quoted(receipt_id, 64)}")
         raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
-    log.info("receipt %s requeued from the dead-letter list", receipt_id)
+    log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
         services.sync.wake()
     return json_response({"receipt_id": receipt_id, "status": "pending"})
@@ -354,6 +380,8 @@ async def health(request: web.Request) -> web.Response:
             warnings.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old")
         if "sync" in status:
             body["sync"] = status["sync"]
+            if status["sync"]["operator_action"]:
+                warnings.append(f"{status['sync']['upstream']} refuses kktd: {status['sync']['operator_action']}")
             if status["sync"]["breaker"] != "closed":
                 warnings.append(f"upstream circuit breaker is {status['sync']['breaker']}")
     if problems:
@@ -367,6 +395,64 @@ async def openapi_description(request: web.Request) -> web.Response:
     return web.Response(body=spec_json(), headers=JSON_HEADERS)
 
 
+# ---- operations: metrics and export ----
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. Built from memory only (counters, the writer's counts): a scrape never waits
+    for the database, so it cannot slow intake."""
+    body = request.app[SERVICES].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _time_query(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(400, "invalid_query", f"{name} must be an RFC 3339 time with a zone, e.g. "
+                       f"2026-11-01T00:00:00Z", name)
+    return int(moment.timestamp() * 1000)
+
+
+async def export_receipts(request: web.Request) -> web.StreamResponse:
+    """Receipts accepted in [since, until), oldest first, as JSON lines (application/x-ndjson), streamed: the
+    store is read a page at a time, each page its own short job, so an export of any size holds little
+    memory and never holds up intake."""
+    services = request.app[SERVICES]
+    since_ms = _time_query(request, "since") or 0
+    until_ms = _time_query(request, "until")
+    if until_ms is not None and until_ms < since_ms:
+        raise ApiError(400, "invalid_query", "until must not be before since", "until")
+    first = await _storage(services.store.receipts_accepted_between(since_ms, until_ms, None, EXPORT_PAGE))
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
+    await response.prepare(request)
+    rows, exported = first, 0
+    while rows:
+        await response.write(b"".join(json.dumps(present_receipt(row), ensure_ascii=False,
+                                                 separators=(",", ":")).encode() + b"\n" for row in rows))
+        exported += len(rows)
+        if len(rows) < EXPORT_PAGE:
+            break
+        try:
+            rows = await services.store.receipts_accepted_between(since_ms, until_ms, rows[-1].receipt_id,
+                                                                  EXPORT_PAGE)
+        except StorageUnavailable as exc:
+            # The answer has begun: the only honest signal left is to cut it short (no final chunk), which
+            # every HTTP client reports as an incomplete body.
+            log.error("export cut short after %d receipts: storage unavailable: %s", exported, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    await response.write_eof()
+    log.info("exported %d receipts accepted in [%s, %s)", exported, rfc3339(since_ms),
+             rfc3339(until_ms) if until_ms is not None else "now")
+    return response
+
+
 def create_app(services: Services) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[SERVICES] = services
@@ -378,4 +464,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi_description)
+    app.router.add_get("/v1/kkt/receipts", export_receipts)
+    # Stays open when the API gets access control (as /v1/health): Prometheus scrapes it.
+    app.router.add_get("/metrics", metrics)
     return app

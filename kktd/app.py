@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from kktd import __version__, logs
 from kktd.api import Services, create_app
 from kktd.clock import Clock, Sleep
 from kktd.config import Config
+from kktd.metrics import Metrics, StateSnapshot
 from kktd.store import Store
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
 from kktd.upstreams import REGISTRY, UpstreamSettings
@@ -46,11 +48,15 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     settings = await _upstream_settings(config, stack)
     upstream = REGISTRY[config.upstream].create(settings)
     await upstream.start()
-    stack.push_async_callback(upstream.close)
+    # Whichever upstream the loop has at the end (a reload may have replaced the first).
+    stack.push_async_callback(lambda: sync.upstream.close())
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change,
                              clock=clock)
-    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep)
-    services = Services(config, store, sync)
+    metrics = Metrics()
+    store.metrics = metrics
+    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics)
+    services = Services(config, store, sync, metrics=metrics)
+    metrics.bind_state(lambda: state_snapshot(services))
     described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
     return Assembled(config, store, upstream, breaker, sync, services, create_app(services),
                      f"{config.upstream} ({described})")
@@ -72,3 +78,17 @@ async def _upstream_settings(config: Config, stack: AsyncExitStack) -> UpstreamS
 def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:
     level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
     log.log(level, "upstream circuit breaker %s -> %s", old, new)
+
+
+def state_snapshot(services: Services) -> StateSnapshot:
+    """What a scrape reports, from memory only: the writer's counters, the breaker, the loop's stats, the
+    configuration in force (it may have been reloaded)."""
+    store, sync, config = services.store, services.sync, services.config
+    counts = {f.name: int(getattr(store.counts, f.name)) for f in dataclasses.fields(store.counts)}
+    return StateSnapshot(
+        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.oldest_unsent_known_ms,
+        db_path=store.path, upstream=sync.upstream.name if sync is not None else config.upstream,
+        breaker_state=str(sync.breaker.state) if sync is not None else "closed",
+        last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,
+        pending_warn_age_s=config.pending_warn_age, pending_critical_age_s=config.pending_critical_age,
+        version=__version__, journal_fallbacks=logs.journal_fallbacks())

@@ -1,4 +1,5 @@
-"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`."""
+"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`, and the operator
+commands (`kktd status`, `receipt`, `dlq`, `sync-now`, `export`: kktd/ctl.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from kktd import __version__, config as config_module, logs
+from kktd import __version__, config as config_module, ctl, logs
 from kktd.errors import ConfigError, CorruptDatabase, StorageUnavailable
 
 if TYPE_CHECKING:
-    from kktd.daemon import Extension
+    from kktd.daemon import Extension, Reloader
 
 log = logging.getLogger("kktd")
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_db.add_argument("path", type=Path)
     commands.add_parser("mock-ofd", help="run the mock OFD server (see `kktd mock-ofd --help`)",
                         add_help=False)
+    ctl.add_commands(commands, ctl.add_config_arguments)
     return parser
 
 
@@ -49,7 +51,11 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
         from kktd_mocks import ofd  # a development tool, not part of the daemon
 
         return ofd.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ctl.COMMANDS:
+        ctl.check_arguments(parser, args)
+        return ctl.run_with_config(args)
     if args.command == "check-db":
         return check_db(args.path)
     try:
@@ -61,16 +67,17 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
         print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
         return EX_OK
     logs.setup(config.log_level)
-    return serve(config, extension)
+    return serve(config, extension, reloader=lambda: config_module.load(args))
 
 
-def serve(config: config_module.Config, extension: Extension | None = None) -> int:
+def serve(config: config_module.Config, extension: Extension | None = None,
+          reloader: Reloader | None = None) -> int:
     from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
 
     if config.embedded_mock_ofd:
         _print_welcome(config)
     try:
-        return asyncio.run(Daemon(config, extension).run())
+        return asyncio.run(Daemon(config, extension, reloader).run())
     except CorruptDatabase as exc:
         log.critical("%s; kktd will not start on it and will not replace it. Inspect it with "
                      "`kktd check-db %s`, restore a backup or move it aside.", exc, config.db)

@@ -1,7 +1,8 @@
 """The daemon's systemd lifecycle, top to bottom:
 
 open and recover the store, start the server, start the sync loop, READY=1; on SIGTERM: STOPPING=1, stop
-intake, finish in-flight commits, stop the loop, close the upstream and the database.
+intake, finish in-flight commits, stop the loop, close the upstream and the database. On SIGHUP
+(`systemctl reload kktd`): RELOADING=1, re-read the configuration, apply what can change live, READY=1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -17,10 +19,12 @@ from typing import Any
 import sdnotify  # type: ignore[import-untyped]
 from aiohttp import web
 
-from kktd import __version__
+from kktd import __version__, logs, reload
 from kktd.app import Assembled, assemble
 from kktd.config import Config
-from kktd.errors import CorruptDatabase
+from kktd.errors import ConfigError, CorruptDatabase
+from kktd.upstreams import REGISTRY
+from kktd.upstreams.base import Upstream
 from kktd.server import (DescriptorBudget, EventSummary, GuardedSite, ServerLimits, descriptor_budget,
                          install_accept_error_summary, runner_options)
 
@@ -35,6 +39,8 @@ STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 # A hook that may add to the assembled daemon before it serves (the test-only fault entry point uses it).
 Extension = Callable[[Assembled], None]
+# Loads the configuration again from the same sources as at start (file, environment, flags).
+Reloader = Callable[[], Config]
 
 
 class Notifier:
@@ -84,9 +90,12 @@ def watchdog_interval() -> float | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, extension: Extension | None = None) -> None:
+    def __init__(self, config: Config, extension: Extension | None = None,
+                 reloader: Reloader | None = None) -> None:
         self.config = config
         self.extension = extension
+        self.reloader = reloader
+        self._reloading: asyncio.Task[None] | None = None
         self.notifier = Notifier()
         self.stop_requested = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -99,6 +108,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
+        # Until the daemon is up a SIGHUP is ignored rather than killing it (its default action).
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         for signum in STATUS_SIGNALS:
             loop.add_signal_handler(signum, self._on_status_signal, signum)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -123,6 +134,7 @@ class Daemon:
                 self._supervise("watchdog", lambda: self._watchdog(interval), critical=True)
             self._supervise("status", self._status_updates)
             self._supervise("integrity", self._deferred_integrity_check)
+            self._supervise("event-loop-lag", kktd.services.metrics.watch_event_loop)
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
             log.info("kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
                      __version__, self.config.listen, kktd.upstream_description, self.config.db,
@@ -147,6 +159,72 @@ class Daemon:
         log.info("received %s: stopping (drain deadline %gs)", signal.Signals(signum).name,
                  self.config.drain_timeout)
         self.stop_requested.set()
+
+    # ---- reload ----
+
+    def _on_reload_signal(self) -> None:
+        if self.kktd is None or self.stop_requested.is_set():
+            log.info("SIGHUP ignored: kktd is %s", "stopping" if self.stop_requested.is_set() else "starting")
+            return
+        if self.reloader is None:
+            log.warning("SIGHUP ignored: this kktd was started without a configuration to reload")
+            return
+        if self._reloading is not None and not self._reloading.done():
+            log.info("SIGHUP ignored: a reload is already in progress")
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(), name="kktd-reload")
+
+    async def _reload(self) -> None:
+        assert self.kktd is not None and self.reloader is not None
+        # systemd documents RELOADING=1 with the monotonic time, then READY=1 once done (sd_notify(3)).
+        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+                           f"STATUS=reloading the configuration")
+        try:
+            try:
+                new = self.reloader()
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc,
+                          extra={"error_code": "invalid_config"})
+                return
+            await self._apply(reload.plan(self.config, new))
+        except Exception:  # noqa: BLE001 - a failed reload must leave a running daemon, and say why
+            log.exception("reload failed; the running configuration stays")
+        finally:
+            self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
+
+    async def _apply(self, plan: reload.ReloadPlan) -> None:
+        assert self.kktd is not None
+        kktd, new = self.kktd, plan.effective
+        if plan.upstream_changed:
+            # The new upstream starts first: if it cannot, nothing changes.
+            upstream = REGISTRY[new.upstream].create(new.upstream_settings)
+            await upstream.start()
+            previous = kktd.sync.replace_upstream(upstream)
+            # Kept with the daemon's tasks: a stop cancels it, and its `finally` still closes the old one.
+            self.tasks[f"close-upstream-{id(previous)}"] = asyncio.get_running_loop().create_task(
+                self._close_after_cycle(previous))
+        logs.set_level(new.log_level)
+        kktd.store.max_pending = new.max_pending
+        kktd.sync.config = new
+        kktd.services.config = new
+        kktd.config = new
+        self.config = new
+        kktd.sync.wake()  # a new interval or upstream applies now, not after the old interval
+        for change in plan.live:
+            log.info("reload: %s: %s -> %s", change.key, change.old, change.new)
+        for change in plan.needs_restart:
+            log.warning("reload: %s: %s -> %s needs a restart (systemctl restart kktd); still %s",
+                        change.key, change.old, change.new, change.old)
+        log.info("configuration reloaded: %s", "nothing changed" if plan.unchanged else
+                 f"{len(plan.live)} applied, {len(plan.needs_restart)} need a restart")
+
+    async def _close_after_cycle(self, upstream: Upstream) -> None:
+        """Batches already on the wire may still use the replaced upstream: close it once none runs."""
+        assert self.kktd is not None
+        try:
+            await self.kktd.sync.idle()
+        finally:
+            await upstream.close()
 
     async def _start_server(self, app: web.Application, budget: DescriptorBudget) -> web.AppRunner:
         limits = ServerLimits(budget.connection_cap, self.config.idle_timeout, self.config.body_timeout)

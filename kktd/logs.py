@@ -1,7 +1,10 @@
-"""Log lines on stderr: `<N>` syslog priority prefixes under journald, timestamped lines on a terminal.
+"""Where log records go: the journal's native protocol under systemd, plain lines elsewhere.
 
-journald reads the `<N>` prefix of each stderr line as the priority (SyslogLevelPrefix=yes), so the levels
-survive without a journald client library. One event per line: newlines inside a message are escaped.
+Under journald (stderr is the journal stream systemd connected) each record goes to the journal with its
+structured fields (kktd/journal.py: PRIORITY, RECEIPT_ID, ERROR_CODE, CODE_FILE, ...). Elsewhere, or with
+KKTD_LOG_FORMAT=journal, stderr lines carry a `<N>` syslog priority prefix, which journald reads as the
+priority (SyslogLevelPrefix=yes); on a terminal, timestamped lines. One event per line: newlines inside a
+message are escaped.
 """
 
 from __future__ import annotations
@@ -11,13 +14,7 @@ import os
 import sys
 from typing import TextIO
 
-SYSLOG_PRIORITY = {
-    logging.CRITICAL: 2,
-    logging.ERROR: 3,
-    logging.WARNING: 4,
-    logging.INFO: 6,
-    logging.DEBUG: 7,
-}
+from kktd.journal import JOURNAL_SOCKET, SYSLOG_PRIORITY, JournalHandler, journal_available
 
 
 def under_journald(stream: TextIO) -> bool:
@@ -50,15 +47,38 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def setup(level: str, stream: TextIO | None = None) -> None:
-    stream = stream or sys.stderr
+_journal: JournalHandler | None = None  # the handler in use, when it is the journal's
+
+
+def journal_fallbacks() -> int:
+    """Records that went to stderr instead of the journal's socket (no socket, journald's queue full):
+    they reached the journal as plain stream lines, without their fields."""
+    return _journal.fallbacks if _journal is not None else 0
+
+
+def make_handler(stream: TextIO, journal_socket: str = JOURNAL_SOCKET) -> logging.Handler:
+    global _journal
+    if under_journald(stream) and journal_available(journal_socket):
+        _journal = JournalHandler(journal_socket, fallback=stream)
+        return _journal
     handler = logging.StreamHandler(stream)
-    journal = under_journald(stream) or os.environ.get("KKTD_LOG_FORMAT") == "journal"
-    handler.setFormatter(JournalFormatter("%(name)s: %(message)s") if journal else TerminalFormatter())
+    prefixed = under_journald(stream) or os.environ.get("KKTD_LOG_FORMAT") == "journal"
+    handler.setFormatter(JournalFormatter("%(name)s: %(message)s") if prefixed else TerminalFormatter())
+    return handler
+
+
+def setup(level: str, stream: TextIO | None = None, journal_socket: str = JOURNAL_SOCKET) -> None:
+    handler = make_handler(stream or sys.stderr, journal_socket)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_level(level)
     # aiohttp's access log would be one line per receipt: kktd logs what matters itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    """The log level, at start and on reload."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
     # aiosqlite logs every statement at debug: thousands of lines a second under load.
     logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))

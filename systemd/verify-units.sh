@@ -4,9 +4,10 @@
 #     systemd reports most unit problems as warnings with exit status 0.
 #  2. `systemd-analyze security --offline=yes`: the exposure level must stay at or below $THRESHOLD.
 #  3. `systemd-sysusers --dry-run` on kktd.sysusers against an empty root (syntax and resolvability).
-# The shipped ExecStart (/opt/kktd/venv/bin/kktd) normally does not exist on a build host, and verify
-# rejects a missing binary; instead of editing a copy, the unit file itself is verified inside a private
-# mount namespace where a tmpfs over /opt carries a stand-in executable. The host's /opt is untouched.
+# The shipped ExecStart (/usr/lib/kktd/venv/bin/kktd, from the Debian package) normally does not exist on a
+# build host, and verify rejects a missing binary; instead of editing a copy, the unit file itself is
+# verified inside a private mount namespace where an overlay (its upper layer on a tmpfs) over /usr/lib
+# carries a stand-in executable. The host's /usr/lib is untouched.
 set -euo pipefail
 
 THRESHOLD="${KKTD_EXPOSURE_THRESHOLD:-1.5}"
@@ -24,17 +25,24 @@ done
 
 exec_start="$(sed -n 's/^ExecStart=\([^ ]*\).*/\1/p' "$unit")"
 case "$exec_start" in
-    /opt/*) ;;
-    *) echo "verify-units: ExecStart '$exec_start' is not under /opt; update this script" >&2; exit 1 ;;
+    /usr/lib/*) ;;
+    *) echo "verify-units: ExecStart '$exec_start' is not under /usr/lib; update this script" >&2; exit 1 ;;
 esac
 
+layers="$(mktemp -d)"
 verify_out="$(unshare --mount --propagation private -- sh -euc '
-    mount -t tmpfs -o mode=0755,size=1m verify-units /opt
-    mkdir -p "$(dirname "$1")"
-    printf "#!/bin/sh\nexit 0\n" > "$1"
-    chmod 0755 "$1"
+    if [ ! -x "$1" ]; then
+        mount -t tmpfs -o mode=0755,size=1m verify-units "$3"
+        mkdir -p "$3/upper" "$3/work"
+        mount -t overlay -o "lowerdir=/usr/lib,upperdir=$3/upper,workdir=$3/work" verify-units /usr/lib
+        mkdir -p "$(dirname "$1")"
+        printf "#!/bin/sh\nexit 0\n" > "$1"
+        chmod 0755 "$1"
+    fi
     systemd-analyze verify "$2" 2>&1
-' verify-units "$exec_start" "$unit")" || { echo "$verify_out" >&2; echo "verify-units: systemd-analyze verify failed" >&2; exit 1; }
+' verify-units "$exec_start" "$unit" "$layers")" && rc=0 || rc=$?
+rmdir "$layers"
+[ "$rc" = 0 ] || { echo "$verify_out" >&2; echo "verify-units: systemd-analyze verify failed" >&2; exit 1; }
 if [ -n "$verify_out" ]; then
     echo "$verify_out" >&2
     echo "verify-units: systemd-analyze verify printed warnings (treated as errors)" >&2

@@ -3,8 +3,10 @@ database, behind a real aiohttp test server."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Protocol
@@ -15,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kktd import config as config_module
 from kktd.api import Services
 from kktd.app import Assembled, assemble
+from kktd.clock import Clock, Sleep
 from kktd.config import Config
 from kktd.store import Store
 from kktd.upstreams.kktd_ofd import KktdOfdSettings
@@ -59,11 +62,13 @@ async def _count_rows(conn: Any) -> int:
         return int(row[0])
 
 
-async def open_app(tmp_path: Path, faults: bool = False, **overrides: Any) -> App:
-    """kktd in process, its sync loop assembled but not running (tests drive it)."""
+async def open_app(tmp_path: Path, faults: bool = False, clock: Clock = time.monotonic,
+                   sleep: Sleep = asyncio.sleep, **overrides: Any) -> App:
+    """kktd in process, its sync loop assembled but not running (tests drive it); `clock` and `sleep` go
+    to the loop and the breaker (tests.support.FakeTime makes their waits instant)."""
     config = make_config(tmp_path, **overrides)
     stack = AsyncExitStack()
-    kktd = await assemble(config, stack)
+    kktd = await assemble(config, stack, clock=clock, sleep=sleep)
     if faults:
         add_fault_routes(kktd.web_app, kktd.services)
     client = TestClient(TestServer(kktd.web_app))
@@ -77,7 +82,8 @@ async def close_app(app: App) -> None:
 
 
 class AppFactory(Protocol):
-    async def __call__(self, faults: bool = False, **overrides: Any) -> App: ...
+    async def __call__(self, faults: bool = False, clock: Clock = ..., sleep: Sleep = ...,
+                       **overrides: Any) -> App: ...
 
 
 @pytest.fixture
@@ -85,8 +91,9 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[AppFactory]:
     """Opens in-process kktds (on tmp_path's database); all are closed after the test."""
     opened: list[App] = []
 
-    async def factory(faults: bool = False, **overrides: Any) -> App:
-        application = await open_app(tmp_path, faults, **overrides)
+    async def factory(faults: bool = False, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
+                      **overrides: Any) -> App:
+        application = await open_app(tmp_path, faults, clock, sleep, **overrides)
         opened.append(application)
         return application
 

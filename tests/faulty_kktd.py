@@ -5,6 +5,10 @@ before it serves. Faults:
 - ``wedge_writer``: a job that never finishes is submitted to the store's writer, as if the disk hung (the
   way Home Assistant's tests block its recorder); every later database operation waits behind it.
 - ``block_loop``: the event loop is blocked for an hour (the watchdog must catch it).
+
+And one probe for what the product shows only in its log: ``GET /v1/test/integrity`` answers whether the
+integrity check deferred until after start-up has finished (``{"finished": bool, "damage": str | null}``),
+so a test can wait for it instead of for a log line.
 """
 
 from __future__ import annotations
@@ -60,8 +64,27 @@ def add_fault_routes(app: web.Application, services: Services) -> None:
     app.router.add_post("/v1/test/fault", inject_fault)
 
 
+def add_integrity_probe(app: web.Application, store: Store) -> None:
+    """Wrap the store's deferred integrity check (the daemon runs it after READY) to record its end."""
+    checked: dict[str, Any] = {"finished": False, "damage": None}
+    verify = store.verify_in_background
+
+    async def verify_and_record() -> str | None:
+        damage = await verify()
+        checked.update(finished=True, damage=damage)
+        return damage
+
+    store.verify_in_background = verify_and_record  # type: ignore[method-assign]
+
+    async def integrity(_request: web.Request) -> web.Response:
+        return web.json_response(checked)
+
+    app.router.add_get("/v1/test/integrity", integrity)
+
+
 def with_faults(kktd: Assembled) -> None:
     add_fault_routes(kktd.web_app, kktd.services)
+    add_integrity_probe(kktd.web_app, kktd.store)
     log.warning("test fault hooks are enabled (tests.faulty_kktd): never in production")
 
 

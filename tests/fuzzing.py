@@ -175,7 +175,8 @@ def _paths(node: Node, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 def _replace(node: Node, path: tuple[Any, ...], change: Any) -> Node:
     if not path:
-        return change(node)  # type: ignore[no-any-return]
+        changed: Node = change(node)
+        return changed
     head, rest = path[0], path[1:]
     if isinstance(node, Obj):
         pairs = list(node.pairs)

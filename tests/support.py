@@ -1,8 +1,19 @@
-"""Helpers shared by the test suites: a kktd subprocess with its own notify socket, load clients, polling."""
+"""The test harness, one of each for the whole suite (tests/, tests/systemd/, tests/powercut/):
+
+- CI detection and `require` (skip on a developer's machine, fail under CI=true, and as root where asked);
+- `free_port`; `wait_until` (sync) and `async_wait_until` (in an event loop), with a deadline, never a bare
+  sleep; `FakeTime`, an injected clock and sleep;
+- `http` (sync, urllib: usable from threads and from code that has no event loop) and `http_async`
+  (aiohttp, with or without a session of the caller's): one JSON request, answering (status, body);
+- `KktdProcess` and `MockOfdProcess`: kktd and the mock OFD as child processes (notify socket, logs where
+  the caller wants them, a custom database), stopped by the fixtures that started them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import os
 import signal
@@ -11,31 +22,36 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import aiohttp
 
 from kktd.receipt import sample_receipt
 
-__all__ = ["sample_receipt", "free_port", "wait_until", "async_wait_until", "NotifySocket", "KktdProcess",
-           "post_receipt", "post_many", "Posted", "REPO", "KKTD_BIN", "require", "MockOfdProcess",
-           "cpu_seconds", "receipts", "get_json"]
+__all__ = ["sample_receipt", "free_port", "wait_until", "async_wait_until", "FakeTime", "NotifySocket",
+           "KktdProcess", "post_receipt", "post_many", "Posted", "REPO", "KKTD_BIN", "IN_CI", "require",
+           "MockOfdProcess", "cpu_seconds", "receipts", "http", "http_async", "child_env"]
 
 REPO = Path(__file__).resolve().parent.parent
 KKTD_BIN = Path(sys.executable).parent / "kktd"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def require(condition: bool, reason: str) -> None:
-    """Skip for a clear reason on a developer's machine, but fail loudly in CI: CI must run everything."""
+def require(condition: bool, reason: str, *, as_root_too: bool = False) -> None:
+    """Skip for a clear reason on a developer's machine, but fail loudly in CI: CI must run everything.
+    With `as_root_too`, fail as root as well: `make test` as root installs every prerequisite itself, so one
+    missing there is a fault, not a reason to skip."""
     import pytest
 
     if condition:
         return
-    if IN_CI:
-        pytest.fail(f"CI=true and a prerequisite is missing: {reason}")
+    if IN_CI or (as_root_too and os.geteuid() == 0):
+        where = f"CI={os.environ.get('CI', '')!r}, uid {os.geteuid()}"
+        pytest.fail(f"a prerequisite is missing ({where}): {reason}", pytrace=False)
     pytest.skip(reason)
 
 
@@ -45,27 +61,81 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02,
+               error: type[Exception] = AssertionError) -> Any:
+    """Poll `predicate` until it returns something truthy and return that; at the deadline raise `error`
+    (AssertionError, or the caller's own error type) naming `what`."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise error(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float, what: str,
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str,
                            interval: float = 0.02) -> Any:
+    """wait_until inside an event loop: `predicate` may return a value or an awaitable of one."""
     deadline = time.monotonic() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+    """One JSON request without an event loop; returns (status, decoded body or None). An HTTP error status
+    is an answer too; connection errors propagate (URLError / OSError)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        return exc.code, json.loads(payload) if payload else None
+
+
+async def http_async(method: str, url: str, body: Any = None, *, session: aiohttp.ClientSession | None = None,
+                     timeout: float = 10.0) -> tuple[int, Any]:
+    """One JSON request in an event loop, on the caller's session or a new one; returns (status, decoded
+    body or None). Connection errors propagate (aiohttp.ClientError)."""
+    if session is None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as own:
+            return await http_async(method, url, body, session=own)
+    async with session.request(method, url, json=body) as response:
+        text = await response.text()
+        return response.status, json.loads(text) if text else None
+
+
+class FakeTime:
+    """A monotonic clock that moves only when told, for kktd.clock's Clock and Sleep: `advance()`, or
+    `sleep(s)`, which moves the clock by s and returns at once (after yielding to the event loop once), so
+    code that backs off for minutes runs in milliseconds. Every sleep asked for is recorded in `sleeps`."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
 
 
 class NotifySocket:
@@ -102,9 +172,27 @@ class NotifySocket:
         os.rmdir(self._dir)
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child kktd: no stray KKTD_* settings from the caller's shell and no systemd
+    variables of the caller's own (the harness sets its own NOTIFY_SOCKET)."""
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k not in drop}
+    env.update(extra or {})
+    return env
+
+
+def _tail(path: Path | None, limit: int) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:] if path is not None else "(not started)"
+    except OSError:
+        return "(no log)"
+
+
 @dataclass
 class KktdProcess:
-    """`kktd serve` as a child process, the way systemd would run it (minus systemd)."""
+    """`kktd serve` as a child process, the way systemd would run it (minus systemd): its own session, a
+    notify socket standing in for systemd's, its output in a log file (beside the database unless `log_dir`
+    says elsewhere, e.g. off a filesystem the test cuts)."""
 
     db: Path
     ofd_url: str = "http://127.0.0.1:9"  # discard port: nothing listens, the OFD is "down"
@@ -115,8 +203,9 @@ class KktdProcess:
     proc: subprocess.Popen[bytes] | None = None
     notify: NotifySocket | None = None
     log_path: Path | None = None
-    log_dir: Path | None = None  # default: beside the database (not on a filesystem a test cuts)
-    faults: bool = False  # run tests.faulty_kktd: kktd plus POST /v1/test/fault
+    log_dir: Path | None = None  # default: beside the database
+    log_level: str = "debug"
+    faults: bool = False  # run tests.faulty_kktd: kktd plus the /v1/test/ fault hooks
 
     @property
     def url(self) -> str:
@@ -125,35 +214,62 @@ class KktdProcess:
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> KktdProcess:
         self.notify = NotifySocket()
         self.log_path = (self.log_dir or self.db.parent) / f"kktd-{self.port}-{int(time.time() * 1000)}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k not in (
-            "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-        env.update({"NOTIFY_SOCKET": self.notify.path, "KKTD_LOG_LEVEL": "debug", **self.env})
+        env = child_env({"NOTIFY_SOCKET": self.notify.path, "KKTD_LOG_LEVEL": self.log_level, **self.env})
         if self.watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         command = [sys.executable, "-m", "tests.faulty_kktd"] if self.faults else [str(KKTD_BIN)]
         if self.faults:
             env["PYTHONPATH"] = str(REPO)
         args = [*command, "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
-                "--ofd-url", self.ofd_url, "--config", os.devnull, *self.extra_args]
+                *(["--ofd-url", self.ofd_url] if self.ofd_url else []),  # "": left to the config file
+                "--config", os.devnull, *self.extra_args]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True)
         if wait_ready:
             self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        assert self.notify is not None and self.proc is not None
-        deadline = time.monotonic() + timeout
-        while "READY=1" not in self.notify.collect():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kktd exited with {self.proc.returncode} before READY:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"kktd not READY within {timeout}s:\n{self.log()}")
-            time.sleep(0.01)
+        """Until kktd sent READY=1 (database open and recovered, socket bound); fails if it exits first."""
+        assert self.notify is not None
+        notify = self.notify
+        with self._log_on_timeout():
+            wait_until(lambda: "READY=1" in notify.collect() or self._exited("before READY"), timeout,
+                       "kktd to send READY=1", interval=0.01)
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        """Until GET /v1/health answers 200."""
+        with self._log_on_timeout():
+            wait_until(lambda: self._health() == 200 or self._exited("before it was healthy"), timeout,
+                       f"kktd health 200 at {self.url}", interval=0.05)
+
+    @contextlib.contextmanager
+    def _log_on_timeout(self) -> Iterator[None]:
+        try:
+            yield
+        except AssertionError as exc:
+            if self.proc is not None and self.proc.poll() is None:
+                raise AssertionError(f"{exc}:\n{self.log_tail()}") from None
+            raise
+
+    def _health(self) -> int | None:
+        try:
+            return http("GET", f"{self.url}/v1/health", timeout=5)[0]
+        except OSError:
+            return None
+
+    def _exited(self, when: str) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"kktd exited with {self.proc.returncode} {when}:\n{self.log_tail()}")
+        return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def log_tail(self, limit: int = 3000) -> str:
+        return _tail(self.log_path, limit)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -165,8 +281,9 @@ class KktdProcess:
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush or finish anything."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait(10)
 
     def stop(self) -> None:
@@ -190,9 +307,8 @@ class Posted:
 
 
 async def post_receipt(session: aiohttp.ClientSession, url: str, receipt: dict[str, Any]) -> Posted:
-    async with session.post(f"{url}/v1/kkt/receipt", json=receipt) as response:
-        body = await response.json(content_type=None)
-        return Posted(receipt["idempotency_key"], response.status, body)
+    status, body = await http_async("POST", f"{url}/v1/kkt/receipt", receipt, session=session)
+    return Posted(receipt["idempotency_key"], status, body)
 
 
 async def post_many(url: str, receipts: Iterable[dict[str, Any]], concurrency: int = 16,
@@ -223,15 +339,9 @@ def receipts(prefix: str, count: int) -> list[dict[str, Any]]:
     return [sample_receipt(f"{prefix}-{i}") for i in range(count)]
 
 
-async def get_json(url: str, path: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{url}{path}") as response:
-            return response.status, await response.json(content_type=None)
-
-
 @dataclass
 class MockOfdProcess:
-    """`kktd mock-ofd` as its own process: its store outlives any kktd crash."""
+    """`kktd mock-ofd` as its own process: its store outlives any kktd crash. Its log goes to `workdir`."""
 
     workdir: Path
     db: Path | None = None
@@ -239,6 +349,7 @@ class MockOfdProcess:
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
 
     @property
     def url(self) -> str:
@@ -248,56 +359,65 @@ class MockOfdProcess:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self) -> MockOfdProcess:
+    def start(self, timeout: float = 20.0) -> MockOfdProcess:
         args = [str(KKTD_BIN), "mock-ofd", "--listen", f"127.0.0.1:{self.port}",
                 "--admin-listen", f"127.0.0.1:{self.admin_port}", "--log-level", "warning"]
         if self.db is not None:
             args += ["--db", str(self.db)]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
-        log_path = self.workdir / f"mock-ofd-{self.port}.log"
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._answers, 20, "the mock OFD to answer")
+        self.log_path = self.workdir / f"mock-ofd-{self.port}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=child_env(), start_new_session=True)
+        wait_until(self._answers, timeout, "the mock OFD to answer")
         return self
 
     def _answers(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"mock OFD exited with {self.proc.returncode}")
+            raise AssertionError(f"mock OFD exited with {self.proc.returncode}: {_tail(self.log_path, 3000)}")
         try:
             self.stats()
             return True
         except OSError:
             return False
 
-    def _admin(self, method: str, path: str, body: Any = None) -> Any:
-        import urllib.request
+    def _admin(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return http(method, f"{self.admin_url}{path}", body)
 
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.admin_url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+    def _admin_ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, answer = self._admin(method, path, body)
+        assert status == 200, (path, status, answer)
+        return answer
 
     def stats(self) -> dict[str, Any]:
-        return self._admin("GET", "/admin/stats")  # type: ignore[no-any-return]
+        return dict(self._admin_ok("GET", "/admin/stats"))
 
     def set_mode(self, mode: str, **params: Any) -> None:
-        self._admin("POST", "/admin/mode", {"mode": mode, **params})
+        self._admin_ok("POST", "/admin/mode", {"mode": mode, **params})
 
     def reject_pos_ids(self, pos_ids: list[str]) -> None:
-        self._admin("POST", "/admin/reject", {"pos_ids": pos_ids})
+        self._admin_ok("POST", "/admin/reject", {"pos_ids": pos_ids})
 
     def stored(self, receipt_id: str) -> dict[str, Any] | None:
-        import urllib.error
+        status, answer = self._admin("GET", f"/admin/receipts/{receipt_id}")
+        if status == 404:
+            return None
+        assert status == 200, (receipt_id, status, answer)
+        return dict(answer)
 
-        try:
-            return self._admin("GET", f"/admin/receipts/{receipt_id}")  # type: ignore[no-any-return]
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
+    def stored_keys(self) -> dict[str, str]:
+        """idempotency_key -> receipt_id of everything the mock stored, page by page; a key stored twice
+        fails."""
+        stored: dict[str, str] = {}
+        while True:
+            page = self._admin_ok("GET", f"/admin/receipts?after={len(stored)}&limit=5000")["receipts"]
+            if not page:
+                return stored
+            for record in page:
+                assert record["idempotency_key"] not in stored, f"stored twice: {record}"
+                stored[record["idempotency_key"]] = record["receipt_id"]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

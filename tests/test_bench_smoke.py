@@ -18,8 +18,9 @@ from typing import Any, Iterator
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "bench" / "run.py"
+from tests.support import REPO, require
+
+RUN = REPO / "bench" / "run.py"
 REQUESTS = 40  # per run; a multiple of wrk's two threads so the fixed count is exact
 TIMEOUT_S = 300
 
@@ -27,11 +28,9 @@ TIMEOUT_S = 300
 @pytest.fixture
 def wrk() -> str:
     path = shutil.which("wrk")
-    if path is None:
-        reason = "wrk is not installed (make test installs it; or: apt-get install wrk)"
-        if os.environ.get("CI") == "true" or os.geteuid() == 0:
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(path is not None, "wrk is not installed (make test installs it; or: apt-get install wrk)",
+            as_root_too=True)
+    assert path is not None
     return path
 
 
@@ -42,7 +41,7 @@ def bench_json(tmp_path: Path, wrk: str) -> Iterator[dict[str, Any]]:
     argv = [sys.executable, str(RUN), "--quick", "--only", "intake", "--rounds", "1",
             "--requests", str(REQUESTS), "--json", str(out)]
     # Its own session: whatever happens here, the servers and wrk it started go with its process group.
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
@@ -70,3 +69,27 @@ def test_intake_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None
     assert bench_json["integrity_failures"] == []
     verdicts = {t["target"]: t["verdict"] for t in bench_json["targets"]}
     assert verdicts["drain >= 5,000 receipts/s"] == "not run"  # --only intake ran nothing else
+
+
+def test_scrape_section_runs_and_scrapes(tmp_path: Path, wrk: str) -> None:
+    """`bench/run.py --only scrape`: both arms complete with rows = 2xx, and the scraped arm did scrape."""
+    out = tmp_path / "scrape.json"
+    argv = [sys.executable, str(RUN), "--quick", "--only", "scrape", "--json", str(out)]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    assert process.returncode == 0, output
+    results = json.loads(out.read_text())
+    assert results["integrity_failures"] == []
+    runs = results["scrape"]["runs"]
+    assert sorted(r["scraped"] for r in runs) == [False, True]
+    scraped = next(r for r in runs if r["scraped"])
+    assert scraped["scrapes"] > 0 and scraped["scrape_bytes"] > 0
+    assert all(r["ok2xx"] == r["completed"] for r in runs)

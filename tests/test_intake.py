@@ -7,7 +7,7 @@ import os
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -133,7 +133,7 @@ async def test_buffer_status(app: App) -> None:
         await post(app, sample_receipt(f"st-{i}"))
     response = await app.client.get("/v1/kkt/buffer/status")
     status = await response.json()
-    assert status["counts"] == {"pending": 3, "sent": 0, "failed": 0}
+    assert status["counts"] == {"pending": 3, "submitted": 0, "sent": 0, "failed": 0}
     assert status["capacity"] == 200_000
     assert status["fill_ratio"] == pytest.approx(3 / 200_000)
     assert 0 <= status["oldest_pending_age_s"] < 60
@@ -241,7 +241,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 # ---- a full disk (a real, tiny filesystem) ----
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> AsyncIterator[Path]:
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
     mount_point = tmp_path / "tiny"
     mount_point.mkdir()
@@ -286,7 +286,7 @@ async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) 
         await buffer.close()
 
 
-async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: Any) -> None:
+async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group holding a new receipt and a replay: the insert commits, then looking up the replay's key
     fails. The new receipt was stored and must be answered 201, not 'not stored'."""
     from kktd.receipt import validate_receipt

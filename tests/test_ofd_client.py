@@ -13,7 +13,7 @@ import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
@@ -100,8 +100,12 @@ class FakeOfd:
             await self._runner.cleanup()
 
 
+class FakeOfdFactory(Protocol):
+    async def __call__(self, handler: Handler) -> FakeOfd: ...
+
+
 @pytest.fixture
-async def fake_ofd() -> AsyncIterator[Callable[[Handler], Awaitable[FakeOfd]]]:
+async def fake_ofd() -> AsyncIterator[FakeOfdFactory]:
     servers: list[FakeOfd] = []
 
     async def make(handler: Handler) -> FakeOfd:
@@ -290,13 +294,13 @@ GARBAGE: dict[str, tuple[Handler, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(GARBAGE))
-async def test_garbage_is_never_an_acknowledgement(case: str, fake_ofd: Any) -> None:
+async def test_garbage_is_never_an_acknowledgement(case: str, fake_ofd: FakeOfdFactory) -> None:
     handler, expected = GARBAGE[case]
     server = await fake_ofd(handler)
     assert await reason_from(server.url) == expected
 
 
-async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: Any) -> None:
+async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: FakeOfdFactory) -> None:
     def make(entries: list[dict[str, Any]]) -> Any:
         results = [ack_for(e, n + 1) for n, e in enumerate(entries)]
         results[-1]["fiscal_sign"] = None
@@ -309,14 +313,14 @@ async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: Any) -> None:
     assert "result 9" in str(info.value)
 
 
-async def test_extra_fields_are_tolerated(fake_ofd: Any) -> None:
+async def test_extra_fields_are_tolerated(fake_ofd: FakeOfdFactory) -> None:
     server = await fake_ofd(results_of(lambda entries: {"version": 2, "results": [
         {**ack_for(e, 7), "extra": [1, 2]} for e in entries]}))
     results = await send_to(server.url, [item(1)])
     assert results == [OfdAck("rcpt-1", 7, "0123456789", "2026-11-24T03:00:01.000Z")]
 
 
-async def test_content_type_with_charset_is_json(fake_ofd: Any) -> None:
+async def test_content_type_with_charset_is_json(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         entries = json.loads(await request.read())
         body = json.dumps({"results": [ack_for(e, 1) for e in entries]})
@@ -326,13 +330,13 @@ async def test_content_type_with_charset_is_json(fake_ofd: Any) -> None:
     assert isinstance((await send_to(server.url, [item(1)]))[0], OfdAck)
 
 
-async def test_oversized_answer_is_refused(fake_ofd: Any) -> None:
+async def test_oversized_answer_is_refused(fake_ofd: FakeOfdFactory) -> None:
     huge = b'{"results": ["' + b"x" * (2 << 20) + b'"]}'
     server = await fake_ofd(answer(200, huge))
     assert await reason_from(server.url) == "bad_response: too_large"
 
 
-async def test_oversized_chunked_answer_is_refused(fake_ofd: Any) -> None:
+async def test_oversized_chunked_answer_is_refused(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
@@ -348,7 +352,7 @@ async def test_oversized_chunked_answer_is_refused(fake_ofd: Any) -> None:
     assert await reason_from(server.url) == "bad_response: too_large"
 
 
-async def test_headers_that_never_come_are_a_timeout(fake_ofd: Any) -> None:
+async def test_headers_that_never_come_are_a_timeout(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         await server.release.wait()
         return web.Response(status=500)
@@ -360,7 +364,7 @@ async def test_headers_that_never_come_are_a_timeout(fake_ofd: Any) -> None:
     assert 0.25 <= loop.time() - started < 3.0
 
 
-async def test_body_that_never_ends_is_a_timeout(fake_ofd: Any) -> None:
+async def test_body_that_never_ends_is_a_timeout(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "100"})
         await response.prepare(request)
@@ -372,7 +376,7 @@ async def test_body_that_never_ends_is_a_timeout(fake_ofd: Any) -> None:
     assert await reason_from(server.url, timeout_s=0.3) == "timeout"
 
 
-async def test_truncated_body_is_a_lost_connection(fake_ofd: Any) -> None:
+async def test_truncated_body_is_a_lost_connection(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "100"})
         await response.prepare(request)
@@ -385,7 +389,7 @@ async def test_truncated_body_is_a_lost_connection(fake_ofd: Any) -> None:
     assert await reason_from(server.url) == "connection_lost"
 
 
-async def test_reset_before_answer_is_a_lost_connection(fake_ofd: Any) -> None:
+async def test_reset_before_answer_is_a_lost_connection(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.abort()
@@ -443,7 +447,7 @@ async def test_non_http_answer_is_a_protocol_error() -> None:
 # --- client behaviour ---------------------------------------------------------------------------------
 
 
-async def test_wire_format(fake_ofd: Any) -> None:
+async def test_wire_format(fake_ofd: FakeOfdFactory) -> None:
     server = await fake_ofd(acks_with())
     await send_to(server.url, [item(1), OfdItem("rcpt-2", "key-2", ACCEPTED_AT, receipt_json='{"a":"б"}')])
     envelope = {"accepted_at": ACCEPTED_AT}
@@ -453,7 +457,7 @@ async def test_wire_format(fake_ofd: Any) -> None:
     ]]
 
 
-async def test_connection_is_reused_across_batches(fake_ofd: Any) -> None:
+async def test_connection_is_reused_across_batches(fake_ofd: FakeOfdFactory) -> None:
     server = await fake_ofd(acks_with())
     async with OfdClient(server.url, 5.0) as ofd_client:
         for n in range(10):
@@ -462,7 +466,7 @@ async def test_connection_is_reused_across_batches(fake_ofd: Any) -> None:
     assert len(server.peers) == 1
 
 
-async def test_base_url_path_prefix_and_trailing_slash(fake_ofd: Any) -> None:
+async def test_base_url_path_prefix_and_trailing_slash(fake_ofd: FakeOfdFactory) -> None:
     seen: list[str] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -483,7 +487,7 @@ async def test_base_url_path_prefix_and_trailing_slash(fake_ofd: Any) -> None:
         await runner.cleanup()
 
 
-async def test_cancellation_propagates_untouched(fake_ofd: Any) -> None:
+async def test_cancellation_propagates_untouched(fake_ofd: FakeOfdFactory) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         await server.release.wait()
         return web.Response()

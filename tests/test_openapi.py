@@ -37,13 +37,13 @@ def test_spec_loads_and_is_openapi_3() -> None:
 
 
 async def test_every_route_is_described_and_nothing_else(app: App) -> None:
-    assert app_routes(app.client.server.app) == described_routes()
+    assert app_routes(app.kktd.web_app) == described_routes()
 
 
 async def test_with_fault_hooks_only_the_fault_route_is_extra(tmp_path: Path) -> None:
     faulty = await open_app(tmp_path, faults=True)
     try:
-        assert app_routes(faulty.client.server.app) - described_routes() == UNDESCRIBED
+        assert app_routes(faulty.kktd.web_app) - described_routes() == UNDESCRIBED
     finally:
         await close_app(faulty)
 
@@ -105,6 +105,10 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 200)
     await call("GET", "/v1/health", 200)
+    exported = await call("GET", "/v1/kkt/receipts?since=2020-01-01T00:00:00Z", 200)
+    assert [line["receipt_id"] for line in exported] == [receipt_id]
+    await call("GET", "/v1/kkt/receipts?since=yesterday", 400)
+    await call("GET", "/metrics", 200)
 
     rigged.services.task_failures["sync"] = "RuntimeError('provoked by the contract test')"
     await call("GET", "/v1/health", 503)
@@ -119,6 +123,7 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("GET", "/v1/kkt/buffer/status", 503)
     await call("GET", "/v1/kkt/dlq", 503)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 503)
+    await call("GET", "/v1/kkt/receipts", 503)
     rigged.services.sync = None
     await call("POST", "/v1/kkt/buffer/sync", 503)
 
@@ -139,13 +144,14 @@ async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
     try:
         call = Caller(guarded, contract)
         for method, path in sorted(described_routes()):
-            if path == "/v1/health":
+            if path in ("/v1/health", "/metrics"):
                 continue
             concrete = path.replace("{receipt_id}", "0" * 32)
             body = sample_receipt("unauthorized-1") if method == "POST" else None
             answer = await call(method, concrete, 401, body, headers={"Authorization": "Bearer wrong"})
             assert answer["error"]["code"] == "unauthorized"
         await call("GET", "/v1/health", 200)
+        await call("GET", "/metrics", 200)
     finally:
         await close_app(guarded)
 
@@ -162,7 +168,8 @@ async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
         length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length:")))
         body = await reader.readexactly(length)
-        return contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)  # type: ignore[no-any-return]
+        answer: dict[str, Any] = contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)
+        return answer
     finally:
         writer.close()
 

@@ -10,12 +10,13 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 
 import aiohttp
 import pytest
 
-from tests.support import KKTD_BIN, KktdProcess, Posted, get_json, post_many, receipts, wait_until
+from tests.support import KKTD_BIN, KktdProcess, Posted, http, http_async, post_many, receipts, wait_until
 
 
 
@@ -26,7 +27,7 @@ def start(kktds: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:
 
 
 def health_status(proc: KktdProcess) -> int:
-    status, _ = asyncio.run(get_json(proc.url, "/v1/health"))
+    status, _ = http("GET", f"{proc.url}/v1/health")
     return status
 
 
@@ -61,13 +62,12 @@ async def load_until_signalled(proc: KktdProcess, count: int, signum: int, after
     return answers
 
 
-async def _status_or_none(proc: KktdProcess) -> dict | None:  # type: ignore[type-arg]
+async def _status_or_none(proc: KktdProcess) -> dict[str, Any] | None:
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{proc.url}/v1/kkt/buffer/status") as response:
-                return await response.json()  # type: ignore[no-any-return]
+        status, body = await http_async("GET", f"{proc.url}/v1/kkt/buffer/status")
     except aiohttp.ClientError:
         return None
+    return body if status == 200 else None
 
 
 def test_sigkill_mid_load_loses_no_acknowledged_receipt(tmp_path: Path, kktds: list[KktdProcess]) -> None:
@@ -130,12 +130,7 @@ def test_wedged_writer_stops_watchdog_pings(tmp_path: Path, kktds: list[KktdProc
     assert notify is not None
     wait_until(lambda: notify.collect().count("WATCHDOG=1") >= 2, 10, "watchdog pings before the fault")
 
-    async def wedge() -> int:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{proc.url}/v1/test/fault", json={"fault": "wedge_writer"}) as response:
-                return response.status
-
-    assert asyncio.run(wedge()) == 202
+    assert http("POST", f"{proc.url}/v1/test/fault", {"fault": "wedge_writer"})[0] == 202
     wait_until(lambda: health_status(proc) == 503, 10, "health to see the writer does not answer")
     notify.collect()
     pings_at_wedge = len([m for m in notify.messages if m[1] == "WATCHDOG=1"])
@@ -245,9 +240,11 @@ def test_clean_restart_checks_integrity_after_ready(tmp_path: Path, kktds: list[
     first.signal(signal.SIGTERM)
     assert first.wait(20) == 0
     assert not Path(f"{db}-wal").exists(), "a clean stop leaves no WAL behind"
-    second = start(kktds, db)
+    second = start(kktds, db, faults=True)  # tests.faulty_kktd: GET /v1/test/integrity
     assert "integrity check deferred until after start-up" in second.log()
-    wait_until(lambda: "integrity check of" in second.log(), 20, "the deferred integrity check")
+    wait_until(lambda: http("GET", f"{second.url}/v1/test/integrity")[1]["finished"], 20,
+               "the deferred integrity check")
+    assert http("GET", f"{second.url}/v1/test/integrity")[1]["damage"] is None
     assert "integrity check of" in second.log() and ": ok (" in second.log()
 
 

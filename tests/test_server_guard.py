@@ -80,17 +80,17 @@ def test_at_the_cap_the_connection_silent_longest_is_dropped() -> None:
     clock = Clock()
     summary = EventSummary(logging.getLogger("kktd.test"), clock=clock)
     guard = ConnectionGuard(asyncio.Protocol, cap=3, summary=summary, clock=clock)
+    transports = [FakeTransport() for _ in range(4)]
     connections = []
     for i in range(3):
         clock.now = float(i)
         connection = guard()
-        connection.connection_made(FakeTransport())  # type: ignore[arg-type]
+        connection.connection_made(transports[i])
         connections.append(connection)
     clock.now = 10.0
     connections[0].data_received(b"GET / HTTP/1.1\r\n")  # the oldest speaks again: it stays
-    newcomer = guard()
-    newcomer.connection_made(FakeTransport())  # type: ignore[arg-type]
-    assert [c.transport.aborted for c in connections] == [False, True, False]  # type: ignore[union-attr]
+    guard().connection_made(transports[3])
+    assert [t.aborted for t in transports] == [False, True, False, False]
     assert guard.open_connections == 3 and guard.evicted_total == 1 and guard.peak == 3
     summary.close()
 

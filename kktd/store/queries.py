@@ -11,24 +11,34 @@ from typing import Any
 
 import aiosqlite
 
-from kktd.store.rows import Counts, FiscalRecord, PendingReceipt, ReceiptRow, ReceiptStatus
+from kktd.store.rows import (Counts, FiscalRecord, PendingReceipt, ReceiptRow, ReceiptStatus, Registration,
+                             SubmittedReceipt)
 from kktd.store.schema import fetch_all, fetch_one, rollback
-from kktd.upstreams.base import Fiscalized, Refused
+from kktd.upstreams.base import Fiscalized, NotRegistered, Refused, Registered
 
 SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 
 _ROW_COLUMNS = (
     "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
-    "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at"
+    "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at, fn_number, shift_number, receipt_number, "
+    "kkt_registration_number, ofd_receipt_url, external_id, registrations, upstream_ref, submitted_ms, seq"
 )
+# A receipt is registered under its idempotency key until the upstream says a document was not registered;
+# then under this derived id ('~' never occurs in a key, so it can never be another receipt's key).
+REREGISTRATION_SEPARATOR = "~"
 
 
 def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
     (receipt_id, key, body, total, status, attempts, last_error, accepted_ms, updated_ms, sent_ms, fdn, sign,
-     received) = row
-    fiscal = FiscalRecord(fdn, sign, received, sent_ms) if status == ReceiptStatus.SENT else None
+     received, fn_number, shift, receipt_number, kkt_number, receipt_url, external_id, registrations,
+     reference, submitted_ms, seq) = row
+    fiscal = None
+    if status == ReceiptStatus.SENT:
+        fiscal = FiscalRecord(fdn, sign, received, sent_ms, fn_number, shift, receipt_number, kkt_number,
+                              receipt_url)
+    registration = Registration(external_id or key, registrations, reference, submitted_ms)
     return ReceiptRow(receipt_id, key, body, total, ReceiptStatus(status), attempts, last_error, accepted_ms,
-                      updated_ms, fiscal)
+                      updated_ms, fiscal, registration, seq)
 
 
 async def count_by_status(conn: aiosqlite.Connection) -> Counts:
@@ -52,16 +62,36 @@ async def dead_letters(conn: aiosqlite.Connection, limit: int, after_seq: int) -
     return [_receipt_row(row) for row in rows]
 
 
-async def oldest_pending_ms(conn: aiosqlite.Connection) -> int | None:
-    row = await fetch_one(conn, "SELECT accepted_ms FROM receipts WHERE status = 'pending' ORDER BY seq LIMIT 1")
-    return row[0] if row is not None else None
+async def accepted_between(conn: aiosqlite.Connection, since_ms: int, until_ms: int | None, after_id: str | None,
+                           limit: int) -> list[ReceiptRow]:
+    """Receipts accepted in [since_ms, until_ms), in id order, after `after_id` (keyset paging). A receipt
+    id starts with its acceptance time in milliseconds as 12 hex digits (writer.new_receipt_ids), so the
+    range is a scan of the receipt_id index, never of the table; accepted_ms is checked as well."""
+    low = after_id if after_id is not None else f"{since_ms:012x}"
+    high = f"{until_ms:012x}" if until_ms is not None else "g"  # "g" sorts after every hex digit
+    rows = await fetch_all(
+        conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE receipt_id > ? AND receipt_id < ? "
+              f"AND accepted_ms >= ? AND accepted_ms < ? ORDER BY receipt_id LIMIT ?",
+        (low, high, since_ms, until_ms if until_ms is not None else 2**62, limit))
+    return [_receipt_row(row) for row in rows]
+
+
+async def oldest_unsent_ms(conn: aiosqlite.Connection) -> int | None:
+    """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
+    oldest: list[int] = []
+    for status in (ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED):
+        row = await fetch_one(
+            conn, f"SELECT accepted_ms FROM receipts WHERE status = '{status.value}' ORDER BY seq LIMIT 1")
+        if row is not None:
+            oldest.append(row[0])
+    return min(oldest) if oldest else None
 
 
 async def pending_batch(conn: aiosqlite.Connection, limit: int, after_seq: int,
                         exclude: Sequence[str]) -> list[PendingReceipt]:
     """The oldest pending receipts after `after_seq`, skipping `exclude` (receipts held back by the loop)."""
-    sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body FROM receipts "
-           "WHERE status = 'pending' AND seq > ?")
+    sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body, coalesce(external_id, idempotency_key) "
+           "FROM receipts WHERE status = 'pending' AND seq > ?")
     params: list[Any] = [after_seq]
     if exclude:
         sql += f" AND receipt_id NOT IN ({','.join('?' * len(exclude))})"
@@ -69,6 +99,14 @@ async def pending_batch(conn: aiosqlite.Connection, limit: int, after_seq: int,
     sql += " ORDER BY seq LIMIT ?"
     params.append(limit)
     return [PendingReceipt(*row) for row in await fetch_all(conn, sql, params)]
+
+
+async def submitted_batch(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[SubmittedReceipt]:
+    """The oldest receipts a two-phase upstream registered, after `after_seq`."""
+    rows = await fetch_all(
+        conn, "SELECT seq, receipt_id, coalesce(external_id, idempotency_key), upstream_ref FROM receipts "
+              "WHERE status = 'submitted' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+    return [SubmittedReceipt(*row) for row in rows]
 
 
 async def existing_keys(conn: aiosqlite.Connection, keys: Sequence[str]) -> dict[str, tuple[Any, ...]]:
@@ -97,19 +135,44 @@ async def insert_receipts(conn: aiosqlite.Connection, rows: list[tuple[Any, ...]
     return {row[0] for row in returned}
 
 
-async def mark_sent(conn: aiosqlite.Connection, stamp: int, fiscalized: Sequence[Fiscalized]) -> int:
-    rows = [(f.receipt_id, f.fiscal.fiscal_document_number, f.fiscal.fiscal_sign, f.fiscal.registered_at)
-            for f in fiscalized]
-    return await _update_pending_from_values(
+async def mark_sent(conn: aiosqlite.Connection, stamp: int, source: ReceiptStatus,
+                    fiscalized: Sequence[Fiscalized]) -> int:
+    rows = [(f.receipt_id, f.fiscal.fiscal_document_number, f.fiscal.fiscal_sign, f.fiscal.registered_at,
+             f.fiscal.fn_number, f.fiscal.shift_number, f.fiscal.receipt_number, f.fiscal.kkt_registration_number,
+             f.fiscal.ofd_receipt_url) for f in fiscalized]
+    return await _update_from_values(
         conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
-              "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4",
-        stamp, rows)
+              "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4, "
+              "fn_number = v.column5, shift_number = v.column6, receipt_number = v.column7, "
+              "kkt_registration_number = v.column8, ofd_receipt_url = v.column9",
+        stamp, source, rows)
 
 
-async def mark_refused(conn: aiosqlite.Connection, stamp: int, refused: Sequence[Refused]) -> int:
+async def mark_refused(conn: aiosqlite.Connection, stamp: int, source: ReceiptStatus,
+                       refused: Sequence[Refused]) -> int:
     rows = [(r.receipt_id, f"{r.code}: {r.message}") for r in refused]
-    return await _update_pending_from_values(
-        conn, "status = 'failed', last_error = v.column2, updated_ms = ?1", stamp, rows)
+    return await _update_from_values(
+        conn, "status = 'failed', last_error = v.column2, updated_ms = ?1", stamp, source, rows)
+
+
+async def mark_submitted(conn: aiosqlite.Connection, stamp: int, registered: Sequence[Registered]) -> int:
+    """The upstream took these documents: from now on they are only polled under their reference."""
+    rows = [(r.receipt_id, r.reference) for r in registered]
+    return await _update_from_values(
+        conn, "status = 'submitted', upstream_ref = v.column2, submitted_ms = ?1, updated_ms = ?1, "
+              "last_error = NULL", stamp, ReceiptStatus.PENDING, rows)
+
+
+async def mark_not_registered(conn: aiosqlite.Connection, stamp: int,
+                              failed: Sequence[NotRegistered]) -> int:
+    """The upstream says these documents were not registered: back to pending under a new external id,
+    committed before anything is sent again, so no retry can ever reuse the failed registration's id."""
+    rows = [(f.receipt_id, f"{f.code}: {f.message}") for f in failed]
+    return await _update_from_values(
+        conn, "status = 'pending', registrations = registrations + 1, "
+              f"external_id = idempotency_key || '{REREGISTRATION_SEPARATOR}' || (registrations + 1), "
+              "upstream_ref = NULL, submitted_ms = NULL, last_error = v.column2, updated_ms = ?1",
+        stamp, ReceiptStatus.SUBMITTED, rows)
 
 
 async def record_attempt_failure(conn: aiosqlite.Connection, stamp: int, receipt_ids: Sequence[str],
@@ -155,17 +218,17 @@ async def prune_sent(conn: aiosqlite.Connection, older_than_ms: int, limit: int)
     return cursor.rowcount
 
 
-async def _update_pending_from_values(conn: aiosqlite.Connection, assignments: str, stamp: int,
-                                      rows: list[tuple[Any, ...]]) -> int:
-    """UPDATE pending receipts from a VALUES list whose first column is the receipt_id; returns rows changed.
-    One statement: one transaction, one round trip."""
+async def _update_from_values(conn: aiosqlite.Connection, assignments: str, stamp: int, source: ReceiptStatus,
+                              rows: list[tuple[Any, ...]]) -> int:
+    """UPDATE receipts in status `source` from a VALUES list whose first column is the receipt_id; returns
+    rows changed. One statement: one transaction, one round trip."""
     width = len(rows[0])
     placeholders = ",".join(["(" + ",".join(["?"] * width) + ")"] * len(rows))
     # ?1 is the timestamp; the VALUES placeholders are numbered after it.
     numbered = _number_placeholders(placeholders, start=2)
     cursor = await conn.execute(
         f"UPDATE receipts SET {assignments} FROM (VALUES {numbered}) AS v "
-        f"WHERE receipts.receipt_id = v.column1 AND receipts.status = 'pending'",
+        f"WHERE receipts.receipt_id = v.column1 AND receipts.status = '{source.value}'",
         [stamp, *(value for row in rows for value in row)])
     return cursor.rowcount
 

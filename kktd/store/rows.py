@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 class ReceiptStatus(enum.StrEnum):
     PENDING = "pending"  # accepted, not delivered yet
+    SUBMITTED = "submitted"  # a two-phase upstream registered it; its result is polled, never resubmitted
     SENT = "sent"  # fiscalized: the upstream acknowledged it
     FAILED = "failed"  # a dead letter: refused, or given up after max_attempts
 
@@ -20,6 +21,21 @@ class FiscalRecord:
     fiscal_sign: str
     ofd_received_at: str
     sent_ms: int
+    fn_number: str | None = None
+    shift_number: int | None = None
+    receipt_number: int | None = None
+    kkt_registration_number: str | None = None
+    ofd_receipt_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Where a receipt stands with a two-phase upstream."""
+
+    external_id: str  # what it is (or will be) registered under
+    registrations: int  # how many times it had to be registered again under a new external id
+    reference: str | None  # the upstream's own id, once it took the document
+    submitted_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +50,8 @@ class ReceiptRow:
     accepted_ms: int
     updated_ms: int
     fiscal: FiscalRecord | None  # set once sent
+    registration: Registration
+    seq: int = 0  # position in the store: what paging (after_seq) continues from
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +61,15 @@ class PendingReceipt:
     idempotency_key: str
     accepted_ms: int
     body: str
+    external_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubmittedReceipt:
+    seq: int
+    receipt_id: str
+    external_id: str
+    reference: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +93,18 @@ class Counts:
     """Receipts per status, kept by the writer as it moves rows (no COUNT query after start-up)."""
 
     pending: int = 0
+    submitted: int = 0
     sent: int = 0
     failed: int = 0
 
     @property
     def undelivered(self) -> int:
-        return self.pending + self.failed
+        return self.pending + self.submitted + self.failed
+
+    @property
+    def unsent(self) -> int:
+        """Not fiscalized yet, and still on their way (dead letters aside)."""
+        return self.pending + self.submitted
 
     def move(self, source: ReceiptStatus, target: ReceiptStatus, count: int) -> None:
         setattr(self, source, getattr(self, source) - count)

@@ -20,7 +20,7 @@ from kktd.errors import CorruptDatabase, StorageUnavailable
 
 log = logging.getLogger("kktd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PRAGMAS: tuple[tuple[str, str, Any], ...] = (
     # (pragma, value set, value expected when read back)
@@ -56,8 +56,53 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX receipts_failed ON receipts(seq) WHERE status = 'failed'",
         "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
     ),
-    # The database's identity and WAL generation: the stamp that binds a -wal file to it.
+    # Two-phase upstreams (ATOL Online): a `submitted` state, the upstream's own reference, the external id
+    # a registration was sent under, and the fiscal register's full answer. SQLite cannot change a CHECK
+    # constraint in place, so the table is rebuilt inside the migration's transaction.
     2: (
+        """CREATE TABLE receipts_v2 (
+            seq INTEGER PRIMARY KEY,
+            receipt_id TEXT NOT NULL UNIQUE,
+            idempotency_key TEXT NOT NULL UNIQUE,
+            body_hash TEXT NOT NULL,
+            body TEXT NOT NULL,
+            pos_id TEXT NOT NULL,
+            total INTEGER NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'submitted', 'sent', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            accepted_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL,
+            sent_ms INTEGER,
+            fiscal_document_number INTEGER,
+            fiscal_sign TEXT,
+            ofd_received_at TEXT,
+            external_id TEXT,
+            registrations INTEGER NOT NULL DEFAULT 0,
+            upstream_ref TEXT,
+            submitted_ms INTEGER,
+            fn_number TEXT,
+            shift_number INTEGER,
+            receipt_number INTEGER,
+            kkt_registration_number TEXT,
+            ofd_receipt_url TEXT
+        )""",
+        """INSERT INTO receipts_v2 (seq, receipt_id, idempotency_key, body_hash, body, pos_id, total, status,
+            attempts, last_error, accepted_ms, updated_ms, sent_ms, fiscal_document_number, fiscal_sign,
+            ofd_received_at)
+           SELECT seq, receipt_id, idempotency_key, body_hash, body, pos_id, total, status, attempts,
+            last_error, accepted_ms, updated_ms, sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at
+           FROM receipts""",
+        "DROP TABLE receipts",
+        "ALTER TABLE receipts_v2 RENAME TO receipts",
+        "CREATE INDEX receipts_pending ON receipts(seq) WHERE status = 'pending'",
+        "CREATE INDEX receipts_submitted ON receipts(seq) WHERE status = 'submitted'",
+        "CREATE INDEX receipts_failed ON receipts(seq) WHERE status = 'failed'",
+        "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
+    ),
+    # The database's identity and WAL generation: the stamp that binds a -wal file to it.
+    3: (
         """CREATE TABLE kktd_identity (
             id INTEGER PRIMARY KEY CHECK (id = 1),
             db_id BLOB NOT NULL,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
@@ -26,12 +26,18 @@ from kktd.clock import now_ms
 from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import identity, queries, schema
-from kktd.store.rows import Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus
-from kktd.upstreams.base import Fiscalized, Refused
+from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
+                             SubmittedReceipt)
+from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
+
+if TYPE_CHECKING:
+    from kktd.metrics import Metrics
 
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
+UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
+STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
 # kktd checkpoints itself (then stamps the new WAL, kktd/store/identity.py) once the WAL passes this size:
 # what SQLite's autocheckpoint was set to before (100 pages of 4 KiB).
 CHECKPOINT_WAL_BYTES = 100 * 4096
@@ -65,7 +71,7 @@ _STOP = object()
 
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool) -> None:
+                 checked_at_open: bool, oldest_unsent_ms: int | None = None) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -84,6 +90,10 @@ class Store:
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
+        # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
+        # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
+        self.oldest_unsent_known_ms = oldest_unsent_ms
+        self.metrics: Metrics | None = None  # set by kktd.app.assemble
 
     # ---- lifecycle ----
 
@@ -122,6 +132,7 @@ class Store:
             counts = await queries.count_by_status(conn)
             stamp = await _read_identity(conn)
             await _name_in_header(conn, stamp)
+            oldest = await queries.oldest_unsent_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
             raise schema.classify_open_error(exc, path) from exc
@@ -131,16 +142,16 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean)
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_unsent_ms=oldest)
         store._stamp = stamp
         # Copy the verified WAL into the database and empty it; the next WAL then begins with a stamp.
         await store._checkpoint("TRUNCATE", stamp)
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
-            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d failed=%d sent=%d",
+            "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
             path, schema.SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
-            counts.pending, counts.failed, counts.sent,
+            counts.pending, counts.submitted, counts.failed, counts.sent,
         )
         return store
 
@@ -224,8 +235,13 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.run(lambda conn: queries.receipt(conn, receipt_id))
 
-    async def oldest_pending_ms(self) -> int | None:
-        return await self.run(queries.oldest_pending_ms)
+    async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
+                                        limit: int) -> list[ReceiptRow]:
+        return await self.run(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
+
+    async def oldest_unsent_ms(self) -> int | None:
+        """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
+        return await self.run(queries.oldest_unsent_ms)
 
     async def size_bytes(self) -> int:
         def size_of(path: Path) -> int:
@@ -239,22 +255,37 @@ class Store:
                             exclude: Sequence[str] = ()) -> list[PendingReceipt]:
         return await self.run(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
 
+    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[SubmittedReceipt]:
+        return await self.run(lambda conn: queries.submitted_batch(conn, limit, after_seq))
+
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
         return await self.run(lambda conn: queries.dead_letters(conn, limit, after_seq))
 
-    async def settle(self, outcomes: Sequence[Fiscalized | Refused]) -> None:
-        """Record the upstream's answers: one statement (one transaction, one round trip) per kind. The
+    async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
+                     source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
+        """Record the upstream's answers about receipts in status `source` (pending for a submission,
+        submitted for a poll): one statement (one transaction, one round trip) per kind of outcome. The
         counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
-        statement cannot leave them apart."""
+        statement cannot leave them apart. Outcomes that change nothing (still processing, undelivered) are
+        the caller's."""
         stamp = now_ms()
         fiscalized = [o for o in outcomes if isinstance(o, Fiscalized)]
         refused = [o for o in outcomes if isinstance(o, Refused)]
+        registered = [o for o in outcomes if isinstance(o, Registered)]
+        not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
+        if registered:
+            # First: the upstream's reference must be committed before anything else can go wrong.
+            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED,
+                               lambda conn: queries.mark_submitted(conn, stamp, registered))
         if fiscalized:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SENT,
-                               lambda conn: queries.mark_sent(conn, stamp, fiscalized))
+            await self._moving(source, ReceiptStatus.SENT,
+                               lambda conn: queries.mark_sent(conn, stamp, source, fiscalized))
         if refused:
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.FAILED,
-                               lambda conn: queries.mark_refused(conn, stamp, refused))
+            await self._moving(source, ReceiptStatus.FAILED,
+                               lambda conn: queries.mark_refused(conn, stamp, source, refused))
+        if not_registered:
+            await self._moving(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING,
+                               lambda conn: queries.mark_not_registered(conn, stamp, not_registered))
 
     async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
                                      strike: bool) -> list[str]:
@@ -265,6 +296,8 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> list[str]:
             moved = await queries.record_attempt_failure(conn, now_ms(), receipt_ids, reason, max_attempts, strike)
             self.counts.move(ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
+            if moved:
+                await self._refresh_oldest(conn)
             return moved
 
         return await self.run(job)
@@ -289,9 +322,16 @@ class Store:
         async def job(conn: aiosqlite.Connection) -> int:
             changed = await update(conn)
             self.counts.move(source, target, changed)
+            if changed and (source in UNSENT) != (target in UNSENT):
+                await self._refresh_oldest(conn)
             return changed
 
         return await self.run(job)
+
+    async def _refresh_oldest(self, conn: aiosqlite.Connection) -> None:
+        """After rows left or joined the unsent ones: lookups on the partial indexes, inside the job that
+        moved them."""
+        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
 
     # ---- the writer ----
 
@@ -422,6 +462,13 @@ class Store:
             self.commits += 1
             self.committed_rows += len(inserted)
             self.last_intake_monotonic = time.monotonic()
+            if self.oldest_unsent_known_ms is None and inserted:
+                self.oldest_unsent_known_ms = stamp
+            if self.metrics is not None:
+                self.metrics.group_committed(len(inserted))
+            if inserted:
+                _log_accepted_chunks([(ids[id(i)], i.receipt.idempotency_key) for i in candidates
+                                    if ids[id(i)] in inserted])
         missing = [i.receipt.idempotency_key for i in intakes
                    if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
         lookup_failed: StorageUnavailable | None = None
@@ -462,6 +509,20 @@ async def _write_stamp(conn: aiosqlite.Connection, previous: identity.Stamp) -> 
     await conn.execute("UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1",
                        (stamp.generation, stamp.encode()))
     return stamp
+
+
+def _log_accepted_chunks(accepted: list[tuple[str, str]]) -> None:
+    """One journal entry per group commit (in chunks of STORY_CHUNK), carrying every receipt id and key
+    of the group (journald fields may repeat): `journalctl RECEIPT_ID=<id>` finds it, at a cost per commit
+    rather than per receipt."""
+    for start in range(0, len(accepted), STORY_CHUNK):
+        chunk = accepted[start:start + STORY_CHUNK]
+        first, last = chunk[0][0], chunk[-1][0]
+        what = first if len(accepted) == 1 else (
+            f"{len(chunk)} receipts in one commit: {first} .. {last}" if len(chunk) == len(accepted) else
+            f"{len(chunk)} of {len(accepted)} receipts in one commit: {first} .. {last}")
+        log.info("accepted %s", what, extra={"receipt_id": [receipt_id for receipt_id, _ in chunk],
+                                            "idempotency_key": [key for _, key in chunk]})
 
 
 def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:

@@ -23,11 +23,12 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
-from kktd.store import PendingReceipt, Store
+from kktd.metrics import Metrics, RequestOutcome
+from kktd.store import PendingReceipt, ReceiptStatus, Store, SubmittedReceipt
 from kktd.sync.breaker import BreakerState, CircuitBreaker
-from kktd.sync.policy import DeliveryPolicy
-from kktd.upstreams.base import (FailureKind, Fiscalized, Outgoing, Refused, SubmitOutcome, Upstream,
-                                 UpstreamUnavailable)
+from kktd.sync.policy import DeliveryPolicy, PollSchedule
+from kktd.upstreams.base import (AwaitingResult, FailureKind, Fiscalized, NotRegistered, Outgoing, PollOutcome,
+                                 Refused, Registered, SubmitOutcome, Undelivered, Upstream, UpstreamUnavailable)
 
 if TYPE_CHECKING:
     from kktd.config import Config
@@ -57,11 +58,13 @@ class CycleResult:
     delivered: int = 0
     rejected: int = 0
     batches: int = 0
+    submitted: int = 0  # registered by a two-phase upstream, result to be polled
 
     def add(self, other: CycleResult) -> None:
         self.delivered += other.delivered
         self.rejected += other.rejected
         self.batches += other.batches
+        self.submitted += other.submitted
 
 
 @dataclass
@@ -74,6 +77,8 @@ class SyncStats:
     last_error: str | None = None
     last_error_ms: int | None = None
     retry_at_monotonic: float | None = None
+    # Set while the upstream refuses kktd itself (wrong password, blocked account): what a person must fix.
+    operator_action: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class SyncStatus:
     last_error_at: str | None
     retry_in_s: float | None
     held_back: int
+    upstream: str
+    operator_action: str | None
 
 
 @dataclass(frozen=True)
@@ -108,14 +115,17 @@ class ManualCycle:
 
 class SyncLoop:
     def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
-                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None) -> None:
         self.store = store
         self.upstream = upstream
+        self.metrics = metrics if metrics is not None else Metrics(process=False)
+        self.metrics.prepare_upstream(upstream.name)
         self.breaker = breaker
         self.config = config
         self.stats = SyncStats()
         batch_size = min(config.batch_size, upstream.max_batch)
         self.policy = DeliveryPolicy(batch_size, hold_s=2 * config.backoff_max, clock=clock)
+        self.polls = PollSchedule(clock)
         self._clock = clock
         self._sleep = sleep
         self._wake = asyncio.Event()
@@ -129,6 +139,19 @@ class SyncLoop:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def replace_upstream(self, upstream: Upstream) -> Upstream:
+        """Deliver through `upstream` from the next batch on (a reload changed its URL or credentials).
+        Returns the previous one, which batches already on the wire may still use: close it only after
+        `idle()`."""
+        previous, self.upstream = self.upstream, upstream
+        self.metrics.prepare_upstream(upstream.name)
+        return previous
+
+    async def idle(self) -> None:
+        """Wait until no delivery cycle runs (the cycle lock is free), then return at once."""
+        async with self._cycle_lock:
+            pass
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -151,6 +174,8 @@ class SyncLoop:
             last_error_at=rfc3339(stats.last_error_ms) if stats.last_error_ms else None,
             retry_in_s=retry_in,
             held_back=len(self.policy.held),
+            upstream=self.upstream.name,
+            operator_action=stats.operator_action,
         )
 
     async def run_once_now(self) -> ManualCycle:
@@ -192,8 +217,11 @@ class SyncLoop:
     async def _idle(self) -> None:
         if self.store.counts.pending and not self.policy.only_held_pending(self.store.counts.pending):
             return
+        timeout = self.policy.idle_timeout(self.config.sync_interval)
+        if self.store.counts.submitted:
+            timeout = min(timeout, max(0.01, self.polls.seconds_until_next()))
         try:
-            await asyncio.wait_for(self._wake.wait(), self.policy.idle_timeout(self.config.sync_interval))
+            await asyncio.wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
         self._wake.clear()
@@ -230,6 +258,7 @@ class SyncLoop:
         seconds = state.next_action.sleep if state.next_action else 0.0
         self.stats.retry_at_monotonic = self._clock() + seconds
         exc = state.outcome.exception() if state.outcome else None
+        self.metrics.upstream_retry(self.upstream.name)
         if isinstance(exc, StorageUnavailable):
             self._note_error(f"storage unavailable: {exc}")
         log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
@@ -285,6 +314,8 @@ class SyncLoop:
             if in_flight:
                 # Batches still on the wire: their acknowledgements must be recorded before we go on.
                 await asyncio.gather(*in_flight, return_exceptions=True)
+        if self.upstream.two_phase:
+            total.add(await self._poll_due())
         return total
 
     def _intake_busy(self) -> bool:
@@ -302,44 +333,147 @@ class SyncLoop:
     async def _deliver(self, batch: list[PendingReceipt], generation: int) -> CycleResult:
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
-        outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.idempotency_key, r.accepted_ms, r.body)
+        outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.external_id, r.accepted_ms, r.body)
                     for r in batch]
+        name = self.upstream.name
+        started = time.perf_counter()
         try:
             outcomes = await self.upstream.submit(outgoing)
         except UpstreamUnavailable as exc:
+            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
+            # Each attempt is part of each receipt's story (journalctl RECEIPT_ID=...): one entry per batch.
+            log.info("delivery of %d receipts to %s failed: %s", len(batch), name, exc,
+                     extra={"receipt_id": [r.receipt_id for r in batch], "upstream": name,
+                            "upstream_status": exc.reason})
             self.breaker.record_failure()
             self._note_error(f"{self.upstream.name} unavailable: {exc}")
-            await self._count_failure(batch, exc)
+            await self._count_failure([r.receipt_id for r in batch], exc)
             raise
+        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
+        self.metrics.upstream_outcomes(name, outcomes)
         self.breaker.record_success()
         self.policy.on_success(generation)
         return await self._record(outcomes)
 
     async def _record(self, outcomes: Sequence[SubmitOutcome]) -> CycleResult:
-        settled = [o for o in outcomes if isinstance(o, (Fiscalized, Refused))]
-        await self.store.settle(settled)
+        await self.store.settle(outcomes, ReceiptStatus.PENDING)
+        registered = [o.receipt_id for o in outcomes if isinstance(o, Registered)]
+        self.polls.polled(registered)  # just registered: its result is asked for a second from now
+        undelivered = [o for o in outcomes if isinstance(o, Undelivered)]
+        answered = [o.receipt_id for o in outcomes if not isinstance(o, Undelivered)]
+        if answered:
+            self.policy.on_answered(answered)
+        for failure in undelivered:
+            # The upstream answered others of this call: this receipt's own call failed, alone.
+            log.info("delivery of receipt %s to %s failed: %s", failure.receipt_id, self.upstream.name,
+                     failure.error, extra={"receipt_id": failure.receipt_id, "upstream": self.upstream.name,
+                                           "upstream_status": failure.error.reason})
+            self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
+            await self._count_failure([failure.receipt_id], failure.error)
+        return self._tally(outcomes, submitted=len(registered))
+
+    def _tally(self, outcomes: Sequence[SubmitOutcome | PollOutcome], submitted: int = 0) -> CycleResult:
         refused = [o for o in outcomes if isinstance(o, Refused)]
-        for rejection in refused:
-            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
-                        rejection.receipt_id, self.upstream.name, rejection.code, rejection.message)
-        self.policy.on_answered(o.receipt_id for o in outcomes)
-        delivered = len(settled) - len(refused)
+        self._tell(outcomes)
+        delivered = sum(1 for o in outcomes if isinstance(o, Fiscalized))
+        self._clear_operator_action()
         self.stats.last_success_ms = now_ms()
         self.stats.delivered_total += delivered
         self.stats.rejected_total += len(refused)
-        return CycleResult(delivered, len(refused), 1)
+        return CycleResult(delivered, len(refused), 1, submitted)
 
-    async def _count_failure(self, batch: list[PendingReceipt], exc: UpstreamUnavailable) -> None:
+    def _tell(self, outcomes: Sequence[SubmitOutcome | PollOutcome]) -> None:
+        """Each receipt's part of a call's answer, in its story (journalctl RECEIPT_ID=...): one entry per
+        kind of outcome, naming every receipt; a refusal, one entry per receipt with its code."""
+        name = self.upstream.name
+        for kind, status, text in ((Fiscalized, "fiscalized", "fiscalized by"),
+                                   (Registered, "registered", "registered (result pending) by")):
+            ids = [o.receipt_id for o in outcomes if isinstance(o, kind)]
+            if ids:
+                log.info("%d receipts %s %s", len(ids), text, name,
+                         extra={"receipt_id": ids, "upstream": name, "upstream_status": status})
+        for rejection in (o for o in outcomes if isinstance(o, Refused)):
+            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
+                        rejection.receipt_id, name, rejection.code, rejection.message,
+                        extra={"receipt_id": rejection.receipt_id, "upstream": name, "upstream_status": "refused",
+                               "error_code": rejection.code})
+
+    # ---- two-phase upstreams: asking for the results of registered documents ----
+
+    async def _poll_due(self) -> CycleResult:
+        """Ask once for the result of every registered document that is due (at most once a second each),
+        oldest first; record each answer before asking about the next page."""
+        total = CycleResult()
+        after_seq = 0
+        while not self._stop.is_set():
+            page = await self.store.submitted_batch(self.policy.batch_size, after_seq)
+            if not page:
+                break
+            after_seq = page[-1].seq
+            due = [r for r in page if self.polls.is_due(r.receipt_id)]
+            if due:
+                total.add(await self._poll(due))
+        return total
+
+    async def _poll(self, due: list[SubmittedReceipt]) -> CycleResult:
+        if not self.breaker.allow():
+            raise CircuitOpen(self.breaker.retry_after())
+        ids = [r.receipt_id for r in due]
+        name = self.upstream.name
+        started = time.perf_counter()
+        try:
+            outcomes = await self.upstream.poll([AwaitingResult(r.receipt_id, r.external_id, r.reference)
+                                                 for r in due])
+        except UpstreamUnavailable as exc:
+            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
+            log.info("asking %s for the result of %d receipts failed: %s", name, len(ids), exc,
+                     extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason})
+            self.breaker.record_failure()
+            self.polls.polled(ids)
+            self._note_error(f"{self.upstream.name} unavailable: {exc}")
+            if exc.operator_action is not None:
+                self._needs_operator(exc.operator_action)
+            raise
+        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
+        self.metrics.upstream_outcomes(name, outcomes)
+        self.breaker.record_success()
+        self.polls.polled(ids)
+        await self.store.settle(outcomes, ReceiptStatus.SUBMITTED)
+        finished = [o.receipt_id for o in outcomes if isinstance(o, (Fiscalized, Refused, NotRegistered))]
+        self.polls.forget(finished)
+        for failed in (o for o in outcomes if isinstance(o, NotRegistered)):
+            log.warning("receipt %s was not registered by %s (%s: %s); registering it again under a new "
+                        "external id", failed.receipt_id, self.upstream.name, failed.code, failed.message,
+                        extra={"receipt_id": failed.receipt_id, "upstream": name,
+                               "upstream_status": "not_registered", "error_code": failed.code})
+        for failure in (o for o in outcomes if isinstance(o, Undelivered)):
+            self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
+        return self._tally(outcomes)
+
+    async def _count_failure(self, ids: list[str], exc: UpstreamUnavailable) -> None:
+        if exc.operator_action is not None:
+            self._needs_operator(exc.operator_action)
         if exc.kind is FailureKind.NOT_SENT:
             return  # nothing reached the upstream: not a failed delivery
-        ids = [r.receipt_id for r in batch]
         verdict = self.policy.on_failure(ids)
         moved = await self.store.record_attempt_failure(ids, exc.reason, self.config.max_attempts, verdict.strike)
         self.policy.forget(moved)
         for receipt_id in moved:
             log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
-                      receipt_id, self.config.max_attempts, exc.reason)
+                      receipt_id, self.config.max_attempts, exc.reason,
+                      extra={"receipt_id": receipt_id, "upstream": self.upstream.name,
+                             "upstream_status": exc.reason, "error_code": "max_attempts"})
         self.stats.dead_lettered_total += len(moved)
+
+    def _needs_operator(self, action: str) -> None:
+        if self.stats.operator_action != action:
+            log.error("%s refuses kktd itself, receipts wait until this is fixed: %s", self.upstream.name, action)
+        self.stats.operator_action = action
+
+    def _clear_operator_action(self) -> None:
+        if self.stats.operator_action is not None:
+            log.info("%s accepts kktd again", self.upstream.name)
+        self.stats.operator_action = None
 
     def _note_error(self, error: str) -> None:
         if self.stats.last_error != error:
@@ -362,7 +496,7 @@ class SyncLoop:
             log.warning("housekeeping skipped, storage unavailable: %s", exc)
 
     async def check_pending_age(self) -> str:
-        oldest_ms = await self.store.oldest_pending_ms()
+        oldest_ms = await self.store.oldest_unsent_ms()
         age = None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
         level = self.config.pending_alarm(age)
         if level != "ok" and age is not None:

@@ -126,3 +126,35 @@ class DeliveryPolicy:
             del self.held[soonest]
             self._suspects.discard(soonest)
         self.held[receipt_id] = until
+
+
+POLL_INTERVAL_S = 1.0  # a document's result is asked for at most once a second (ATOL's rule)
+
+
+class PollSchedule:
+    """When each document a two-phase upstream registered may be polled next (kept in memory: after a
+    restart every awaiting document is due at once, which is at most one early poll each)."""
+
+    def __init__(self, clock: Clock = time.monotonic, interval: float = POLL_INTERVAL_S) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._next: dict[str, float] = {}
+
+    def is_due(self, receipt_id: str) -> bool:
+        return self._next.get(receipt_id, 0.0) <= self._clock()
+
+    def polled(self, receipt_ids: Iterable[str]) -> None:
+        """These were asked about just now (or registered just now): not again within the interval."""
+        due = self._clock() + self._interval
+        for receipt_id in receipt_ids:
+            self._next[receipt_id] = due
+
+    def forget(self, receipt_ids: Iterable[str]) -> None:
+        for receipt_id in receipt_ids:
+            self._next.pop(receipt_id, None)
+
+    def seconds_until_next(self) -> float:
+        """0 when something may be due that the schedule does not know yet (e.g. after a restart)."""
+        if not self._next:
+            return 0.0
+        return max(0.0, min(self._next.values()) - self._clock())

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from ..support import IN_CI
+from tests.support import require
 from .harness import SUMMARY, PowerCutLab
 
 
@@ -29,13 +29,9 @@ def _missing_prerequisites() -> list[str]:
 @pytest.fixture(scope="session")
 def fuse_available() -> None:
     """Non-root local runs may skip; in CI (CI=true) or as root a missing piece is a failure."""
-    if os.geteuid() != 0 and not IN_CI:
-        pytest.skip("power-cut tests mount FUSE filesystems: run as root (or in CI)")
+    require(os.geteuid() == 0, "power-cut tests mount FUSE filesystems: run as root")
     missing = _missing_prerequisites()
-    if missing:
-        pytest.fail("power-cut prerequisites missing: " + ", ".join(missing), pytrace=False)
-    if os.geteuid() != 0:
-        pytest.fail("power-cut tests need root (CI=true is set, so they may not skip)", pytrace=False)
+    require(not missing, "power-cut prerequisites missing: " + ", ".join(missing), as_root_too=True)
 
 
 @pytest.fixture

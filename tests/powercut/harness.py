@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional
+
+from tests.support import wait_until
 
 POWERFS = Path(__file__).with_name("powerfs.py")
-T = TypeVar("T")
 
 # Lines for the terminal summary (tests/powercut/conftest.py prints them after the run).
 SUMMARY: list[str] = []
@@ -23,18 +24,6 @@ SUMMARY: list[str] = []
 def report(line: str) -> None:
     SUMMARY.append(line)
     print(line)
-
-
-def wait_for(predicate: Callable[[], Optional[T]], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; fail loudly at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class PowerFsError(RuntimeError):
@@ -86,7 +75,7 @@ class PowerFsMount:
                  "--mount", str(self.mountpoint), "--control", str(self.control_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
-        wait_for(self._mounted_or_dead, timeout, f"powerfs to mount {self.mountpoint}")
+        wait_until(self._mounted_or_dead, timeout, f"powerfs to mount {self.mountpoint}", error=TimeoutError)
         return self
 
     def _mounted_or_dead(self) -> bool:

@@ -1,171 +1,48 @@
-"""kktd and the mock OFD as child processes, load clients and the ledger of what kktd acknowledged."""
+"""kktd and the mock OFD for the power-cut proof (tests.support's process runners, with the database on the
+cut filesystem and everything else off it), load clients and the ledger of what kktd acknowledged."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import aiohttp
 
 from kktd.receipt import sample_receipt
 
-from ..support import KKTD_BIN, free_port
+from tests.support import KktdProcess, MockOfdProcess, http_async
 
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
-def child_env() -> dict[str, str]:
-    """No systemd notification socket and no stray KKTD_* settings from the caller's shell."""
-    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
-    return {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k not in drop}
+async def start_kktd(db: Path, log_dir: Path, ofd_url: str, extra_args: Sequence[str] = (),
+                     stoppers: list[Callable[[], None]] | None = None) -> KktdProcess:
+    """kktd with its database on the power-cut filesystem and its log outside it (what it logged survives
+    the cut); ready once it sent READY=1 and its health answers 200. Its stop is registered with `stoppers`
+    before it starts, so a failed start is cleaned up too."""
+    kktd = KktdProcess(db=db, ofd_url=ofd_url, extra_args=extra_args, log_dir=log_dir, log_level="info")
+    if stoppers is not None:
+        stoppers.append(kktd.stop)
+
+    def start() -> None:
+        kktd.start(timeout=30)
+        kktd.wait_healthy(timeout=30)
+
+    await asyncio.to_thread(start)
+    return kktd
 
 
-def log_tail(path: Path, limit: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "(no log)"
-
-
-@dataclass
-class ChildProcess:
-    """A child in its own session, its output in a log file outside the power-cut filesystem."""
-
-    args: Sequence[str]
-    log_path: Path
-    proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(list(self.args), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
-
-    def exited(self) -> Optional[int]:
-        return None if self.proc is None else self.proc.poll()
-
-    def kill(self) -> None:
-        """SIGKILL: the power is already off, the process gets no chance to do anything more."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-async def wait_http_ok(session: aiohttp.ClientSession, url: str, child: ChildProcess, timeout: float,
-                       what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if child.exited() is not None:
-            raise AssertionError(f"{what} exited with {child.exited()}:\n{log_tail(child.log_path)}")
-        try:
-            async with session.get(url) as response:
-                if response.status == 200:
-                    return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{what} not healthy at {url} within {timeout}s:\n{log_tail(child.log_path)}")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Kktd:
-    db: Path
-    log_dir: Path
-    ofd_url: str
-    extra_args: Sequence[str] = ()
-    port: int = field(default_factory=free_port)
-    child: Optional[ChildProcess] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> "Kktd":
-        args = [str(KKTD_BIN), "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
-                "--ofd-url", self.ofd_url, "--config", os.devnull, *self.extra_args]
-        self.child = ChildProcess(args, self.log_dir / f"kktd-{self.port}.log")
-        self.child.start()
-        await wait_http_ok(session, f"{self.url}/v1/health", self.child, timeout, "kktd")
-        return self
-
-    def kill(self) -> None:
-        if self.child is not None:
-            self.child.kill()
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
-
-    def log_tail(self) -> str:
-        return "(not started)" if self.child is None else log_tail(self.child.log_path)
-
-
-@dataclass
-class MockOfd:
-    db: Path
-    log_dir: Path
-    port: int = field(default_factory=free_port)
-    admin_port: int = field(default_factory=free_port)
-    child: Optional[ChildProcess] = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    async def start(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> "MockOfd":
-        args = [str(KKTD_BIN), "mock-ofd", "--listen", f"127.0.0.1:{self.port}",
-                "--admin-listen", f"127.0.0.1:{self.admin_port}", "--db", str(self.db),
-                "--log-level", "warning"]
-        self.child = ChildProcess(args, self.log_dir / f"mock-ofd-{self.port}.log")
-        self.child.start()
-        await wait_http_ok(session, f"{self.admin_url}/admin/stats", self.child, timeout, "mock OFD")
-        return self
-
-    async def stats(self, session: aiohttp.ClientSession) -> dict[str, Any]:
-        async with session.get(f"{self.admin_url}/admin/stats") as response:
-            assert response.status == 200
-            stats: dict[str, Any] = await response.json()
-            return stats
-
-    async def stored(self, session: aiohttp.ClientSession) -> dict[str, str]:
-        """idempotency_key -> receipt_id of everything the mock stored, page by page."""
-        stored: dict[str, str] = {}
-        while True:
-            url = f"{self.admin_url}/admin/receipts?after={len(stored)}&limit=5000"
-            async with session.get(url) as response:
-                assert response.status == 200
-                page = (await response.json())["receipts"]
-            if not page:
-                return stored
-            for record in page:
-                assert record["idempotency_key"] not in stored, f"stored twice: {record}"
-                stored[record["idempotency_key"]] = record["receipt_id"]
-
-    def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
+async def start_mock_ofd(db: Path, log_dir: Path, stoppers: list[Callable[[], None]]) -> MockOfdProcess:
+    """The mock OFD with its store outside the power-cut filesystem (what it acknowledged is never cut)."""
+    ofd = MockOfdProcess(workdir=log_dir, db=db, seed=None)
+    stoppers.append(ofd.stop)
+    await asyncio.to_thread(ofd.start, 30)
+    return ofd
 
 
 @dataclass
@@ -202,8 +79,7 @@ class Ledger:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    async with session.post(f"{url}/v1/kkt/receipt", json=body) as response:
-        return response.status, await response.json(content_type=None)
+    return await http_async("POST", f"{url}/v1/kkt/receipt", body, session=session)
 
 
 async def load(session: aiohttp.ClientSession, url: str, ledger: Ledger, prefix: str, clients: int,
@@ -249,10 +125,9 @@ async def missing_via_api(session: aiohttp.ClientSession, url: str, ledger: Ledg
                           ) -> list[str]:
     missing = []
     for key in keys:
-        async with session.get(f"{url}/v1/kkt/receipt/{ledger.acked[key]}") as response:
-            body = await response.json(content_type=None)
-            if response.status != 200 or body.get("idempotency_key") != key:
-                missing.append(key)
+        status, body = await http_async("GET", f"{url}/v1/kkt/receipt/{ledger.acked[key]}", session=session)
+        if status != 200 or body.get("idempotency_key") != key:
+            missing.append(key)
     return missing
 
 
@@ -288,7 +163,6 @@ def check_image(image: Path, scratch: Path, acked: dict[str, str]) -> ImageCheck
 
 
 async def buffer_counts(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
-    async with session.get(f"{url}/v1/kkt/buffer/status") as response:
-        assert response.status == 200
-        counts: dict[str, int] = (await response.json())["counts"]
-        return counts
+    status, body = await http_async("GET", f"{url}/v1/kkt/buffer/status", session=session)
+    assert status == 200, body
+    return dict(body["counts"])

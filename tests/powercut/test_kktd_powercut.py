@@ -22,10 +22,11 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import aiohttp
 import pytest
 
+from tests.support import KKTD_BIN, KktdProcess, async_wait_until, child_env
+
 from .harness import PowerCutLab, report
-from ..support import KKTD_BIN
-from .kktd_helpers import (CLIENT_TIMEOUT, Kktd, Ledger, MockOfd, buffer_counts, check_image, child_env, load,
-                           missing_via_api, replay_acked, resolve_in_doubt)
+from .kktd_helpers import (CLIENT_TIMEOUT, Ledger, buffer_counts, check_image, load, missing_via_api,
+                           replay_acked, resolve_in_doubt, start_kktd, start_mock_ofd)
 
 pytestmark = [pytest.mark.powercut, pytest.mark.slow]
 
@@ -66,16 +67,8 @@ def processes() -> Iterator[list[Callable[[], None]]]:
             stop()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def check_after_restart(session: aiohttp.ClientSession, kktd: Kktd, ledger: Ledger, rng: random.Random,
-                              figures: Figures, label: str) -> None:
+async def check_after_restart(session: aiohttp.ClientSession, kktd: KktdProcess, ledger: Ledger,
+                              rng: random.Random, figures: Figures, label: str) -> None:
     """Through kktd's own recovery: last cycle's acknowledgements plus a sample of older ones are there
     and replay with their receipt_id; then the unanswered posts are retried."""
     recent = list(ledger.cycle_acked)
@@ -90,15 +83,16 @@ async def check_after_restart(session: aiohttp.ClientSession, kktd: Kktd, ledger
     ledger.cycle_acked.clear()
 
 
-async def cut_under_load(lab: PowerCutLab, session: aiohttp.ClientSession, kktd: Kktd, ledger: Ledger,
-                         cycle: int, mode: str, seed: int, figures: Figures, scratch: Path) -> None:
+async def cut_under_load(lab: PowerCutLab, session: aiohttp.ClientSession, kktd: KktdProcess,
+                         ledger: Ledger, cycle: int, mode: str, seed: int, figures: Figures,
+                         scratch: Path) -> None:
     rng = random.Random(seed)
     target = rng.randint(5, 60)
     stop = asyncio.Event()
     clients = asyncio.create_task(load(session, kktd.url, ledger, f"k{cycle}", CLIENTS, stop))
     try:
-        await wait_until(lambda: len(ledger.cycle_acked) >= target or clients.done(), 60,
-                         f"{target} acknowledgements in cycle {cycle}")
+        await async_wait_until(lambda: len(ledger.cycle_acked) >= target or clients.done(), 60,
+                               f"{target} acknowledgements in cycle {cycle}", interval=0.01)
         assert not clients.done(), f"clients stopped before the cut in cycle {cycle}"
         # The cut lands while the clients are in flight; kktd dies right after, before the unmount.
         cut = await asyncio.to_thread(lab.cut, mode, seed, kktd.kill)
@@ -134,13 +128,9 @@ async def deliver_across_a_cut(lab: PowerCutLab, http: aiohttp.ClientSession,
     """The OFD comes up (its store is outside the cut filesystem) and kktd forwards everything; one more
     cut lands in the middle of it, so some "sent" marks are lost and must be re-sent harmlessly."""
     logs, db = tmp_path / "logs", lab.mountpoint / "buffer.db"
-    ofd = MockOfd(tmp_path / "ofd.db", logs)
-    processes.append(ofd.stop)
-    await ofd.start(http)
+    ofd = await start_mock_ofd(tmp_path / "ofd.db", logs, processes)
     delivery_args = ("--sync-interval", "0.05", "--batch-size", "5", "--backoff-max", "0.2")
-    kktd = Kktd(db, logs, ofd.url, delivery_args)
-    processes.append(kktd.stop)
-    await kktd.start(http)
+    kktd = await start_kktd(db, logs, ofd.url, delivery_args, processes)
     await check_after_restart(http, kktd, ledger, rng, figures, "delivery start")
     sent_before_cut = await wait_for_sent(http, kktd, max(1, len(ledger.acked) // 3), "a third delivered")
     await asyncio.to_thread(lab.cut, "torn", BASE_SEED + CYCLES, kktd.kill)
@@ -159,12 +149,11 @@ async def deliver_across_a_cut(lab: PowerCutLab, http: aiohttp.ClientSession,
         figures.problems.append(f"kktd check-db after the delivery cut: {check_db.returncode} "
                                 f"{check_db.stderr}")
     await asyncio.to_thread(lab.mount, lab.last_image)
-    kktd = Kktd(db, logs, ofd.url, delivery_args)
-    processes.append(kktd.stop)
-    await kktd.start(http)
+    kktd = await start_kktd(db, logs, ofd.url, delivery_args, processes)
     await check_after_restart(http, kktd, ledger, rng, figures, "after delivery cut")
     counts = await wait_for_delivery(http, kktd)
-    return Delivery(counts, await ofd.stats(http), await ofd.stored(http), sent_before_cut["sent"])
+    return Delivery(counts, await asyncio.to_thread(ofd.stats), await asyncio.to_thread(ofd.stored_keys),
+                    sent_before_cut["sent"])
 
 
 async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
@@ -180,9 +169,7 @@ async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
     try:
         for cycle in range(CYCLES):
             mode, seed = ("clean", "torn")[cycle % 2], BASE_SEED + cycle
-            kktd = Kktd(db, logs, UNREACHABLE_OFD)
-            processes.append(kktd.stop)
-            await kktd.start(http)
+            kktd = await start_kktd(db, logs, UNREACHABLE_OFD, stoppers=processes)
             await check_after_restart(http, kktd, ledger, rng, figures, f"cycle {cycle} start")
             await cut_under_load(lab, http, kktd, ledger, cycle, mode, seed, figures, tmp_path / "check")
             await asyncio.to_thread(lab.mount, lab.last_image)
@@ -210,12 +197,12 @@ async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
     assert ledger.violations == [], ledger.violations[:10]
     assert figures.lost == 0 and figures.integrity_failures == 0
     assert ledger.in_doubt == set()
-    assert counts == {"pending": 0, "sent": len(ledger.acked), "failed": 0}
+    assert counts == {"pending": 0, "submitted": 0, "sent": len(ledger.acked), "failed": 0}
     assert stats["unique"] == len(ledger.acked), "the OFD stored a receipt twice or missed one"
     assert missing_at_ofd == [] and unexpected_at_ofd == []
 
 
-async def wait_for_sent(session: aiohttp.ClientSession, kktd: Kktd, at_least: int, what: str
+async def wait_for_sent(session: aiohttp.ClientSession, kktd: KktdProcess, at_least: int, what: str
                         ) -> dict[str, int]:
     deadline = time.monotonic() + 90
     while True:
@@ -227,7 +214,7 @@ async def wait_for_sent(session: aiohttp.ClientSession, kktd: Kktd, at_least: in
         await asyncio.sleep(0.02)
 
 
-async def wait_for_delivery(session: aiohttp.ClientSession, kktd: Kktd) -> dict[str, int]:
+async def wait_for_delivery(session: aiohttp.ClientSession, kktd: KktdProcess) -> dict[str, int]:
     """Until nothing is pending; rejected (failed) receipts end the wait too and fail the asserts."""
     deadline = time.monotonic() + 120
     while True:
@@ -249,18 +236,14 @@ async def test_control_kktd_on_a_disk_that_ignores_fsync_loses_receipts(
     ledger, figures, rng = Ledger(), Figures(), random.Random(BASE_SEED)
     await asyncio.to_thread(lab.mount)
     db = lab.mountpoint / "buffer.db"
-    kktd = Kktd(db, logs, UNREACHABLE_OFD)
-    processes.append(kktd.stop)
-    await kktd.start(http)
+    kktd = await start_kktd(db, logs, UNREACHABLE_OFD, stoppers=processes)
     await cut_under_load(lab, http, kktd, ledger, 0, "clean", BASE_SEED, figures, tmp_path / "check")
     assert figures.problems == [] and figures.lost == 0, "an honest disk lost receipts"
 
     mount = await asyncio.to_thread(lab.mount, lab.last_image)
     await asyncio.to_thread(mount.ignore_fsync, True)
     acked_on_honest_disk = set(ledger.acked)
-    kktd = Kktd(db, logs, UNREACHABLE_OFD)
-    processes.append(kktd.stop)
-    await kktd.start(http)
+    kktd = await start_kktd(db, logs, UNREACHABLE_OFD, stoppers=processes)
     await check_after_restart(http, kktd, ledger, rng, figures, "lying disk start")
     await cut_under_load(lab, http, kktd, ledger, 1, "clean", BASE_SEED + 1, figures, tmp_path / "check")
     assert lab.last_image is not None

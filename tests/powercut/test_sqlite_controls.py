@@ -17,7 +17,9 @@ from typing import Optional
 
 import pytest
 
-from .harness import PowerCutLab, report, wait_for
+from tests.support import wait_until
+
+from .harness import PowerCutLab, report
 
 pytestmark = pytest.mark.powercut
 
@@ -83,7 +85,8 @@ def control_run(lab: PowerCutLab, journal_mode: str, synchronous: str, mode: str
     thread = threading.Thread(target=writer, args=(db, synchronous, seed, run))
     thread.start()
     try:
-        wait_for(lambda: len(run.acked) >= target or not thread.is_alive(), 60, f"{target} commits")
+        wait_until(lambda: len(run.acked) >= target or not thread.is_alive(), 60, f"{target} commits",
+                   error=TimeoutError)
         assert run.writer_error is None, f"writer failed before the cut: {run.writer_error}"
         lab.cut(mode, seed)
     finally:

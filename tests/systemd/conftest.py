@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tests.support import require
 
 from .kktd_unit import KktdUnit
 from .systemd_sandbox import Sandbox, boot, missing_prerequisites
@@ -24,11 +25,8 @@ def require_prerequisites() -> None:
     missing = missing_prerequisites()
     if not (VENV / "bin" / "python").exists():
         missing.append(f"the checkout's venv at {VENV} (make test builds it)")
-    if not missing:
-        return
-    if os.geteuid() != 0 and os.environ.get("CI") != "true":
-        pytest.skip("systemd sandbox tests need root (unshare, mount, a disposable systemd as PID 1)")
-    pytest.fail("systemd sandbox prerequisites missing: " + ", ".join(missing), pytrace=False)
+    require(not missing, "systemd sandbox tests need root (unshare, mount, a disposable systemd as PID 1); "
+            "missing: " + ", ".join(missing), as_root_too=True)
 
 
 @pytest.fixture(scope="module")

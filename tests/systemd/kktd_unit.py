@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
 import subprocess
 import threading
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,9 @@ import aiohttp
 
 from kktd.receipt import sample_receipt
 
-from .systemd_sandbox import Sandbox, SandboxError, poll_until
+from tests.support import free_port, http, wait_until
+
+from .systemd_sandbox import Sandbox, SandboxError
 
 UNIT = "kktd.service"
 MOCK_UNIT = "kktd-test-mock-ofd.service"
@@ -32,27 +31,6 @@ EXIT_LOG = "/run/kktd-test-exits"
 # ProtectHome= hides these; a checkout below them must stay visible to the service under test.
 HOME_PATHS = ("/home", "/root", "/run/user")
 PRIVATE_TMP_PATHS = ("/tmp", "/var/tmp")
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (the sandbox shares the host's network namespace)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
-    """One JSON request; returns (status, decoded body). Connection errors propagate (URLError/OSError)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        return exc.code, json.loads(payload) if payload else None
 
 
 def answers(url: str) -> bool:
@@ -156,9 +134,10 @@ class KktdUnit:
         return done.stdout.splitlines() if done.returncode == 0 else []
 
     def wait_active_and_answering(self, timeout: float = 30) -> None:
-        poll_until("kktd to be active",
-                   lambda: self.show("ActiveState")["ActiveState"] == "active", timeout=timeout)
-        poll_until("kktd to answer /v1/health", lambda: answers(f"{self.url}/v1/health"), timeout=timeout)
+        wait_until(lambda: self.show("ActiveState")["ActiveState"] == "active", timeout, "kktd to be active",
+                   interval=0.1, error=SandboxError)
+        wait_until(lambda: answers(f"{self.url}/v1/health"), timeout, "kktd to answer /v1/health",
+                   interval=0.1, error=SandboxError)
 
     # -- the mock OFD, as its own transient unit inside the sandbox ------------------------------------
     def start_mock_ofd(self, mode: str = "normal") -> None:
@@ -170,7 +149,8 @@ class KktdUnit:
             "--admin-listen", f"127.0.0.1:{self.ofd_admin_port}",
             "--db", "/var/lib/kktd-mock-ofd/ofd.db",
         ])
-        poll_until("the mock OFD admin API", lambda: answers(f"{self.ofd_admin_url}/admin/stats"), timeout=30)
+        wait_until(lambda: answers(f"{self.ofd_admin_url}/admin/stats"), 30, "the mock OFD admin API",
+                   interval=0.1, error=SandboxError)
         self.set_ofd_mode(mode)
 
     def set_ofd_mode(self, mode: str) -> None:
@@ -249,7 +229,8 @@ class Load:
             return len(self.result.acked)
 
     def wait_acked(self, n: int, timeout: float = 30) -> None:
-        poll_until(f"{n} receipts acknowledged under load", lambda: self.acked_count() >= n, timeout=timeout)
+        wait_until(lambda: self.acked_count() >= n, timeout, f"{n} receipts acknowledged under load",
+                   interval=0.1, error=SandboxError)
 
     def stop(self, finish_within: float = 30) -> LoadResult:
         """Starts no new receipts; keys in flight are retried until acknowledged or `finish_within` ends."""

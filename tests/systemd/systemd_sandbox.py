@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from tests.support import wait_until
+
 BOOT_TARGET = "kktd-sandbox.target"
 HOSTDIR_PREFIX = "kktd-sandbox-"
 STALE_AFTER_S = 120
@@ -152,15 +154,6 @@ def _own_cgroup2_path() -> str:
     raise SandboxError("this process is in no cgroup2 cgroup")
 
 
-def poll_until(what: str, check: Callable[[], bool], timeout: float, interval: float = 0.1) -> None:
-    """Calls `check` until it returns True; raises SandboxError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SandboxError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 @dataclass
 class Sandbox:
     """A running disposable systemd; commands run inside with nsenter into all of its namespaces."""
@@ -260,7 +253,7 @@ class Sandbox:
         return done.stdout.strip()
 
     def wait_booted(self, timeout: float) -> None:
-        poll_until("the sandbox's PID 1 to appear", self._find_pid1, timeout=10)
+        wait_until(self._find_pid1, 10, "the sandbox's PID 1 to appear", interval=0.1, error=SandboxError)
         states: list[str] = []
 
         def booted() -> bool:
@@ -274,7 +267,8 @@ class Sandbox:
             return states[-1] in ("running", "degraded")
 
         try:
-            poll_until("the sandbox systemd to finish booting", booted, timeout=timeout, interval=0.2)
+            wait_until(booted, timeout, "the sandbox systemd to finish booting", interval=0.2,
+                       error=SandboxError)
         except SandboxError as exc:
             raise SandboxError(f"{exc}; last state {states[-1:]}; console: {self.console_log()[-4000:]}")
         if states[-1] == "degraded":
@@ -316,7 +310,7 @@ def _remove_cgroup_tree(root: Path, timeout: float = 30) -> None:
     def empty() -> bool:
         return all(not (d / "cgroup.procs").read_text().strip() for d in _cgroup_dirs(root))
 
-    poll_until(f"processes to leave {root}", empty, timeout=timeout)
+    wait_until(empty, timeout, f"processes to leave {root}", interval=0.1, error=SandboxError)
     for directory in sorted(_cgroup_dirs(root), key=lambda p: len(p.parts), reverse=True):
         directory.rmdir()
 

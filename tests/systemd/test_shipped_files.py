@@ -37,8 +37,15 @@ def test_unit_stop_timeout_outlasts_the_default_drain_deadline() -> None:
 
 
 def test_unit_does_not_restart_on_the_exit_codes_that_need_an_operator() -> None:
-    from kktd.cli import EX_CONFIG, EX_DATAERR
+    from kktd.cli import EX_CONFIG, EX_DATAERR, EX_IOERR
 
     prevent = re.search(r"^RestartPreventExitStatus=(.+)$", UNIT.read_text(), flags=re.MULTILINE)
     assert prevent is not None
-    assert {int(code) for code in prevent.group(1).split()} == {EX_CONFIG, EX_DATAERR}
+    assert {int(code) for code in prevent.group(1).split()} == {EX_CONFIG, EX_DATAERR, EX_IOERR}
+
+
+def test_unit_reloads_with_sighup() -> None:
+    """kktd reloads on SIGHUP (kktd/daemon.py); systemd waits for its RELOADING=1 ... READY=1."""
+    text = UNIT.read_text()
+    assert re.search(r"^ExecReload=/bin/kill -HUP \$MAINPID$", text, flags=re.MULTILINE)
+    assert re.search(r"^Type=notify$", text, flags=re.MULTILINE)

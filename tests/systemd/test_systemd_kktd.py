@@ -7,9 +7,11 @@ import time
 
 import pytest
 
+from tests.support import http, wait_until
+
 from .conftest import SUMMARY
-from .kktd_unit import KktdUnit, Load, LoadResult, http
-from .systemd_sandbox import poll_until
+from .kktd_unit import KktdUnit, Load, LoadResult
+from .systemd_sandbox import SandboxError
 
 pytestmark = pytest.mark.systemd
 
@@ -42,8 +44,9 @@ def assert_all_stored(kktd: KktdUnit, acked: dict[str, str], status: str | None 
 def deliver_everything(kktd: KktdUnit, expected: int) -> None:
     """OFD back online: everything ends `sent`, and the OFD holds each receipt exactly once."""
     kktd.set_ofd_mode("online")
-    poll_until(f"{expected} receipts sent to the OFD",
-               lambda: kktd.buffer_counts() == {"pending": 0, "sent": expected, "failed": 0}, timeout=60)
+    wait_until(lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0},
+               60,
+               f"{expected} receipts sent to the OFD", interval=0.1, error=SandboxError)
     assert kktd.ofd_stats()["unique"] == expected
 
 
@@ -63,8 +66,9 @@ def test_start_returns_after_ready_with_status_and_leveled_journal(kktd: KktdUni
     entries = [e for e in kktd.journal() if e.get("_PID") == main_pid]
     ready = [e for e in entries if "ready: listening on" in str(e.get("MESSAGE"))]
     assert len(ready) == 1 and ready[0]["PRIORITY"] == "6", entries
-    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("kktd.store: buffer open")]
-    assert opened and opened[0]["PRIORITY"] == "6", entries
+    # Native journal protocol: the logger is a field of its own, the message is the event alone.
+    opened = [e for e in entries if str(e.get("MESSAGE", "")).startswith("buffer open")]
+    assert opened and opened[0]["PRIORITY"] == "6" and opened[0]["LOGGER"] == "kktd.store", entries
     # journald consumed the <N> prefixes as priorities instead of showing them.
     assert not [e for e in entries if re.match(r"<\d>", str(e.get("MESSAGE")))]
 
@@ -83,8 +87,8 @@ def test_bad_config_fails_with_78_and_no_restart_loop(kktd: KktdUnit) -> None:
     started = kktd.systemctl("start", "kktd", check=False)
     assert started.returncode != 0
     # RestartPreventExitStatus=78: the unit stays failed instead of restarting into the same error.
-    poll_until("kktd to settle as failed",
-               lambda: kktd.show("ActiveState")["ActiveState"] == "failed", timeout=20)
+    wait_until(lambda: kktd.show("ActiveState")["ActiveState"] == "failed", 20, "kktd to settle as failed",
+               interval=0.1, error=SandboxError)
     shown = kktd.show("ExecMainStatus", "Result", "NRestarts", "ActiveState")
     assert shown == {"ExecMainStatus": "78", "Result": "exit-code", "NRestarts": "0", "ActiveState": "failed"}
     assert kktd.exits() == ["exit-code exited 78"]
@@ -182,9 +186,8 @@ def test_watchdog_restarts_a_hung_kktd_without_losing_receipts(kktd: KktdUnit, f
     code, body = http("POST", f"{kktd.url}/v1/test/fault", {"fault": fault})
     assert code == 202, body
     # WatchdogSec=3s: systemd sends SIGABRT on timeout, then Restart=on-failure starts a new process.
-    poll_until("systemd to restart kktd after a watchdog timeout",
-               lambda: kktd.show("NRestarts")["NRestarts"] == "1" and kktd.main_pid() not in (0, hung_pid),
-               timeout=30)
+    wait_until(lambda: kktd.show("NRestarts")["NRestarts"] == "1" and kktd.main_pid() not in (0, hung_pid),
+               30, "systemd to restart kktd after a watchdog timeout", interval=0.1, error=SandboxError)
     kktd.wait_active_and_answering()
     journal = kktd.journal_text()
     assert "Watchdog timeout" in journal, journal[-2000:]

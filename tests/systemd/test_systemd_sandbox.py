@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import http
+
 from .conftest import CHECKOUT, VENV, require_prerequisites
-from .kktd_unit import KktdUnit, http
+from .kktd_unit import KktdUnit
 from .systemd_sandbox import BOOT_TARGET, CONTAINER_NAME, Sandbox, boot
 
 pytestmark = pytest.mark.systemd

@@ -1,0 +1,234 @@
+"""GET /metrics, the export endpoint and a receipt's logged story, on kktd assembled in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kktd.receipt import validate_receipt
+from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from tests.conftest import App, AppFactory
+from tests.faulty_kktd import wedge_writer
+from tests.support import receipts, sample_receipt
+
+
+@pytest.fixture
+async def mock_ofd() -> AsyncIterator[MockOfd]:
+    mock = await start_mock_ofd("127.0.0.1", 0)
+    try:
+        yield mock
+    finally:
+        await mock.close()
+
+
+async def scrape(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await app.client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    text = await response.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def post(app: App, body: Any, **headers: str) -> int:
+    response = await app.client.post("/v1/kkt/receipt", json=body, headers=headers)
+    return response.status
+
+
+# ---- /metrics ----
+
+async def test_metrics_follow_intake_and_rejections(app: App) -> None:
+    before = await scrape(app)
+    assert before[("kktd_receipts_accepted_total", ())] == 0
+    assert before[("kktd_oldest_pending_age_seconds", ())] == 0
+    for receipt in receipts("m", 5):
+        assert await post(app, receipt) == 201
+    assert await post(app, sample_receipt("m-0")) == 200  # a replay
+    conflicting = sample_receipt("m-1")
+    conflicting["items"][0]["name"] = "something else"
+    assert await post(app, conflicting) == 409
+    response = await app.client.post("/v1/kkt/receipt", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status == 400
+    found = await scrape(app)
+    assert found[("kktd_receipts_accepted_total", ())] == 5
+    assert found[("kktd_receipts_replayed_total", ())] == 1
+    assert found[("kktd_receipts_rejected_total", (("code", "idempotency_conflict"),))] == 1
+    assert found[("kktd_receipts_rejected_total", (("code", "invalid_json"),))] == 1
+    assert found[("kktd_intake_duration_seconds_count", ())] == 6
+    assert found[("kktd_group_commit_size_sum", ())] == 5
+    assert found[("kktd_receipts", (("status", "pending"),))] == 5
+    assert found[("kktd_buffer_capacity", ())] == app.store.max_pending
+    assert 0 <= found[("kktd_oldest_pending_age_seconds", ())] < 60
+    assert found[("kktd_database_size_bytes", ())] > 0
+    assert found[("kktd_upstream_breaker_state", (("state", "closed"), ("upstream", "kktd-ofd")))] == 1
+    assert found[("process_resident_memory_bytes", ())] > 0
+    assert found[("kktd_pending_warn_age_seconds", ())] == app.kktd.config.pending_warn_age
+
+
+async def test_a_scrape_never_waits_for_the_database(app_factory: AppFactory) -> None:
+    """The writer is wedged (as if the disk hung): every database operation waits, /metrics answers."""
+    app = await app_factory(drain_timeout=0.2)  # closing abandons the wedged job after this
+    assert await post(app, sample_receipt("w-1")) == 201
+    wedge = await wedge_writer(app.store)
+    try:
+        found = await asyncio.wait_for(scrape(app), 2)
+        assert found[("kktd_receipts", (("status", "pending"),))] == 1
+        assert found[("kktd_oldest_pending_age_seconds", ())] >= 0
+    finally:
+        wedge.cancel()
+
+
+async def test_oldest_pending_age_follows_the_rows(app_factory: AppFactory, mock_ofd: MockOfd) -> None:
+    app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
+    store = app.store
+    assert store.oldest_unsent_known_ms is None
+    first = await store.accept(validate_receipt(sample_receipt("o-1")))
+    await store.accept(validate_receipt(sample_receipt("o-2")))
+    assert store.oldest_unsent_known_ms == first.accepted_ms  # type: ignore[union-attr]
+    assert store.oldest_unsent_known_ms == await store.oldest_unsent_ms()
+    await app.kktd.sync.run_once_now()
+    assert store.counts.pending == 0
+    assert store.oldest_unsent_known_ms is None and await store.oldest_unsent_ms() is None
+    found = await scrape(app)
+    assert found[("kktd_oldest_pending_age_seconds", ())] == 0
+    assert found[("kktd_upstream_receipts_total", (("outcome", "fiscalized"), ("upstream", "kktd-ofd")))] == 2
+    assert found[("kktd_upstream_requests_total", (("outcome", "ok"), ("upstream", "kktd-ofd")))] == 1
+    assert found[("kktd_upstream_request_duration_seconds_count", (("upstream", "kktd-ofd"),))] == 1
+    assert ("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd-ofd"),)) in found
+
+
+# ---- export ----
+
+async def export(app: App, query: str = "") -> tuple[int, list[dict[str, Any]]]:
+    response = await app.client.get(f"/v1/kkt/receipts{query}")
+    text = await response.text()
+    if response.status != 200:
+        return response.status, [json.loads(text)]
+    assert response.headers["Content-Type"].startswith("application/x-ndjson")
+    return response.status, [json.loads(line) for line in text.splitlines()]
+
+
+async def accept_group(app: App, prefix: str, count: int) -> list[str]:
+    """`count` receipts, all accepted after the clock moved past the previous group's millisecond."""
+    start = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == start:
+        await asyncio.sleep(0.001)
+    results = await asyncio.gather(*(app.store.accept(validate_receipt(r)) for r in receipts(prefix, count)))
+    return [r.receipt_id for r in results]
+
+
+def rfc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+
+async def test_export_pages_through_everything_in_order(app: App) -> None:
+    ids = await accept_group(app, "e", 450)  # more than two pages
+    status, rows = await export(app)
+    assert status == 200
+    assert [r["receipt_id"] for r in rows] == sorted(ids)
+    assert rows[0]["receipt"]["items"] and rows[0]["status"] == "pending" and "accepted_at" in rows[0]
+
+
+async def test_export_since_until(app: App) -> None:
+    early = await accept_group(app, "early", 3)
+    middle = await accept_group(app, "middle", 4)
+    late = await accept_group(app, "late", 2)
+    accepted = {r.receipt_id: r.accepted_ms for r in [await app.store.get(i) for i in early + middle + late]
+                if r is not None}
+    since, until = accepted[middle[0]], accepted[late[0]]
+    status, rows = await export(app, f"?since={rfc(since)}&until={rfc(until)}")
+    assert status == 200 and sorted(r["receipt_id"] for r in rows) == sorted(middle)
+    status, rows = await export(app, f"?since={rfc(since)}")
+    assert sorted(r["receipt_id"] for r in rows) == sorted(middle + late)
+    status, rows = await export(app, f"?until={rfc(until).replace('Z', '%2B00:00')}")
+    assert sorted(r["receipt_id"] for r in rows) == sorted(early + middle)
+    status, rows = await export(app, f"?since={rfc(until + 3_600_000)}")
+    assert (status, rows) == (200, [])
+
+
+@pytest.mark.parametrize("query, field", [("?since=yesterday", "since"), ("?until=2027-01-01T00:00:00", "until"),
+                                          ("?since=2027-01-02T00:00:00Z&until=2027-01-01T00:00:00Z", "until")])
+async def test_export_refuses_bad_times(app: App, query: str, field: str) -> None:
+    status, [body] = await export(app, query)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_query" and body["error"]["field"] == field
+
+
+# ---- dead letters page on ----
+
+async def test_dead_letter_pages_say_where_the_next_starts(app_factory: AppFactory, mock_ofd: MockOfd) -> None:
+    app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
+    mock_ofd.set_rejected_pos_ids(["POS-BAD"])
+    for i in range(3):
+        await app.store.accept(validate_receipt(sample_receipt(f"d-{i}", pos_id="POS-BAD")))
+    await app.kktd.sync.run_once_now()
+    first = await (await app.client.get("/v1/kkt/dlq?limit=2")).json()
+    assert first["count"] == 2 and isinstance(first["next_after_seq"], int)
+    second = await (await app.client.get(f"/v1/kkt/dlq?limit=2&after_seq={first['next_after_seq']}")).json()
+    assert second["count"] == 1 and second["next_after_seq"] is None
+    ids = [r["receipt_id"] for r in first["dead_letters"] + second["dead_letters"]]
+    assert len(set(ids)) == 3
+
+
+# ---- a receipt's story, as log records with their journal fields ----
+
+def story(caplog: pytest.LogCaptureFixture, receipt_id: str) -> list[logging.LogRecord]:
+    def names(record: logging.LogRecord) -> list[str]:
+        value = getattr(record, "receipt_id", None)
+        return list(value) if isinstance(value, (list, tuple)) else [value] if value else []
+    return [r for r in caplog.records if receipt_id in names(r)]
+
+
+async def test_story_of_a_delivered_receipt(app_factory: AppFactory, mock_ofd: MockOfd,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
+    response = await app.client.post("/v1/kkt/receipt", json=sample_receipt("story-1"))
+    receipt_id = (await response.json())["receipt_id"]
+    await app.kktd.sync.run_once_now()
+    told = story(caplog, receipt_id)
+    assert [r.getMessage().split()[0] for r in told if r.levelno >= logging.INFO] == ["accepted", "1"]
+    accepted, fiscalized = [r for r in told if r.levelno >= logging.INFO]
+    assert getattr(accepted, "idempotency_key") == ["story-1"]
+    assert getattr(fiscalized, "upstream") == "kktd-ofd" and getattr(fiscalized, "upstream_status") == "fiscalized"
+    assert "fiscalized" in fiscalized.getMessage()
+
+
+async def test_story_of_a_failed_attempt_and_a_refusal(app_factory: AppFactory, mock_ofd: MockOfd,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
+    await mock_ofd.set_mode("error500")
+    accepted = await app.store.accept(validate_receipt(sample_receipt("story-2", pos_id="POS-BAD")))
+    receipt_id = accepted.receipt_id
+    manual = await app.kktd.sync.run_once_now()
+    assert manual.error is not None
+    await mock_ofd.set_mode("online")
+    mock_ofd.set_rejected_pos_ids(["POS-BAD"])
+    await app.kktd.sync.run_once_now()
+    told = [r for r in story(caplog, receipt_id) if r.levelno >= logging.INFO]
+    assert len(told) == 3, [r.getMessage() for r in told]
+    accepted_record, failed, refused = told
+    assert accepted_record.getMessage() == f"accepted {receipt_id}"
+    assert "failed" in failed.getMessage() and getattr(failed, "upstream_status") == "http_500"
+    assert refused.levelno == logging.WARNING and getattr(refused, "error_code")
+    assert getattr(refused, "upstream_status") == "refused"
+
+
+async def test_a_large_group_commit_is_told_in_chunks(app: App, caplog: pytest.LogCaptureFixture) -> None:
+    """Every receipt of a group commit is named in an "accepted" entry, 200 at most per entry."""
+    from kktd.store.writer import STORY_CHUNK
+
+    caplog.set_level(logging.INFO)
+    results = await asyncio.gather(*(app.store.accept(validate_receipt(r)) for r in receipts("chunk", 450)))
+    entries = [r for r in caplog.records if r.getMessage().startswith("accepted")]
+    named = [receipt_id for r in entries for receipt_id in getattr(r, "receipt_id")]
+    assert sorted(named) == sorted(r.receipt_id for r in results)
+    assert max(len(getattr(r, "receipt_id")) for r in entries) <= STORY_CHUNK
+    assert any(" of " in r.getMessage() for r in entries)  # 450 in commits of up to 512: split
