@@ -2,7 +2,7 @@
 connections plus 2,000 idle keep-alive connections, while a normal till keeps posting.
 
 Asserted: every request of the till is answered 201 within 1 s, every acknowledged receipt is stored, the
-log grows by less than 4 KB over the whole attack, and every attacker connection is cut off within its
+log grows by less than 4 KB over the whole attack (besides the till's own intake lines), and every attacker connection is cut off within its
 deadline (idle_timeout for a request head or an idle keep-alive, body_timeout plus the short lingering for
 a body), earlier if the cap needs its place. The figures (connections held, the till's p99, log bytes)
 are printed for docs/hostile.md.
@@ -148,7 +148,11 @@ def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tm
     log_before = len(kktd.log().encode())
 
     attackers, till = asyncio.run(run_attack(kktd))
-    log_bytes = len(kktd.log().encode()) - log_before
+    # What the attack wrote: the till's own intake story (one line per group commit, kktd.store) is the
+    # log doing its job, not the attack's doing.
+    attack_log = [line for line in kktd.log().encode()[log_before:].decode(errors="replace").splitlines()
+                  if "kktd.store: accepted" not in line]
+    log_bytes = sum(len(line.encode()) + 1 for line in attack_log)
 
     # The till: every receipt acknowledged, each within 1 s.
     statuses = [status for status, _ in till.answers]
@@ -171,7 +175,7 @@ def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tm
     assert not late, f"{len(late)} attackers outlived their deadline, e.g. {late[:3]}"
 
     # The log stayed small: drops at the cap, timeouts and gone clients are summarised, not listed.
-    assert log_bytes < 4096, kktd.log()[log_before:][-3000:]
+    assert log_bytes < 4096, "\n".join(attack_log)[-3000:]
     assert "Traceback" not in kktd.log()
 
     kktd.signal(signal.SIGUSR1)
