@@ -42,8 +42,8 @@ TAXATIONS = ("osn", "osn", "usn_income", "usn_income_outcome", "patent")
 CASHIERS = ("Иванова А. П.", "Петров С. Н.", "Сидоренко Ю. В.")
 
 
-def receipt(key: str, rng: random.Random) -> dict[str, Any]:
-    """One realistic receipt body, as a POS would post it."""
+def receipt(key: str, rng: random.Random, contact: bool = False) -> dict[str, Any]:
+    """One realistic receipt body, as a POS would post it (with the buyer's contact: ATOL Online needs one)."""
     items: list[dict[str, Any]] = []
     total = 0
     for _ in range(rng.randint(2, 5)):
@@ -61,16 +61,19 @@ def receipt(key: str, rng: random.Random) -> dict[str, Any]:
                             "payments": payments}
     if rng.randint(1, 2) == 1:
         body["cashier"] = {"name": rng.choice(CASHIERS), "inn": "771234567890"}
+    if contact:
+        body["customer_contact"] = f"+7999{rng.randint(0, 9_999_999):07d}"
     return body
 
 
-def cached_path(pending: int, sent: int) -> Path:
-    return RESULTS / f"buffer-schema{SCHEMA_VERSION}-pending{pending}-sent{sent}.db"
+def cached_path(pending: int, sent: int, contact: bool = False) -> Path:
+    return RESULTS / f"buffer-schema{SCHEMA_VERSION}-pending{pending}-sent{sent}{'-contact' if contact else ''}.db"
 
 
-def ensure(pending: int, sent: int) -> tuple[Path, float | None]:
-    """The cached database with these counts, built if missing; returns (path, seconds spent building)."""
-    path = cached_path(pending, sent)
+def ensure(pending: int, sent: int, contact: bool = False) -> tuple[Path, float | None]:
+    """The cached database with these counts, built if missing; returns (path, seconds spent building).
+    ``contact``: every receipt carries a customer contact (the ATOL Online drain)."""
+    path = cached_path(pending, sent, contact)
     if path.exists():
         return path, None
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -78,7 +81,7 @@ def ensure(pending: int, sent: int) -> tuple[Path, float | None]:
     for leftover in (building, Path(f"{building}-wal"), Path(f"{building}-shm")):
         leftover.unlink(missing_ok=True)
     started = time.monotonic()
-    asyncio.run(_build(building, pending, sent))
+    asyncio.run(_build(building, pending, sent, contact))
     _checkpoint(building)
     building.rename(path)
     return path, time.monotonic() - started
@@ -104,26 +107,26 @@ def copy_to(source: Path, target: Path) -> None:
             os.close(fd)
 
 
-async def _build(path: Path, pending: int, sent: int) -> None:
+async def _build(path: Path, pending: int, sent: int, contact: bool = False) -> None:
     buffer = await Store.open(path, max_pending=pending + sent + 1)
     try:
         rng = random.Random(20261124)
         # The sent receipts are the older ones, as in a real buffer: insert and acknowledge them first.
-        sent_ids = await _insert(buffer, rng, "sent", sent)
+        sent_ids = await _insert(buffer, rng, "sent", sent, contact)
         for start in range(0, len(sent_ids), SETTLE_CHUNK):
             await buffer.settle([_ack(receipt_id, start + i) for i, receipt_id in
                                  enumerate(sent_ids[start:start + SETTLE_CHUNK])])
-        await _insert(buffer, rng, "pending", pending)
+        await _insert(buffer, rng, "pending", pending, contact)
         if (buffer.counts.pending, buffer.counts.sent) != (pending, sent):
             raise RuntimeError(f"prepared buffer holds {buffer.counts}, wanted pending={pending} sent={sent}")
     finally:
         await buffer.close()
 
 
-async def _insert(buffer: Store, rng: random.Random, label: str, count: int) -> list[str]:
+async def _insert(buffer: Store, rng: random.Random, label: str, count: int, contact: bool = False) -> list[str]:
     ids: list[str] = []
     for start in range(0, count, CHUNK):
-        receipts = [validate_receipt(receipt(f"prep-{label}-{n}", rng))
+        receipts = [validate_receipt(receipt(f"prep-{label}-{n}", rng, contact))
                     for n in range(start, min(start + CHUNK, count))]
         results = await asyncio.gather(*(buffer.accept(r) for r in receipts))
         for result in results:

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
 
-SECTION is intake, drain, restart, memory, concurrent or scrape (all six by default), or luacount (only on
-request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?). scrape: intake with and
-without a Prometheus-style GET /metrics every 100 ms, side by side, and what one scrape costs kktd.
+SECTION is intake, drain, restart, memory, concurrent, scrape or atol (all seven by default), or luacount
+(only on request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?). scrape: intake with
+and without a Prometheus-style GET /metrics every 100 ms, side by side, and what one scrape costs kktd. atol:
+10,000 pending receipts drained through the ATOL Online v5 mock (`kktd mock-atol`), two HTTP calls each.
 
 A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
 (targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
@@ -40,7 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 ARMS = ("bare", "naive", "kktd")
 CONNECTIONS = (1, 16, 64)
-DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent", "scrape")
+DEFAULT_SECTIONS = ("intake", "drain", "restart", "memory", "concurrent", "scrape", "atol")
 SECTIONS = DEFAULT_SECTIONS + ("luacount",)
 STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
 SCRAPE_EVERY_S = 0.1  # far more often than any Prometheus (15 s to 1 min): an upper bound on the cost
@@ -63,18 +64,20 @@ class Plan:
     concurrent_rounds: int
     scrape_requests: int
     quick: bool
+    atol_pending: int = 10_000
 
     @classmethod
     def full(cls) -> Plan:
         return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
                    drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
-                   load_requests=20000, concurrent_rounds=2, scrape_requests=15000, quick=False)
+                   load_requests=20000, concurrent_rounds=2, scrape_requests=15000, quick=False,
+                   atol_pending=10_000)
 
     @classmethod
     def quick_plan(cls) -> Plan:
         return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
                    drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
-                   concurrent_rounds=1, scrape_requests=1000, quick=True)
+                   concurrent_rounds=1, scrape_requests=1000, quick=True, atol_pending=2000)
 
 
 @dataclass
@@ -97,14 +100,14 @@ class Context:
 # ---- servers ----
 
 def kktd_server(ctx: Context, name: str, db: Path, ofd_url: str | None = None,
-                env: dict[str, str] | None = None) -> Server:
+                env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> Server:
     """kktd as deployed, quiet; the OFD defaults to a port nobody listens on (connection refused)."""
     port = free_port()
     config = ctx.path("empty.toml")  # never pick up /etc/kktd/kktd.toml of the machine
     config.touch()
     argv = [str(VENV_BIN / "kktd"), "serve", "--config", str(config), "--db", str(db),
             "--listen", f"127.0.0.1:{port}", "--ofd-url", ofd_url or f"http://127.0.0.1:{free_port()}",
-            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000"]
+            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000", *extra]
     return Server(name, argv, f"http://127.0.0.1:{port}", ctx.path(f"{name}.log"), env=server_env(env))
 
 
@@ -290,6 +293,76 @@ def section_drain(ctx: Context) -> None:
           f"status read: {result['receipts_per_s']:.0f}/s ({result['total_s']:.2f}s from process start); "
           f"kktd cpu {result['kktd_cpu_s']:.1f}s, mock OFD cpu {result['mock_ofd_cpu_s']:.1f}s", flush=True)
     ctx.results["drain"] = result
+
+
+# ---- atol: 10,000 pending through the ATOL Online v5 mock ----
+
+ATOL_LOGIN, ATOL_GROUP, ATOL_INN = "bench", "bench-group", "5544332219"
+
+
+def mock_atol(ctx: Context) -> tuple[Server, list[str]]:
+    """`kktd mock-atol` (in memory); returns the server (base URL = its root) and kktd's flags for it."""
+    port = free_port()
+    password = ctx.path("atol_password")
+    password.write_text("bench-password\n")
+    argv = [str(VENV_BIN / "kktd"), "mock-atol", "--listen", f"127.0.0.1:{port}", "--login", ATOL_LOGIN,
+            "--password", "bench-password", "--group-code", ATOL_GROUP, "--inn", ATOL_INN,
+            "--log-level", "warning"]
+    server = Server("mock-atol", argv, f"http://127.0.0.1:{port}", ctx.path("mock-atol.log"), env=server_env())
+    flags = ["--upstream", "atol-online-v5", "--atol-url", f"http://127.0.0.1:{port}/possystem/v5",
+             "--atol-login", ATOL_LOGIN, "--atol-group-code", ATOL_GROUP, "--atol-password-file", str(password),
+             "--company-inn", ATOL_INN, "--company-email", "shop@example.ru",
+             "--company-payment-address", "https://shop.example.ru"]
+    return server, flags
+
+
+def undelivered_of(server: Server) -> int:
+    """Receipts not yet fiscalized: pending, and (two-phase upstreams) registered but awaiting their result."""
+    status, body = http_json(server.base_url + "/v1/kkt/buffer/status")
+    if status != 200:
+        raise BenchError(f"{server.name}: GET /v1/kkt/buffer/status answered {status}: {body}")
+    counts = body["counts"]
+    return int(counts["pending"]) + int(counts.get("submitted", 0))
+
+
+def section_atol(ctx: Context) -> None:
+    reproduce("--only atol" + (" --quick" if ctx.plan.quick else ""))
+    pending = ctx.plan.atol_pending
+    db = ctx.path("atol.db")
+    dataset.copy_to(prepared(ctx, pending, 0, contact=True), db)
+    mock, flags = mock_atol(ctx)
+    kktd = kktd_server(ctx, "kktd-atol", db, extra=flags)
+    with mock:
+        mock.wait_ready("/admin/stats")
+        with kktd:
+            ready_s = kktd.wait_ready()
+            first_at = time.monotonic()
+            at_first = undelivered_of(kktd)
+            cpu_before = cpu_seconds(kktd.pid)
+            deadline = first_at + 600
+            while undelivered_of(kktd) > 0:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"kktd did not drain through ATOL within 600s; log: {kktd.log}")
+                time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
+            drained_s = time.monotonic() - first_at
+            cpu = cpu_seconds(kktd.pid) - cpu_before
+            mock_cpu = cpu_seconds(mock.pid)
+            _, stats = http_json(mock.base_url + "/admin/stats")
+            _, status = http_json(kktd.base_url + "/v1/kkt/buffer/status")
+    remove_db(db)
+    ctx.check(stats["fiscalized"] == pending and status["counts"]["sent"] == pending,
+              f"atol: the mock fiscalized {stats['fiscalized']} documents, kktd marked {status['counts']['sent']} "
+              f"sent, of {pending}")
+    ctx.check(stats["documents"] == pending, f"atol: {stats['documents']} documents for {pending} receipts")
+    result = {"receipts": pending, "undelivered_at_first_status": at_first, "ready_s": ready_s,
+              "drain_s": drained_s, "receipts_per_s": at_first / drained_s, "kktd_cpu_s": cpu,
+              "kktd_cpu_ms_per_1000": 1e6 * cpu / at_first if at_first else 0.0, "mock_atol_cpu_s": mock_cpu,
+              "http_requests": stats["registration_requests"] + stats["report_requests"] + stats["token_requests"],
+              "early_polls": stats["early_polls"]}
+    print(f"  drained {at_first} receipts through ATOL in {drained_s:.2f}s: {result['receipts_per_s']:.0f}/s, "
+          f"{result['http_requests']} HTTP requests; kktd cpu {cpu:.2f}s = "
+          f"{result['kktd_cpu_ms_per_1000']:.0f} ms per 1,000 receipts; mock cpu {mock_cpu:.1f}s", flush=True)
+    ctx.results["atol"] = result
 
 
 # ---- restart: READY with 1,000,000 rows ----
@@ -561,8 +634,8 @@ def section_luacount(ctx: Context) -> None:
 
 # ---- prepared databases ----
 
-def prepared(ctx: Context, pending: int, sent: int) -> Path:
-    path, built_s = dataset.ensure(pending, sent)
+def prepared(ctx: Context, pending: int, sent: int, contact: bool = False) -> Path:
+    path, built_s = dataset.ensure(pending, sent, contact)
     if built_s is not None:
         print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.store "
               f"in {built_s:.1f}s (cached for the next run)", flush=True)
@@ -597,6 +670,7 @@ TARGETS = (
     Target("peak RSS < 80 MB with 1,000,000 rows", "memory", lambda r: r["peak_rss_mb"], lambda x: x < 80),
     Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
     Target("intake scraped every 100 ms >= 0.95 x alone", "scrape", lambda r: r["ratio"], lambda x: x >= 0.95),
+    Target("drain through ATOL >= 500 receipts/s", "atol", lambda r: r["receipts_per_s"], lambda x: x >= 500),
 )
 
 
@@ -617,6 +691,10 @@ def report(ctx: Context) -> None:
         d = results["drain"]
         print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "
               f"= {d['receipts_per_s']:.0f}/s")
+    if "atol" in results:
+        a = results["atol"]
+        print(f"drain through ATOL: {a['undelivered_at_first_status']} receipts in {a['drain_s']:.2f}s "
+              f"= {a['receipts_per_s']:.0f}/s; kktd cpu {a['kktd_cpu_ms_per_1000']:.0f} ms per 1,000")
     if "restart" in results:
         r = results["restart"]
         print(f"restart: READY=1 after {r['median_ready_s']:.3f}s with {r['rows']} rows after a clean stop, "
@@ -704,7 +782,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
     "intake": section_intake, "drain": section_drain, "restart": section_restart, "memory": section_memory,
-    "concurrent": section_concurrent, "scrape": section_scrape, "luacount": section_luacount,
+    "concurrent": section_concurrent, "scrape": section_scrape, "atol": section_atol,
+    "luacount": section_luacount,
 }
 
 

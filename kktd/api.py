@@ -26,6 +26,7 @@ from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 if TYPE_CHECKING:
     from kktd.config import Config
     from kktd.sync import SyncLoop
+    from kktd.upstreams import IntakeCheck
 
 log = logging.getLogger("kktd.api")
 
@@ -60,6 +61,8 @@ class Services:
     # What an attacker can multiply (timeouts, disconnects, refused tokens) is logged once per interval.
     events: EventSummary = field(default_factory=lambda: EventSummary(log))
     metrics: Metrics = field(default_factory=Metrics)
+    # The upstream's own refusals at intake (e.g. ATOL Online's limits), while the till can still fix them.
+    intake_check: IntakeCheck | None = None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -172,6 +175,8 @@ async def post_receipt(request: web.Request) -> web.Response:
                        f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})")
     body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
+    if services.intake_check is not None:
+        services.intake_check(receipt.canonical)
     try:
         result = await services.store.accept(receipt)
     except BufferFull as exc:

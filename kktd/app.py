@@ -55,7 +55,8 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     metrics = Metrics()
     store.metrics = metrics
     sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics)
-    services = Services(config, store, sync, metrics=metrics)
+    services = Services(config, store, sync, metrics=metrics,
+                        intake_check=REGISTRY[config.upstream].intake_check)
     metrics.bind_state(lambda: state_snapshot(services))
     described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
     return Assembled(config, store, upstream, breaker, sync, services, create_app(services),

@@ -1,5 +1,5 @@
-"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`, and the operator
-commands (`kktd status`, `receipt`, `dlq`, `sync-now`, `export`: kktd/ctl.py)."""
+"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`, `kktd mock-atol`, and
+the operator commands (`kktd status`, `receipt`, `dlq`, `sync-now`, `export`: kktd/ctl.py)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_db.add_argument("path", type=Path)
     commands.add_parser("mock-ofd", help="run the mock OFD server (see `kktd mock-ofd --help`)",
                         add_help=False)
+    commands.add_parser("mock-atol", help="run the mock of ATOL Online v5 (see `kktd mock-atol --help`)",
+                        add_help=False)
     ctl.add_commands(commands, ctl.add_config_arguments)
     return parser
 
@@ -51,6 +53,10 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
         from kktd_mocks import ofd  # a development tool, not part of the daemon
 
         return ofd.main(argv[1:])
+    if argv[:1] == ["mock-atol"]:
+        from kktd_mocks import atol  # a development tool, not part of the daemon
+
+        return atol.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ctl.COMMANDS:

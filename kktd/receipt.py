@@ -33,11 +33,22 @@ PAYMENT_METHODS = frozenset({
 })  # tag 1214
 PAYMENT_OBJECTS = frozenset({"commodity", "excise", "job", "service", "payment", "another"})  # tag 1212
 PAYMENT_TYPES = frozenset({"cash", "electronic", "prepaid", "credit", "other"})
+# Tag 2108, the unit of an item's quantity. Optional; "piece" when absent. The canonical form leaves "piece" out,
+# so a receipt stored before the field existed keeps its hash and its meaning.
+DEFAULT_MEASURE = "piece"
+MEASURES = frozenset({
+    "piece", "gram", "kilogram", "ton", "centimeter", "decimeter", "meter",
+    "square_centimeter", "square_decimeter", "square_meter", "milliliter", "liter", "cubic_meter",
+    "kilowatt_hour", "gigacalorie", "day", "hour", "minute", "second",
+    "kilobyte", "megabyte", "gigabyte", "terabyte", "other",
+})
 
 RECEIPT_FIELDS = frozenset({
     "idempotency_key", "pos_id", "operation", "taxation", "items", "payments", "customer_contact", "cashier",
 })
-ITEM_FIELDS = frozenset({"name", "price", "quantity", "sum", "vat", "payment_method", "payment_object"})
+ITEM_FIELDS = frozenset({
+    "name", "price", "quantity", "sum", "vat", "payment_method", "payment_object", "measure",
+})
 PAYMENT_FIELDS = frozenset({"type", "amount"})
 CASHIER_FIELDS = frozenset({"name", "inn"})
 
@@ -217,7 +228,7 @@ def _item(item: Any, path: str) -> dict[str, Any]:
             )
     if item_sum >= MAX_AMOUNT:
         raise ReceiptInvalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
-    return {
+    normalized = {
         "name": _text(item, "name", path, 1, 128),
         "price": price,
         "quantity": quantity_text,
@@ -226,6 +237,11 @@ def _item(item: Any, path: str) -> dict[str, Any]:
         "payment_method": _enum(item, "payment_method", path, PAYMENT_METHODS),
         "payment_object": _enum(item, "payment_object", path, PAYMENT_OBJECTS),
     }
+    if item.get("measure") is not None:
+        measure = _enum(item, "measure", path, MEASURES)
+        if measure != DEFAULT_MEASURE:
+            normalized["measure"] = measure
+    return normalized
 
 
 def _payment(payment: Any, path: str) -> dict[str, Any]:

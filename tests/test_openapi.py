@@ -183,3 +183,19 @@ async def test_buffer_full_is_the_documented_503(tmp_path: Path, contract: Contr
         assert answer["error"]["code"] == "buffer_full"
     finally:
         await close_app(small)
+
+
+def test_the_receipt_schema_names_exactly_the_models_fields_and_values() -> None:
+    """The request schema and kktd/receipt.py say the same: field sets and every enumeration."""
+    from kktd import receipt
+
+    schemas = spec()["components"]["schemas"]
+    assert set(schemas["ReceiptIn"]["properties"]) == receipt.RECEIPT_FIELDS
+    assert set(schemas["ItemIn"]["properties"]) == receipt.ITEM_FIELDS
+    assert set(schemas["Payment"]["properties"]) == receipt.PAYMENT_FIELDS
+    assert set(schemas["Cashier"]["properties"]) == receipt.CASHIER_FIELDS
+    for name, values in [("Operation", receipt.OPERATIONS), ("Taxation", receipt.TAXATIONS),
+                         ("Vat", receipt.VAT_RATES), ("PaymentMethod", receipt.PAYMENT_METHODS),
+                         ("PaymentObject", receipt.PAYMENT_OBJECTS), ("PaymentType", receipt.PAYMENT_TYPES),
+                         ("Measure", receipt.MEASURES)]:
+        assert set(schemas[name]["enum"]) == values, name

@@ -21,6 +21,7 @@ The contract:
 from __future__ import annotations
 
 import json
+import tempfile
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -33,6 +34,7 @@ from kktd.receipt import sample_receipt, validate_receipt
 from kktd.upstreams import REGISTRY
 from kktd.upstreams.base import (AwaitingResult, FailureKind, Fiscalized, Outgoing, Refused, Registered,
                                  StillProcessing, SubmitOutcome, Upstream, UpstreamUnavailable)
+from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, start_mock_atol
 from kktd_mocks.ofd import start_mock_ofd
 from tests.support import async_wait_until
 
@@ -128,9 +130,59 @@ async def kktd_ofd_pair() -> AsyncIterator[ContractPair]:
         await mock.close()
 
 
+# ---- atol-online-v5 × kktd_mocks.atol ----
+
+class AtolMock:
+    def __init__(self, mock: Any) -> None:
+        self._mock = mock
+
+    def documents(self) -> int:
+        return int(self._mock.stats()["documents"])
+
+    async def refuse(self, receipt: Outgoing) -> None:
+        # ATOL's content refusal: code 32 at registration.
+        refused = self._mock.state.behaviour.refuse_external_ids
+        self._mock.set_behaviour(refuse_external_ids=[*refused, receipt.external_id])
+
+    async def unreachable(self) -> None:
+        await self._mock.go_offline()  # the listening socket really closes
+
+    async def lose_answers(self) -> None:
+        self._mock.set_behaviour(drop_ratio=1.0)  # registered, then the connection is reset
+
+    async def answer_late(self) -> None:
+        # Registered at once, answered long after the adapter's timeout (getToken is answered in time).
+        self._mock.set_behaviour(answer_delay_s=ADAPTER_TIMEOUT_S * 10)
+
+    async def recover(self) -> None:
+        await self._mock.go_online()
+        self._mock.set_behaviour(drop_ratio=0.0, answer_delay_s=0.0, offline=False)
+
+
+@asynccontextmanager
+async def atol_pair() -> AsyncIterator[ContractPair]:
+    mock = await start_mock_atol("127.0.0.1", 0, password="s3cret-contract-password")
+    with tempfile.TemporaryDirectory() as directory:
+        password_file = f"{directory}/atol_password"
+        with open(password_file, "w") as handle:
+            handle.write("s3cret-contract-password\n")
+        adapter = make_adapter("atol-online-v5", {
+            "atol_url": mock.url, "atol_login": DEFAULT_LOGIN, "atol_group_code": DEFAULT_GROUP,
+            "atol_password_file": password_file, "company_inn": DEFAULT_INN, "company_email": "shop@example.ru",
+            "company_payment_address": "https://shop.example.ru", "atol_timeout": ADAPTER_TIMEOUT_S,
+        })
+        try:
+            await adapter.start()
+            yield ContractPair(adapter, AtolMock(mock), ("s3cret-contract-password",))
+        finally:
+            await adapter.close()
+            await mock.close()
+
+
 # One entry per adapter × its mock.
 PAIRS: dict[str, PairFactory] = {
     "kktd-ofd": kktd_ofd_pair,
+    "atol-online-v5": atol_pair,
 }
 
 

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kktd.options import Option
-from kktd.upstreams import kktd_ofd
+from kktd.upstreams import atol_v5, kktd_ofd
 from kktd.upstreams.base import Upstream
+
+# Refuses at intake (kktd.receipt.ReceiptInvalid, a 422) a canonical receipt this upstream is certain to refuse.
+IntakeCheck = Callable[[Mapping[str, Any]], None]
 
 
 class UpstreamSettings(Protocol):
@@ -24,18 +27,21 @@ class UpstreamSettings(Protocol):
 @dataclass(frozen=True)
 class UpstreamSpec:
     """One registry entry: the adapter's own settings (joined to kktd's option table), the builder of its
-    typed settings from the parsed values (cross-field checks raise ConfigError naming the key), and the
-    factory of the adapter."""
+    typed settings from the parsed values (cross-field checks raise ConfigError naming the key), the
+    factory of the adapter, and its intake check, if it has one."""
 
     name: str
     options: tuple[Option, ...]
     settings: Callable[[Mapping[str, Any]], UpstreamSettings]
     create: Callable[[Any], Upstream]
+    intake_check: IntakeCheck | None = None
 
 
 REGISTRY: dict[str, UpstreamSpec] = {
     spec.name: spec for spec in (
         UpstreamSpec(kktd_ofd.OfdClient.name, kktd_ofd.OPTIONS, kktd_ofd.settings, kktd_ofd.create),
+        UpstreamSpec(atol_v5.NAME, atol_v5.OPTIONS, atol_v5.atol_settings, atol_v5.create,
+                     atol_v5.atol_intake_check),
     )
 }
 DEFAULT_UPSTREAM = kktd_ofd.OfdClient.name

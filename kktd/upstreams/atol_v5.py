@@ -1,0 +1,752 @@
+"""ATOL Online v5 (a cloud KKT; Evotor's connector speaks the same protocol): a two-phase upstream.
+
+``submit`` registers each receipt (``POST {base}/{group_code}/{sell|sell_refund|buy|buy_refund}``) and answers
+``Registered`` with ATOL's ``uuid``; the sync loop commits it at once and from then on only ``poll``s
+(``GET {base}/{group_code}/report/{uuid}``). ATOL deduplicates on ``external_id``: a registration whose answer
+was lost is sent again under the same ``external_id`` and the error-33 answer carries the original ``uuid``.
+
+The client trusts nothing it is told: an answer is an outcome only when it matches the protocol exactly;
+anything else is ``bad_answer``. Failures that concern every receipt (no network, a refused login, a blocked
+user) raise UpstreamUnavailable; a failure of one receipt's own request while others got answers is that
+receipt's ``Undelivered``. The password and the token never reach a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import tzinfo
+from pathlib import Path
+from typing import Any, ClassVar, TypeGuard
+
+import aiohttp
+import yarl
+
+from kktd.errors import ConfigError
+from kktd.options import Option, duration_in, int_in
+from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
+from kktd.upstreams.base import (
+    AwaitingResult,
+    FailureKind,
+    FiscalData,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    Registered,
+    StillProcessing,
+    SubmitOutcome,
+    Undelivered,
+    UpstreamUnavailable,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "NAME",
+    "OPTIONS",
+    "AtolOnlineV5",
+    "AtolSettings",
+    "atol_intake_check",
+    "atol_settings",
+    "create",
+    "parse_atol_url",
+    "parse_company_email",
+    "parse_company_inn",
+    "parse_group_code",
+    "parse_login",
+    "parse_password_file",
+    "parse_payment_address",
+    "read_password",
+]
+
+log = logging.getLogger("kktd.upstreams.atol_v5")
+
+NAME = "atol-online-v5"
+DEFAULT_URL = "https://online.atol.ru/possystem/v5"
+PASSWORD_CREDENTIAL = "atol_password"  # the file name under $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
+MAX_BATCH = 100
+MAX_RESPONSE_BYTES = 256 << 10  # a report is ~1 KiB; far more is not an answer to our request
+MAX_TOKEN_LEN = 1000
+MAX_UUID_LEN = 128
+MAX_TEXT_LEN = 512  # of ATOL's error text kept in a dead letter
+INTEGRATOR = "kktd"  # getToken's optional "source"
+
+# Codes of section 7.1 of the specification.
+CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED = 10, 11
+CODE_DUPLICATE = 33
+CODE_NOT_READY = 34
+# Refusals of the request's content: the document was not registered, and resending it unchanged cannot help.
+CONTENT_REFUSALS = frozenset({13, 31, 32, 40})
+# Failures of ATOL itself before or while it took the document: resending under the same external_id is safe
+# (a document it did take answers 33 with its uuid).
+TRANSIENT_CODES = frozenset({0, 1, 50})
+# Driver errors whose remedy in section 7.2 is "the KKT failed: send the receipt again": not fiscalized.
+RESEND_DRIVER_CODES = frozenset({36, 40})
+
+
+@dataclass(frozen=True, slots=True)
+class _AuthProblem:
+    reason: str
+    operator_action: str
+
+
+AUTH_PROBLEMS: Mapping[int, _AuthProblem] = {
+    12: _AuthProblem("auth_failed", "ATOL Online refused the login or password: check atol_login and the password "
+                                    "file (atol_password_file, or $CREDENTIALS_DIRECTORY/atol_password)"),
+    14: _AuthProblem("user_blocked", "ATOL Online has blocked this user: ask ATOL Online support to unblock "
+                                     "atol_login"),
+    20: _AuthProblem("group_mismatch", "the group code does not belong to this login: check atol_group_code"),
+    21: _AuthProblem("group_not_v5", "the group is not on protocol v5 (FFD 1.2): move it to FFD 1.2 in ATOL "
+                                     "Online's cabinet, or check atol_group_code"),
+}
+
+# ---- settings ----------------------------------------------------------------------------------------------
+
+INN_10_WEIGHTS = (2, 4, 10, 3, 5, 9, 4, 6, 8)
+INN_11_WEIGHTS = (7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
+INN_12_WEIGHTS = (3, 7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
+EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
+LOGIN_RE = re.compile(r"\S{1,100}")
+GROUP_CODE_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class AtolSettings:
+    url: str
+    login: str
+    password: str
+    group_code: str
+    company_inn: str
+    company_email: str
+    company_payment_address: str
+    concurrency: int = 4
+    timeout: float = 10.0
+    password_file: Path | None = None  # where the password was read (shown by describe())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.describe().items())
+        return f"AtolSettings({shown})"
+
+    def describe(self) -> dict[str, Any]:
+        """Safe to print or log: the password is masked."""
+        return {
+            "atol_url": self.url, "atol_login": self.login, "atol_password": "***",
+            "atol_password_file": None if self.password_file is None else str(self.password_file),
+            "atol_group_code": self.group_code, "company_inn": self.company_inn, "company_email": self.company_email,
+            "company_payment_address": self.company_payment_address, "upstream_concurrency": self.concurrency,
+            "atol_timeout": self.timeout,
+        }
+
+    @property
+    def company(self) -> Company:
+        return Company(self.company_inn, self.company_email, self.company_payment_address)
+
+
+def _text(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw
+
+
+def parse_atol_url(raw: Any) -> str:
+    text = _text(raw).strip()
+    try:
+        url = yarl.URL(text)
+    except (ValueError, TypeError):
+        raise ValueError("must be an http:// or https:// URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. " + DEFAULT_URL)
+    if url.user or url.password:
+        raise ValueError("must not hold credentials (the login and password are settings of their own)")
+    if url.query_string or url.fragment:
+        raise ValueError("must not have a query or a fragment")
+    return text.rstrip("/")
+
+
+def parse_login(raw: Any) -> str:
+    text = _text(raw)
+    if not LOGIN_RE.fullmatch(text):
+        raise ValueError("must be 1..100 characters without spaces")
+    return text
+
+
+def parse_group_code(raw: Any) -> str:
+    text = _text(raw)
+    if not GROUP_CODE_RE.fullmatch(text):
+        raise ValueError("must be 1..100 characters of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _check_digit(digits: str, weights: tuple[int, ...]) -> int:
+    return sum(int(d) * w for d, w in zip(digits, weights)) % 11 % 10
+
+
+def inn_is_valid(inn: str) -> bool:
+    """A 10-digit (organisation) or 12-digit (person) INN with correct check digits."""
+    if not inn.isascii() or not inn.isdigit():
+        return False
+    if len(inn) == 10:
+        return _check_digit(inn, INN_10_WEIGHTS) == int(inn[9])
+    if len(inn) == 12:
+        return (_check_digit(inn, INN_11_WEIGHTS) == int(inn[10])
+                and _check_digit(inn, INN_12_WEIGHTS) == int(inn[11]))
+    return False
+
+
+def parse_company_inn(raw: Any) -> str:
+    text = _text(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
+    if not text.isascii() or not text.isdigit() or len(text) not in (10, 12):
+        raise ValueError("must be the seller's INN: 10 or 12 digits")
+    if not inn_is_valid(text):
+        raise ValueError("is not a valid INN (its check digits do not match)")
+    return text
+
+
+def parse_company_email(raw: Any) -> str:
+    text = _text(raw)
+    if len(text) > 64 or not EMAIL_RE.fullmatch(text):
+        raise ValueError("must be an e-mail address of at most 64 characters")
+    return text
+
+
+def parse_payment_address(raw: Any) -> str:
+    text = _text(raw)
+    if not text.strip() or len(text) > 256:
+        raise ValueError("must be 1..256 characters (the shop's site or the place of settlement)")
+    if CONTROL_CHARS_RE.search(text):
+        raise ValueError("must not contain control characters")
+    return text
+
+
+def parse_password_file(raw: Any) -> Path:
+    """The path only: the file is read (and must be readable) when the upstream is atol-online-v5."""
+    text = _text(raw) if not isinstance(raw, Path) else str(raw)
+    if not text or "\x00" in text:
+        raise ValueError("must be the path of a file holding the password")
+    return Path(text)
+
+
+def read_password(path: Path) -> str:
+    """The password in ``path`` (one trailing newline ignored). ValueError never quotes the file's content."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the password is not UTF-8 text") from None
+    text = text[:-1] if text.endswith("\n") else text
+    text = text[:-1] if text.endswith("\r") else text
+    if not text:
+        raise ValueError(f"{path}: the file is empty")
+    if len(text) > 100 or CONTROL_CHARS_RE.search(text):
+        raise ValueError(f"{path}: the password must be one line of at most 100 characters")
+    return text
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("atol_url", parse_atol_url, DEFAULT_URL,
+           "base URL of ATOL Online v5, or of Evotor's connector (upstream atol-online-v5)"),
+    Option("atol_login", parse_login, None, "ATOL Online login, from the integration settings (atol-online-v5)"),
+    Option("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs (atol-online-v5)"),
+    Option("atol_password_file", parse_password_file, None,
+           "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)"),
+    Option("company_inn", parse_company_inn, None,
+           "seller's INN, as in the fiscal storage: 10 or 12 digits (atol-online-v5)"),
+    Option("company_email", parse_company_email, None, "seller's e-mail on every receipt (atol-online-v5)"),
+    Option("company_payment_address", parse_payment_address, None,
+           "place of settlement, e.g. the shop's site (atol-online-v5)"),
+    Option("upstream_concurrency", int_in(1, 64), 4,
+           "HTTP requests to the upstream in flight at once, registrations and polls together (atol-online-v5)"),
+    Option("atol_timeout", duration_in(0.05, 600), 10.0, "timeout of one ATOL Online request (atol-online-v5)"),
+)
+_REQUIRED = ("atol_login", "atol_group_code", "company_inn", "company_email", "company_payment_address")
+
+
+def _setting(values: Mapping[str, Any], spec: Option) -> Any:
+    raw = values.get(spec.key)
+    if raw is None:
+        if spec.key in _REQUIRED:
+            raise ConfigError(f"{spec.key}: required when upstream = {NAME}")
+        return spec.default
+    try:
+        return spec.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{spec.key} = {raw!r}: {exc}") from None
+
+
+def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AtolSettings:
+    """Validate this upstream's settings (raw or already parsed values, by option key); ConfigError names the key.
+
+    The password comes from ``atol_password_file`` or, when that is unset, from systemd's credential
+    ``$CREDENTIALS_DIRECTORY/atol_password``: never from the TOML file or the environment.
+    """
+    environ = os.environ if environ is None else environ
+    parsed = {spec.key: _setting(values, spec) for spec in OPTIONS}
+    password_path: Path | None = parsed["atol_password_file"]
+    if password_path is None:
+        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+        if not credentials:
+            raise ConfigError(
+                f"atol_password_file: required when upstream = {NAME} (or a systemd credential "
+                f"{PASSWORD_CREDENTIAL}: LoadCredential={PASSWORD_CREDENTIAL}:/path)"
+            )
+        password_path = Path(credentials) / PASSWORD_CREDENTIAL
+        key = f"atol_password_file (default $CREDENTIALS_DIRECTORY/{PASSWORD_CREDENTIAL})"
+    else:
+        key = "atol_password_file"
+    try:
+        password = read_password(password_path)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return AtolSettings(
+        url=parsed["atol_url"], login=parsed["atol_login"], password=password,
+        group_code=parsed["atol_group_code"], company_inn=parsed["company_inn"],
+        company_email=parsed["company_email"], company_payment_address=parsed["company_payment_address"],
+        concurrency=parsed["upstream_concurrency"], timeout=parsed["atol_timeout"],
+        password_file=password_path,
+    )
+
+
+def create(settings: AtolSettings) -> AtolOnlineV5:
+    return AtolOnlineV5(settings)
+
+
+# ---- answers -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AtolError:
+    """The ``error`` object of an answer."""
+
+    code: int
+    text: str
+    type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    document: dict[str, Any]
+    error: AtolError | None
+
+
+def _bad(what: str, detail: str | None = None) -> UpstreamUnavailable:
+    return UpstreamUnavailable(FailureKind.BAD_ANSWER, f"bad_answer: {what}", detail)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_TEXT_LEN else text[:MAX_TEXT_LEN] + "…"
+
+
+def _parse_error(document: dict[str, Any]) -> AtolError | None:
+    error = document.get("error")
+    if error is None:
+        return None
+    if not isinstance(error, dict):
+        raise _bad("error", "error is neither null nor an object")
+    code, text, kind = error.get("code"), error.get("text"), error.get("type")
+    if type(code) is not int:  # bool is an int subclass: true must not pass as code 1
+        raise _bad("error", "error.code is not an integer")
+    if not isinstance(text, str):
+        raise _bad("error", "error.text is not a string")
+    if kind is not None and not isinstance(kind, str):
+        raise _bad("error", "error.type is not a string")
+    return AtolError(code, _short(text), kind)
+
+
+def _is_uuid(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= MAX_UUID_LEN and value.isprintable()
+
+
+def _classify_transport(exc: BaseException, *, sent: bool) -> UpstreamUnavailable:
+    """A transport failure -> a stable reason; the detail names the error class and OS error only.
+
+    ``sent`` False: nothing that could register a document was on its way (getToken), so not_sent whatever
+    happened to the connection.
+    """
+    detail = type(exc).__name__
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        detail = f"{detail}: {os_error.strerror}"
+    maybe = FailureKind.MAYBE_SENT if sent else FailureKind.NOT_SENT
+    # Order matters: aiohttp's timeout errors are connection errors too, and a connect timeout is both.
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return UpstreamUnavailable(maybe, "timeout", detail)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
+        return UpstreamUnavailable(maybe, "connection_lost", detail)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return _bad("http_protocol", detail)
+    return UpstreamUnavailable(maybe, "client_error", detail)
+
+
+def _auth_unavailable(error: AtolError) -> UpstreamUnavailable | None:
+    problem = AUTH_PROBLEMS.get(error.code)
+    if problem is None:
+        return None
+    return UpstreamUnavailable(FailureKind.NOT_SENT, problem.reason, f"ATOL error {error.code}",
+                               operator_action=problem.operator_action)
+
+
+def _http_failure(answer: _Answer, *, sent: bool) -> UpstreamUnavailable:
+    """An answer that is neither an outcome nor an error code this client acts on."""
+    maybe = FailureKind.MAYBE_SENT if sent else FailureKind.NOT_SENT
+    if answer.error is not None and answer.error.code in TRANSIENT_CODES:
+        return UpstreamUnavailable(maybe, f"atol_error_{answer.error.code}", f"HTTP {answer.status}")
+    if answer.error is not None:
+        return _bad("unexpected_error_code", f"code {answer.error.code} with HTTP {answer.status}")
+    return _bad("unexpected_answer", f"HTTP {answer.status}")
+
+
+def _str_field(payload: dict[str, Any], name: str, *, required: bool = True, limit: int = 256) -> str | None:
+    value = payload.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _bad("invalid_payload", f"payload.{name}")
+    return value
+
+
+def _int_field(payload: dict[str, Any], name: str, low: int = 0) -> int:
+    value = payload.get(name)
+    if type(value) is not int or value < low:
+        raise _bad("invalid_payload", f"payload.{name}")
+    return value
+
+
+def parse_fiscal_data(payload: object) -> FiscalData:
+    """The ``payload`` of a ``done`` report -> FiscalData; raises bad_answer unless every field is well-typed."""
+    if not isinstance(payload, dict):
+        raise _bad("invalid_payload", "payload is not an object")
+    return FiscalData(
+        fiscal_document_number=_int_field(payload, "fiscal_document_number", 1),
+        fiscal_sign=str(_int_field(payload, "fiscal_document_attribute")),
+        registered_at=str(_str_field(payload, "receipt_datetime", limit=64)),
+        fn_number=_str_field(payload, "fn_number", limit=32),
+        shift_number=_int_field(payload, "shift_number"),
+        receipt_number=_int_field(payload, "fiscal_receipt_number"),
+        kkt_registration_number=_str_field(payload, "ecr_registration_number", limit=32),
+        ofd_receipt_url=_str_field(payload, "ofd_receipt_url", required=False, limit=2048),
+    )
+
+
+@dataclass(slots=True)
+class _Call:
+    """One submit() or poll(): once getToken failed for it, its other requests give up at once."""
+
+    token_failure: UpstreamUnavailable | None = None
+
+
+# ---- the client --------------------------------------------------------------------------------------------
+
+class AtolOnlineV5:
+    """The ATOL Online v5 upstream (kktd.upstreams.base.Upstream, two-phase)."""
+
+    name: ClassVar[str] = NAME
+    two_phase: ClassVar[bool] = True
+
+    def __init__(self, settings: AtolSettings, *, tz: tzinfo | None = None) -> None:
+        self.max_batch = MAX_BATCH
+        self._settings = settings
+        self._tz = tz  # None: the terminal's local time (ATOL's timestamp); tests pin one
+        base = yarl.URL(settings.url)
+        self._base = base.with_path(base.path.rstrip("/"))
+        self._group = settings.group_code
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.timeout / 2)
+        # Registrations and polls share these slots: ATOL sees at most `concurrency` of them at once.
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+        self._token_lock = asyncio.Lock()
+        self._auth_failure: UpstreamUnavailable | None = None  # the last auth refusal, logged once
+        self.tokens_obtained = 0
+
+    def __repr__(self) -> str:
+        return f"AtolOnlineV5(url={self._settings.url!r}, group_code={self._group!r})"
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        if self._session is None or self._session.closed:
+            # One connection more than the slots: a getToken never waits for a pooled connection.
+            connector = aiohttp.TCPConnector(limit=self._settings.concurrency + 1, enable_cleanup_closed=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, raise_for_status=False,
+                # Proxies from the environment must not capture fiscal traffic silently.
+                trust_env=False,
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> AtolOnlineV5:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- the Upstream protocol --
+
+    async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
+        """Register each receipt (one request each, at most ``concurrency`` at once)."""
+        self._check_batch(batch)
+        call = _Call()
+        await self._ensure_token(call)
+        results = await asyncio.gather(*(self._guard(o.receipt_id, self._register(call, o)) for o in batch))
+        return self._settle(results)
+
+    async def poll(self, awaiting: Sequence[AwaitingResult]) -> list[PollOutcome]:
+        """Ask for the result of each registered document (one ``report/{uuid}`` request each)."""
+        self._check_batch(awaiting)
+        call = _Call()
+        await self._ensure_token(call)
+        results = await asyncio.gather(*(self._guard(a.receipt_id, self._report(call, a)) for a in awaiting))
+        return self._settle(results)
+
+    # -- one document --
+
+    async def _register(self, call: _Call, outgoing: Outgoing) -> SubmitOutcome:
+        try:
+            receipt = json.loads(outgoing.body)
+            operation = ATOL_OPERATIONS[receipt["operation"]]
+            body = registration_body(receipt, outgoing.external_id, outgoing.accepted_ms,
+                                     self._settings.company, self._tz)
+        except (ValueError, KeyError, TypeError) as exc:
+            # A stored receipt kktd cannot map (it predates a rule of this upstream): a person must look at it.
+            return Refused(outgoing.receipt_id, "atol_unmappable",
+                           f"the stored receipt cannot be mapped to ATOL Online v5: {type(exc).__name__}: {exc}")
+        answer = await self._authorized(call, "POST", self._base / self._group / operation, body.encode())
+        return self._registration_outcome(outgoing, answer)
+
+    def _registration_outcome(self, outgoing: Outgoing, answer: _Answer) -> SubmitOutcome:
+        error, document = answer.error, answer.document
+        if error is not None and document.get("status") == "done":
+            raise _bad("status_and_error", f"status done with error {error.code}")
+        if error is None:
+            if answer.status != 200 or document.get("status") not in ("wait", "done"):
+                raise _http_failure(answer, sent=True)
+            uuid = document.get("uuid")
+            if not _is_uuid(uuid):
+                raise _bad("invalid_uuid", "registration answer")
+            return Registered(outgoing.receipt_id, uuid)
+        if error.code == CODE_DUPLICATE:
+            # The document exists under this external_id (our earlier request got through): adopt its uuid.
+            uuid = document.get("uuid")
+            if not _is_uuid(uuid):
+                raise _bad("duplicate_without_uuid", "error 33 without the original uuid")
+            return Registered(outgoing.receipt_id, uuid)
+        if error.code in CONTENT_REFUSALS:
+            return Refused(outgoing.receipt_id, f"atol_{error.code}", error.text)
+        raise _http_failure(answer, sent=True)
+
+    async def _report(self, call: _Call, awaiting: AwaitingResult) -> PollOutcome:
+        url = self._base / self._group / "report" / awaiting.reference
+        answer = await self._authorized(call, "GET", url, None)
+        return self._report_outcome(awaiting, answer)
+
+    def _report_outcome(self, awaiting: AwaitingResult, answer: _Answer) -> PollOutcome:
+        document, error = answer.document, answer.error
+        status = document.get("status")
+        if status == "done" and error is not None:
+            raise _bad("status_and_error", f"status done with error {error.code}")
+        if answer.status == 200 and status == "done" and error is None:
+            self._check_identity(awaiting, document)
+            return Fiscalized(awaiting.receipt_id, parse_fiscal_data(document.get("payload")))
+        if answer.status == 200 and status == "wait" and (error is None or error.code == CODE_NOT_READY):
+            return StillProcessing(awaiting.receipt_id)
+        if status == "fail" and error is not None and (error.type == "timeout" or error.code not in TRANSIENT_CODES):
+            self._check_identity(awaiting, document)
+            code = f"atol_{error.code}"
+            # Section 7.1: the document timed out in ATOL's queue, no KKT took it (type "timeout"; its code reads
+            # -1 in clients and in the table's layout); section 7.2: the KKT failed and the remedy is to send it
+            # again. Not fiscalized either way: register it anew.
+            if error.type == "timeout" or (error.type == "driver" and error.code in RESEND_DRIVER_CODES):
+                return NotRegistered(awaiting.receipt_id, code, error.text)
+            # Any other failure (the KKT refused the content, an INN mismatch, a KKT fault of unknown effect)
+            # goes to a person: registering it again could fiscalize it twice.
+            return Refused(awaiting.receipt_id, code, error.text)
+        raise _http_failure(answer, sent=True)
+
+    @staticmethod
+    def _check_identity(awaiting: AwaitingResult, document: dict[str, Any]) -> None:
+        uuid = document.get("uuid")
+        if uuid is not None and uuid != awaiting.reference:
+            raise _bad("uuid_mismatch", "report of another document")
+        external_id = document.get("external_id")
+        if external_id is not None and external_id != awaiting.external_id:
+            raise _bad("external_id_mismatch", "report of another document")
+
+    # -- token --
+
+    async def _ensure_token(self, call: _Call) -> str:
+        if self._token is not None:
+            return self._token
+        return await self._new_token(call, None)
+
+    async def _new_token(self, call: _Call, stale: str | None) -> str:
+        """getToken, once for all requests that saw ``stale`` refused; a refusal ends the attempts of this call."""
+        async with self._token_lock:
+            if call.token_failure is not None:
+                raise call.token_failure
+            if self._token is not None and self._token != stale:
+                return self._token  # another request already replaced it
+            self._token = None
+            try:
+                answer = await self._request("POST", self._base / "getToken", self._credentials(), None,
+                                             sent=False)
+                token = self._token_from(answer)
+            except UpstreamUnavailable as exc:
+                call.token_failure = exc
+                raise
+            self._token = token
+            self.tokens_obtained += 1
+            if self._auth_failure is not None:
+                log.info("atol: ATOL Online accepts the login again")
+                self._auth_failure = None
+            log.info("atol: new token obtained from ATOL Online")
+            return token
+
+    def _credentials(self) -> bytes:
+        return json.dumps({"login": self._settings.login, "pass": self._settings.password,
+                           "source": INTEGRATOR}, ensure_ascii=False).encode()
+
+    def _token_from(self, answer: _Answer) -> str:
+        if answer.error is not None:
+            auth = _auth_unavailable(answer.error)
+            if auth is not None:
+                if self._auth_failure is None or self._auth_failure.reason != auth.reason:
+                    log.error("atol: %s: %s", auth.reason, auth.operator_action)
+                self._auth_failure = auth
+                raise auth
+            raise _http_failure(answer, sent=False)
+        token = answer.document.get("token")
+        if answer.status != 200 or not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LEN \
+                or not token.isprintable():
+            raise _bad("invalid_token_answer", f"getToken HTTP {answer.status}")
+        return token
+
+    async def _authorized(self, call: _Call, method: str, url: yarl.URL, body: bytes | None) -> _Answer:
+        # The token is read once a slot is ours: a request that waited for one uses the token of its time.
+        # getToken takes no slot (it is rare, and a slot held while waiting for it must not starve it).
+        async with self._slots:
+            token = await self._ensure_token(call)
+            answer = await self._request(method, url, body, token, sent=True)
+        if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
+            # ATOL asks for a new token only after it said the old one is no good; then the call is retried once.
+            log.info("atol: the token was refused (error %d); getting a new one", answer.error.code)
+            await self._new_token(call, token)
+            async with self._slots:
+                token = await self._ensure_token(call)
+                answer = await self._request(method, url, body, token, sent=True)
+            if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
+                raise UpstreamUnavailable(FailureKind.NOT_SENT, "token_rejected",
+                                          f"a new token was refused too (error {answer.error.code})")
+        if answer.error is not None:
+            auth = _auth_unavailable(answer.error)
+            if auth is not None:
+                if self._auth_failure is None or self._auth_failure.reason != auth.reason:
+                    log.error("atol: %s: %s", auth.reason, auth.operator_action)
+                self._auth_failure = auth
+                raise auth
+        return answer
+
+    # -- HTTP --
+
+    async def _request(self, method: str, url: yarl.URL, body: bytes | None, token: str | None, *,
+                       sent: bool) -> _Answer:
+        if self._session is None or self._session.closed:
+            await self.start()
+        assert self._session is not None
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        if token is not None:
+            headers["Token"] = token
+        try:
+            async with self._session.request(method, url, data=body, headers=headers,
+                                             allow_redirects=False) as response:
+                status = response.status
+                content_type = response.content_type
+                raw = await self._read_capped(response)
+        except UpstreamUnavailable:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            # Never chained: aiohttp's messages and request info carry the URL and the Token header.
+            raise _classify_transport(exc, sent=sent) from None
+        return self._decode(status, content_type, raw, sent=sent)
+
+    @staticmethod
+    def _decode(status: int, content_type: str, raw: bytes, *, sent: bool) -> _Answer:
+        maybe = FailureKind.MAYBE_SENT if sent else FailureKind.NOT_SENT
+        try:
+            document = json.loads(raw) if content_type == "application/json" else None
+        except (ValueError, UnicodeDecodeError):
+            document = None
+        if not isinstance(document, dict):
+            if status >= 500:
+                return_error = UpstreamUnavailable(maybe, f"http_{status}")
+            elif status in (408, 429):
+                return_error = UpstreamUnavailable(FailureKind.NOT_SENT, f"http_{status}")
+            else:
+                return_error = _bad("not_json", f"HTTP {status}")
+            raise return_error
+        error = _parse_error(document)
+        if status >= 500 and (error is None or error.code in TRANSIENT_CODES):
+            raise UpstreamUnavailable(maybe, f"http_{status}")
+        return _Answer(status, document, error)
+
+    @staticmethod
+    async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+            raise _bad("too_large")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise _bad("too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- batch bookkeeping --
+
+    def _check_batch(self, batch: Sequence[object]) -> None:
+        if not 0 < len(batch) <= self.max_batch:
+            raise ValueError(f"a call takes 1..{self.max_batch} receipts, got {len(batch)}")
+
+    @staticmethod
+    async def _guard(receipt_id: str, call: Any) -> Any:
+        try:
+            return await call
+        except UpstreamUnavailable as exc:
+            return Undelivered(receipt_id, exc)
+
+    @staticmethod
+    def _settle(results: list[Any]) -> list[Any]:
+        """Return the outcomes; raise when no receipt got an answer (the most telling failure of the call)."""
+        failures = [r.error for r in results if isinstance(r, Undelivered)]
+        if len(failures) < len(results):
+            return results
+        for wanted in (lambda e: e.operator_action is not None, lambda e: e.kind is FailureKind.MAYBE_SENT):
+            for failure in failures:
+                if wanted(failure):
+                    raise failure
+        raise failures[0]

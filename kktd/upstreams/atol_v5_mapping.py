@@ -1,0 +1,241 @@
+"""kktd receipt (canonical dict, kktd.receipt) -> ATOL Online v5 registration body, as pure functions.
+
+Money: kktd stores integer kopecks; ATOL wants rubles as JSON numbers with at most two decimals. A binary float
+cannot hold most kopeck amounts exactly, so no amount ever passes through one: rubles are formatted from the
+integer (24430 -> ``244.3``) and the JSON text is written here, by a small encoder that knows these numbers.
+
+What ATOL is certain to refuse (limits of its schema, a receipt without a customer contact) is found by
+:func:`atol_intake_check` while the till can still fix the receipt, instead of a day later as a dead letter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Any
+
+from kktd.receipt import DEFAULT_MEASURE, ReceiptInvalid
+
+__all__ = [
+    "ATOL_OPERATIONS",
+    "MAX_ITEM_KOPECKS",
+    "MAX_QUANTITY_MILLI",
+    "MAX_TOTAL_KOPECKS",
+    "MEASURE_CODES",
+    "PAYMENT_OBJECT_CODES",
+    "PAYMENT_TYPE_CODES",
+    "SNO_VALUES",
+    "VAT_TYPES",
+    "Company",
+    "JsonNumber",
+    "atol_intake_check",
+    "atol_timestamp",
+    "encode_json",
+    "kopecks_to_rubles",
+    "quantity_number",
+    "registration_body",
+    "registration_document",
+]
+
+# kktd operation (tag 1054) -> the path segment of ATOL's registration method.
+ATOL_OPERATIONS: Mapping[str, str] = {
+    "sale": "sell",
+    "sale_refund": "sell_refund",
+    "purchase": "buy",
+    "purchase_refund": "buy_refund",
+}
+# Tag 1055: kktd's taxation names are ATOL's sno values (ATOL also knows "envd", which kktd does not offer).
+SNO_VALUES: Mapping[str, str] = {name: name for name in ("osn", "usn_income", "usn_income_outcome", "esn", "patent")}
+# Tag 1199. The 2024 specification lists none, vat0, vat10, vat110, vat20, vat120; the rates of 2025-2026
+# (5 %, 7 %, 22 % and their calculated forms) keep the same naming scheme and are passed through as such.
+VAT_TYPES: Mapping[str, str] = {name: name for name in (
+    "none", "vat0", "vat5", "vat7", "vat10", "vat20", "vat22", "vat105", "vat107", "vat110", "vat120", "vat122",
+)}
+# Tag 1212: an integer in v5 (v4 used strings).
+PAYMENT_OBJECT_CODES: Mapping[str, int] = {
+    "commodity": 1, "excise": 2, "job": 3, "service": 4, "payment": 10, "another": 13,
+}
+# payments[].type: 0 cash, 1 cashless, 2 prepayment offset, 3 credit (postpayment), 4 other (counter-provision).
+PAYMENT_TYPE_CODES: Mapping[str, int] = {"cash": 0, "electronic": 1, "prepaid": 2, "credit": 3, "other": 4}
+# Tag 2108.
+MEASURE_CODES: Mapping[str, int] = {
+    "piece": 0, "gram": 10, "kilogram": 11, "ton": 12, "centimeter": 20, "decimeter": 21, "meter": 22,
+    "square_centimeter": 30, "square_decimeter": 31, "square_meter": 32,
+    "milliliter": 40, "liter": 41, "cubic_meter": 42, "kilowatt_hour": 50, "gigacalorie": 51,
+    "day": 70, "hour": 71, "minute": 72, "second": 73,
+    "kilobyte": 80, "megabyte": 81, "gigabyte": 82, "terabyte": 83, "other": 255,
+}
+
+# ATOL's limits. price and sum of an item: at most 42,949,672.95 rubles (2**32 - 1 kopecks); the receipt total
+# and each payment: at most 8 digits before the decimal point; quantity: at most 99,999.999.
+MAX_ITEM_KOPECKS = 4_294_967_295
+MAX_TOTAL_KOPECKS = 9_999_999_999
+MAX_QUANTITY_MILLI = 99_999_999
+TIMESTAMP_FORMAT = "%d.%m.%Y %H:%M:%S"
+
+
+class JsonNumber(str):
+    """The exact text of a JSON number (``244.3``), written into the JSON as is (see encode_json)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Company:
+    """The seller's details ATOL requires on every receipt (tags 1117, 1018, 1187)."""
+
+    inn: str
+    email: str
+    payment_address: str
+
+
+def kopecks_to_rubles(kopecks: int) -> JsonNumber:
+    """24430 -> '244.3', 24400 -> '244', 5 -> '0.05': the shortest decimal text equal to kopecks / 100."""
+    if type(kopecks) is not int or kopecks < 0:
+        raise ValueError("an amount must be a non-negative integer number of kopecks")
+    rubles, cents = divmod(kopecks, 100)
+    if cents == 0:
+        return JsonNumber(str(rubles))
+    return JsonNumber(f"{rubles}.{cents:02d}".rstrip("0"))
+
+
+def _quantity_milli(text: str) -> int:
+    whole, _, fraction = text.partition(".")
+    return int(whole) * 1000 + int(fraction.ljust(3, "0"))
+
+
+def quantity_number(text: str) -> JsonNumber:
+    """kktd's normalized quantity ("2.000", "0.250") -> the shortest JSON number text ("2", "0.25")."""
+    milli = _quantity_milli(text)
+    whole, fraction = divmod(milli, 1000)
+    if fraction == 0:
+        return JsonNumber(str(whole))
+    return JsonNumber(f"{whole}.{fraction:03d}".rstrip("0"))
+
+
+def atol_timestamp(accepted_ms: int, tz: tzinfo | None = None) -> str:
+    """When kktd accepted the receipt, as ATOL's ``dd.mm.yyyy HH:MM:SS`` in the terminal's local time (``tz``
+    None) or in ``tz``."""
+    moment = datetime.fromtimestamp(accepted_ms / 1000, tz=tz)
+    return moment.strftime(TIMESTAMP_FORMAT)
+
+
+def atol_intake_check(receipt: Mapping[str, Any]) -> None:
+    """Refuse at intake what ATOL is certain to refuse, with a stable code the till can act on.
+
+    ``receipt`` is a validated canonical receipt (kktd.receipt). Raises ReceiptInvalid (a 422).
+    """
+    contact = receipt.get("customer_contact")
+    if not isinstance(contact, str) or not contact:
+        raise ReceiptInvalid(
+            "customer_contact_required",
+            "customer_contact (the buyer's e-mail or phone) is required when kktd fiscalizes through ATOL Online",
+            "customer_contact",
+        )
+    for index, item in enumerate(receipt["items"]):
+        path = f"items[{index}]"
+        for name in ("price", "sum"):
+            if item[name] > MAX_ITEM_KOPECKS:
+                raise ReceiptInvalid(
+                    "amount_out_of_range",
+                    f"{path}.{name} must be at most {MAX_ITEM_KOPECKS} kopecks (ATOL Online's limit)",
+                    f"{path}.{name}",
+                )
+        if _quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
+            raise ReceiptInvalid(
+                "quantity_out_of_range",
+                f"{path}.quantity must be at most 99999.999 (ATOL Online's limit)",
+                f"{path}.quantity",
+            )
+    if receipt["total"] > MAX_TOTAL_KOPECKS:
+        raise ReceiptInvalid(
+            "amount_out_of_range",
+            f"the receipt total must be at most {MAX_TOTAL_KOPECKS} kopecks (ATOL Online's limit)",
+            "items",
+        )
+    # Payments add up to the total (kktd.receipt), so none of them can exceed the limit the total met.
+
+
+def _client(contact: str | None) -> dict[str, Any]:
+    if contact is None:
+        # Only a receipt stored before kktd fiscalized through ATOL can lack a contact (intake requires one
+        # now). The specification allows the value "none": the KKT may still take it, and if it does not, ATOL's
+        # refusal reaches the dead letters with its own code, instead of kktd guessing.
+        return {"email": "none"}
+    # kktd.receipt accepts an e-mail address or a +7 phone number, nothing else.
+    return {"phone": contact} if contact.startswith("+") else {"email": contact}
+
+
+def _item(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "name": item["name"],
+        "price": kopecks_to_rubles(item["price"]),
+        "quantity": quantity_number(item["quantity"]),
+        "measure": MEASURE_CODES[item.get("measure", DEFAULT_MEASURE)],
+        "sum": kopecks_to_rubles(item["sum"]),
+        "payment_method": item["payment_method"],
+        "payment_object": PAYMENT_OBJECT_CODES[item["payment_object"]],
+        "vat": {"type": VAT_TYPES[item["vat"]]},
+    }
+
+
+def registration_document(receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company,
+                          tz: tzinfo | None = None) -> dict[str, Any]:
+    """The registration body as a document whose amounts are JsonNumber (exact number texts); see encode_json."""
+    body: dict[str, Any] = {
+        "client": _client(receipt.get("customer_contact")),
+        "company": {
+            "email": company.email,
+            "sno": SNO_VALUES[receipt["taxation"]],
+            "inn": company.inn,
+            "payment_address": company.payment_address,
+        },
+        "items": [_item(item) for item in receipt["items"]],
+        "payments": [
+            {"type": PAYMENT_TYPE_CODES[p["type"]], "sum": kopecks_to_rubles(p["amount"])}
+            for p in receipt["payments"]
+        ],
+        "total": kopecks_to_rubles(receipt["total"]),
+    }
+    cashier = receipt.get("cashier") or {}
+    if "name" in cashier:
+        body["cashier"] = cashier["name"]
+    if "inn" in cashier:
+        body["cashier_inn"] = cashier["inn"]
+    return {"timestamp": atol_timestamp(accepted_ms, tz), "external_id": external_id, "receipt": body}
+
+
+def registration_body(receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company,
+                      tz: tzinfo | None = None) -> str:
+    """The JSON text POSTed to ``{group_code}/{operation}`` (operation: ATOL_OPERATIONS[receipt["operation"]])."""
+    return encode_json(registration_document(receipt, external_id, accepted_ms, company, tz))
+
+
+_encode_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON text in which a JsonNumber value is written as the number it spells, verbatim.
+
+    Only what registration_document builds is supported: dict, list, str, JsonNumber, int, bool, None.
+    """
+    if isinstance(value, JsonNumber):
+        return str.__str__(value)
+    if isinstance(value, str):
+        return _encode_string(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_encode_string(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(encode_json(v) for v in value) + "]"
+    # A float here would be exactly the imprecision this encoder exists to keep out.
+    raise TypeError(f"cannot encode {type(value).__name__} as ATOL JSON")
