@@ -21,8 +21,8 @@ SLOWSYNC       := build/slowsync.so
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
 .PHONY: slowsync
-.PHONY: run test typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test prereqs-bench \
-        prereqs-deb
+.PHONY: run test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test \
+        prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -61,6 +61,14 @@ run: $(STAMP)
 
 test: $(STAMP) prereqs-test prereqs-deb verify-units typecheck $(SLOWSYNC)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# The long fuzz run: every fuzzer of the suite with KKTD_FUZZ_EXAMPLES cases per test (make test runs a
+# fixed, derandomized few thousand). Randomized; a failure prints its seed, KKTD_FUZZ_SEED=N repeats it.
+FUZZ_TESTS        := tests/test_fuzz_receipt.py tests/test_fuzz_live.py tests/test_schemathesis.py
+KKTD_FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) prereqs-test
+	KKTD_FUZZ_EXAMPLES=$(KKTD_FUZZ_EXAMPLES) $(VPY) -m pytest $(FUZZ_TESTS) \
+	  $(if $(KKTD_FUZZ_SEED),--hypothesis-seed=$(KKTD_FUZZ_SEED)) $(PYTEST_ARGS)
 
 # The file list is setup.cfg's [mypy] files: kktd, kktd_mocks, tests, bench.
 typecheck: $(STAMP)

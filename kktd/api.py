@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import time
@@ -15,8 +16,11 @@ from aiohttp import web
 
 from kktd.clock import rfc3339
 from kktd.errors import ApiError, BufferFull, StorageUnavailable
+from kktd.openapi import spec_json
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
+from kktd.safetext import escape, quoted
+from kktd.server import EventSummary
 from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 
 if TYPE_CHECKING:
@@ -36,6 +40,12 @@ RECEIPT_PATH = "/v1/kkt/receipt"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+# Without the token: a load balancer's or systemd's health probe, and the metrics scraper.
+OPEN_PATHS = frozenset({"/v1/health", "/metrics"})
+
+
+class ClientGone(Exception):
+    """The client hung up (or was cut off) before its request was read: nobody is left to answer."""
 
 
 @dataclass
@@ -48,6 +58,8 @@ class Services:
     intake_open: bool = True
     task_failures: dict[str, str] = field(default_factory=dict)
     started_monotonic: float = field(default_factory=time.monotonic)
+    # What an attacker can multiply (timeouts, disconnects, refused tokens) is logged once per interval.
+    events: EventSummary = field(default_factory=lambda: EventSummary(log))
     metrics: Metrics = field(default_factory=Metrics)
     # The upstream's own refusals at intake (e.g. ATOL Online's limits), while the till can still fix them.
     intake_check: IntakeCheck | None = None
@@ -70,6 +82,11 @@ def error_response(error: ApiError) -> web.Response:
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ClientGone as gone:
+        request.app[SERVICES].events.event(
+            "clients gone mid-request", logging.INFO, "%s %s: the client went away before its request was "
+            "read (%s); nothing was stored", escape(request.method, 16), escape(request.path), gone)
+        return web.Response(status=400)  # never delivered: the connection is gone
     except ApiError as error:
         _log_error(request, error)
         return error_response(error)
@@ -94,8 +111,30 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+        log.exception("internal error on %s %s", escape(request.method, 16), escape(request.path))
         return error_response(ApiError(500, "internal_error", "internal error; see the kktd log"))
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a token configured, every endpoint but OPEN_PATHS needs `Authorization: Bearer <token>`."""
+    services = request.app[SERVICES]
+    token = services.config.api_token
+    if token is not None and request.path not in OPEN_PATHS and not presents_token(request, token):
+        services.events.event("requests without a valid token", logging.WARNING,
+                              "%s %s -> 401 unauthorized: no valid bearer token", escape(request.method, 16),
+                              escape(request.path))
+        return error_response(ApiError(401, "unauthorized", "this endpoint needs Authorization: Bearer <token>",
+                                       headers={"WWW-Authenticate": 'Bearer realm="kktd"'}))
+    return await handler(request)
+
+
+def presents_token(request: web.Request, token: str) -> bool:
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    # Constant time: how much of a guess matched must not show in the answer's timing.
+    return hmac.compare_digest(presented.strip().encode("utf-8", "surrogateescape"), token.encode())
 
 
 def api_error(invalid: ReceiptInvalid) -> ApiError:
@@ -107,8 +146,13 @@ def api_error(invalid: ReceiptInvalid) -> ApiError:
 def _log_error(request: web.Request, error: ApiError) -> None:
     level = logging.ERROR if error.status >= 500 else logging.INFO
     where = f" field={error.field}" if error.field else ""
-    log.log(level, "%s %s -> %d %s%s: %s", request.method, request.path, error.status, error.code, where,
-            error.message, extra={"error_code": error.code})
+    # The method and path are the client's: escaped and cut short like every client text in a log line.
+    line = (f"{escape(request.method, 16)} {escape(request.path)} -> {error.status} {error.code}{where}: "
+            f"{error.message}")
+    if error.code == "body_timeout":
+        request.app[SERVICES].events.event("request bodies too slow", level, "%s", line)
+    else:
+        log.log(level, "%s", line, extra={"error_code": error.code})
     if request.method == "POST" and request.path == RECEIPT_PATH:
         request.app[SERVICES].metrics.intake_rejected(error.code)
 
@@ -128,8 +172,8 @@ async def post_receipt(request: web.Request) -> web.Response:
         raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type must be application/json (got {request.content_type or 'none'})")
-    body = await request.read()
+                       f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})")
+    body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
     if services.intake_check is not None:
         services.intake_check(receipt.canonical)
@@ -146,6 +190,18 @@ async def post_receipt(request: web.Request) -> web.Response:
                        f"idempotency key {receipt.idempotency_key} is already used by receipt "
                        f"{result.receipt_id} with a different body", "idempotency_key")
     return _accepted_response(result, receipt.idempotency_key, services, started)
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The whole body within `timeout`: a client trickling it does not hold a connection and a handler."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g}s",
+                       headers={"Connection": "close"}) from None
+    except ConnectionError as exc:
+        raise ClientGone(str(exc) or type(exc).__name__) from None
 
 
 def _accepted_response(result: Accepted, key: str, services: Services, started: float) -> web.Response:
@@ -168,11 +224,14 @@ async def get_receipt(request: web.Request) -> web.Response:
     receipt_id = request.match_info["receipt_id"]
     row = await _storage(request.app[SERVICES].store.get(receipt_id))
     if row is None:
-        raise ApiError(404, "not_found", f"no receipt {receipt_id}")
+        raise ApiError(404, "not_found", f"no receipt {quoted(receipt_id, 64)}")
     return json_response(present_receipt(row))
 
 
-def present_receipt(row: ReceiptRow) -> dict[str, Any]:
+def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, Any]:
+    stored = json.loads(row.body)
+    if mask_contact and "customer_contact" in stored:
+        stored["customer_contact"] = mask_contact_text(stored["customer_contact"])
     result: dict[str, Any] = {
         "receipt_id": row.receipt_id,
         "idempotency_key": row.idempotency_key,
@@ -182,7 +241,7 @@ def present_receipt(row: ReceiptRow) -> dict[str, Any]:
         "last_error": row.last_error,
         "accepted_at": rfc3339(row.accepted_ms),
         "updated_at": rfc3339(row.updated_ms),
-        "receipt": json.loads(row.body),
+        "receipt": stored,
         "upstream": {
             "external_id": row.registration.external_id,
             "registrations": row.registration.registrations,
@@ -235,9 +294,7 @@ async def collect_status(services: Services) -> dict[str, Any]:
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
         "oldest_pending_alarm": services.config.pending_alarm(oldest_age),
         "db_size_bytes": await store.size_bytes(),
-        "writer": {"commits": store.commits, "rows_committed": store.committed_rows,
-                   "checkpoints": store.checkpoints, "checkpoints_on_writer": store.writer_checkpoints,
-                   "wal_frames": store.wal_frames},
+        "writer": {"commits": store.commits, "rows_committed": store.committed_rows},
     }
     if services.sync is not None:
         status["sync"] = dataclasses.asdict(services.sync.status())
@@ -254,11 +311,23 @@ async def sync_now(request: web.Request) -> web.Response:
 async def list_dead_letters(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit", 100, 1, DLQ_PAGE_MAX)
     after = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
-    rows = await _storage(request.app[SERVICES].store.dead_letters(limit, after))
+    services = request.app[SERVICES]
+    rows = await _storage(services.store.dead_letters(limit, after))
     # Where the next page starts (null on the last one): pass it back as after_seq.
     next_after = rows[-1].seq if len(rows) == limit else None
-    return json_response({"dead_letters": [present_receipt(row) for row in rows], "count": len(rows),
-                          "next_after_seq": next_after})
+    # Customer contacts are personal data: shown only to a caller who presented the API token.
+    token = services.config.api_token
+    masked = token is None or not presents_token(request, token)
+    return json_response({"dead_letters": [present_receipt(row, mask_contact=masked) for row in rows],
+                          "count": len(rows), "next_after_seq": next_after, "contacts_masked": masked})
+
+
+def mask_contact_text(contact: str) -> str:
+    """buyer@example.ru -> b***@example.ru; +79991234567 -> +7999***4567."""
+    local, at, domain = contact.partition("@")
+    if at:
+        return f"{local[:1]}***@{domain}"
+    return f"{contact[:5]}***{contact[-4:]}" if len(contact) > 9 else "***"
 
 
 async def requeue_dead_letter(request: web.Request) -> web.Response:
@@ -268,7 +337,7 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
     if not changed:
         row = await _storage(services.store.get(receipt_id))
         if row is None:
-            raise ApiError(404, "not_found", f"no receipt {receipt_id}")
+            raise ApiError(404, "not_found", f"no receipt {quoted(receipt_id, 64)}")
         raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
     log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
@@ -296,6 +365,8 @@ async def health(request: web.Request) -> web.Response:
     problems: list[str] = [f"task {name} crashed: {why}" for name, why in services.task_failures.items()]
     if services.store.damage is not None:
         problems.append(f"database damaged: {services.store.damage}")
+    if services.store.commit_failure is not None:
+        problems.append(f"the database refuses commits, intake is refused: {services.store.commit_failure}")
     try:
         await asyncio.wait_for(services.store.ping(), HEALTH_TIMEOUT_S)
     except (StorageUnavailable, asyncio.TimeoutError) as exc:
@@ -323,6 +394,10 @@ async def health(request: web.Request) -> web.Response:
         return json_response(body, 503)
     body.update(status="warning" if warnings else "ok", warnings=warnings)
     return json_response(body)
+
+
+async def openapi_description(request: web.Request) -> web.Response:
+    return web.Response(body=spec_json(), headers=JSON_HEADERS)
 
 
 # ---- operations: metrics and export ----
@@ -384,7 +459,7 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=MAX_BODY)
     app[SERVICES] = services
     app.router.add_post("/v1/kkt/receipt", post_receipt)
     app.router.add_get("/v1/kkt/receipt/{receipt_id}", get_receipt)
@@ -393,6 +468,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/kkt/dlq", list_dead_letters)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/openapi.json", openapi_description)
     app.router.add_get("/v1/kkt/receipts", export_receipts)
     # Stays open when the API gets access control (as /v1/health): Prometheus scrapes it.
     app.router.add_get("/metrics", metrics)

@@ -8,9 +8,10 @@ sources can never drift apart. Each bad value is reported with the key and where
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,6 +47,12 @@ class Config:
     retention_days: int
     drain_timeout: float
     embedded_mock_ofd: bool
+    max_connections: int
+    idle_timeout: float
+    body_timeout: float
+    api_token_file: Path | None
+    # The bearer token itself (read from api_token_file or $CREDENTIALS_DIRECTORY/api_token): never shown.
+    api_token: str | None = field(default=None, repr=False)
 
     @property
     def listen(self) -> str:
@@ -61,8 +68,11 @@ class Config:
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration, safe to print or log (secrets masked or left out)."""
-        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "upstream_settings"}
+        shown = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name not in ("upstream_settings", "api_token")}
         shown["db"] = str(self.db)
+        shown["api_token_file"] = str(self.api_token_file) if self.api_token_file else None
+        shown["api_token"] = "set" if self.api_token else None
         shown.update(self.upstream_settings.describe())
         return shown
 
@@ -75,6 +85,11 @@ def _listen(raw: Any) -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     port = int_in(1, 65535)(port_text) if port_text != "0" else 0
     return host, port
+
+
+def _optional_file(raw: Any) -> Path | None:
+    """A file path, or "" for none (TOML has no null)."""
+    return None if str(raw) == "" else file_path(raw)
 
 
 def _default_db() -> str:
@@ -101,6 +116,15 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("retention_days", int_in(1, 3650), 90, "days to keep sent receipts"),
     Option("drain_timeout", duration_in(0, 300), 10.0, "on stop, how long to wait for in-flight work"),
     Option("embedded_mock_ofd", boolean, False, "run a mock OFD inside the process (development, `make run`)"),
+    Option("max_connections", int_in(1, 100_000), 1024,
+           "client connections open at once (lowered to fit the descriptor limit); at the cap the one silent "
+           "longest is dropped"),
+    Option("idle_timeout", duration_in(0.1, 3600), 10.0,
+           "a connection must send a complete request head within this of opening or of its last answer"),
+    Option("body_timeout", duration_in(0.1, 3600), 10.0, "how long a request body may take to arrive"),
+    Option("api_token_file", _optional_file, None,
+           "file holding the API bearer token (default $CREDENTIALS_DIRECTORY/api_token if it exists); "
+           "required to listen beyond loopback"),
 )
 OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + upstream_options()
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
@@ -131,7 +155,7 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
         if flag_values.get(option.key) is not None:
             raw[option.key] = (flag_values[option.key], option.flag)
     values = {key: _parse(key, value, source) for key, (value, source) in raw.items()}
-    return _build(values)
+    return _build(values, environ)
 
 
 def _read_file(explicit: str | None, raw: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
@@ -164,7 +188,7 @@ def _parse(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{key} (from {source}) = {value!r}: {exc}") from None
 
 
-def _build(values: dict[str, Any]) -> Config:
+def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
     if values["pending_critical_age"] <= values["pending_warn_age"]:
         raise ConfigError(
             "pending_critical_age: must be greater than pending_warn_age "
@@ -174,6 +198,46 @@ def _build(values: dict[str, Any]) -> Config:
         raise ConfigError(f"embedded_mock_ofd: only with upstream = {DEFAULT_UPSTREAM} "
                           f"(upstream is {values['upstream']})")
     host, port = values.pop("listen")
+    token_file, token = _api_token(values["api_token_file"], environ)
+    values["api_token_file"] = token_file
+    if token is None and not is_loopback(host):
+        raise ConfigError(
+            f"listen = {host}:{port}: beyond loopback the API would be open to the network without "
+            f"authentication; set api_token_file (or the systemd credential api_token) or listen on 127.0.0.1")
     upstream_values = {key: values.pop(key) for key in UPSTREAM_KEYS}
     settings = REGISTRY[values["upstream"]].settings(upstream_values)
-    return Config(listen_host=host, listen_port=port, upstream_settings=settings, **values)
+    return Config(listen_host=host, listen_port=port, upstream_settings=settings, api_token=token, **values)
+
+
+API_TOKEN_CREDENTIAL = "api_token"
+MIN_TOKEN_LENGTH = 16
+
+
+def _api_token(explicit: Path | None, environ: Mapping[str, str]) -> tuple[Path | None, str | None]:
+    """The bearer token: from api_token_file, else the systemd credential, else none."""
+    path = explicit
+    if path is None:
+        credentials = environ.get("CREDENTIALS_DIRECTORY")
+        candidate = Path(credentials) / API_TOKEN_CREDENTIAL if credentials else None
+        if candidate is None or not candidate.exists():
+            return None, None
+        path = candidate
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"api_token_file = {path}: cannot be read: {reason}") from None
+    if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(f"api_token_file = {path}: the token must be at least {MIN_TOKEN_LENGTH} printable "
+                          f"ASCII characters without spaces (e.g. `openssl rand -hex 32`)")
+    return path, token
+
+
+def is_loopback(host: str) -> bool:
+    """Only a literal loopback address or `localhost` counts: a name could resolve anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -63,14 +63,16 @@ class Report:
 # ---- talking to the daemon ----
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        # The daemon's API token (api_token_file / the api_token credential), when it has one.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _open(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
-                                         headers={"Accept": "application/json",
+                                         headers={"Accept": "application/json", **self._auth,
                                                   **({"Content-Type": "application/json"} if data else {})})
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
@@ -428,15 +430,15 @@ def run_with_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"KKTD UNKNOWN - configuration error: {exc}", file=sys.stdout)
         return int(State.UNKNOWN)
-    return run(args, base_url(config.listen_host, config.listen_port))
+    return run(args, base_url(config.listen_host, config.listen_port), token=config.api_token)
 
 
 def run(args: argparse.Namespace, url: str, stdout: IO[str] | None = None, stderr: IO[str] | None = None,
-        stdout_bytes: IO[bytes] | None = None) -> int:
+        stdout_bytes: IO[bytes] | None = None, token: str | None = None) -> int:
     """Run one operator command against the daemon at `url`; returns the exit code."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    client = Client(url, args.timeout)
+    client = Client(url, args.timeout, token)
     try:
         if args.command == "export":
             return int(export(client, args.since, args.until, stdout_bytes or sys.stdout.buffer))

@@ -25,10 +25,17 @@ from kktd.config import Config
 from kktd.errors import ConfigError, CorruptDatabase
 from kktd.upstreams import REGISTRY
 from kktd.upstreams.base import Upstream
+from kktd.server import (DescriptorBudget, EventSummary, GuardedSite, ServerLimits, descriptor_budget,
+                         install_accept_error_summary, runner_options)
 
 log = logging.getLogger("kktd.daemon")
 
 STATUS_EVERY_S = 5.0
+# Signals kktd does not stop on. SIGUSR1/SIGUSR2: a status line in the log (an operator's `kill -USR1`, or a
+# stray signal from a misdirected logrotate script, must not kill a daemon holding receipts). SIGPIPE:
+# ignored, so a peer that hangs up is an EPIPE error on that socket, never a dead process. SIGHUP is the
+# reload (kktd's operations part), not here.
+STATUS_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 # A hook that may add to the assembled daemon before it serves (the test-only fault entry point uses it).
 Extension = Callable[[Assembled], None]
@@ -37,14 +44,36 @@ Reloader = Callable[[], Config]
 
 
 class Notifier:
-    """sd_notify messages; silent when not started by systemd (no NOTIFY_SOCKET)."""
+    """sd_notify messages; silent when not started by systemd (no NOTIFY_SOCKET).
+
+    The socket is non-blocking: a datagram queue that nobody drains (10 messages by default,
+    net.unix.max_dgram_qlen) would otherwise block the event loop in sendto() and with it every till. A
+    message that does not fit is dropped, and that is logged once until one fits again."""
 
     def __init__(self) -> None:
-        self._notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None
+        self._socket = notifier.socket if notifier is not None else None
+        if self._socket is not None:
+            self._socket.setblocking(False)
+        self._dropping = False
 
     def send(self, message: str) -> None:
-        if self._notifier is not None:
-            self._notifier.notify(message)
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(message.encode("latin-1", "replace"))
+        except BlockingIOError:
+            if not self._dropping:
+                log.warning("the notify socket is full (the service manager is not reading it): dropping "
+                            "notifications until it is (first dropped: %s)", message.split("\n")[0])
+            self._dropping = True
+            return
+        except OSError as exc:
+            log.warning("cannot send to the notify socket: %s", exc.strerror or exc)
+            return
+        if self._dropping:
+            log.info("the notify socket takes notifications again")
+            self._dropping = False
 
 
 def watchdog_interval() -> float | None:
@@ -72,6 +101,8 @@ class Daemon:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.kktd: Assembled | None = None
         self.fatal: Exception | None = None
+        self.site: GuardedSite | None = None
+        self.summary = EventSummary(logging.getLogger("kktd.server"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -79,12 +110,23 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         # Until the daemon is up a SIGHUP is ignored rather than killing it (its default action).
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        for signum in STATUS_SIGNALS:
+            loop.add_signal_handler(signum, self._on_status_signal, signum)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        budget = descriptor_budget(self.config.max_connections)
+        log.info("%s (max_connections %d)", budget.describe(), self.config.max_connections)
+        if budget.connection_cap < self.config.max_connections:
+            log.warning("max_connections %d does not fit the descriptor limit %d: capped at %d (raise "
+                        "LimitNOFILE= to allow more)", self.config.max_connections, budget.soft_limit,
+                        budget.connection_cap)
+        install_accept_error_summary(loop, self.summary, budget)
         async with AsyncExitStack() as stack:
             kktd = self.kktd = await assemble(self.config, stack)
             if self.extension is not None:
                 self.extension(kktd)
             stack.push_async_callback(self._stop_sync)
-            runner = await self._start_server(kktd.web_app)
+            stack.callback(self.summary.close)
+            runner = await self._start_server(kktd.web_app, budget)
             stack.push_async_callback(self._stop_intake, runner)
             self._supervise("sync", kktd.sync.run, critical=True)
             interval = watchdog_interval()
@@ -102,6 +144,13 @@ class Daemon:
             raise self.fatal
         log.info("kktd stopped cleanly")
         return 0
+
+    def _on_status_signal(self, signum: int) -> None:
+        guard = self.site.guard if self.site is not None else None
+        connections = f" connections={guard.open_connections} (peak {guard.peak}, dropped at the cap " \
+                      f"{guard.evicted_total})" if guard is not None else ""
+        log.info("received %s: not a stop signal; status %s%s", signal.Signals(signum).name,
+                 self._status_line() if self.kktd is not None else "starting", connections)
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stop_requested.is_set():
@@ -177,17 +226,19 @@ class Daemon:
         finally:
             await upstream.close()
 
-    async def _start_server(self, app: web.Application) -> web.AppRunner:
+    async def _start_server(self, app: web.Application, budget: DescriptorBudget) -> web.AppRunner:
+        limits = ServerLimits(budget.connection_cap, self.config.idle_timeout, self.config.body_timeout)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.config.drain_timeout)
+                               shutdown_timeout=self.config.drain_timeout, **runner_options(limits))
         await runner.setup()
-        site = web.TCPSite(runner, self.config.listen_host, self.config.listen_port, reuse_address=True,
-                           backlog=1024)
+        site = GuardedSite(runner, self.config.listen_host, self.config.listen_port, limits.max_connections,
+                           self.summary, backlog=1024)
         try:
             await site.start()
         except OSError:
             await runner.cleanup()
             raise
+        self.site = site
         return runner
 
     async def _stop_intake(self, runner: web.AppRunner) -> None:

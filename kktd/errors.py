@@ -48,5 +48,10 @@ class CorruptDatabase(StorageError):
     """The database failed its integrity check; it is never replaced silently."""
 
 
+class ForeignWal(CorruptDatabase):
+    """The -wal beside the database is not its own (another database's, or from before a restore): applying
+    it would replace acknowledged receipts. Neither file is touched."""
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the key."""

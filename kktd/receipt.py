@@ -3,10 +3,11 @@
 Money is integer kopecks only: a float or a string amount is rejected, because a binary float cannot hold
 kopecks exactly and a fiscal document must add up to the kopeck.
 
-Two paths, one set of rules. parse_receipt decodes the body straight into typed msgspec Structs (types,
-ranges, lengths, enumerations and unknown fields are checked by msgspec's C decoder while it parses), then
-checks what no type can say (item sums, totals, text content, the key) in `_from_typed`. Only when that fast
-path refuses a body does the reference validator (`validate_receipt`, on json.loads' result) run: it finds
+Two paths, one set of rules. parse_receipt parses the body strictly (decode_json: UTF-8, unique keys) and
+converts the document into typed msgspec Structs (types, ranges, lengths, enumerations and unknown fields are
+checked by msgspec in C), then checks what no type can say (item sums, totals, text content, the key) in
+`_from_typed`. Only when that fast path refuses a body does the reference validator (`validate_receipt`, on
+the same parsed document) run: it finds
 the first broken rule in its fixed order and raises it with its stable code, message and field path, so a
 client sees exactly the errors it always did. If the reference were to accept a body the fast path refused,
 its result is used: the fast path can only ever cost time, never change an answer (tests/test_receipt_paths
@@ -15,6 +16,7 @@ checks both agree on generated receipts).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -23,10 +25,13 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
+from kktd.safetext import escape, forbidden_character, quoted
+
 
 MAX_AMOUNT = 10**12  # exclusive upper bound for every amount, in kopecks
 MAX_ITEMS = 100
 MAX_PAYMENTS = 10
+MAX_INTEGER_DIGITS = 32  # in a JSON body; the largest amount has 12
 
 # The enumerations, once: as types for the typed decoder and as sets for the reference validator.
 Operation = Literal["sale", "sale_refund", "purchase", "purchase_refund"]  # tag 1054
@@ -67,9 +72,6 @@ QUANTITY_RE = re.compile(r"(0|[1-9][0-9]{0,8})(?:\.([0-9]{1,3}))?")
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
 PHONE_RE = re.compile(r"\+7[0-9]{10}")
 INN_RE = re.compile(r"[0-9]{12}")
-CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
-# JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no character, and not encodable.
-SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class ReceiptInvalid(Exception):
@@ -136,22 +138,81 @@ class _ReceiptIn(msgspec.Struct, forbid_unknown_fields=True):
     cashier: _CashierIn | None = None
 
 
-_DECODER = msgspec.json.Decoder(_ReceiptIn)
+_DECODER = msgspec.json.Decoder(_ReceiptIn)  # bench/decoders.py's "msgspec" arm; not used by parse_receipt
 _ENCODER = msgspec.json.Encoder(order="sorted")
 
 
 def parse_receipt(body: bytes, header_key: str | None) -> Receipt:
-    """Parse and validate a request body; raise ReceiptInvalid (MalformedBody for bad JSON) on the first
-    violation."""
+    """Parse and validate a request body; raise ReceiptInvalid (MalformedBody for a body that is not a
+    UTF-8 JSON document with unique keys) on the first violation."""
+    data = decode_json(body)
     try:
-        return _from_typed(_DECODER.decode(body), header_key)
-    except (msgspec.MsgspecError, ReceiptInvalid):
+        return _from_typed(_to_typed(data), header_key)
+    except (msgspec.MsgspecError, ReceiptInvalid, UnicodeError):
+        # UnicodeError: msgspec cannot match a key holding a lone surrogate (valid JSON, no character).
         pass  # refused: the reference path finds the first broken rule (or, if it accepts, answers instead)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody("invalid_json", f"request body is not valid JSON: {exc}") from None
     return validate_receipt(data, header_key)
+
+
+def _to_typed(data: Any) -> _ReceiptIn:
+    """The parsed document into the typed Structs. msgspec could also parse the bytes itself (12 instead of
+    17 us per body, bench/decoders.py), but it keeps the last of two equal keys without a word (msgspec
+    issue 648), and a duplicate key must be refused (decode_json): so decode_json parses, msgspec converts."""
+    return msgspec.convert(data, _ReceiptIn, strict=True)
+
+
+# RFC 8259 §8.1: JSON exchanged between systems is UTF-8, without a byte order mark. json.loads(bytes) would
+# also detect and accept UTF-16 and UTF-32 and skip a UTF-8 BOM: a body that a strict proxy and kktd read
+# differently is refused instead.
+BYTE_ORDER_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF8, codecs.BOM_UTF16_LE,
+                    codecs.BOM_UTF16_BE)
+
+
+def decode_json(body: bytes) -> Any:
+    """The JSON document in `body`: UTF-8, no byte order mark, no NaN/Infinity, no key twice in one object."""
+    if body.startswith(BYTE_ORDER_MARKS):
+        raise MalformedBody("invalid_encoding", "request body starts with a byte order mark: send UTF-8 JSON "
+                            "without one (RFC 8259)")
+    if b"\x00" in body:
+        # Never in UTF-8 JSON (a NUL inside a string must be escaped): the body is UTF-16 or UTF-32.
+        raise MalformedBody("invalid_encoding", "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 "
+                            "JSON is accepted (RFC 8259)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody("invalid_encoding", f"request body is not valid UTF-8 (at byte {exc.start}): "
+                            f"only UTF-8 JSON is accepted (RFC 8259)") from None
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_int=_integer)
+    except RecursionError:
+        raise MalformedBody("nesting_too_deep", "request body nests arrays or objects too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and the integer digit limit of int()
+        raise MalformedBody("invalid_json", f"request body is not valid JSON: {escape(str(exc))}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Duplicate keys are legal JSON syntax, but parsers disagree about which one wins: a proxy that checks
+    the first idempotency_key and kktd that stored the last would not be talking about the same receipt."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedBody("duplicate_key", f"key {quoted(key)} appears more than once in one object")
+            seen.add(key)
+    return obj
+
+
+def _integer(digits: str) -> int:
+    # No amount has more than 12 digits; a longer number is refused before int() spends time on it.
+    if len(digits) > MAX_INTEGER_DIGITS:
+        raise MalformedBody("number_too_large", f"request body holds an integer of {len(digits)} digits "
+                            f"(at most {MAX_INTEGER_DIGITS})")
+    return int(digits)
+
+
+def _no_constant(name: str) -> Any:
+    raise MalformedBody("invalid_json", f"{name} is not a JSON number (RFC 8259)")
 
 
 def _from_typed(data: _ReceiptIn, header_key: str | None) -> Receipt:
@@ -203,7 +264,7 @@ def _typed_cashier(cashier: _CashierIn) -> dict[str, str]:
 
 def _typed_text(value: str) -> str:
     """The content rules of _text (its length is the decoder's)."""
-    if not value.strip() or CONTROL_CHARS_RE.search(value) or SURROGATE_RE.search(value):
+    if not value.strip() or forbidden_character(value) is not None:
         raise ReceiptInvalid("refused", "the reference validator names the rule", None)
     return value
 
@@ -343,7 +404,7 @@ def _cashier(cashier: Any) -> dict[str, str]:
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
         raise ReceiptInvalid("invalid_type", "customer_contact must be a string", "customer_contact")
-    if len(contact) > 64 or SURROGATE_RE.search(contact) or not (
+    if len(contact) > 64 or forbidden_character(contact) is not None or not (
             EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
         raise ReceiptInvalid(
             "invalid_contact",
@@ -394,10 +455,10 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
         raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len or not value.strip():
         raise ReceiptInvalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
-    if CONTROL_CHARS_RE.search(value):
-        raise ReceiptInvalid("invalid_value", f"{path} must not contain control characters", path)
-    if SURROGATE_RE.search(value):
-        raise ReceiptInvalid("invalid_value", f"{path} must be valid Unicode text (it holds a lone surrogate)", path)
+    bad = forbidden_character(value)
+    if bad is not None:
+        raise ReceiptInvalid("invalid_value", f"{path} must not hold control, bidirectional-override or "
+                             f"other invisible formatting characters (it holds {bad})", path)
     return value
 
 
@@ -428,7 +489,8 @@ def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
 def _reject_unknown(obj: dict[str, Any], allowed: frozenset[str], parent: str) -> None:
     unknown = obj.keys() - allowed
     if unknown:
-        name = sorted(unknown)[0]
+        # The name is the client's: escaped and cut short in both the message and the field path.
+        name = escape(min(unknown), limit=64)
         path = _join(parent, name)
         raise ReceiptInvalid("unknown_field", f"{path} is not a known field", path)
 

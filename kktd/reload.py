@@ -18,12 +18,16 @@ from kktd.config import Config
 LIVE_KEYS = frozenset({
     "log_level", "sync_interval", "pending_warn_age", "pending_critical_age", "max_attempts", "backoff_max",
     "retention_days", "drain_timeout", "max_pending",
+    # Read by each request (kktd/api.py): a new body deadline or API token applies to the next request.
+    "body_timeout", "api_token_file", "api_token",
 })
 # Bound at start: the socket, the database, which upstream, the mock, the delivery policy's batch size and
 # the breaker's thresholds (its state machine is built with them).
 RESTART_KEYS = frozenset({
     "listen_host", "listen_port", "db", "upstream", "embedded_mock_ofd", "batch_size", "breaker_threshold",
     "breaker_reset",
+    # The listening socket's connection cap and the connections' idle/head deadline (kktd/server.py).
+    "max_connections", "idle_timeout",
 })
 SHOWN_AS = {"listen_host": "listen", "listen_port": "listen"}
 

@@ -128,14 +128,15 @@ def mutated(draw: st.DrawFn) -> dict[str, Any]:
 def typed_path(body: bytes, header_key: str | None) -> Receipt | None:
     """The fast path alone: None where it refuses (and the reference would answer)."""
     try:
-        return receipt_module._from_typed(receipt_module._DECODER.decode(body), header_key)
-    except (msgspec.MsgspecError, ReceiptInvalid):
+        return receipt_module._from_typed(receipt_module._to_typed(receipt_module.decode_json(body)),
+                                          header_key)
+    except (msgspec.MsgspecError, ReceiptInvalid, UnicodeError):
         return None
 
 
 def reference(body: bytes, header_key: str | None) -> Receipt | ReceiptInvalid:
     try:
-        return validate_receipt(json.loads(body), header_key)
+        return validate_receipt(receipt_module.decode_json(body), header_key)
     except ReceiptInvalid as exc:
         return exc
 

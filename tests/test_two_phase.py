@@ -58,6 +58,7 @@ class ScriptedTwoPhase:
         self.polls: list[tuple[float, str]] = []
         self.refuse: set[str] = set()  # idempotency keys whose content is refused
         self.not_registered_once: set[str] = set()  # external ids whose document fails unregistered
+        self.refuse_on_poll: set[str] = set()  # external ids whose registered document is reported failed
         self.unavailable: UpstreamUnavailable | None = None
         self.undelivered: set[str] = set()  # receipt ids whose own call fails
         self.seen_external_ids: list[str] = []
@@ -103,6 +104,8 @@ class ScriptedTwoPhase:
                 outcomes.append(StillProcessing(item.receipt_id))
             elif doc.fail_unregistered:
                 outcomes.append(NotRegistered(item.receipt_id, "-1", "timed out in the queue"))
+            elif item.external_id in self.refuse_on_poll:
+                outcomes.append(Refused(item.receipt_id, "2007", "INN of the seller does not match the FN"))
             else:
                 number = list(self.documents).index(item.external_id) + 1
                 outcomes.append(Fiscalized(item.receipt_id, FiscalData(
@@ -309,7 +312,7 @@ async def test_a_v1_database_migrates_to_v2_keeping_every_receipt(tmp_path: Path
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3  # v3: the WAL identity (issue 13)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"receipts_pending", "receipts_submitted", "receipts_failed", "receipts_sent_age"} <= indexes
@@ -331,3 +334,30 @@ async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(app_fact
     assert set(upstream.registrations.values()) == {1}
     body = json.loads((await app.store.get(f"{7:032x}")).body)  # type: ignore[union-attr]
     assert body["total"] == 24430
+
+
+async def test_requeue_registers_a_document_the_upstream_failed_under_a_new_external_id(
+        app_factory: AppFactory, clock: FakeClock) -> None:
+    """A dead letter refused at submission was never registered: requeued, it goes out under the same
+    external id. One the upstream registered and then reported failed would only adopt that failed document
+    again under its old id: requeued, it goes out under a new one."""
+    upstream = ScriptedTwoPhase(clock)
+    upstream.refuse = {"rq-submit"}
+    upstream.refuse_on_poll = {"rq-poll"}
+    app = await two_phase_app(app_factory, clock, upstream)
+    at_submit = await accept(app.store, "rq-submit")
+    at_poll = await accept(app.store, "rq-poll")
+    while app.store.counts.failed < 2:
+        clock.now += 1.0
+        await app.kktd.sync.run_once_now()
+    upstream.refuse, upstream.refuse_on_poll = set(), set()
+    for receipt_id in (at_submit, at_poll):
+        response = await app.client.post(f"/v1/kkt/dlq/{receipt_id}/requeue")
+        assert response.status == 200
+    while app.store.counts.sent < 2:
+        clock.now += 1.0
+        await app.kktd.sync.run_once_now()
+    submit_row, poll_row = await app.store.get(at_submit), await app.store.get(at_poll)
+    assert submit_row is not None and submit_row.registration.external_id == "rq-submit"
+    assert poll_row is not None and poll_row.registration.external_id == "rq-poll~1"
+    assert upstream.registrations == Counter({"rq-submit": 1, "rq-poll": 1, "rq-poll~1": 1})

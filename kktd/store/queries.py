@@ -205,8 +205,16 @@ async def record_attempt_failure(conn: aiosqlite.Connection, stamp: int, receipt
 
 
 async def requeue(conn: aiosqlite.Connection, stamp: int, receipt_id: str) -> int:
+    """A dead letter back to pending. One that a two-phase upstream had registered (it has a reference) and
+    then reported failed holds on to that failed document under its external id: submitting it again under
+    the same id would only adopt the failed document again, so it goes out under a new one, as after
+    NotRegistered."""
     cursor = await conn.execute(
-        "UPDATE receipts SET status = 'pending', attempts = 0, updated_ms = ? "
+        "UPDATE receipts SET status = 'pending', attempts = 0, updated_ms = ?, "
+        "registrations = registrations + (upstream_ref IS NOT NULL), "
+        "external_id = CASE WHEN upstream_ref IS NULL THEN external_id "
+        f"ELSE idempotency_key || '{REREGISTRATION_SEPARATOR}' || (registrations + 1) END, "
+        "upstream_ref = NULL, submitted_ms = NULL "
         "WHERE receipt_id = ? AND status = 'failed'", (stamp, receipt_id))
     return cursor.rowcount
 

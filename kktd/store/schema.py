@@ -20,15 +20,15 @@ from kktd.errors import CorruptDatabase, StorageUnavailable
 
 log = logging.getLogger("kktd.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PRAGMAS: tuple[tuple[str, str, Any], ...] = (
     # (pragma, value set, value expected when read back)
     ("journal_mode", "WAL", "wal"),
     ("synchronous", "FULL", 2),
-    # No checkpoint inside a commit: SQLite's automatic one runs in the COMMIT that crosses the threshold,
-    # so that commit (and every intake waiting on it) paid for copying the WAL into the database and fsyncing
-    # it. kktd checkpoints on a connection of its own instead (Store, "checkpoints" in writer.py).
+    # kktd checkpoints itself and stamps each new WAL (kktd/store/identity.py): SQLite must not on its own.
+    # (Its automatic checkpoint would also run inside the COMMIT that crosses the threshold, so that commit
+    # and every intake waiting on it paid for copying the WAL into the database and fsyncing it.)
     ("wal_autocheckpoint", "0", 0),
     ("foreign_keys", "ON", 1),
     ("busy_timeout", "5000", 5000),
@@ -103,6 +103,16 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX receipts_failed ON receipts(seq) WHERE status = 'failed'",
         "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
     ),
+    # The database's identity and WAL generation: the stamp that binds a -wal file to it.
+    3: (
+        """CREATE TABLE kktd_identity (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            db_id BLOB NOT NULL,
+            generation INTEGER NOT NULL,
+            stamp BLOB NOT NULL
+        )""",
+        "INSERT INTO kktd_identity (id, db_id, generation, stamp) VALUES (1, randomblob(16), 0, zeroblob(32))",
+    ),
 }
 
 
@@ -129,6 +139,14 @@ def describe_error(exc: sqlite3.Error) -> str:
     if isinstance(exc, sqlite3.OperationalError) and "full" in text:
         return f"disk full: {text}"
     return text
+
+
+def refuses_writes(exc: sqlite3.Error) -> bool:
+    """The disk (or filesystem) refuses to take writes: full, failing, or remounted read-only."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    return primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) \
+        or "full" in str(exc) or "readonly" in str(exc) or "disk I/O" in str(exc)
 
 
 async def configure(conn: aiosqlite.Connection, path: Path) -> None:
@@ -216,7 +234,13 @@ def fsync(path: Path, flags: int = 0) -> None:
 
 
 def check_database(path: Path) -> list[str]:
-    """Synchronous integrity report for `kktd check-db`: an empty list means the database is sound."""
+    """Synchronous integrity report for `kktd check-db`: an empty list means the database is sound. A WAL
+    that is not the database's own is reported without opening anything (opening would apply it)."""
+    from kktd.store.identity import check_wal
+
+    wal = check_wal(path)
+    if wal.refused:
+        return [f"{path}: foreign WAL: {wal.detail}"]
     if not path.exists():
         return [f"{path}: no such file"]
     try:

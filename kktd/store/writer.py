@@ -7,12 +7,9 @@ gathered into the next one (group commit): each caller is answered only after th
 has returned, with WAL + synchronous=FULL, i.e. after fsync.
 
 Checkpoints (copying the WAL into the database file and fsyncing it) are kept out of the commits: SQLite's
-automatic checkpoint is off, and a second connection of the store's own (its own aiosqlite thread) runs a
-PASSIVE checkpoint whenever enough rows changed. PASSIVE never blocks the writer: commits go on appending to
-the WAL meanwhile. SQLite can only restart the WAL from its beginning (instead of growing the file) when a
-checkpoint has copied every frame before a write starts; under unbroken load the checkpointer always lags a
-few frames behind, so when the WAL has not restarted for WAL_RESTART_FRAMES the writer itself finishes the
-checkpoint between two transactions, at a moment no intake is waiting (or, past WAL_MAX_FRAMES, at once).
+automatic checkpoint is off (it would run inside the COMMIT that crosses its threshold), and the writer runs a
+PASSIVE checkpoint, then the WAL's stamp (kktd/store/identity.py), between two transactions once enough rows
+changed, at a moment no intake is waiting (or, past CHECKPOINT_FORCE_CHANGES, at once).
 """
 
 from __future__ import annotations
@@ -31,9 +28,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiosqlite
 
 from kktd.clock import now_ms
-from kktd.errors import BufferFull, CorruptDatabase, StorageUnavailable
+from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
-from kktd.store import queries, schema
+from kktd.store import identity, queries, schema
 from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
                              SubmittedReceipt)
 from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
@@ -44,15 +41,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
-CHECKPOINT_CHANGES = 256  # rows changed (inserted or updated) since the last checkpoint that start the next
-WAL_RESTART_FRAMES = 2048  # WAL frames (8 MiB of 4 KiB pages) after which the writer helps the WAL restart
-WAL_MAX_FRAMES = 16384  # 64 MiB: past this the writer finishes the checkpoint even if intakes are waiting
+CHECKPOINT_CHANGES = 256  # rows changed (inserted or updated) since the last checkpoint that make one due...
+CHECKPOINT_FORCE_CHANGES = 8 * CHECKPOINT_CHANGES  # ...and past this it runs even while intakes are waiting
 # Gathering on a slow disk (an SD card's flush takes milliseconds): see Store._gather.
 SLOW_COMMIT_S = 0.001  # a group commit slower than this is a slow flush
 GATHER_SHARE = 0.2  # wait at most this share of the last commit's duration for more receipts...
 GATHER_MAX_S = 0.002  # ...and never longer than this
 UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
 STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
+# ...and only once the WAL file is this large (what SQLite's autocheckpoint was set to before, 100 pages of
+# 4 KiB). The file keeps its size when a new WAL starts over it, so the size alone would make every batch
+# after the first 400 KB pay for a checkpoint and a stamp: three flushes instead of one.
+CHECKPOINT_WAL_BYTES = 100 * 4096
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -81,48 +81,16 @@ class _Job:
 _STOP = object()
 
 
-class _Checkpointer:
-    """PASSIVE checkpoints on a connection of their own, off the writer's path; woken by the writer."""
-
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self.conn = conn
-        self.wake = asyncio.Event()
-        self.wal_frames = 0  # frames in the WAL at the last checkpoint (SQLite's "log" figure)
-        self.checkpoints = 0
-        self.task: asyncio.Task[None] | None = None
-
-    async def run(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            try:
-                row = await schema.fetch_one(self.conn, "PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:
-                # Nothing is lost: the frames stay in the WAL and the next checkpoint copies them.
-                log.warning("background checkpoint failed: %s", schema.describe_error(exc))
-                continue
-            self.checkpoints += 1
-            self.wal_frames = int(row[1])
-
-    async def close(self, timeout: float | None) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        try:
-            # Queued behind a checkpoint still running in its thread, if any.
-            await asyncio.wait_for(self.conn.close(), timeout)
-        except asyncio.TimeoutError:
-            log.error("checkpoint connection did not close within %gs", timeout)
-
-
 class Store:
     def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool, checkpoint_conn: aiosqlite.Connection,
-                 oldest_unsent_ms: int | None = None) -> None:
+                 checked_at_open: bool, oldest_unsent_ms: int | None = None) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
         self.damage: str | None = None
+        # Why the last commit was refused (disk full, I/O error, read-only filesystem), until one succeeds:
+        # health reports it, since reads (and so a ping) still work while every intake fails.
+        self.commit_failure: str | None = None
         self.max_pending = max_pending
         self.counts = counts
         self._conn = conn
@@ -132,17 +100,19 @@ class Store:
         self._conn_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._stamp: identity.Stamp | None = None
+        self._needs_stamp = False  # a checkpoint ran: the next write must be the stamp
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
-        self._checkpointer = _Checkpointer(checkpoint_conn)
         self._last_group = 0  # intakes in the last group commit, and how long that commit took
         self._last_commit_s = 0.0
         self._queued_during_commit = 0
         self._gather_target = 0  # while gathering: the queue length that ends the wait
         self._gathered = asyncio.Event()
         self._changes_at_checkpoint = 0
-        self.writer_checkpoints = 0
+        self._checkpoint_queued = False
+        self.checkpoints = 0
         # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
         # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
         self.oldest_unsent_known_ms = oldest_unsent_ms
@@ -160,6 +130,14 @@ class Store:
         it creates it), so a -wal file found before connecting means a crash, a kill, a power cut or a
         failed final checkpoint: exactly when damage is plausible, so the check comes first."""
         path = Path(path)
+        # Before SQLite sees the files: connecting would apply whatever -wal lies beside the database.
+        wal = identity.check_wal(path)
+        if wal.refused:
+            raise ForeignWal(f"database {path}: {wal.detail}; kktd applies neither file to the other and "
+                             f"changes neither. If {path} is the right database, move "
+                             f"{identity.wal_path(path)} aside")
+        if wal.verdict is identity.WalVerdict.UNSTAMPED:
+            log.warning("%s", wal.detail)
         is_new = not path.exists()
         marker = schema.damage_marker(path)
         clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()
@@ -175,6 +153,8 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
+            stamp = await _read_identity(conn)
+            await _name_in_header(conn, stamp)
             oldest = await queries.oldest_unsent_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
@@ -185,16 +165,12 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        try:
-            checkpoint_conn = await aiosqlite.connect(path, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            await conn.close()
-            raise StorageUnavailable(f"cannot open database {path} for checkpoints: {exc}") from exc
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean,
-                    checkpoint_conn=checkpoint_conn, oldest_unsent_ms=oldest)
-        loop = asyncio.get_running_loop()
-        store._writer = loop.create_task(store._write_loop(), name="kktd-db-writer")
-        store._checkpointer.task = loop.create_task(store._checkpointer.run(), name="kktd-db-checkpointer")
+        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_unsent_ms=oldest)
+        store._stamp = stamp
+        # Copy the verified WAL into the database and empty it; the next WAL then begins with a stamp.
+        await store._checkpoint("TRUNCATE", stamp)
+        store._changes_at_checkpoint = conn.total_changes
+        store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
             "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
@@ -218,9 +194,6 @@ class Store:
                 self._writer.cancel()
                 self._drain_after_stop()
                 await asyncio.gather(self._writer, return_exceptions=True)
-        # The checkpoint connection first: the last connection to close checkpoints and deletes the -wal file
-        # (a clean stop, as the next open sees it), and that must be the writer's.
-        await self._checkpointer.close(timeout)
         try:
             await asyncio.wait_for(self._conn.close(), timeout)
         except asyncio.TimeoutError:
@@ -253,16 +226,6 @@ class Store:
         return None
 
     @property
-    def checkpoints(self) -> int:
-        """Background checkpoints run so far."""
-        return self._checkpointer.checkpoints
-
-    @property
-    def wal_frames(self) -> int:
-        """Frames in the WAL at the last checkpoint."""
-        return self._checkpointer.wal_frames
-
-    @property
     def writer_alive(self) -> bool:
         return self._writer is not None and not self._writer.done()
 
@@ -284,8 +247,7 @@ class Store:
         takes the lock, without yielding, as soon as it takes an item). A WAL due for the writer's own
         checkpoint goes through the writer, which runs it."""
         return (self._queue.empty() and not self._conn_lock.locked() and not self._closing
-                and self.writer_alive and self._checkpointer.wal_frames < WAL_RESTART_FRAMES
-                and not self._gathering_pays())
+                and self.writer_alive and not self._needs_stamp and not self._gathering_pays())
 
     def _gathering_pays(self) -> bool:
         """The last commit was slow and shared by several tills: the next one should gather them again."""
@@ -302,7 +264,10 @@ class Store:
                 # The statement may still commit in aiosqlite's thread after this: recount behind it.
                 self._submit(_Job(self._recount, asyncio.get_running_loop().create_future()))
                 raise
-            self._wake_checkpointer()
+            if self._checkpoint_due() and not self._checkpoint_queued:
+                # The writer runs it between transactions; this caller is answered now.
+                self._checkpoint_queued = True
+                self._submit(_Job(self._queued_checkpoint, asyncio.get_running_loop().create_future()))
 
     async def _recount(self, conn: aiosqlite.Connection) -> None:
         self.counts = await queries.count_by_status(conn)
@@ -469,6 +434,11 @@ class Store:
         stop = any(item is _STOP for item in batch)
         intakes = [item for item in batch if isinstance(item, _Intake)]
         jobs = [item for item in batch if isinstance(item, _Job)]
+        if intakes and not await self._stamp_if_needed():
+            for intake in intakes:
+                _resolve_exception(intake.future, StorageUnavailable(
+                    f"the database refuses writes: {self.commit_failure or 'the WAL cannot be stamped'}"))
+            intakes = []
         if intakes:
             started = time.monotonic()
             await self._commit_intakes(intakes)
@@ -476,34 +446,12 @@ class Store:
             self._queued_during_commit = self._queue.qsize()
         for job in jobs:
             await self._run_job(job)
+        await self._checkpoint_if_due()
         if stop:
             self._drain_after_stop()
             return True
-        await self._checkpoint_policy()
         return False
 
-    def _wake_checkpointer(self) -> None:
-        changes = self._conn.total_changes
-        if changes - self._changes_at_checkpoint >= CHECKPOINT_CHANGES:
-            self._changes_at_checkpoint = changes
-            self._checkpointer.wake.set()
-
-    async def _checkpoint_policy(self) -> None:
-        """Between transactions: wake the checkpointer when enough rows changed; finish a checkpoint here
-        when the WAL has not been able to restart for long (see the module's docstring)."""
-        self._wake_checkpointer()
-        frames = self._checkpointer.wal_frames
-        if frames < WAL_RESTART_FRAMES or (not self._queue.empty() and frames < WAL_MAX_FRAMES):
-            return
-        try:
-            row = await schema.fetch_one(self._conn, "PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.Error as exc:
-            log.warning("checkpoint on the writer failed: %s", schema.describe_error(exc))
-            return
-        self.writer_checkpoints += 1
-        # Every frame is in the database now (unless the checkpointer was busy, row[0] = 1): the next write
-        # restarts the WAL from its beginning.
-        self._checkpointer.wal_frames = 0 if row[0] == 0 and row[1] == row[2] else int(row[1])
 
     def _drain_after_stop(self) -> None:
         while not self._queue.empty():
@@ -516,6 +464,8 @@ class Store:
             result = await job.fn(self._conn)
         except sqlite3.Error as exc:
             log.error("database operation failed: %s", exc)
+            if schema.refuses_writes(exc):
+                self._commit_refused(schema.describe_error(exc))
             _resolve_exception(job.future, StorageUnavailable(schema.describe_error(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not kill the writer
             log.exception("database job crashed")
@@ -531,9 +481,13 @@ class Store:
             await schema.rollback(self._conn)
             reason = schema.describe_error(exc)
             log.error("intake commit of %d receipts failed, none acknowledged: %s", len(intakes), reason)
+            self._commit_refused(reason)
             for intake in intakes:
                 _resolve_exception(intake.future, StorageUnavailable(reason))
             return
+        if self.commit_failure is not None:
+            log.info("the database takes commits again (after: %s)", self.commit_failure)
+            self.commit_failure = None
         for intake, result in zip(intakes, results):
             if intake.future.done():
                 continue
@@ -541,6 +495,61 @@ class Store:
                 intake.future.set_exception(result)
             else:
                 intake.future.set_result(result)
+
+    def _checkpoint_due(self) -> bool:
+        if self._conn.total_changes - self._changes_at_checkpoint < CHECKPOINT_CHANGES:
+            return False
+        try:
+            return os.stat(identity.wal_path(self.path)).st_size >= CHECKPOINT_WAL_BYTES
+        except OSError:
+            return False
+
+    async def _queued_checkpoint(self, _conn: aiosqlite.Connection) -> None:
+        self._checkpoint_queued = False
+        await self._checkpoint_if_due(waiting_ok=True)
+
+    async def _checkpoint_if_due(self, waiting_ok: bool = False) -> None:
+        """Between transactions, once enough rows changed and the WAL is large: PASSIVE (it never waits for
+        the background integrity check's reader), then stamp. Not while intakes are waiting for the writer,
+        unless the WAL has gone CHECKPOINT_FORCE_CHANGES rows without one."""
+        if self._stamp is None or not self._checkpoint_due():
+            return
+        changed = self._conn.total_changes - self._changes_at_checkpoint
+        if not waiting_ok and not self._queue.empty() and changed < CHECKPOINT_FORCE_CHANGES:
+            return
+        await self._checkpoint("PASSIVE", self._stamp)
+        self._changes_at_checkpoint = self._conn.total_changes
+        self.checkpoints += 1
+
+    async def _checkpoint(self, mode: str, stamp: identity.Stamp) -> None:
+        """SQLite restarts the WAL at the first write after a checkpoint that copied everything: that write is
+        the stamp, so every WAL kktd writes begins with one (kktd/store/identity.py)."""
+        try:
+            await self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
+        except sqlite3.Error as exc:
+            log.error("checkpoint of %s failed: %s", self.path, schema.describe_error(exc))
+            if schema.refuses_writes(exc):
+                self._commit_refused(schema.describe_error(exc))
+        self._needs_stamp = True
+        await self._stamp_if_needed()
+
+    async def _stamp_if_needed(self) -> bool:
+        """True when the WAL is stamped; while it cannot be, nothing else may write first."""
+        if not self._needs_stamp or self._stamp is None:
+            return True
+        try:
+            self._stamp = await _write_stamp(self._conn, self._stamp)
+        except sqlite3.Error as exc:
+            reason = schema.describe_error(exc)
+            log.error("cannot stamp the WAL of %s: %s", self.path, reason)
+            if schema.refuses_writes(exc):
+                self._commit_refused(reason)
+            return False
+        self._needs_stamp = False
+        return True
+
+    def _commit_refused(self, reason: str) -> None:
+        self.commit_failure = reason
 
     async def _insert_group(self, intakes: list[_Intake]) -> list[Accepted | Conflict | Exception]:
         """One multi-row INSERT for the whole group (queries.insert_receipts). Keys that already exist
@@ -590,6 +599,26 @@ class Store:
             else:
                 results.append(lookup_failed or BufferFull(self.max_pending))
         return results
+
+
+async def _read_identity(conn: aiosqlite.Connection) -> identity.Stamp:
+    row = await schema.fetch_one(conn, "SELECT db_id, generation FROM kktd_identity WHERE id = 1")
+    return identity.Stamp(bytes(row[0]), int(row[1]))
+
+
+async def _name_in_header(conn: aiosqlite.Connection, stamp: identity.Stamp) -> None:
+    """The id's first 4 bytes in the file header (once per database): readable mid-checkpoint too."""
+    expected = identity.id_prefix(stamp.db_id)
+    row = await schema.fetch_one(conn, "PRAGMA application_id")
+    if row[0] != expected:
+        await conn.execute(f"PRAGMA application_id = {expected}")
+
+
+async def _write_stamp(conn: aiosqlite.Connection, previous: identity.Stamp) -> identity.Stamp:
+    stamp = identity.Stamp(previous.db_id, previous.generation + 1)
+    await conn.execute("UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1",
+                       (stamp.generation, stamp.encode()))
+    return stamp
 
 
 def _log_accepted_chunks(accepted: list[tuple[str, str]]) -> None:

@@ -1,0 +1,201 @@
+"""kktd/openapi.yaml is true: it describes every route of the app and no other, and every answer of every
+documented status, provoked here one by one, matches its schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from kktd.openapi import spec, spec_json
+from kktd.receipt import sample_receipt
+from kktd.upstreams.base import Refused
+from tests.conftest import App, close_app, open_app
+from tests.openapi_contract import Contract
+
+# aiohttp adds a HEAD route beside every GET; the test-only fault hook exists only with KKTD_TEST_FAULTS=1.
+UNDESCRIBED = {("POST", "/v1/test/fault")}
+
+
+def described_routes() -> set[tuple[str, str]]:
+    return {(op.method, op.template) for op in Contract().operations()}
+
+
+def app_routes(app: web.Application) -> set[tuple[str, str]]:
+    return {(route.method, route.resource.canonical) for route in app.router.routes()
+            if route.method != "HEAD" and route.resource is not None}
+
+
+def test_spec_loads_and_is_openapi_3() -> None:
+    document = spec()
+    assert document["openapi"].startswith("3.")
+    assert json.loads(spec_json()) == document
+
+
+async def test_every_route_is_described_and_nothing_else(app: App) -> None:
+    assert app_routes(app.kktd.web_app) == described_routes()
+
+
+async def test_with_fault_hooks_only_the_fault_route_is_extra(tmp_path: Path) -> None:
+    faulty = await open_app(tmp_path, faults=True)
+    try:
+        assert app_routes(faulty.kktd.web_app) - described_routes() == UNDESCRIBED
+    finally:
+        await close_app(faulty)
+
+
+class Caller:
+    def __init__(self, app: App, contract: Contract) -> None:
+        self.app = app
+        self.contract = contract
+
+    async def __call__(self, method: str, path: str, expect: int, body: Any = None, raw: bytes | None = None,
+                       headers: dict[str, str] | None = None) -> Any:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        all_headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
+        response = await self.app.client.request(method, path, data=data, headers=all_headers)
+        payload = await response.read()
+        assert response.status == expect, payload[:500]
+        return self.contract.check(method, path.split("?")[0], response.status, response.content_type, payload)
+
+
+@pytest.fixture
+def contract() -> Contract:
+    return Contract()
+
+
+@pytest.fixture
+async def rigged(tmp_path: Path) -> AsyncIterator[App]:
+    """The app with its sync loop's upstream down (nothing listens on the discard port)."""
+    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5,
+                                 body_timeout=0.3)
+    try:
+        yield application
+    finally:
+        await close_app(application)
+
+
+async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, rigged: App,
+                                                               contract: Contract) -> None:
+    call = Caller(rigged, contract)
+    receipt = sample_receipt("contract-1")
+    accepted = await call("POST", "/v1/kkt/receipt", 201, receipt)
+    await call("POST", "/v1/kkt/receipt", 200, receipt)
+    await call("POST", "/v1/kkt/receipt", 409, dict(receipt, pos_id="POS-002"))
+    await call("POST", "/v1/kkt/receipt", 422, dict(receipt, pos_id=""))
+    await call("POST", "/v1/kkt/receipt", 400, raw=b"{not json")
+    await call("POST", "/v1/kkt/receipt", 413, raw=b" " * (65 * 1024))
+    await call("POST", "/v1/kkt/receipt", 415, raw=b"{}", headers={"Content-Type": "text/plain"})
+    receipt_id = accepted["receipt_id"]
+    await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
+    await call("GET", "/v1/kkt/receipt/nothing-here", 404)
+    await call("GET", "/v1/kkt/buffer/status", 200)
+    await call("POST", "/v1/kkt/buffer/sync", 200)
+    await call("GET", "/v1/kkt/dlq", 200)
+    await call("GET", "/v1/kkt/dlq?limit=0", 400)
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 409)
+    await call("POST", "/v1/kkt/dlq/nothing-here/requeue", 404)
+    await rigged.store.settle([Refused(receipt_id, "test_refusal", "refused by the contract test")])
+    listing = await call("GET", "/v1/kkt/dlq?limit=10&after_seq=0", 200)
+    assert listing["count"] == 1
+    await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 200)
+    await call("GET", "/v1/health", 200)
+    exported = await call("GET", "/v1/kkt/receipts?since=2020-01-01T00:00:00Z", 200)
+    assert [line["receipt_id"] for line in exported] == [receipt_id]
+    await call("GET", "/v1/kkt/receipts?since=yesterday", 400)
+    await call("GET", "/metrics", 200)
+
+    rigged.services.task_failures["sync"] = "RuntimeError('provoked by the contract test')"
+    await call("GET", "/v1/health", 503)
+    rigged.services.intake_open = False
+    await call("POST", "/v1/kkt/receipt", 503, sample_receipt("contract-2"))
+
+    # Storage gone: every operation that needs the database answers 503 storage_unavailable.
+    await rigged.store.close()
+    rigged.services.intake_open = True
+    await call("POST", "/v1/kkt/receipt", 503, sample_receipt("contract-3"))
+    await call("GET", f"/v1/kkt/receipt/{receipt_id}", 503)
+    await call("GET", "/v1/kkt/buffer/status", 503)
+    await call("GET", "/v1/kkt/dlq", 503)
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 503)
+    await call("GET", "/v1/kkt/receipts", 503)
+    rigged.services.sync = None
+    await call("POST", "/v1/kkt/buffer/sync", 503)
+
+    # A body that never arrives: 408 after body_timeout (raw socket: the head, then nothing).
+    answer = await slow_body(rigged, contract)
+    assert answer["error"]["code"] == "body_timeout"
+    await call("GET", "/v1/openapi.json", 200)
+
+    await provoke_unauthorized(tmp_path, contract)
+    assert contract.never_seen() == set(), "documented answers no test provokes"
+
+
+TOKEN = "contract-test-token-0123456789"
+
+
+async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
+    guarded = await open_app(tmp_path / "guarded", api_token=TOKEN)
+    try:
+        call = Caller(guarded, contract)
+        for method, path in sorted(described_routes()):
+            if path in ("/v1/health", "/metrics"):
+                continue
+            concrete = path.replace("{receipt_id}", "0" * 32)
+            body = sample_receipt("unauthorized-1") if method == "POST" else None
+            answer = await call(method, concrete, 401, body, headers={"Authorization": "Bearer wrong"})
+            assert answer["error"]["code"] == "unauthorized"
+        await call("GET", "/v1/health", 200)
+        await call("GET", "/metrics", 200)
+    finally:
+        await close_app(guarded)
+
+
+async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
+    server = app.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        body = await reader.readexactly(length)
+        answer: dict[str, Any] = contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_buffer_full_is_the_documented_503(tmp_path: Path, contract: Contract) -> None:
+    small = await open_app(tmp_path, max_pending=1)
+    try:
+        call = Caller(small, contract)
+        await call("POST", "/v1/kkt/receipt", 201, sample_receipt("full-1"))
+        answer = await call("POST", "/v1/kkt/receipt", 503, sample_receipt("full-2"))
+        assert answer["error"]["code"] == "buffer_full"
+    finally:
+        await close_app(small)
+
+
+def test_the_receipt_schema_names_exactly_the_models_fields_and_values() -> None:
+    """The request schema and kktd/receipt.py say the same: field sets and every enumeration."""
+    from kktd import receipt
+
+    schemas = spec()["components"]["schemas"]
+    assert set(schemas["ReceiptIn"]["properties"]) == receipt.RECEIPT_FIELDS
+    assert set(schemas["ItemIn"]["properties"]) == receipt.ITEM_FIELDS
+    assert set(schemas["Payment"]["properties"]) == receipt.PAYMENT_FIELDS
+    assert set(schemas["Cashier"]["properties"]) == receipt.CASHIER_FIELDS
+    for name, values in [("Operation", receipt.OPERATIONS), ("Taxation", receipt.TAXATIONS),
+                         ("Vat", receipt.VAT_RATES), ("PaymentMethod", receipt.PAYMENT_METHODS),
+                         ("PaymentObject", receipt.PAYMENT_OBJECTS), ("PaymentType", receipt.PAYMENT_TYPES),
+                         ("Measure", receipt.MEASURES)]:
+        assert set(schemas[name]["enum"]) == values, name
