@@ -45,6 +45,7 @@ from kktd.upstreams.base import (
     Undelivered,
     UpstreamUnavailable,
 )
+from kktd.upstreams.http import client_session
 
 __all__ = [
     "DEFAULT_URL",
@@ -484,12 +485,7 @@ class AtolOnlineV5:
     async def start(self) -> None:
         if self._session is None or self._session.closed:
             # One connection more than the slots: a getToken never waits for a pooled connection.
-            connector = aiohttp.TCPConnector(limit=self._settings.concurrency + 1, enable_cleanup_closed=False)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, raise_for_status=False,
-                # Proxies from the environment must not capture fiscal traffic silently.
-                trust_env=False,
-            )
+            self._session = client_session(self._settings.concurrency + 1, self._timeout)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -22,6 +22,7 @@ from kktd.clock import rfc3339
 from kktd.options import Option, duration_in, http_url, mask_url
 from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
                                  Refused, SubmitOutcome, UpstreamUnavailable)
+from kktd.upstreams.http import client_session
 
 __all__ = [
     "MAX_BATCH",
@@ -206,14 +207,7 @@ class OfdClient:
 
     async def start(self) -> None:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._limit, enable_cleanup_closed=False)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                raise_for_status=False,
-                # Proxies from the environment must not capture fiscal traffic silently.
-                trust_env=False,
-            )
+            self._session = client_session(self._limit, self._timeout)
 
     async def close(self) -> None:
         if self._session is not None:
