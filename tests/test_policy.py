@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kktd.sync.policy import MAX_HELD, DeliveryPolicy
+from kktd.sync.policy import MAX_HELD, POLL_INTERVAL_S, DeliveryPolicy, PollSchedule
 from tests.support import FakeTime
 
 HOLD_S = 120.0
@@ -233,3 +233,21 @@ def test_idle_timeout_is_the_interval_or_the_end_of_the_soonest_hold(policy: Del
     assert policy.idle_timeout(5.0) == pytest.approx(2.0)  # the soonest hold counts
     clock.advance(2.0 - 0.001)
     assert policy.idle_timeout(5.0) == 0.01  # never a busy zero
+
+
+def test_the_poll_schedule_never_polls_a_document_twice_within_the_interval_across_a_restart(
+        clock: FakeTime) -> None:
+    """A document registered by an earlier process (unknown to this schedule) is first due one interval
+    after the schedule was made: a kill right after a poll and an instant restart cannot poll it early."""
+    schedule = PollSchedule(clock)
+    assert not schedule.is_due("registered-before-the-restart")
+    assert schedule.seconds_until_next() == POLL_INTERVAL_S
+    clock.advance(POLL_INTERVAL_S)
+    assert schedule.is_due("registered-before-the-restart")
+    schedule.polled(["registered-before-the-restart"])
+    assert not schedule.is_due("registered-before-the-restart")
+    assert schedule.seconds_until_next() == POLL_INTERVAL_S
+    clock.advance(POLL_INTERVAL_S)
+    assert schedule.is_due("registered-before-the-restart") and schedule.seconds_until_next() == 0.0
+    schedule.forget(["registered-before-the-restart"])
+    assert schedule.seconds_until_next() == 0.0

@@ -132,16 +132,19 @@ POLL_INTERVAL_S = 1.0  # a document's result is asked for at most once a second 
 
 
 class PollSchedule:
-    """When each document a two-phase upstream registered may be polled next (kept in memory: after a
-    restart every awaiting document is due at once, which is at most one early poll each)."""
+    """When each document a two-phase upstream registered may be polled next. Kept in memory: a document
+    this process has not polled yet (registered before a restart) is first due one interval after the
+    schedule was made, so that even a process killed right after a poll and restarted at once never asks
+    about a document twice within the interval."""
 
     def __init__(self, clock: Clock = time.monotonic, interval: float = POLL_INTERVAL_S) -> None:
         self._clock = clock
         self._interval = interval
+        self._unknown_due = clock() + interval
         self._next: dict[str, float] = {}
 
     def is_due(self, receipt_id: str) -> bool:
-        return self._next.get(receipt_id, 0.0) <= self._clock()
+        return self._next.get(receipt_id, self._unknown_due) <= self._clock()
 
     def polled(self, receipt_ids: Iterable[str]) -> None:
         """These were asked about just now (or registered just now): not again within the interval."""
@@ -154,7 +157,9 @@ class PollSchedule:
             self._next.pop(receipt_id, None)
 
     def seconds_until_next(self) -> float:
-        """0 when something may be due that the schedule does not know yet (e.g. after a restart)."""
-        if not self._next:
-            return 0.0
-        return max(0.0, min(self._next.values()) - self._clock())
+        """How long until a document may be due (documents the schedule does not know yet included)."""
+        now = self._clock()
+        upcoming = list(self._next.values())
+        if self._unknown_due > now:
+            upcoming.append(self._unknown_due)
+        return max(0.0, min(upcoming) - now) if upcoming else 0.0
