@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import KKTD_BIN, free_port, wait_until
+from tests.support import KKTD_BIN, free_port, terminate, wait_until
 
 MOCK_LOGIN = "kktd-mock"
 MOCK_GROUP = "kktd-mock-group"
@@ -96,13 +96,7 @@ class MockAtolProcess:
                 "--company-payment-address", "https://shop.example.ru", *extra]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self.proc = None
 
 

@@ -34,7 +34,7 @@ from kktd.receipt import sample_receipt
 
 __all__ = ["sample_receipt", "free_port", "wait_until", "async_wait_until", "FakeTime", "NotifySocket",
            "KktdProcess", "post_receipt", "post_many", "Posted", "REPO", "KKTD_BIN", "IN_CI", "require",
-           "MockOfdProcess", "cpu_seconds", "receipts", "http", "http_async", "child_env"]
+           "MockOfdProcess", "terminate", "cpu_seconds", "receipts", "http", "http_async", "child_env"]
 
 REPO = Path(__file__).resolve().parent.parent
 KKTD_BIN = Path(sys.executable).parent / "kktd"
@@ -420,13 +420,19 @@ class MockOfdProcess:
                 stored[record["idempotency_key"]] = record["receipt_id"]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """SIGTERM a helper process (a mock) and reap it; SIGKILL if it does not go within `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -45,7 +45,7 @@ from kktd.upstreams.base import (
     Undelivered,
     UpstreamUnavailable,
 )
-from kktd.upstreams.http import client_session
+from kktd.upstreams.http import HttpUpstream, client_session
 
 __all__ = [
     "DEFAULT_URL",
@@ -455,7 +455,7 @@ class _Call:
 
 # ---- the client --------------------------------------------------------------------------------------------
 
-class AtolOnlineV5:
+class AtolOnlineV5(HttpUpstream):
     """The ATOL Online v5 upstream (kktd.upstreams.base.Upstream, two-phase)."""
 
     name: ClassVar[str] = NAME
@@ -486,18 +486,6 @@ class AtolOnlineV5:
         if self._session is None or self._session.closed:
             # One connection more than the slots: a getToken never waits for a pooled connection.
             self._session = client_session(self._settings.concurrency + 1, self._timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> AtolOnlineV5:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     # -- the Upstream protocol --
 

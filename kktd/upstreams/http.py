@@ -1,6 +1,8 @@
-"""What every HTTP upstream's client session shares."""
+"""What every HTTP upstream shares: its client session and the session's lifecycle."""
 
 from __future__ import annotations
+
+from typing import Self
 
 import aiohttp
 
@@ -14,3 +16,25 @@ def client_session(connection_limit: int, timeout: aiohttp.ClientTimeout) -> aio
         # Proxies from the environment must not capture fiscal traffic silently.
         trust_env=False,
     )
+
+
+class HttpUpstream:
+    """Owns one client session: `start()` (the adapter's) opens it, `close()` closes it; usable as an async
+    context manager."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

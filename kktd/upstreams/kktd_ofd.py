@@ -22,7 +22,7 @@ from kktd.clock import rfc3339
 from kktd.options import Option, duration_in, http_url, mask_url
 from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
                                  Refused, SubmitOutcome, UpstreamUnavailable)
-from kktd.upstreams.http import client_session
+from kktd.upstreams.http import HttpUpstream, client_session
 
 __all__ = [
     "MAX_BATCH",
@@ -183,7 +183,7 @@ def _classify(exc: BaseException) -> UpstreamUnavailable:
     return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
 
 
-class OfdClient:
+class OfdClient(HttpUpstream):
     """The `kktd-ofd` upstream: sends batches to ``POST {base_url}/v1/receipts`` over one keep-alive HTTP
     session; the answer carries each receipt's result (one phase)."""
 
@@ -208,18 +208,6 @@ class OfdClient:
     async def start(self) -> None:
         if self._session is None or self._session.closed:
             self._session = client_session(self._limit, self._timeout)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def __aenter__(self) -> OfdClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     async def send_batch(self, items: Sequence[OfdItem]) -> list[OfdResult]:
         """Post ``items`` (1..100) and return one result per item, in order.
