@@ -45,7 +45,7 @@ from kktd.upstreams.base import (
     Undelivered,
     UpstreamUnavailable,
 )
-from kktd.upstreams.http import HttpUpstream, client_session
+from kktd.upstreams.http import HttpUpstream, client_session, read_capped
 
 __all__ = [
     "DEFAULT_URL",
@@ -699,16 +699,10 @@ class AtolOnlineV5(HttpUpstream):
 
     @staticmethod
     async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+        raw = await read_capped(response, MAX_RESPONSE_BYTES)
+        if raw is None:
             raise _bad("too_large")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise _bad("too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return raw
 
     # -- batch bookkeeping --
 

@@ -38,3 +38,18 @@ class HttpUpstream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is known to exceed `limit` bytes (not an answer to our request:
+    reading on would only let the upstream fill kktd's memory)."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -22,7 +22,7 @@ from kktd.clock import rfc3339
 from kktd.options import Option, duration_in, http_url, mask_url
 from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
                                  Refused, SubmitOutcome, UpstreamUnavailable)
-from kktd.upstreams.http import HttpUpstream, client_session
+from kktd.upstreams.http import HttpUpstream, client_session, read_capped
 
 __all__ = [
     "MAX_BATCH",
@@ -248,16 +248,10 @@ class OfdClient(HttpUpstream):
 
     @staticmethod
     async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-        if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
+        raw = await read_capped(response, MAX_RESPONSE_BYTES)
+        if raw is None:
             raise _bad("too_large")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise _bad("too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return raw
 
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
         items = [OfdItem(r.receipt_id, r.external_id, rfc3339(r.accepted_ms), receipt_json=r.body) for r in batch]
