@@ -8,6 +8,7 @@ intake, finish in-flight commits, stop the loop, close the upstream and the data
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -76,6 +77,15 @@ class Notifier:
             self._dropping = False
 
 
+def settle_heap() -> None:
+    """Everything start-up made (modules, the app, caches) lives as long as the process: collect once, then
+    move it out of the garbage collector's reach (gc.freeze). Without it the first full collection, a few
+    hundred milliseconds into the first load, walks all of it while every till waits: 13 ms here, the
+    worst latency of the first second after READY."""
+    gc.collect()
+    gc.freeze()
+
+
 def watchdog_interval() -> float | None:
     """Half of WATCHDOG_USEC, if systemd asked this very process for pings."""
     usec = os.environ.get("WATCHDOG_USEC")
@@ -135,6 +145,7 @@ class Daemon:
             self._supervise("status", self._status_updates)
             self._supervise("integrity", self._deferred_integrity_check)
             self._supervise("event-loop-lag", kktd.services.metrics.watch_event_loop)
+            settle_heap()
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
             log.info("kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
                      __version__, self.config.listen, kktd.upstream_description, self.config.db,

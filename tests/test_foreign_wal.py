@@ -145,9 +145,7 @@ async def test_every_wal_begins_with_a_stamp_across_checkpoints(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints during a run start new WALs: each copy of the files taken mid-run (a crash at that
     moment) is recognised as the database's own, and the generation moves on."""
-    monkeypatch.setattr(writer, "CHECKPOINT_WAL_BYTES", 8 * 4096)
-    # A checkpoint is also due only after this many changed rows (issue 15: the WAL file keeps its size).
-    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 20)
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 20)
     db = tmp_path / "buffer.db"
     store = await Store.open(db, 100_000)
     generations: list[int] = []

@@ -15,6 +15,8 @@ import pytest
 
 from kktd.store import PRAGMAS, SCHEMA_VERSION, Accepted, Store
 from kktd.store import queries, writer
+from kktd.store.identity import (WAL_INDEX_READ, WalVerdict, check_wal, committed_transactions,
+                                 frames_to_checkpoint, shm_path, stamps_in, wal_path)
 from kktd.errors import CorruptDatabase, StorageUnavailable
 from kktd.receipt import parse_receipt, sample_receipt
 from tests.conftest import App, close_app, open_app
@@ -171,7 +173,7 @@ async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
     try:
         # Read back on the writer's own connection (these PRAGMAs are per connection): WAL + FULL, and no
         # automatic checkpoint, which would run inside the commit that crosses its threshold (issue 15: the
-        # store checkpoints on a connection of its own, tested below).
+        # writer checkpoints between transactions, tested below).
         settings = {name: await buffer.run(functools.partial(_pragma, name=name))
                     for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")}
         assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0,
@@ -200,30 +202,38 @@ async def accept_many(buffer: Store, prefix: str, count: int, concurrency: int =
         assert all(getattr(r, "created", False) for r in results)
 
 
-async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(tmp_path: Path) -> None:
-    """With the automatic checkpoint off, the writer checkpoints (and stamps the new WAL) between two
-    transactions once enough rows changed: pages reach the database file while intake goes on, and the WAL
-    file stays bounded instead of holding every receipt."""
+async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the automatic checkpoint off, the writer checkpoints between two transactions once the WAL holds
+    CHECKPOINT_FRAMES frames not yet copied: pages reach the database file while intake goes on, and the WAL
+    never holds more than CHECKPOINT_FORCE_FRAMES uncopied frames."""
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 100)
+    monkeypatch.setattr(writer, "CHECKPOINT_FORCE_FRAMES", 400)
     path = tmp_path / "buffer.db"
     buffer = await Store.open(path, 100_000)
+    uncopied: list[int] = []
     try:
         empty_size = path.stat().st_size
-        await accept_many(buffer, "ckpt", 4 * writer.CHECKPOINT_CHANGES)
-        await buffer.ping()  # the writer has passed its checkpoint point after the last batch
+        for batch in range(20):
+            await accept_many(buffer, f"ckpt{batch}", 50)
+            await buffer.ping()  # the writer has passed its checkpoint point after the batch
+            frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
+            assert frames is not None
+            uncopied.append(frames)
         assert buffer.checkpoints >= 2
         assert path.stat().st_size > empty_size  # pages reached the database file while kktd runs
     finally:
         await buffer.close()
+    assert max(uncopied) < 400 + 100, uncopied  # the last batch's frames on top of the bound at most
     rows = sqlite3.connect(path).execute("SELECT count(*) FROM receipts").fetchone()[0]
-    assert rows == 4 * writer.CHECKPOINT_CHANGES
+    assert rows == 20 * 50
 
 
 async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """One till: every receipt commits by itself on the fast path, so the writer task never runs a batch; a
     checkpoint that falls due is queued for the writer, and the WAL stays bounded all the same."""
-    monkeypatch.setattr(writer, "CHECKPOINT_CHANGES", 20)
-    monkeypatch.setattr(writer, "CHECKPOINT_WAL_BYTES", 8 * 4096)
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 60)
     path = tmp_path / "buffer.db"
     buffer = await Store.open(path, 100_000)
     try:
@@ -233,6 +243,55 @@ async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path
         page = await buffer.run(functools.partial(_pragma, name="page_size"))
         # Without checkpoints 300 receipts would leave well over a thousand frames in the WAL file.
         assert Path(f"{path}-wal").stat().st_size < 300 * (page + 24)
+    finally:
+        await buffer.close()
+
+
+async def _checkpointed_store(path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A store whose writer has just checkpointed everything: the next write starts a new WAL."""
+    buffer = await Store.open(path, 100_000)
+    await accept_many(buffer, "before", 50)
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 1)
+    await buffer.ping()  # the writer checkpoints after this job (nothing else is queued)...
+    await buffer.ping()  # ...and runs this one after its checkpoint
+    assert buffer.checkpoints == 1
+    frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
+    assert frames == 0, "the checkpoint copied the whole WAL"
+    return buffer
+
+
+async def test_the_first_intake_after_a_checkpoint_carries_the_stamp(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new WAL's stamp costs no commit (no flush) of its own: it is in the same transaction as the first
+    receipts written after the checkpoint, and that transaction is the new WAL's first."""
+    path = tmp_path / "buffer.db"
+    buffer = await _checkpointed_store(path, monkeypatch)
+    try:
+        result = await buffer.accept(parse_receipt(json.dumps(sample_receipt("after-ckpt")).encode(), None))
+        assert getattr(result, "created", False)
+        transactions = committed_transactions(wal_path(path).read_bytes())
+        assert transactions is not None and len(transactions) == 1, "one transaction: stamp and receipt"
+        pages = transactions[0]
+        assert stamps_in(pages), "the first transaction of the new WAL holds the stamp"
+        assert any(b"after-ckpt" in page for page in pages), "...and the receipt"
+        assert check_wal(path).verdict is WalVerdict.OWN
+    finally:
+        await buffer.close()
+
+
+async def test_a_job_first_after_a_checkpoint_stamps_before_it_writes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the first write after a checkpoint is a job (the sync loop recording a failed delivery), the
+    stamp is committed first, alone: the job's write never starts a WAL without one."""
+    path = tmp_path / "buffer.db"
+    buffer = await _checkpointed_store(path, monkeypatch)
+    try:
+        pending = await buffer.pending_batch(1)
+        await buffer.record_attempt_failure([pending[0].receipt_id], "timeout", 10, strike=True)
+        transactions = committed_transactions(wal_path(path).read_bytes())
+        assert transactions is not None and len(transactions) == 2, "the stamp, then the job's update"
+        assert stamps_in(transactions[0])
+        assert check_wal(path).verdict is WalVerdict.OWN
     finally:
         await buffer.close()
 

@@ -103,6 +103,30 @@ def wal_path(db: Path) -> Path:
     return Path(f"{db}-wal")
 
 
+def shm_path(db: Path) -> Path:
+    return Path(f"{db}-shm")
+
+
+# The WAL-index (-shm) starts with two copies of its 48-byte header, then the checkpoint information
+# (https://www.sqlite.org/walformat.html#the_wal_index_file_format), in the machine's byte order.
+WAL_INDEX_MX_FRAME = 16  # u32: frames in the WAL that hold valid, committed content
+WAL_INDEX_N_BACKFILL = 96  # u32: frames of it a checkpoint has copied into the database file
+WAL_INDEX_READ = WAL_INDEX_N_BACKFILL + 4
+
+
+def frames_to_checkpoint(header: bytes) -> int | None:
+    """Frames of the WAL no checkpoint has copied into the database yet, from the first WAL_INDEX_READ
+    bytes of the -shm file (None if they do not read as a WAL-index)."""
+    if len(header) < WAL_INDEX_READ:
+        return None
+    version, = struct.unpack_from("=I", header, 0)
+    if version != 3007000:
+        return None
+    mx_frame, = struct.unpack_from("=I", header, WAL_INDEX_MX_FRAME)
+    backfilled, = struct.unpack_from("=I", header, WAL_INDEX_N_BACKFILL)
+    return max(0, mx_frame - backfilled)
+
+
 def parse_wal_header(data: bytes) -> WalHeader | None:
     if len(data) < WAL_HEADER_SIZE:
         return None

@@ -8,8 +8,9 @@ has returned, with WAL + synchronous=FULL, i.e. after fsync.
 
 Checkpoints (copying the WAL into the database file and fsyncing it) are kept out of the commits: SQLite's
 automatic checkpoint is off (it would run inside the COMMIT that crosses its threshold), and the writer runs a
-PASSIVE checkpoint, then the WAL's stamp (kktd/store/identity.py), between two transactions once enough rows
-changed, at a moment no intake is waiting (or, past CHECKPOINT_FORCE_CHANGES, at once).
+PASSIVE checkpoint between two transactions once the WAL holds CHECKPOINT_FRAMES frames not yet copied, at a
+moment no intake is waiting (or, past CHECKPOINT_FORCE_FRAMES, at once). The new WAL's stamp
+(kktd/store/identity.py) rides in the first transaction after it, which SQLite starts the new WAL with.
 """
 
 from __future__ import annotations
@@ -41,18 +42,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
-CHECKPOINT_CHANGES = 256  # rows changed (inserted or updated) since the last checkpoint that make one due...
-CHECKPOINT_FORCE_CHANGES = 8 * CHECKPOINT_CHANGES  # ...and past this it runs even while intakes are waiting
+# A checkpoint is due once the WAL holds this many frames (pages) no checkpoint has copied yet: SQLite's own
+# default (wal_autocheckpoint=1000, what `naive` runs with). Each checkpoint costs two flushes and the restart
+# of the WAL a third, whatever it copies, so a trigger by rows (256 rows, issue 13) checkpointed eight times as
+# often at 64 connections, where a row costs half a frame, as at one, where it costs four and a half.
+CHECKPOINT_FRAMES = 1000
+CHECKPOINT_FORCE_FRAMES = 4 * CHECKPOINT_FRAMES  # ...and past this it runs even while intakes are waiting
 # Gathering on a slow disk (an SD card's flush takes milliseconds): see Store._gather.
 SLOW_COMMIT_S = 0.001  # a group commit slower than this is a slow flush
 GATHER_SHARE = 0.2  # wait at most this share of the last commit's duration for more receipts...
 GATHER_MAX_S = 0.002  # ...and never longer than this
 UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
 STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
-# ...and only once the WAL file is this large (what SQLite's autocheckpoint was set to before, 100 pages of
-# 4 KiB). The file keeps its size when a new WAL starts over it, so the size alone would make every batch
-# after the first 400 KB pay for a checkpoint and a stamp: three flushes instead of one.
-CHECKPOINT_WAL_BYTES = 100 * 4096
 
 T = TypeVar("T")
 Job = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -76,6 +77,7 @@ class _Intake:
 class _Job:
     fn: Job[Any]
     future: asyncio.Future[Any]
+    writes: bool = True  # False: it only reads, and may run before the WAL's stamp
 
 
 _STOP = object()
@@ -101,7 +103,8 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._stamp: identity.Stamp | None = None
-        self._needs_stamp = False  # a checkpoint ran: the next write must be the stamp
+        self._needs_stamp = False  # a checkpoint ran: the next write must carry the stamp
+        self._shm: int | None = None  # the -shm file, read for the WAL's frame count (identity.py)
         self.commits = 0
         self.committed_rows = 0
         self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
@@ -110,7 +113,6 @@ class Store:
         self._queued_during_commit = 0
         self._gather_target = 0  # while gathering: the queue length that ends the wait
         self._gathered = asyncio.Event()
-        self._changes_at_checkpoint = 0
         self._checkpoint_queued = False
         self.checkpoints = 0
         # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
@@ -168,8 +170,8 @@ class Store:
         store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_unsent_ms=oldest)
         store._stamp = stamp
         # Copy the verified WAL into the database and empty it; the next WAL then begins with a stamp.
-        await store._checkpoint("TRUNCATE", stamp)
-        store._changes_at_checkpoint = conn.total_changes
+        await store._checkpoint("TRUNCATE")
+        await store._stamp_if_needed()
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
@@ -198,6 +200,7 @@ class Store:
             await asyncio.wait_for(self._conn.close(), timeout)
         except asyncio.TimeoutError:
             log.error("database connection did not close within %gs", timeout)
+        self._close_shm()
         log.info("buffer closed: %s", self.path)
 
     async def verify_in_background(self) -> str | None:
@@ -262,12 +265,13 @@ class Store:
                 await self._commit_intakes([intake])
             except asyncio.CancelledError:
                 # The statement may still commit in aiosqlite's thread after this: recount behind it.
-                self._submit(_Job(self._recount, asyncio.get_running_loop().create_future()))
+                self._submit(_Job(self._recount, asyncio.get_running_loop().create_future(), writes=False))
                 raise
             if self._checkpoint_due() and not self._checkpoint_queued:
                 # The writer runs it between transactions; this caller is answered now.
                 self._checkpoint_queued = True
-                self._submit(_Job(self._queued_checkpoint, asyncio.get_running_loop().create_future()))
+                self._submit(_Job(self._queued_checkpoint, asyncio.get_running_loop().create_future(),
+                                  writes=False))
 
     async def _recount(self, conn: aiosqlite.Connection) -> None:
         self.counts = await queries.count_by_status(conn)
@@ -275,12 +279,17 @@ class Store:
 
     # ---- every other operation is a job, run between transactions ----
 
-    async def run(self, job: Job[T]) -> T:
+    async def run(self, job: Job[T], writes: bool = True) -> T:
         """Run `job(connection)` on the writer, between transactions; its result or exception is returned.
-        A caller that goes away does not cancel a job already queued (it may hold a transaction)."""
+        A caller that goes away does not cancel a job already queued (it may hold a transaction). A job that
+        only reads says so (`writes=False`): after a checkpoint it need not wait for the WAL's stamp."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._submit(_Job(job, future))
+        self._submit(_Job(job, future, writes))
         return await asyncio.shield(future)
+
+    async def read(self, job: Job[T]) -> T:
+        """`run` for a job that only reads."""
+        return await self.run(job, writes=False)
 
     def _submit(self, item: _Intake | _Job) -> None:
         if self._closing or not self.writer_alive:
@@ -291,18 +300,18 @@ class Store:
 
     async def ping(self) -> None:
         """A round trip through the writer and the database: proves neither is wedged."""
-        await self.run(lambda conn: schema.fetch_one(conn, "SELECT 1"))
+        await self.read(lambda conn: schema.fetch_one(conn, "SELECT 1"))
 
     async def get(self, receipt_id: str) -> ReceiptRow | None:
-        return await self.run(lambda conn: queries.receipt(conn, receipt_id))
+        return await self.read(lambda conn: queries.receipt(conn, receipt_id))
 
     async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
                                         limit: int) -> list[ReceiptRow]:
-        return await self.run(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
+        return await self.read(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
 
     async def oldest_unsent_ms(self) -> int | None:
         """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
-        return await self.run(queries.oldest_unsent_ms)
+        return await self.read(queries.oldest_unsent_ms)
 
     async def size_bytes(self) -> int:
         def size_of(path: Path) -> int:
@@ -314,13 +323,13 @@ class Store:
 
     async def pending_batch(self, limit: int, after_seq: int = 0,
                             exclude: Sequence[str] = ()) -> list[PendingReceipt]:
-        return await self.run(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
+        return await self.read(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
 
     async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[SubmittedReceipt]:
-        return await self.run(lambda conn: queries.submitted_batch(conn, limit, after_seq))
+        return await self.read(lambda conn: queries.submitted_batch(conn, limit, after_seq))
 
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
-        return await self.run(lambda conn: queries.dead_letters(conn, limit, after_seq))
+        return await self.read(lambda conn: queries.dead_letters(conn, limit, after_seq))
 
     async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
                      source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
@@ -434,16 +443,14 @@ class Store:
         stop = any(item is _STOP for item in batch)
         intakes = [item for item in batch if isinstance(item, _Intake)]
         jobs = [item for item in batch if isinstance(item, _Job)]
-        if intakes and not await self._stamp_if_needed():
-            for intake in intakes:
-                _resolve_exception(intake.future, StorageUnavailable(
-                    f"the database refuses writes: {self.commit_failure or 'the WAL cannot be stamped'}"))
-            intakes = []
         if intakes:
             started = time.monotonic()
-            await self._commit_intakes(intakes)
+            await self._commit_intakes(intakes, carry_stamp=self._needs_stamp)
             self._last_commit_s, self._last_group = time.monotonic() - started, len(intakes)
             self._queued_during_commit = self._queue.qsize()
+        if any(job.writes for job in jobs):
+            # No intake carried the stamp: a job's write must not start the WAL unstamped.
+            await self._stamp_if_needed()
         for job in jobs:
             await self._run_job(job)
         await self._checkpoint_if_due()
@@ -474,9 +481,11 @@ class Store:
             if not job.future.done():
                 job.future.set_result(result)
 
-    async def _commit_intakes(self, intakes: list[_Intake]) -> None:
+    async def _commit_intakes(self, intakes: list[_Intake], carry_stamp: bool = False) -> None:
+        """Commit a group and answer it. With `carry_stamp` (the writer's, after a checkpoint) the group's
+        INSERT and the WAL's stamp are one transaction: the stamp costs no flush of its own."""
         try:
-            results = await self._insert_group(intakes)
+            results = await self._insert_group(intakes, carry_stamp)
         except sqlite3.Error as exc:
             await schema.rollback(self._conn)
             reason = schema.describe_error(exc)
@@ -496,34 +505,51 @@ class Store:
             else:
                 intake.future.set_result(result)
 
-    def _checkpoint_due(self) -> bool:
-        if self._conn.total_changes - self._changes_at_checkpoint < CHECKPOINT_CHANGES:
-            return False
+    def _frames_to_checkpoint(self) -> int:
+        """The WAL's frames no checkpoint has copied yet, read from the WAL-index header in the -shm file
+        (a read of 100 bytes from the page cache, between transactions: nothing is changing it)."""
         try:
-            return os.stat(identity.wal_path(self.path)).st_size >= CHECKPOINT_WAL_BYTES
+            if self._shm is None:
+                self._shm = os.open(identity.shm_path(self.path), os.O_RDONLY | os.O_CLOEXEC)
+            frames = identity.frames_to_checkpoint(os.pread(self._shm, identity.WAL_INDEX_READ, 0))
         except OSError:
-            return False
+            frames = None
+        if frames is None:
+            # Unreadable (cannot happen while SQLite uses the file): checkpoint rather than let the WAL grow.
+            self._close_shm()
+            return CHECKPOINT_FORCE_FRAMES
+        return frames
+
+    def _close_shm(self) -> None:
+        if self._shm is not None:
+            os.close(self._shm)
+            self._shm = None
+
+    def _checkpoint_due(self) -> bool:
+        return self._frames_to_checkpoint() >= CHECKPOINT_FRAMES
 
     async def _queued_checkpoint(self, _conn: aiosqlite.Connection) -> None:
         self._checkpoint_queued = False
         await self._checkpoint_if_due(waiting_ok=True)
 
     async def _checkpoint_if_due(self, waiting_ok: bool = False) -> None:
-        """Between transactions, once enough rows changed and the WAL is large: PASSIVE (it never waits for
-        the background integrity check's reader), then stamp. Not while intakes are waiting for the writer,
-        unless the WAL has gone CHECKPOINT_FORCE_CHANGES rows without one."""
-        if self._stamp is None or not self._checkpoint_due():
+        """Between transactions, once the WAL holds CHECKPOINT_FRAMES frames not yet copied: PASSIVE (it never
+        waits for the background integrity check's reader). Not while intakes are waiting for the writer,
+        unless the WAL has reached CHECKPOINT_FORCE_FRAMES."""
+        if self._stamp is None:
             return
-        changed = self._conn.total_changes - self._changes_at_checkpoint
-        if not waiting_ok and not self._queue.empty() and changed < CHECKPOINT_FORCE_CHANGES:
+        frames = self._frames_to_checkpoint()
+        if frames < CHECKPOINT_FRAMES:
             return
-        await self._checkpoint("PASSIVE", self._stamp)
-        self._changes_at_checkpoint = self._conn.total_changes
+        if not waiting_ok and not self._queue.empty() and frames < CHECKPOINT_FORCE_FRAMES:
+            return
+        await self._checkpoint("PASSIVE")
         self.checkpoints += 1
 
-    async def _checkpoint(self, mode: str, stamp: identity.Stamp) -> None:
-        """SQLite restarts the WAL at the first write after a checkpoint that copied everything: that write is
-        the stamp, so every WAL kktd writes begins with one (kktd/store/identity.py)."""
+    async def _checkpoint(self, mode: str) -> None:
+        """SQLite restarts the WAL at the first write after a checkpoint that copied everything: from here
+        on that write must carry the stamp (the next intake group does; a job first stamps alone), so every
+        WAL kktd writes begins with one (kktd/store/identity.py)."""
         try:
             await self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
         except sqlite3.Error as exc:
@@ -531,7 +557,6 @@ class Store:
             if schema.refuses_writes(exc):
                 self._commit_refused(schema.describe_error(exc))
         self._needs_stamp = True
-        await self._stamp_if_needed()
 
     async def _stamp_if_needed(self) -> bool:
         """True when the WAL is stamped; while it cannot be, nothing else may write first."""
@@ -551,7 +576,20 @@ class Store:
     def _commit_refused(self, reason: str) -> None:
         self.commit_failure = reason
 
-    async def _insert_group(self, intakes: list[_Intake]) -> list[Accepted | Conflict | Exception]:
+    async def _insert_stamped(self, rows: list[tuple[Any, ...]]) -> set[str]:
+        """The first write after a checkpoint: the stamp and the group in one transaction (four round trips
+        to SQLite's thread instead of one, but a single flush instead of two commits' worth). Run by the
+        writer task only, which nobody cancels mid-transaction; a failure is rolled back by the caller."""
+        assert self._stamp is not None
+        await self._conn.execute("BEGIN IMMEDIATE")
+        stamp = await _write_stamp(self._conn, self._stamp)
+        inserted = await queries.insert_receipts(self._conn, rows)
+        await self._conn.execute("COMMIT")
+        self._stamp, self._needs_stamp = stamp, False
+        return inserted
+
+    async def _insert_group(self, intakes: list[_Intake],
+                            carry_stamp: bool = False) -> list[Accepted | Conflict | Exception]:
         """One multi-row INSERT for the whole group (queries.insert_receipts). Keys that already exist
         (replays) and a group larger than the free capacity take extra queries."""
         stamp = now_ms()
@@ -564,10 +602,12 @@ class Store:
         ids = dict(zip(map(id, candidates), new_receipt_ids(stamp, len(candidates))))
         inserted: set[str] = set()
         if candidates:
-            inserted = await queries.insert_receipts(
-                self._conn,
-                [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
-                  i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates])
+            rows = [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
+                     i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates]
+            if carry_stamp:
+                inserted = await self._insert_stamped(rows)
+            else:
+                inserted = await queries.insert_receipts(self._conn, rows)
             self.counts.pending += len(inserted)
             self.commits += 1
             self.committed_rows += len(inserted)
