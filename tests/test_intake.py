@@ -247,6 +247,30 @@ async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path
         await buffer.close()
 
 
+async def test_a_reader_holding_old_frames_does_not_make_every_batch_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's snapshot (the integrity check after start-up reads for seconds on a large database) keeps
+    a PASSIVE checkpoint from copying what it may still read. The writer then checkpoints again only once
+    CHECKPOINT_FRAMES more frames came, not after every batch."""
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 50)
+    path = tmp_path / "buffer.db"
+    buffer = await Store.open(path, 100_000)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await accept_many(buffer, "first", 10)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM receipts").fetchone()[0] == 10  # the snapshot is held
+        for batch in range(20):
+            await accept_many(buffer, f"held{batch}", 25)
+            await buffer.ping()
+        frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
+        assert frames is not None and frames > 200, "the reader kept the checkpoints from copying"
+        assert 1 <= buffer.checkpoints <= frames // 50 + 1, (buffer.checkpoints, frames)
+    finally:
+        reader.close()
+        await buffer.close()
+
+
 async def _checkpointed_store(path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
     """A store whose writer has just checkpointed everything: the next write starts a new WAL."""
     buffer = await Store.open(path, 100_000)

@@ -114,6 +114,9 @@ class Store:
         self._gather_target = 0  # while gathering: the queue length that ends the wait
         self._gathered = asyncio.Event()
         self._checkpoint_queued = False
+        # Frames the last checkpoint could not copy (a reader's snapshot, the integrity check's, still needed
+        # them): the next one is due CHECKPOINT_FRAMES later, not after every batch until the reader is gone.
+        self._uncopied_after_checkpoint = 0
         self.checkpoints = 0
         # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
         # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
@@ -505,9 +508,10 @@ class Store:
             else:
                 intake.future.set_result(result)
 
-    def _frames_to_checkpoint(self) -> int:
+    def _frames_to_checkpoint(self) -> int | None:
         """The WAL's frames no checkpoint has copied yet, read from the WAL-index header in the -shm file
-        (a read of 100 bytes from the page cache, between transactions: nothing is changing it)."""
+        (a read of 100 bytes from the page cache, between transactions: nothing is changing it). None if it
+        cannot be read, which does not happen while SQLite uses the file."""
         try:
             if self._shm is None:
                 self._shm = os.open(identity.shm_path(self.path), os.O_RDONLY | os.O_CLOEXEC)
@@ -515,9 +519,7 @@ class Store:
         except OSError:
             frames = None
         if frames is None:
-            # Unreadable (cannot happen while SQLite uses the file): checkpoint rather than let the WAL grow.
             self._close_shm()
-            return CHECKPOINT_FORCE_FRAMES
         return frames
 
     def _close_shm(self) -> None:
@@ -525,8 +527,16 @@ class Store:
             os.close(self._shm)
             self._shm = None
 
+    def _new_frames(self) -> int:
+        """Frames written since the last checkpoint, beyond those it could not copy. Unknown: as many as
+        force one (checkpointing too often is slow; a WAL that grows without bound is worse)."""
+        frames = self._frames_to_checkpoint()
+        if frames is None:
+            return CHECKPOINT_FORCE_FRAMES
+        return frames - self._uncopied_after_checkpoint
+
     def _checkpoint_due(self) -> bool:
-        return self._frames_to_checkpoint() >= CHECKPOINT_FRAMES
+        return self._new_frames() >= CHECKPOINT_FRAMES
 
     async def _queued_checkpoint(self, _conn: aiosqlite.Connection) -> None:
         self._checkpoint_queued = False
@@ -538,12 +548,13 @@ class Store:
         unless the WAL has reached CHECKPOINT_FORCE_FRAMES."""
         if self._stamp is None:
             return
-        frames = self._frames_to_checkpoint()
+        frames = self._new_frames()
         if frames < CHECKPOINT_FRAMES:
             return
         if not waiting_ok and not self._queue.empty() and frames < CHECKPOINT_FORCE_FRAMES:
             return
         await self._checkpoint("PASSIVE")
+        self._uncopied_after_checkpoint = self._frames_to_checkpoint() or 0
         self.checkpoints += 1
 
     async def _checkpoint(self, mode: str) -> None:
