@@ -4,10 +4,11 @@ checks, before SQLite opens anything, that the WAL is its database's own.
 
 The binding (the stamp protocol):
 - every database holds one row in `kktd_identity`: a random 16-byte database id and a WAL generation;
-- kktd runs every checkpoint itself (wal_autocheckpoint = 0) and, right after each, commits a stamp:
-  generation + 1, written as the blob STAMP_MAGIC + database id + generation (8 bytes, big-endian). SQLite
+- kktd runs every checkpoint itself (wal_autocheckpoint = 0) and the first write after each carries a
+  stamp: generation + 1, written as the blob STAMP_MAGIC + database id + generation (8 bytes, big-endian),
+  in the same transaction as the receipts of the next group commit (or alone, before a job's write). SQLite
   starts a new WAL only at the first write after a checkpoint backfilled everything, so the first
-  transaction of every WAL kktd writes is a stamp, and every stamp sits in the WAL as plain bytes of the
+  transaction of every WAL kktd writes holds a stamp, and every stamp sits in the WAL as plain bytes of the
   identity row's page;
 - the id's first 4 bytes are also the file header's application_id: readable even when a checkpoint was
   interrupted half-way and the file alone is not yet a consistent database;
