@@ -569,10 +569,12 @@ class Store:
                 self._commit_refused(schema.describe_error(exc))
         self._needs_stamp = True
 
-    async def _stamp_if_needed(self) -> bool:
-        """True when the WAL is stamped; while it cannot be, nothing else may write first."""
+    async def _stamp_if_needed(self) -> None:
+        """The stamp alone, when a checkpoint ran and no intake group carried it yet. If it cannot be written
+        (a full disk, an I/O error) it stays due: the next group carries it or the next writing job tries
+        again, and that job's own write meets the same refusal."""
         if not self._needs_stamp or self._stamp is None:
-            return True
+            return
         try:
             self._stamp = await _write_stamp(self._conn, self._stamp)
         except sqlite3.Error as exc:
@@ -580,9 +582,8 @@ class Store:
             log.error("cannot stamp the WAL of %s: %s", self.path, reason)
             if schema.refuses_writes(exc):
                 self._commit_refused(reason)
-            return False
+            return
         self._needs_stamp = False
-        return True
 
     def _commit_refused(self, reason: str) -> None:
         self.commit_failure = reason
