@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kktd.store import SCHEMA_VERSION, Accepted, Store
-from kktd.upstreams.base import FiscalData, Fiscalized
+from kktd.delivery import FiscalData, Fiscalized
 from kktd.receipt import validate_receipt
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -54,7 +54,8 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
                              clock=clock)
     metrics = Metrics()
     store.metrics = metrics
-    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics)
+    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics,
+                    traits=REGISTRY[config.upstream].traits)
     services = Services(config, store, sync, metrics=metrics,
                         intake_check=REGISTRY[config.upstream].intake_check)
     metrics.bind_state(lambda: state_snapshot(services))

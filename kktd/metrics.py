@@ -36,15 +36,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kktd.upstreams.base import (
-    FailureKind,
-    Fiscalized,
-    NotRegistered,
-    Refused,
-    Registered,
-    StillProcessing,
-    Undelivered,
-)
+from kktd.delivery import FailureKind, Fiscalized, NotRegistered, Refused, Registered, StillProcessing, Undelivered
 
 __all__ = ["CONTENT_TYPE", "RECEIPT_STATUSES", "BREAKER_STATES", "INTAKE_BUCKETS", "GROUP_BUCKETS",
            "UPSTREAM_BUCKETS", "LAG_BUCKETS", "ReceiptOutcome", "RequestOutcome", "StateSnapshot", "Metrics",

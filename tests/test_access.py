@@ -14,7 +14,7 @@ import pytest
 from kktd import api, config as config_module
 from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt
-from kktd.upstreams.base import Refused
+from kktd.delivery import Refused
 from tests.conftest import AppFactory
 from tests.openapi_contract import Contract
 from tests.support import KKTD_BIN, KktdProcess, free_port

@@ -25,18 +25,8 @@ from kktd.upstreams.atol_v5 import (
     atol_settings,
     inn_is_valid,
 )
-from kktd.upstreams.base import (
-    AwaitingResult,
-    FailureKind,
-    Fiscalized,
-    NotRegistered,
-    Outgoing,
-    Refused,
-    Registered,
-    StillProcessing,
-    Undelivered,
-    UpstreamUnavailable,
-)
+from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, NotRegistered, Outgoing, Refused, Registered,
+    StillProcessing, Undelivered, UpstreamUnavailable)
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
 from tests.support import free_port
 

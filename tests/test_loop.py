@@ -20,8 +20,9 @@ from kktd.clock import Sleep
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
-from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
-                                 Refused, SubmitOutcome, Upstream, UpstreamUnavailable)
+from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
+    SubmitOutcome, UpstreamUnavailable)
+from kktd.upstreams.base import Upstream
 from tests.conftest import make_config
 from tests.support import FakeTime, async_wait_until
 

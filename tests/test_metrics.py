@@ -18,8 +18,8 @@ from kktd.metrics import (
     RequestOutcome,
     StateSnapshot,
 )
-from kktd.upstreams.base import FailureKind, FiscalData, Fiscalized, Refused, Registered, UpstreamUnavailable, \
-    Undelivered
+from kktd.delivery import (FailureKind, FiscalData, Fiscalized, Refused, Registered, Undelivered,
+    UpstreamUnavailable)
 from tests.support import async_wait_until
 
 NOW_MS = 1_800_000_000_000

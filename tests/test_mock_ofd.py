@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kktd_mocks.ofd import (
     BadRequest, MockOfd, MockOfdState, create_app, parse_listen, split_batch, start_mock_ofd,
 )
-from kktd.upstreams.base import UpstreamUnavailable
+from kktd.delivery import UpstreamUnavailable
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem
 
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"

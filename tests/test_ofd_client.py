@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
-from kktd.upstreams.base import UpstreamUnavailable
+from kktd.delivery import UpstreamUnavailable
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem, OfdRejection
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

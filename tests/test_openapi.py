@@ -13,7 +13,7 @@ from aiohttp import web
 
 from kktd.openapi import spec, spec_json
 from kktd.receipt import sample_receipt
-from kktd.upstreams.base import Refused
+from kktd.delivery import Refused
 from tests.conftest import App, close_app, open_app
 from tests.openapi_contract import Contract
 

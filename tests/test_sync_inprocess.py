@@ -19,7 +19,7 @@ from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store, queries
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
 from kktd.sync.policy import MAX_HELD, DeliveryPolicy
-from kktd.upstreams.base import FiscalData, Fiscalized, Outgoing, Refused, SubmitOutcome
+from kktd.delivery import FiscalData, Fiscalized, Outgoing, Refused, SubmitOutcome
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from tests.conftest import App, AppFactory
 from tests.support import FakeTime, async_wait_until

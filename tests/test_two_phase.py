@@ -19,9 +19,8 @@ from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import SCHEMA_VERSION, ReceiptStatus, Store
 from kktd.store.schema import MIGRATIONS
 from kktd.sync import CircuitBreaker, SyncLoop
-from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
-                                 PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered,
-                                 UpstreamUnavailable)
+from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
+    PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
 from tests.conftest import App, AppFactory
 
 

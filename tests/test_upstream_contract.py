@@ -32,8 +32,9 @@ import pytest
 
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.upstreams import REGISTRY
-from kktd.upstreams.base import (AwaitingResult, FailureKind, Fiscalized, Outgoing, Refused, Registered,
-                                 StillProcessing, SubmitOutcome, Upstream, UpstreamUnavailable)
+from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, Outgoing, Refused, Registered,
+    StillProcessing, SubmitOutcome, UpstreamUnavailable)
+from kktd.upstreams.base import Upstream
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, start_mock_atol
 from kktd_mocks.ofd import start_mock_ofd
 from tests.support import async_wait_until

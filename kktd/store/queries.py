@@ -14,7 +14,7 @@ import aiosqlite
 from kktd.store.rows import (Counts, FiscalRecord, PendingReceipt, ReceiptRow, ReceiptStatus, Registration,
                              SubmittedReceipt)
 from kktd.store.schema import fetch_all, fetch_one, rollback
-from kktd.upstreams.base import Fiscalized, NotRegistered, Refused, Registered
+from kktd.delivery import Fiscalized, NotRegistered, Refused, Registered
 
 SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 

@@ -34,7 +34,7 @@ from kktd.receipt import Receipt
 from kktd.store import identity, queries, schema
 from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
                              SubmittedReceipt)
-from kktd.upstreams.base import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
+from kktd.delivery import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
 
 if TYPE_CHECKING:
     from kktd.metrics import Metrics

@@ -27,15 +27,15 @@ from kktd.metrics import Metrics, RequestOutcome
 from kktd.store import PendingReceipt, ReceiptStatus, Store, SubmittedReceipt
 from kktd.sync.breaker import BreakerState, CircuitBreaker
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
-from kktd.upstreams.base import (AwaitingResult, FailureKind, Fiscalized, NotRegistered, Outgoing, PollOutcome,
-                                 Refused, Registered, SubmitOutcome, Undelivered, Upstream, UpstreamUnavailable)
+from kktd.delivery import (AwaitingResult, DeliveryTraits, FailureKind, Fiscalized, NotRegistered, Outgoing,
+                           PollOutcome, Refused, Registered, SubmitOutcome, Undelivered, UpstreamUnavailable)
+from kktd.upstreams.base import Upstream
 
 if TYPE_CHECKING:
     from kktd.config import Config
 
 log = logging.getLogger("kktd.sync")
 
-PIPELINE_DEPTH = 2  # batches on the wire at once while the breaker is closed
 INTAKE_BUSY_WINDOW_S = 0.25  # an intake this recent means the till is busy
 INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share of wall time
 RETENTION_EVERY_S = 3600.0
@@ -115,7 +115,8 @@ class ManualCycle:
 
 class SyncLoop:
     def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
-                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None) -> None:
+                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None,
+                 traits: DeliveryTraits = DeliveryTraits()) -> None:
         self.store = store
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else Metrics(process=False)
@@ -125,7 +126,8 @@ class SyncLoop:
         self.stats = SyncStats()
         batch_size = min(config.batch_size, upstream.max_batch)
         self.policy = DeliveryPolicy(batch_size, hold_s=2 * config.backoff_max, clock=clock)
-        self.polls = PollSchedule(clock)
+        self.traits = traits
+        self.polls = PollSchedule(clock, traits.poll_interval_s)
         self._clock = clock
         self._sleep = sleep
         self._wake = asyncio.Event()
@@ -300,7 +302,7 @@ class SyncLoop:
                 in_flight.add(asyncio.create_task(self._deliver(batch, self.policy.generation)))
                 giving_way = self._intake_busy()
                 full_speed = self.breaker.state is BreakerState.CLOSED and self.policy.at_full_speed()
-                depth = PIPELINE_DEPTH if full_speed and not giving_way else 1
+                depth = self.traits.max_in_flight if full_speed and not giving_way else 1
                 while len(in_flight) >= depth:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     _collect(done, total)

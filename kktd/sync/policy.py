@@ -128,7 +128,7 @@ class DeliveryPolicy:
         self.held[receipt_id] = until
 
 
-POLL_INTERVAL_S = 1.0  # a document's result is asked for at most once a second (ATOL's rule)
+POLL_INTERVAL_S = 1.0  # by default a document's result is asked for at most once a second
 
 
 class PollSchedule:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kktd.delivery import DeliveryTraits
 from kktd.options import Option
 from kktd.upstreams import atol_v5, kktd_ofd
 from kktd.upstreams.base import Upstream
@@ -35,6 +36,7 @@ class UpstreamSpec:
     settings: Callable[[Mapping[str, Any]], UpstreamSettings]
     create: Callable[[Any], Upstream]
     intake_check: IntakeCheck | None = None
+    traits: DeliveryTraits = DeliveryTraits()
 
 
 REGISTRY: dict[str, UpstreamSpec] = {

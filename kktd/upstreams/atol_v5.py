@@ -30,21 +30,8 @@ import yarl
 from kktd.errors import ConfigError
 from kktd.options import Option, duration_in, int_in
 from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
-from kktd.upstreams.base import (
-    AwaitingResult,
-    FailureKind,
-    FiscalData,
-    Fiscalized,
-    NotRegistered,
-    Outgoing,
-    PollOutcome,
-    Refused,
-    Registered,
-    StillProcessing,
-    SubmitOutcome,
-    Undelivered,
-    UpstreamUnavailable,
-)
+from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
+    PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
 from kktd.upstreams.http import HttpUpstream, client_session, read_capped
 
 __all__ = [

@@ -1,137 +1,16 @@
-"""The interface every upstream implements, and the typed outcomes the sync loop records.
+"""The interface every upstream implements.
 
 An upstream is one small module: it turns stored receipts into its own wire protocol and its answers into
-the outcomes below. It knows nothing of the database, the retry policy or the breaker: the sync loop owns
-those, and records every outcome in the store before it asks for more.
-
-Two kinds of upstream exist. A one-phase upstream (kktd's own OFD protocol) answers a submission with the
-result: ``Fiscalized`` or ``Refused``. A two-phase upstream (ATOL Online: "accepted, result later") answers a
-submission with ``Registered`` and its own reference, which the loop commits at once; from then on the receipt
-is only ever polled (``poll``), never submitted again under the same external id.
+the typed outcomes of kktd.delivery. It knows nothing of the database, the retry policy or the breaker: the
+sync loop owns those, and records every outcome in the store before it asks for more.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-
-class FailureKind(enum.StrEnum):
-    """What a failed call may have done upstream: decides whether the failure says anything about a receipt."""
-
-    NOT_SENT = "not_sent"  # nothing can have reached the upstream (connection refused, unreachable, auth refused)
-    MAYBE_SENT = "maybe_sent"  # the request may have arrived (timeout, connection lost after sending, 5xx)
-    BAD_ANSWER = "bad_answer"  # the upstream answered, but not by its protocol
-
-
-class UpstreamUnavailable(Exception):
-    """The upstream could not be used; nothing is marked delivered.
-
-    ``reason`` is short and stable (``connect_error``, ``timeout``, ``http_503``, ``auth_failed`` …) so it can
-    be logged, counted and compared; ``detail`` adds context for people. Neither ever holds URLs, credentials,
-    tokens or text the upstream sent. ``operator_action`` is set when only a person can fix it (a wrong
-    password, a blocked account): receipts wait, health turns ``warning`` with this text.
-    """
-
-    def __init__(self, kind: FailureKind, reason: str, detail: str | None = None, *,
-                 operator_action: str | None = None) -> None:
-        super().__init__(reason if detail is None else f"{reason} ({detail})")
-        self.kind = kind
-        self.reason = reason
-        self.detail = detail
-        self.operator_action = operator_action
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A stored receipt to submit."""
-
-    receipt_id: str
-    idempotency_key: str
-    # What the upstream deduplicates on for this registration: the idempotency key, or (after the upstream
-    # said a document was not registered) a new id derived from it, committed before it is ever sent.
-    external_id: str
-    accepted_ms: int  # when kktd accepted the receipt (epoch milliseconds)
-    body: str  # the receipt's canonical JSON (kktd.receipt), exactly as stored
-
-
-@dataclass(frozen=True, slots=True)
-class AwaitingResult:
-    """A receipt a two-phase upstream registered and whose result is not known yet."""
-
-    receipt_id: str
-    external_id: str
-    reference: str  # the upstream's own id for the document (ATOL's uuid)
-
-
-@dataclass(frozen=True, slots=True)
-class FiscalData:
-    """What the fiscal register says about a fiscalized receipt (FFD tags in comments)."""
-
-    fiscal_document_number: int  # 1040
-    fiscal_sign: str  # 1077
-    registered_at: str  # 1012, when the document was fiscalized, as the upstream gave it
-    fn_number: str | None = None  # 1041
-    shift_number: int | None = None  # 1038
-    receipt_number: int | None = None  # 1042, number of the receipt in its shift
-    kkt_registration_number: str | None = None  # 1037
-    ofd_receipt_url: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Fiscalized:
-    """Done: the receipt is fiscalized (marked sent, with its fiscal data)."""
-
-    receipt_id: str
-    fiscal: FiscalData
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """The upstream refuses this receipt's content for good (a dead letter, with the upstream's code and text)."""
-
-    receipt_id: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Registered:
-    """Two-phase: the upstream took the document; its result comes later under ``reference``."""
-
-    receipt_id: str
-    reference: str
-
-
-@dataclass(frozen=True, slots=True)
-class StillProcessing:
-    """Two-phase poll: no result yet; poll again later."""
-
-    receipt_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class NotRegistered:
-    """Two-phase poll: the document failed without being fiscalized (e.g. timed out in the upstream's queue);
-    it must be registered again under a new external id."""
-
-    receipt_id: str
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Undelivered:
-    """This receipt's own call failed while others in the batch got answers."""
-
-    receipt_id: str
-    error: UpstreamUnavailable
-
-
-SubmitOutcome = Fiscalized | Refused | Registered | Undelivered
-PollOutcome = Fiscalized | Refused | StillProcessing | NotRegistered | Undelivered
+from kktd.delivery import AwaitingResult, Outgoing, PollOutcome, SubmitOutcome
 
 
 class Upstream(Protocol):

@@ -20,8 +20,8 @@ import yarl
 
 from kktd.clock import rfc3339
 from kktd.options import Option, duration_in, http_url, mask_url
-from kktd.upstreams.base import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome,
-                                 Refused, SubmitOutcome, UpstreamUnavailable)
+from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
+    SubmitOutcome, UpstreamUnavailable)
 from kktd.upstreams.http import HttpUpstream, client_session, read_capped
 
 __all__ = [
