@@ -57,7 +57,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
 
 run: $(STAMP)
 	mkdir -p $(STATE_DIR)
-	$(VENV)/bin/kktd serve --embedded-mock-ofd --db $(STATE_DIR)/buffer.db
+	$(VENV)/bin/kktd serve --embedded-mock --db $(STATE_DIR)/buffer.db
 
 test: $(STAMP) prereqs-test prereqs-deb verify-units typecheck $(SLOWSYNC)
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -22,9 +22,8 @@ from kktd.config import Config
 from kktd.metrics import Metrics, StateSnapshot
 from kktd.store import Store
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
-from kktd.upstreams import REGISTRY, UpstreamSettings
+from kktd.upstreams import UpstreamSettings
 from kktd.upstreams.base import Upstream
-from kktd.upstreams.kktd_ofd import KktdOfdSettings
 
 log = logging.getLogger("kktd.app")
 
@@ -46,7 +45,8 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     store = await Store.open(config.db, config.max_pending)
     stack.push_async_callback(store.close, config.drain_timeout)
     settings = await _upstream_settings(config, stack)
-    upstream = REGISTRY[config.upstream].create(settings)
+    spec = config.spec
+    upstream = spec.create(settings)
     await upstream.start()
     # Whichever upstream the loop has at the end (a reload may have replaced the first).
     stack.push_async_callback(lambda: sync.upstream.close())
@@ -55,9 +55,8 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     metrics = Metrics()
     store.metrics = metrics
     sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics,
-                    traits=REGISTRY[config.upstream].traits)
-    services = Services(config, store, sync, metrics=metrics,
-                        intake_check=REGISTRY[config.upstream].intake_check)
+                    traits=spec.traits)
+    services = Services(config, store, sync, metrics=metrics, intake_check=spec.intake_check)
     metrics.bind_state(lambda: state_snapshot(services))
     described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
     return Assembled(config, store, upstream, breaker, sync, services, create_app(services),
@@ -65,16 +64,14 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
 
 
 async def _upstream_settings(config: Config, stack: AsyncExitStack) -> UpstreamSettings:
-    settings = config.upstream_settings
-    if not config.embedded_mock_ofd or not isinstance(settings, KktdOfdSettings):
-        return settings  # config.load() allows the embedded mock only with the kktd-ofd upstream
+    mock = config.spec.mock
+    if not config.embedded_mock or mock is None:
+        return config.upstream_settings  # config.load() allows embedded_mock only for an upstream with a mock
     # Development only (`make run`): the mock is a tool of its own, imported only here.
-    from kktd_mocks.ofd import start_mock_ofd
-
-    mock = await start_mock_ofd("127.0.0.1", 0)
-    stack.push_async_callback(mock.close)
-    log.info("embedded mock OFD on %s (admin %s)", mock.url, mock.admin_url)
-    return dataclasses.replace(settings, url=str(mock.url))
+    embedded = await mock.start_embedded(config.upstream_settings)
+    stack.push_async_callback(embedded.close)
+    log.info("embedded mock: %s", embedded.description)
+    return embedded.settings
 
 
 def _log_breaker_change(old: BreakerState, new: BreakerState) -> None:

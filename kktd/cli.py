@@ -1,5 +1,6 @@
-"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, `kktd mock-ofd`, `kktd mock-atol`, and
-the operator commands (`kktd status`, `receipt`, `dlq`, `sync-now`, `export`: kktd/ctl.py)."""
+"""Entry points: `kktd serve`, `kktd check-config`, `kktd check-db`, each upstream's mock (`kktd mock-…`, from
+the upstream registry), and the operator commands (`kktd status`, `receipt`, `dlq`, `sync-now`, `export`:
+kktd/ctl.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from kktd import __version__, config as config_module, ctl, logs
 from kktd.errors import ConfigError, CorruptDatabase, StorageUnavailable
+from kktd.upstreams import mocks
 
 if TYPE_CHECKING:
     from kktd.daemon import Extension, Reloader
@@ -38,10 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_module.add_arguments(check)
     check_db = commands.add_parser("check-db", help="check a buffer database's integrity")
     check_db.add_argument("path", type=Path)
-    commands.add_parser("mock-ofd", help="run the mock OFD server (see `kktd mock-ofd --help`)",
-                        add_help=False)
-    commands.add_parser("mock-atol", help="run the mock of ATOL Online v5 (see `kktd mock-atol --help`)",
-                        add_help=False)
+    for command, mock in mocks().items():
+        commands.add_parser(command, help=f"{mock.help} (see `kktd {command} --help`)", add_help=False)
     ctl.add_commands(commands, ctl.add_config_arguments)
     return parser
 
@@ -49,14 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, extension: Extension | None = None) -> int:
     """`extension` adds to the assembled daemon before it serves (only the test-only entry point sets it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["mock-ofd"]:
-        from kktd_mocks import ofd  # a development tool, not part of the daemon
-
-        return ofd.main(argv[1:])
-    if argv[:1] == ["mock-atol"]:
-        from kktd_mocks import atol  # a development tool, not part of the daemon
-
-        return atol.main(argv[1:])
+    mock = mocks().get(argv[0]) if argv else None
+    if mock is not None:
+        return mock.main(argv[1:])  # a development tool outside the daemon's code, imported only now
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ctl.COMMANDS:
@@ -80,7 +75,7 @@ def serve(config: config_module.Config, extension: Extension | None = None,
           reloader: Reloader | None = None) -> int:
     from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
 
-    if config.embedded_mock_ofd:
+    if config.embedded_mock:
         _print_welcome(config)
     try:
         return asyncio.run(Daemon(config, extension, reloader).run())
@@ -117,7 +112,7 @@ def _print_welcome(config: config_module.Config) -> None:
     sample = json.dumps(sample_receipt("demo-KEY"), ensure_ascii=False).replace("demo-KEY", "demo-'$(date +%s%N)'")
     url = f"http://{config.listen}"
     print(f"""
-kktd {__version__} (development mode: embedded mock OFD, database {config.db})
+kktd {__version__} (development mode: embedded mock of {config.upstream}, database {config.db})
 Listening on {url}. Post a sample receipt:
 
   curl -sS -H 'Content-Type: application/json' -d '{sample}' {url}/v1/kkt/receipt

@@ -18,7 +18,9 @@ from typing import Any, Mapping
 from kktd.errors import ConfigError
 from kktd.options import (DAY, ENV_PREFIX, Option, boolean, duration_in, file_path, int_in, mask_url,
                           one_of)
-from kktd.upstreams import DEFAULT_UPSTREAM, REGISTRY, UpstreamSettings, upstream_options
+from kktd import seller as seller_module
+from kktd.seller import Seller, parse_seller
+from kktd.upstreams import DEFAULT_UPSTREAM, REGISTRY, UpstreamSettings, UpstreamSpec, upstream_options
 
 __all__ = ["Config", "ConfigError", "OPTIONS", "add_arguments", "load", "mask_url"]
 
@@ -34,6 +36,7 @@ class Config:
     db: Path
     upstream: str
     upstream_settings: UpstreamSettings  # the chosen upstream's own typed settings
+    seller: Seller  # kktd's own seller and terminal settings, which the upstream's settings were built with
     max_pending: int
     log_level: str
     batch_size: int
@@ -46,7 +49,7 @@ class Config:
     pending_critical_age: float
     retention_days: int
     drain_timeout: float
-    embedded_mock_ofd: bool
+    embedded_mock: bool
     max_connections: int
     idle_timeout: float
     body_timeout: float
@@ -59,6 +62,11 @@ class Config:
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{host}:{self.listen_port}"
 
+    @property
+    def spec(self) -> UpstreamSpec:
+        """The chosen upstream's registry entry."""
+        return REGISTRY[self.upstream]
+
     def pending_alarm(self, oldest_pending_age_s: float | None) -> str:
         """ok, warning or critical for the age of the oldest pending receipt (the fiscal storage may hold
         unsent documents for at most 30 days)."""
@@ -69,10 +77,12 @@ class Config:
     def describe(self) -> dict[str, Any]:
         """The effective configuration, safe to print or log (secrets masked or left out)."""
         shown = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name not in ("upstream_settings", "api_token")}
+                 if f.name not in ("upstream_settings", "seller", "api_token")}
         shown["db"] = str(self.db)
         shown["api_token_file"] = str(self.api_token_file) if self.api_token_file else None
         shown["api_token"] = "set" if self.api_token else None
+        shown["upstream_access"] = sorted(self.spec.access)
+        shown.update(self.seller.describe())
         shown.update(self.upstream_settings.describe())
         return shown
 
@@ -115,7 +125,8 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("pending_critical_age", duration_in(1, 30 * DAY), 25 * DAY, "error when the oldest pending is older"),
     Option("retention_days", int_in(1, 3650), 90, "days to keep sent receipts"),
     Option("drain_timeout", duration_in(0, 300), 10.0, "on stop, how long to wait for in-flight work"),
-    Option("embedded_mock_ofd", boolean, False, "run a mock OFD inside the process (development, `make run`)"),
+    Option("embedded_mock", boolean, False,
+           "run the upstream's mock inside the process and send to it (development, `make run`)"),
     Option("max_connections", int_in(1, 100_000), 1024,
            "client connections open at once (lowered to fit the descriptor limit); at the cap the one silent "
            "longest is dropped"),
@@ -126,7 +137,7 @@ COMMON_OPTIONS: tuple[Option, ...] = (
            "file holding the API bearer token (default $CREDENTIALS_DIRECTORY/api_token if it exists); "
            "required to listen beyond loopback"),
 )
-OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + upstream_options()
+OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + seller_module.OPTIONS + upstream_options()
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
 UPSTREAM_KEYS = frozenset(option.key for option in upstream_options())
 
@@ -194,9 +205,10 @@ def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
             "pending_critical_age: must be greater than pending_warn_age "
             f"({values['pending_critical_age']:g}s <= {values['pending_warn_age']:g}s)"
         )
-    if values["embedded_mock_ofd"] and values["upstream"] != DEFAULT_UPSTREAM:
-        raise ConfigError(f"embedded_mock_ofd: only with upstream = {DEFAULT_UPSTREAM} "
-                          f"(upstream is {values['upstream']})")
+    spec = REGISTRY[values["upstream"]]
+    if values["embedded_mock"] and spec.mock is None:
+        with_mocks = ", ".join(name for name, other in REGISTRY.items() if other.mock is not None)
+        raise ConfigError(f"embedded_mock: upstream {spec.name} has no mock (upstreams with one: {with_mocks})")
     host, port = values.pop("listen")
     token_file, token = _api_token(values["api_token_file"], environ)
     values["api_token_file"] = token_file
@@ -205,8 +217,10 @@ def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
             f"listen = {host}:{port}: beyond loopback the API would be open to the network without "
             f"authentication; set api_token_file (or the systemd credential api_token) or listen on 127.0.0.1")
     upstream_values = {key: values.pop(key) for key in UPSTREAM_KEYS}
-    settings = REGISTRY[values["upstream"]].settings(upstream_values)
-    return Config(listen_host=host, listen_port=port, upstream_settings=settings, api_token=token, **values)
+    seller = parse_seller({key: values.pop(key) for key in seller_module.KEYS})
+    settings = spec.settings(upstream_values, seller)
+    return Config(listen_host=host, listen_port=port, upstream_settings=settings, seller=seller, api_token=token,
+                  **values)
 
 
 API_TOKEN_CREDENTIAL = "api_token"

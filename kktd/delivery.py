@@ -58,7 +58,7 @@ class AwaitingResult:
 
     receipt_id: str
     external_id: str
-    reference: str  # the upstream's own id for the document (ATOL's uuid)
+    reference: str  # the upstream's own id for the document (e.g. a uuid it assigned)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ LIVE_KEYS = frozenset({
 # Bound at start: the socket, the database, which upstream, the mock, the delivery policy's batch size and
 # the breaker's thresholds (its state machine is built with them).
 RESTART_KEYS = frozenset({
-    "listen_host", "listen_port", "db", "upstream", "embedded_mock_ofd", "batch_size", "breaker_threshold",
+    "listen_host", "listen_port", "db", "upstream", "embedded_mock", "batch_size", "breaker_threshold",
     "breaker_reset",
     # The listening socket's connection cap and the connections' idle/head deadline (kktd/server.py).
     "max_connections", "idle_timeout",
@@ -65,7 +65,8 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     seen_restart: set[str] = set()
     for field in dataclasses.fields(Config):
         key = field.name
-        if key == "upstream_settings" or getattr(old, key) == getattr(new, key):
+        # The seller's settings take effect through the upstream's settings, compared below.
+        if key in ("upstream_settings", "seller") or getattr(old, key) == getattr(new, key):
             continue
         shown = SHOWN_AS.get(key, key)
         change = Change(shown, _shown(old, key), _shown(new, key))
@@ -77,7 +78,7 @@ def plan(old: Config, new: Config) -> ReloadPlan:
             live.append(change)
     upstream_changed = False
     keep = {key: getattr(old, key) for key in RESTART_KEYS}
-    if new.upstream != old.upstream or new.embedded_mock_ofd or old.embedded_mock_ofd:
+    if new.upstream != old.upstream or new.embedded_mock or old.embedded_mock:
         # Another upstream's settings (or the embedded mock's URL) only make sense after a restart.
         keep["upstream_settings"] = old.upstream_settings
         if new.upstream == old.upstream and new.upstream_settings != old.upstream_settings:
@@ -85,8 +86,18 @@ def plan(old: Config, new: Config) -> ReloadPlan:
     elif new.upstream_settings != old.upstream_settings:
         upstream_changed = True
         live.extend(_upstream_changes(old, new))
+    if "upstream_settings" in keep:
+        keep["seller"] = old.seller  # the seller goes with the upstream's settings it was built into
+    if new.seller != old.seller and new.upstream_settings == old.upstream_settings:
+        # Settings the upstream does not send: nothing to apply, but the change is shown where it belongs.
+        (restart if "upstream_settings" in keep else live).extend(_seller_changes(old, new))
     effective = dataclasses.replace(new, **keep)
     return ReloadPlan(tuple(live), tuple(restart), upstream_changed, effective)
+
+
+def _seller_changes(old: Config, new: Config) -> list[Change]:
+    before, after = old.seller.describe(), new.seller.describe()
+    return [Change(key, str(before[key]), str(after[key])) for key in before if before[key] != after[key]]
 
 
 def _upstream_changes(old: Config, new: Config) -> list[Change]:

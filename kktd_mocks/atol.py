@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -60,6 +61,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from aiohttp import web
+
+from kktd.upstreams import EmbeddedMock
+from kktd.upstreams.atol_v5 import AtolSettings
 
 __all__ = [
     "Behaviour",
@@ -856,6 +860,15 @@ async def start_mock_atol(host: str = "127.0.0.1", port: int = 0, **options: Any
     mock = MockAtol(state, runner, site, host, bound)
     log.info("mock ATOL Online v5 listening on %s (admin %s)", mock.url, mock.admin_url)
     return mock
+
+
+async def start_embedded(settings: AtolSettings) -> EmbeddedMock:
+    """`kktd serve --embedded-mock` (development): a mock in kktd's own event loop that accepts the configured
+    login, password, group and INN, and the settings that send to it."""
+    mock = await start_mock_atol("127.0.0.1", 0, login=settings.login, password=settings.password,
+                                 group_code=settings.group_code, inn=settings.company.inn)
+    return EmbeddedMock(dataclasses.replace(settings, url=mock.url),
+                        f"mock ATOL Online v5 on {mock.url} (admin {mock.admin_url})", mock.close)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

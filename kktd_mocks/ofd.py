@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -52,6 +53,9 @@ from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from aiohttp import web
+
+from kktd.upstreams import EmbeddedMock
+from kktd.upstreams.kktd_ofd import KktdOfdSettings
 
 __all__ = [
     "MODES",
@@ -810,6 +814,14 @@ async def start_mock_ofd(host: str = "127.0.0.1", port: int = 0, db_path: str | 
     mock = MockOfd(host, port, admin_port, state)
     await mock.start()
     return mock
+
+
+async def start_embedded(settings: KktdOfdSettings) -> EmbeddedMock:
+    """`kktd serve --embedded-mock` (development): a mock in kktd's own event loop, and the settings that
+    send to it."""
+    mock = await start_mock_ofd("127.0.0.1", 0)
+    return EmbeddedMock(dataclasses.replace(settings, url=str(mock.url)),
+                        f"mock OFD on {mock.url} (admin {mock.admin_url})", mock.close)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

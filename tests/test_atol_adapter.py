@@ -17,16 +17,18 @@ from aiohttp import web
 
 from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt, validate_receipt
+from kktd.upstreams import atol_v5
 from kktd.upstreams.atol_v5 import (
     NAME,
     OPTIONS,
     AtolOnlineV5,
     AtolSettings,
-    atol_settings,
-    inn_is_valid,
 )
 from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, NotRegistered, Outgoing, Refused, Registered,
     StillProcessing, Undelivered, UpstreamUnavailable)
+from kktd import seller
+from kktd.seller import inn_is_valid, parse_seller
+from kktd.upstreams.atol_v5_mapping import Company
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
 from tests.support import free_port
 
@@ -35,9 +37,9 @@ PASSWORD = DEFAULT_PASSWORD
 
 
 def settings_for(url: str, **changes: Any) -> AtolSettings:
+    company = Company(changes.pop("company_inn", DEFAULT_INN), "shop@example.ru", "https://shop.example.ru")
     values: dict[str, Any] = dict(url=url, login=DEFAULT_LOGIN, password=PASSWORD, group_code=DEFAULT_GROUP,
-                                  company_inn=DEFAULT_INN, company_email="shop@example.ru",
-                                  company_payment_address="https://shop.example.ru", concurrency=4, timeout=5.0)
+                                  company=company, concurrency=4, timeout=5.0)
     values.update(changes)
     return AtolSettings(**values)
 
@@ -521,10 +523,15 @@ def raw_settings(password_file: Path, **changes: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def atol_settings(values: dict[str, Any], environ: dict[str, str]) -> AtolSettings:
+    """The upstream's settings as kktd.config builds them: kktd's seller settings parsed first."""
+    return atol_v5.atol_settings(values, parse_seller(values), environ=environ)
+
+
 def test_settings_are_parsed(password_file: Path) -> None:
     settings = atol_settings(raw_settings(password_file), environ={})
     assert settings == AtolSettings("https://online.atol.ru/possystem/v5", "shop-login", PASSWORD, "group_5179",
-                                    "5544332219", "shop@example.ru", "https://shop.example.ru", 8, 2.5,
+                                    Company("5544332219", "shop@example.ru", "https://shop.example.ru"), 8, 2.5,
                                     password_file)
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.describe())
     assert "***" in repr(settings)
@@ -633,9 +640,9 @@ def test_inn_check_digits(inn: str, valid: bool) -> None:
 
 
 def test_every_option_spec_parses_its_default_or_has_none(password_file: Path) -> None:
-    for spec in OPTIONS:
+    for spec in OPTIONS + seller.OPTIONS:
         assert spec.key and spec.help
         if spec.default is not None:
             assert spec.parse(spec.default) == spec.default
-    keys = [spec.key for spec in OPTIONS]
+    keys = [spec.key for spec in OPTIONS + seller.OPTIONS]
     assert len(keys) == len(set(keys))

@@ -68,7 +68,7 @@ def test_flags_override_the_file(tmp_path: Path, password_file: Path) -> None:
                               "https://fiscalization.evotor.ru/possystem/v5/"])
     settings = config_module.load(args, environ={}).upstream_settings
     assert isinstance(settings, AtolSettings)
-    assert (settings.login, settings.company_inn, settings.url) == \
+    assert (settings.login, settings.company.inn, settings.url) == \
         ("from-flag", "7707083893", "https://fiscalization.evotor.ru/possystem/v5")
 
 

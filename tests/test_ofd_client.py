@@ -243,48 +243,48 @@ def acks_with(**override: Any) -> Handler:
 
 
 GARBAGE: dict[str, tuple[Handler, str]] = {
-    "html page": (answer(200, "<html><body>OK</body></html>", "text/html"), "bad_response: content_type"),
-    "json type, not json": (answer(200, "OK, thanks"), "bad_response: not_json"),
-    "invalid utf-8": (answer(200, b'{"results": ["\xff"]}'), "bad_response: not_json"),
-    "empty body": (answer(200, ""), "bad_response: not_json"),
-    "bare list": (results_of(lambda entries: [ack_for(e, 1) for e in entries]), "bad_response: shape"),
-    "results not a list": (answer(200, '{"results": {"0": 1}}'), "bad_response: shape"),
-    "no results": (answer(200, '{"status": "ok"}'), "bad_response: shape"),
+    "html page": (answer(200, "<html><body>OK</body></html>", "text/html"), "bad_answer: content_type"),
+    "json type, not json": (answer(200, "OK, thanks"), "bad_answer: not_json"),
+    "invalid utf-8": (answer(200, b'{"results": ["\xff"]}'), "bad_answer: not_json"),
+    "empty body": (answer(200, ""), "bad_answer: not_json"),
+    "bare list": (results_of(lambda entries: [ack_for(e, 1) for e in entries]), "bad_answer: shape"),
+    "results not a list": (answer(200, '{"results": {"0": 1}}'), "bad_answer: shape"),
+    "no results": (answer(200, '{"status": "ok"}'), "bad_answer: shape"),
     "result not an object": (results_of(lambda entries: {"results": ["ok"] * len(entries)}),
-                             "bad_response: shape"),
+                             "bad_answer: shape"),
     "too few results": (results_of(lambda entries: {"results": [ack_for(entries[0], 1)]}),
-                        "bad_response: length_mismatch"),
+                        "bad_answer: length_mismatch"),
     "too many results": (results_of(lambda entries: {"results": [ack_for(e, 1) for e in entries * 2]}),
-                         "bad_response: length_mismatch"),
+                         "bad_answer: length_mismatch"),
     "swapped order": (results_of(lambda entries: {"results": [ack_for(e, 1) for e in reversed(entries)]}),
-                      "bad_response: receipt_id_mismatch"),
+                      "bad_answer: receipt_id_mismatch"),
     "unknown id": (results_of(lambda entries: {"results": [
         {**ack_for(e, 1), "receipt_id": "someone-else"} for e in entries]}),
-        "bad_response: receipt_id_mismatch"),
-    "number as string": (acks_with(fiscal_document_number="1"), "bad_response: invalid_ack"),
-    "number as bool": (acks_with(fiscal_document_number=True), "bad_response: invalid_ack"),
-    "number as float": (acks_with(fiscal_document_number=1.0), "bad_response: invalid_ack"),
-    "number zero": (acks_with(fiscal_document_number=0), "bad_response: invalid_ack"),
-    "sign missing": (acks_with(fiscal_sign=None), "bad_response: invalid_ack"),
-    "sign empty": (acks_with(fiscal_sign=""), "bad_response: invalid_ack"),
-    "sign as number": (acks_with(fiscal_sign=123), "bad_response: invalid_ack"),
-    "time not a date": (acks_with(ofd_received_at="yesterday"), "bad_response: invalid_ack"),
-    "time without zone": (acks_with(ofd_received_at="2026-11-24T03:00:01"), "bad_response: invalid_ack"),
-    "date only": (acks_with(ofd_received_at="2026-11-24"), "bad_response: invalid_ack"),
+        "bad_answer: receipt_id_mismatch"),
+    "number as string": (acks_with(fiscal_document_number="1"), "bad_answer: invalid_ack"),
+    "number as bool": (acks_with(fiscal_document_number=True), "bad_answer: invalid_ack"),
+    "number as float": (acks_with(fiscal_document_number=1.0), "bad_answer: invalid_ack"),
+    "number zero": (acks_with(fiscal_document_number=0), "bad_answer: invalid_ack"),
+    "sign missing": (acks_with(fiscal_sign=None), "bad_answer: invalid_ack"),
+    "sign empty": (acks_with(fiscal_sign=""), "bad_answer: invalid_ack"),
+    "sign as number": (acks_with(fiscal_sign=123), "bad_answer: invalid_ack"),
+    "time not a date": (acks_with(ofd_received_at="yesterday"), "bad_answer: invalid_ack"),
+    "time without zone": (acks_with(ofd_received_at="2026-11-24T03:00:01"), "bad_answer: invalid_ack"),
+    "date only": (acks_with(ofd_received_at="2026-11-24"), "bad_answer: invalid_ack"),
     "empty result object": (results_of(lambda entries: {"results": [
-        {"receipt_id": e["receipt_id"]} for e in entries]}), "bad_response: invalid_ack"),
+        {"receipt_id": e["receipt_id"]} for e in entries]}), "bad_answer: invalid_ack"),
     "error not an object": (results_of(lambda entries: {"results": [
         {"receipt_id": e["receipt_id"], "error": "nope"} for e in entries]}),
-        "bad_response: invalid_rejection"),
+        "bad_answer: invalid_rejection"),
     "error without code": (results_of(lambda entries: {"results": [
         {"receipt_id": e["receipt_id"], "error": {"message": "x"}} for e in entries]}),
-        "bad_response: invalid_rejection"),
+        "bad_answer: invalid_rejection"),
     "error without message": (results_of(lambda entries: {"results": [
         {"receipt_id": e["receipt_id"], "error": {"code": "x"}} for e in entries]}),
-        "bad_response: invalid_rejection"),
+        "bad_answer: invalid_rejection"),
     "ack and error at once": (results_of(lambda entries: {"results": [
         {**ack_for(e, 1), "error": {"code": "x", "message": "y"}} for e in entries]}),
-        "bad_response: invalid_rejection"),
+        "bad_answer: invalid_rejection"),
     "http 500": (answer(500, '{"results": []}'), "http_500"),
     "http 503": (answer(503, "busy", "text/plain"), "http_503"),
     "http 404": (answer(404, "not found", "text/plain"), "http_404"),
@@ -309,7 +309,7 @@ async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: FakeOfdFactory) -
     server = await fake_ofd(results_of(make))
     with pytest.raises(UpstreamUnavailable) as info:
         await send_to(server.url, [item(n) for n in range(10)])
-    assert info.value.reason == "bad_response: invalid_ack"
+    assert info.value.reason == "bad_answer: invalid_ack"
     assert "result 9" in str(info.value)
 
 
@@ -333,7 +333,7 @@ async def test_content_type_with_charset_is_json(fake_ofd: FakeOfdFactory) -> No
 async def test_oversized_answer_is_refused(fake_ofd: FakeOfdFactory) -> None:
     huge = b'{"results": ["' + b"x" * (2 << 20) + b'"]}'
     server = await fake_ofd(answer(200, huge))
-    assert await reason_from(server.url) == "bad_response: too_large"
+    assert await reason_from(server.url) == "bad_answer: too_large"
 
 
 async def test_oversized_chunked_answer_is_refused(fake_ofd: FakeOfdFactory) -> None:
@@ -349,7 +349,7 @@ async def test_oversized_chunked_answer_is_refused(fake_ofd: FakeOfdFactory) -> 
         return response
 
     server = await fake_ofd(handler)
-    assert await reason_from(server.url) == "bad_response: too_large"
+    assert await reason_from(server.url) == "bad_answer: too_large"
 
 
 async def test_headers_that_never_come_are_a_timeout(fake_ofd: FakeOfdFactory) -> None:
@@ -438,7 +438,7 @@ async def test_non_http_answer_is_a_protocol_error() -> None:
     server = await asyncio.start_server(babble, "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
-        assert await reason_from(f"http://127.0.0.1:{port}") == "bad_response: http_protocol"
+        assert await reason_from(f"http://127.0.0.1:{port}") == "bad_answer: http_protocol"
     finally:
         server.close()
         await server.wait_closed()

@@ -53,8 +53,8 @@ def test_nothing_changed(tmp_path: Path) -> None:
 
 
 def test_embedded_mock_keeps_its_upstream(tmp_path: Path) -> None:
-    old = make_config(tmp_path, embedded_mock_ofd=True)
-    new = make_config(tmp_path, embedded_mock_ofd=True, ofd_url="http://elsewhere:1")
+    old = make_config(tmp_path, embedded_mock=True)
+    new = make_config(tmp_path, embedded_mock=True, ofd_url="http://elsewhere:1")
     plan = reload.plan(old, new)
     assert not plan.upstream_changed and plan.effective.upstream_settings == old.upstream_settings
     assert [c.key for c in plan.needs_restart] == ["ofd_url"]

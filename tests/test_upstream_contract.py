@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import pytest
 
 from kktd.receipt import sample_receipt, validate_receipt
+from kktd.seller import parse_seller
 from kktd.upstreams import REGISTRY
 from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, Outgoing, Refused, Registered,
     StillProcessing, SubmitOutcome, UpstreamUnavailable)
@@ -88,7 +89,7 @@ def make_adapter(name: str, values: Mapping[str, Any]) -> Upstream:
     spec = REGISTRY[name]
     parsed = {option.key: option.parse(values[option.key]) if option.key in values else option.default
               for option in spec.options}
-    return spec.create(spec.settings(parsed))
+    return spec.create(spec.settings(parsed, parse_seller(values)))
 
 
 # ---- kktd-ofd × kktd_mocks.ofd ----

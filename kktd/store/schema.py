@@ -58,8 +58,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX receipts_failed ON receipts(seq) WHERE status = 'failed'",
         "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
     ),
-    # Two-phase upstreams (ATOL Online): a `submitted` state, the upstream's own reference, the external id
-    # a registration was sent under, and the fiscal register's full answer. SQLite cannot change a CHECK
+    # Two-phase upstreams (registered first, their result polled): a `submitted` state, the upstream's own
+    # reference, the external id a registration was sent under, and the fiscal register's full answer. SQLite cannot change a CHECK
     # constraint in place, so the table is rebuilt inside the migration's transaction.
     2: (
         """CREATE TABLE receipts_v2 (

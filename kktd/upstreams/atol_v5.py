@@ -29,10 +29,11 @@ import yarl
 
 from kktd.errors import ConfigError
 from kktd.options import Option, duration_in, int_in
+from kktd.seller import Seller
 from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
 from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
     PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
-from kktd.upstreams.http import HttpUpstream, client_session, read_capped
+from kktd.upstreams.http import HttpUpstream, bad_answer
 
 __all__ = [
     "DEFAULT_URL",
@@ -44,12 +45,9 @@ __all__ = [
     "atol_settings",
     "create",
     "parse_atol_url",
-    "parse_company_email",
-    "parse_company_inn",
     "parse_group_code",
     "parse_login",
     "parse_password_file",
-    "parse_payment_address",
     "read_password",
 ]
 
@@ -96,10 +94,6 @@ AUTH_PROBLEMS: Mapping[int, _AuthProblem] = {
 
 # ---- settings ----------------------------------------------------------------------------------------------
 
-INN_10_WEIGHTS = (2, 4, 10, 3, 5, 9, 4, 6, 8)
-INN_11_WEIGHTS = (7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
-INN_12_WEIGHTS = (3, 7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
 LOGIN_RE = re.compile(r"\S{1,100}")
 GROUP_CODE_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -111,9 +105,7 @@ class AtolSettings:
     login: str
     password: str
     group_code: str
-    company_inn: str
-    company_email: str
-    company_payment_address: str
+    company: Company
     concurrency: int = 4
     timeout: float = 10.0
     password_file: Path | None = None  # where the password was read (shown by describe())
@@ -127,14 +119,9 @@ class AtolSettings:
         return {
             "atol_url": self.url, "atol_login": self.login, "atol_password": "***",
             "atol_password_file": None if self.password_file is None else str(self.password_file),
-            "atol_group_code": self.group_code, "company_inn": self.company_inn, "company_email": self.company_email,
-            "company_payment_address": self.company_payment_address, "upstream_concurrency": self.concurrency,
+            "atol_group_code": self.group_code, **self.company.describe(), "upstream_concurrency": self.concurrency,
             "atol_timeout": self.timeout,
         }
-
-    @property
-    def company(self) -> Company:
-        return Company(self.company_inn, self.company_email, self.company_payment_address)
 
 
 def _text(raw: Any) -> str:
@@ -169,47 +156,6 @@ def parse_group_code(raw: Any) -> str:
     text = _text(raw)
     if not GROUP_CODE_RE.fullmatch(text):
         raise ValueError("must be 1..100 characters of A-Z a-z 0-9 . _ -")
-    return text
-
-
-def _check_digit(digits: str, weights: tuple[int, ...]) -> int:
-    return sum(int(d) * w for d, w in zip(digits, weights)) % 11 % 10
-
-
-def inn_is_valid(inn: str) -> bool:
-    """A 10-digit (organisation) or 12-digit (person) INN with correct check digits."""
-    if not inn.isascii() or not inn.isdigit():
-        return False
-    if len(inn) == 10:
-        return _check_digit(inn, INN_10_WEIGHTS) == int(inn[9])
-    if len(inn) == 12:
-        return (_check_digit(inn, INN_11_WEIGHTS) == int(inn[10])
-                and _check_digit(inn, INN_12_WEIGHTS) == int(inn[11]))
-    return False
-
-
-def parse_company_inn(raw: Any) -> str:
-    text = _text(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
-    if not text.isascii() or not text.isdigit() or len(text) not in (10, 12):
-        raise ValueError("must be the seller's INN: 10 or 12 digits")
-    if not inn_is_valid(text):
-        raise ValueError("is not a valid INN (its check digits do not match)")
-    return text
-
-
-def parse_company_email(raw: Any) -> str:
-    text = _text(raw)
-    if len(text) > 64 or not EMAIL_RE.fullmatch(text):
-        raise ValueError("must be an e-mail address of at most 64 characters")
-    return text
-
-
-def parse_payment_address(raw: Any) -> str:
-    text = _text(raw)
-    if not text.strip() or len(text) > 256:
-        raise ValueError("must be 1..256 characters (the shop's site or the place of settlement)")
-    if CONTROL_CHARS_RE.search(text):
-        raise ValueError("must not contain control characters")
     return text
 
 
@@ -251,16 +197,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs (atol-online-v5)"),
     Option("atol_password_file", parse_password_file, None,
            "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)"),
-    Option("company_inn", parse_company_inn, None,
-           "seller's INN, as in the fiscal storage: 10 or 12 digits (atol-online-v5)"),
-    Option("company_email", parse_company_email, None, "seller's e-mail on every receipt (atol-online-v5)"),
-    Option("company_payment_address", parse_payment_address, None,
-           "place of settlement, e.g. the shop's site (atol-online-v5)"),
     Option("upstream_concurrency", int_in(1, 64), 4,
            "HTTP requests to the upstream in flight at once, registrations and polls together (atol-online-v5)"),
     Option("atol_timeout", duration_in(0.05, 600), 10.0, "timeout of one ATOL Online request (atol-online-v5)"),
 )
-_REQUIRED = ("atol_login", "atol_group_code", "company_inn", "company_email", "company_payment_address")
+_REQUIRED = ("atol_login", "atol_group_code")
+# kktd's own seller settings (kktd/seller.py) that every ATOL receipt carries (tags 1018, 1117, 1187).
+SELLER_REQUIRES = ("company_inn", "company_email", "company_payment_address")
 
 
 def _setting(values: Mapping[str, Any], spec: Option) -> Any:
@@ -275,7 +218,8 @@ def _setting(values: Mapping[str, Any], spec: Option) -> Any:
         raise ConfigError(f"{spec.key} = {raw!r}: {exc}") from None
 
 
-def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AtolSettings:
+def atol_settings(values: Mapping[str, Any], seller: Seller,
+                  environ: Mapping[str, str] | None = None) -> AtolSettings:
     """Validate this upstream's settings (raw or already parsed values, by option key); ConfigError names the key.
 
     The password comes from ``atol_password_file`` or, when that is unset, from systemd's credential
@@ -283,6 +227,7 @@ def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
     """
     environ = os.environ if environ is None else environ
     parsed = {spec.key: _setting(values, spec) for spec in OPTIONS}
+    company = _company(seller)
     password_path: Path | None = parsed["atol_password_file"]
     if password_path is None:
         credentials = environ.get("CREDENTIALS_DIRECTORY", "")
@@ -301,11 +246,15 @@ def atol_settings(values: Mapping[str, Any], environ: Mapping[str, str] | None =
         raise ConfigError(f"{key}: {exc}") from None
     return AtolSettings(
         url=parsed["atol_url"], login=parsed["atol_login"], password=password,
-        group_code=parsed["atol_group_code"], company_inn=parsed["company_inn"],
-        company_email=parsed["company_email"], company_payment_address=parsed["company_payment_address"],
+        group_code=parsed["atol_group_code"], company=company,
         concurrency=parsed["upstream_concurrency"], timeout=parsed["atol_timeout"],
         password_file=password_path,
     )
+
+
+def _company(seller: Seller) -> Company:
+    inn, email, address = seller.required(NAME, SELLER_REQUIRES)
+    return Company(inn, email, address, seller.cashier_name, seller.cashier_inn)
 
 
 def create(settings: AtolSettings) -> AtolOnlineV5:
@@ -330,10 +279,6 @@ class _Answer:
     error: AtolError | None
 
 
-def _bad(what: str, detail: str | None = None) -> UpstreamUnavailable:
-    return UpstreamUnavailable(FailureKind.BAD_ANSWER, f"bad_answer: {what}", detail)
-
-
 def _short(text: str) -> str:
     return text if len(text) <= MAX_TEXT_LEN else text[:MAX_TEXT_LEN] + "…"
 
@@ -343,44 +288,19 @@ def _parse_error(document: dict[str, Any]) -> AtolError | None:
     if error is None:
         return None
     if not isinstance(error, dict):
-        raise _bad("error", "error is neither null nor an object")
+        raise bad_answer("error", "error is neither null nor an object")
     code, text, kind = error.get("code"), error.get("text"), error.get("type")
     if type(code) is not int:  # bool is an int subclass: true must not pass as code 1
-        raise _bad("error", "error.code is not an integer")
+        raise bad_answer("error", "error.code is not an integer")
     if not isinstance(text, str):
-        raise _bad("error", "error.text is not a string")
+        raise bad_answer("error", "error.text is not a string")
     if kind is not None and not isinstance(kind, str):
-        raise _bad("error", "error.type is not a string")
+        raise bad_answer("error", "error.type is not a string")
     return AtolError(code, _short(text), kind)
 
 
 def _is_uuid(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and 0 < len(value) <= MAX_UUID_LEN and value.isprintable()
-
-
-def _classify_transport(exc: BaseException, *, sent: bool) -> UpstreamUnavailable:
-    """A transport failure -> a stable reason; the detail names the error class and OS error only.
-
-    ``sent`` False: nothing that could register a document was on its way (getToken), so not_sent whatever
-    happened to the connection.
-    """
-    detail = type(exc).__name__
-    os_error = getattr(exc, "os_error", exc)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        detail = f"{detail}: {os_error.strerror}"
-    maybe = FailureKind.MAYBE_SENT if sent else FailureKind.NOT_SENT
-    # Order matters: aiohttp's timeout errors are connection errors too, and a connect timeout is both.
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return UpstreamUnavailable(maybe, "timeout", detail)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
-        return UpstreamUnavailable(maybe, "connection_lost", detail)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return _bad("http_protocol", detail)
-    return UpstreamUnavailable(maybe, "client_error", detail)
 
 
 def _auth_unavailable(error: AtolError) -> UpstreamUnavailable | None:
@@ -397,8 +317,8 @@ def _http_failure(answer: _Answer, *, sent: bool) -> UpstreamUnavailable:
     if answer.error is not None and answer.error.code in TRANSIENT_CODES:
         return UpstreamUnavailable(maybe, f"atol_error_{answer.error.code}", f"HTTP {answer.status}")
     if answer.error is not None:
-        return _bad("unexpected_error_code", f"code {answer.error.code} with HTTP {answer.status}")
-    return _bad("unexpected_answer", f"HTTP {answer.status}")
+        return bad_answer("unexpected_error_code", f"code {answer.error.code} with HTTP {answer.status}")
+    return bad_answer("unexpected_answer", f"HTTP {answer.status}")
 
 
 def _str_field(payload: dict[str, Any], name: str, *, required: bool = True, limit: int = 256) -> str | None:
@@ -406,21 +326,21 @@ def _str_field(payload: dict[str, Any], name: str, *, required: bool = True, lim
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value or len(value) > limit:
-        raise _bad("invalid_payload", f"payload.{name}")
+        raise bad_answer("invalid_payload", f"payload.{name}")
     return value
 
 
 def _int_field(payload: dict[str, Any], name: str, low: int = 0) -> int:
     value = payload.get(name)
     if type(value) is not int or value < low:
-        raise _bad("invalid_payload", f"payload.{name}")
+        raise bad_answer("invalid_payload", f"payload.{name}")
     return value
 
 
 def parse_fiscal_data(payload: object) -> FiscalData:
     """The ``payload`` of a ``done`` report -> FiscalData; raises bad_answer unless every field is well-typed."""
     if not isinstance(payload, dict):
-        raise _bad("invalid_payload", "payload is not an object")
+        raise bad_answer("invalid_payload", "payload is not an object")
     return FiscalData(
         fiscal_document_number=_int_field(payload, "fiscal_document_number", 1),
         fiscal_sign=str(_int_field(payload, "fiscal_document_attribute")),
@@ -458,7 +378,9 @@ class AtolOnlineV5(HttpUpstream):
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout, sock_connect=settings.timeout / 2)
         # Registrations and polls share these slots: ATOL sees at most `concurrency` of them at once.
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._session: aiohttp.ClientSession | None = None
+        # One connection more than the slots: a getToken never waits for a pooled connection.
+        self._connection_limit = settings.concurrency + 1
+        self._max_answer_bytes = MAX_RESPONSE_BYTES
         self._token: str | None = None
         self._token_lock = asyncio.Lock()
         self._auth_failure: UpstreamUnavailable | None = None  # the last auth refusal, logged once
@@ -466,13 +388,6 @@ class AtolOnlineV5(HttpUpstream):
 
     def __repr__(self) -> str:
         return f"AtolOnlineV5(url={self._settings.url!r}, group_code={self._group!r})"
-
-    # -- lifecycle --
-
-    async def start(self) -> None:
-        if self._session is None or self._session.closed:
-            # One connection more than the slots: a getToken never waits for a pooled connection.
-            self._session = client_session(self._settings.concurrency + 1, self._timeout)
 
     # -- the Upstream protocol --
 
@@ -510,19 +425,19 @@ class AtolOnlineV5(HttpUpstream):
     def _registration_outcome(self, outgoing: Outgoing, answer: _Answer) -> SubmitOutcome:
         error, document = answer.error, answer.document
         if error is not None and document.get("status") == "done":
-            raise _bad("status_and_error", f"status done with error {error.code}")
+            raise bad_answer("status_and_error", f"status done with error {error.code}")
         if error is None:
             if answer.status != 200 or document.get("status") not in ("wait", "done"):
                 raise _http_failure(answer, sent=True)
             uuid = document.get("uuid")
             if not _is_uuid(uuid):
-                raise _bad("invalid_uuid", "registration answer")
+                raise bad_answer("invalid_uuid", "registration answer")
             return Registered(outgoing.receipt_id, uuid)
         if error.code == CODE_DUPLICATE:
             # The document exists under this external_id (our earlier request got through): adopt its uuid.
             uuid = document.get("uuid")
             if not _is_uuid(uuid):
-                raise _bad("duplicate_without_uuid", "error 33 without the original uuid")
+                raise bad_answer("duplicate_without_uuid", "error 33 without the original uuid")
             return Registered(outgoing.receipt_id, uuid)
         if error.code in CONTENT_REFUSALS:
             return Refused(outgoing.receipt_id, f"atol_{error.code}", error.text)
@@ -537,7 +452,7 @@ class AtolOnlineV5(HttpUpstream):
         document, error = answer.document, answer.error
         status = document.get("status")
         if status == "done" and error is not None:
-            raise _bad("status_and_error", f"status done with error {error.code}")
+            raise bad_answer("status_and_error", f"status done with error {error.code}")
         if answer.status == 200 and status == "done" and error is None:
             self._check_identity(awaiting, document)
             return Fiscalized(awaiting.receipt_id, parse_fiscal_data(document.get("payload")))
@@ -560,10 +475,10 @@ class AtolOnlineV5(HttpUpstream):
     def _check_identity(awaiting: AwaitingResult, document: dict[str, Any]) -> None:
         uuid = document.get("uuid")
         if uuid is not None and uuid != awaiting.reference:
-            raise _bad("uuid_mismatch", "report of another document")
+            raise bad_answer("uuid_mismatch", "report of another document")
         external_id = document.get("external_id")
         if external_id is not None and external_id != awaiting.external_id:
-            raise _bad("external_id_mismatch", "report of another document")
+            raise bad_answer("external_id_mismatch", "report of another document")
 
     # -- token --
 
@@ -611,7 +526,7 @@ class AtolOnlineV5(HttpUpstream):
         token = answer.document.get("token")
         if answer.status != 200 or not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LEN \
                 or not token.isprintable():
-            raise _bad("invalid_token_answer", f"getToken HTTP {answer.status}")
+            raise bad_answer("invalid_token_answer", f"getToken HTTP {answer.status}")
         return token
 
     async def _authorized(self, call: _Call, method: str, url: yarl.URL, body: bytes | None) -> _Answer:
@@ -643,26 +558,13 @@ class AtolOnlineV5(HttpUpstream):
 
     async def _request(self, method: str, url: yarl.URL, body: bytes | None, token: str | None, *,
                        sent: bool) -> _Answer:
-        if self._session is None or self._session.closed:
-            await self.start()
-        assert self._session is not None
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json; charset=utf-8"
         if token is not None:
             headers["Token"] = token
-        try:
-            async with self._session.request(method, url, data=body, headers=headers,
-                                             allow_redirects=False) as response:
-                status = response.status
-                content_type = response.content_type
-                raw = await self._read_capped(response)
-        except UpstreamUnavailable:
-            raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            # Never chained: aiohttp's messages and request info carry the URL and the Token header.
-            raise _classify_transport(exc, sent=sent) from None
-        return self._decode(status, content_type, raw, sent=sent)
+        answer = await self._exchange(method, url, body, headers, sent=sent)
+        return self._decode(answer.status, answer.content_type, answer.body, sent=sent)
 
     @staticmethod
     def _decode(status: int, content_type: str, raw: bytes, *, sent: bool) -> _Answer:
@@ -677,19 +579,12 @@ class AtolOnlineV5(HttpUpstream):
             elif status in (408, 429):
                 return_error = UpstreamUnavailable(FailureKind.NOT_SENT, f"http_{status}")
             else:
-                return_error = _bad("not_json", f"HTTP {status}")
+                return_error = bad_answer("not_json", f"HTTP {status}")
             raise return_error
         error = _parse_error(document)
         if status >= 500 and (error is None or error.code in TRANSIENT_CODES):
             raise UpstreamUnavailable(maybe, f"http_{status}")
         return _Answer(status, document, error)
-
-    @staticmethod
-    async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-        raw = await read_capped(response, MAX_RESPONSE_BYTES)
-        if raw is None:
-            raise _bad("too_large")
-        return raw
 
     # -- batch bookkeeping --
 

@@ -84,11 +84,18 @@ class JsonNumber(str):
 
 @dataclass(frozen=True, slots=True)
 class Company:
-    """The seller's details ATOL requires on every receipt (tags 1117, 1018, 1187)."""
+    """The seller's details ATOL requires on every receipt (tags 1117, 1018, 1187), and the cashier printed when
+    a receipt names none (tags 1021, 1203)."""
 
     inn: str
     email: str
     payment_address: str
+    cashier_name: str | None = None
+    cashier_inn: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"company_inn": self.inn, "company_email": self.email, "company_payment_address": self.payment_address,
+                "cashier_name": self.cashier_name, "cashier_inn": self.cashier_inn}
 
 
 def kopecks_to_rubles(kopecks: int) -> JsonNumber:
@@ -199,12 +206,17 @@ def registration_document(receipt: Mapping[str, Any], external_id: str, accepted
         ],
         "total": kopecks_to_rubles(receipt["total"]),
     }
-    cashier = receipt.get("cashier") or {}
+    cashier = receipt.get("cashier") or _default_cashier(company)
     if "name" in cashier:
         body["cashier"] = cashier["name"]
     if "inn" in cashier:
         body["cashier_inn"] = cashier["inn"]
     return {"timestamp": atol_timestamp(accepted_ms, tz), "external_id": external_id, "receipt": body}
+
+
+def _default_cashier(company: Company) -> dict[str, str]:
+    cashier = {"name": company.cashier_name, "inn": company.cashier_inn}
+    return {key: value for key, value in cashier.items() if value is not None}
 
 
 def registration_body(receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company,

@@ -20,12 +20,14 @@ import yarl
 
 from kktd.clock import rfc3339
 from kktd.options import Option, duration_in, http_url, mask_url
+from kktd.seller import Seller
 from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
     SubmitOutcome, UpstreamUnavailable)
-from kktd.upstreams.http import HttpUpstream, client_session, read_capped
+from kktd.upstreams.http import HttpUpstream, bad_answer
 
 __all__ = [
     "MAX_BATCH",
+    "NAME",
     "OPTIONS",
     "KktdOfdSettings",
     "OfdAck",
@@ -35,6 +37,7 @@ __all__ = [
     "OfdResult",
 ]
 
+NAME = "kktd-ofd"
 MAX_BATCH = 100
 # 100 results are ~20 KiB; anything far beyond that is not an answer to our request.
 MAX_RESPONSE_BYTES = 1 << 20
@@ -97,10 +100,6 @@ class OfdRejection:
 OfdResult = OfdAck | OfdRejection
 
 
-def _bad(what: str, detail: str | None = None) -> UpstreamUnavailable:
-    return UpstreamUnavailable(FailureKind.BAD_ANSWER, f"bad_response: {what}", detail)
-
-
 def _is_rfc3339(value: object) -> TypeGuard[str]:
     if not isinstance(value, str) or not 10 < len(value) <= 64 or value[10] not in "Tt":
         return False
@@ -117,11 +116,11 @@ def _parse_ack(index: int, receipt_id: str, result: dict[str, Any]) -> OfdAck:
     received = result.get("ofd_received_at")
     # bool is an int subclass: True must not pass as document number 1.
     if type(fdn) is not int or fdn <= 0:
-        raise _bad("invalid_ack", f"result {index}: fiscal_document_number")
+        raise bad_answer("invalid_ack", f"result {index}: fiscal_document_number")
     if not isinstance(sign, str) or not sign or len(sign) > _MAX_SIGN_LEN:
-        raise _bad("invalid_ack", f"result {index}: fiscal_sign")
+        raise bad_answer("invalid_ack", f"result {index}: fiscal_sign")
     if not _is_rfc3339(received):
-        raise _bad("invalid_ack", f"result {index}: ofd_received_at")
+        raise bad_answer("invalid_ack", f"result {index}: ofd_received_at")
     return OfdAck(receipt_id, fdn, sign, received)
 
 
@@ -129,30 +128,30 @@ def _parse_rejection(index: int, receipt_id: str, result: dict[str, Any]) -> Ofd
     error = result["error"]
     if "fiscal_document_number" in result or "fiscal_sign" in result:
         # Both an ack and an error: we cannot tell what the OFD did.
-        raise _bad("invalid_rejection", f"result {index}: ack and error together")
+        raise bad_answer("invalid_rejection", f"result {index}: ack and error together")
     if not isinstance(error, dict):
-        raise _bad("invalid_rejection", f"result {index}: error")
+        raise bad_answer("invalid_rejection", f"result {index}: error")
     code, message = error.get("code"), error.get("message")
     if not isinstance(code, str) or not code or len(code) > _MAX_CODE_LEN:
-        raise _bad("invalid_rejection", f"result {index}: error.code")
+        raise bad_answer("invalid_rejection", f"result {index}: error.code")
     if not isinstance(message, str):
-        raise _bad("invalid_rejection", f"result {index}: error.message")
+        raise bad_answer("invalid_rejection", f"result {index}: error.message")
     return OfdRejection(receipt_id, code, message)
 
 
 def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]:
     """Check a decoded answer against the batch sent; raise UpstreamUnavailable unless it fits exactly."""
     if not isinstance(document, dict) or not isinstance(document.get("results"), list):
-        raise _bad("shape", "expected an object with a results list")
+        raise bad_answer("shape", "expected an object with a results list")
     results = document["results"]
     if len(results) != len(items):
-        raise _bad("length_mismatch", f"{len(results)} results for {len(items)} receipts")
+        raise bad_answer("length_mismatch", f"{len(results)} results for {len(items)} receipts")
     parsed: list[OfdResult] = []
     for index, (item, result) in enumerate(zip(items, results)):
         if not isinstance(result, dict):
-            raise _bad("shape", f"result {index} is not an object")
+            raise bad_answer("shape", f"result {index} is not an object")
         if result.get("receipt_id") != item.receipt_id:
-            raise _bad("receipt_id_mismatch", f"result {index}")
+            raise bad_answer("receipt_id_mismatch", f"result {index}")
         if "error" in result:
             parsed.append(_parse_rejection(index, item.receipt_id, result))
         else:
@@ -160,34 +159,21 @@ def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]
     return parsed
 
 
-def _classify(exc: BaseException) -> UpstreamUnavailable:
-    """Map a transport failure to a stable reason; the detail names the error class and OS error only."""
-    detail = type(exc).__name__
-    os_error = getattr(exc, "os_error", exc)
-    if isinstance(os_error, OSError) and os_error.strerror:
-        detail = f"{detail}: {os_error.strerror}"
-    # Order matters: aiohttp's timeout errors are also connection errors, and a connect timeout is both.
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)  # nothing was sent
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "timeout", detail)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
-        # The request may have reached the OFD: the answer, not the receipt, is what got lost.
-        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "connection_lost", detail)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return _bad("http_protocol", detail)
-    if isinstance(exc, aiohttp.ClientError):
-        return UpstreamUnavailable(FailureKind.MAYBE_SENT, "client_error", detail)
-    return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
+HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def _check_head(status: int, content_type: str) -> None:
+    if status != 200:
+        raise UpstreamUnavailable(FailureKind.MAYBE_SENT, f"http_{status}")
+    if content_type != "application/json":
+        raise bad_answer("content_type")
 
 
 class OfdClient(HttpUpstream):
     """The `kktd-ofd` upstream: sends batches to ``POST {base_url}/v1/receipts`` over one keep-alive HTTP
     session; the answer carries each receipt's result (one phase)."""
 
-    name: ClassVar[str] = "kktd-ofd"
+    name: ClassVar[str] = NAME
     two_phase: ClassVar[bool] = False
     max_batch = MAX_BATCH
 
@@ -202,12 +188,8 @@ class OfdClient(HttpUpstream):
         # A connect that takes half the budget has failed: reporting it as connect_error (nothing was
         # sent) rather than timeout keeps an unreachable OFD from counting as failed deliveries.
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=timeout_s / 2)
-        self._limit = connection_limit
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        if self._session is None or self._session.closed:
-            self._session = client_session(self._limit, self._timeout)
+        self._connection_limit = connection_limit
+        self._max_answer_bytes = MAX_RESPONSE_BYTES
 
     async def send_batch(self, items: Sequence[OfdItem]) -> list[OfdResult]:
         """Post ``items`` (1..100) and return one result per item, in order.
@@ -216,42 +198,13 @@ class OfdClient(HttpUpstream):
         """
         if not 0 < len(items) <= MAX_BATCH:
             raise ValueError(f"a batch holds 1..{MAX_BATCH} receipts, got {len(items)}")
-        if self._session is None or self._session.closed:
-            await self.start()
-        assert self._session is not None
         body = ("[" + ",".join(item.encode() for item in items) + "]").encode()
-        document = await self._post(self._session, body)
-        return parse_results(items, document)
-
-    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> object:
+        answer = await self._exchange("POST", self._url, body, HEADERS, head_check=_check_head)
         try:
-            async with session.post(
-                self._url,
-                data=body,
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    raise UpstreamUnavailable(FailureKind.MAYBE_SENT, f"http_{response.status}")
-                if response.content_type != "application/json":
-                    raise _bad("content_type")
-                raw = await self._read_capped(response)
-        except UpstreamUnavailable:
-            raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            # Not chained: aiohttp's messages can quote the URL, and with it any credentials in it.
-            raise _classify(exc) from None
-        try:
-            return json.loads(raw)
+            document = json.loads(answer.body)
         except (ValueError, UnicodeDecodeError):
-            raise _bad("not_json") from None
-
-    @staticmethod
-    async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-        raw = await read_capped(response, MAX_RESPONSE_BYTES)
-        if raw is None:
-            raise _bad("too_large")
-        return raw
+            raise bad_answer("not_json") from None
+        return parse_results(items, document)
 
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
         items = [OfdItem(r.receipt_id, r.external_id, rfc3339(r.accepted_ms), receipt_json=r.body) for r in batch]
@@ -285,7 +238,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def settings(values: Mapping[str, Any]) -> KktdOfdSettings:
+def settings(values: Mapping[str, Any], seller: Seller) -> KktdOfdSettings:
+    """kktd's own protocol carries the receipt as stored: no seller setting is sent (the OFD knows the seller)."""
     return KktdOfdSettings(url=values["ofd_url"], timeout=values["ofd_timeout"])
 
 
