@@ -61,7 +61,7 @@ class Services:
     # What an attacker can multiply (timeouts, disconnects, refused tokens) is logged once per interval.
     events: EventSummary = field(default_factory=lambda: EventSummary(log))
     metrics: Metrics = field(default_factory=Metrics)
-    # The upstream's own refusals at intake (e.g. ATOL Online's limits), while the till can still fix them.
+    # The upstream's own refusals at intake (e.g. a cloud register's limits), while the till can still fix them.
     intake_check: IntakeCheck | None = None
 
 
@@ -263,8 +263,8 @@ def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, An
         result["ofd"] = {
             "fiscal_document_number": fiscal.fiscal_document_number,
             "fiscal_sign": fiscal.fiscal_sign,
-            "ofd_received_at": fiscal.ofd_received_at,
-            "sent_at": rfc3339(fiscal.sent_ms),
+            "ofd_received_at": fiscal.registered_at,
+            "sent_at": rfc3339(row.sent_ms) if row.sent_ms is not None else None,
             "fn_number": fiscal.fn_number,
             "shift_number": fiscal.shift_number,
             "receipt_number": fiscal.receipt_number,
@@ -302,7 +302,7 @@ async def collect_status(services: Services) -> dict[str, Any]:
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
         "oldest_pending_alarm": services.config.pending_alarm(oldest_age),
         "db_size_bytes": await store.size_bytes(),
-        "writer": {"commits": store.commits, "rows_committed": store.committed_rows},
+        "writer": {"commits": store.counters.commits, "rows_committed": store.counters.committed_rows},
     }
     if services.sync is not None:
         status["sync"] = dataclasses.asdict(services.sync.status())

@@ -42,7 +42,8 @@ class Assembled:
 
 async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time.monotonic,
                    sleep: Sleep = asyncio.sleep) -> Assembled:
-    store = await Store.open(config.db, config.max_pending)
+    metrics = Metrics()
+    store = await Store.open(config.db, config.max_pending, on_group_commit=metrics.group_committed)
     stack.push_async_callback(store.close, config.drain_timeout)
     settings = await _upstream_settings(config, stack)
     spec = config.spec
@@ -52,8 +53,6 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     stack.push_async_callback(lambda: sync.upstream.close())
     breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change,
                              clock=clock)
-    metrics = Metrics()
-    store.metrics = metrics
     sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics,
                     traits=spec.traits)
     services = Services(config, store, sync, metrics=metrics, intake_check=spec.intake_check)
@@ -85,7 +84,7 @@ def state_snapshot(services: Services) -> StateSnapshot:
     store, sync, config = services.store, services.sync, services.config
     counts = {f.name: int(getattr(store.counts, f.name)) for f in dataclasses.fields(store.counts)}
     return StateSnapshot(
-        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.oldest_unsent_known_ms,
+        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.counters.oldest_unsent_ms,
         db_path=store.path, upstream=sync.upstream.name if sync is not None else config.upstream,
         breaker_state=str(sync.breaker.state) if sync is not None else "closed",
         last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,

@@ -215,7 +215,7 @@ class Daemon:
             self.tasks[f"close-upstream-{id(previous)}"] = asyncio.get_running_loop().create_task(
                 self._close_after_cycle(previous))
         logs.set_level(new.log_level)
-        kktd.store.max_pending = new.max_pending
+        kktd.store.set_capacity(new.max_pending)
         kktd.sync.config = new
         kktd.services.config = new
         kktd.config = new

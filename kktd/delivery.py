@@ -10,7 +10,7 @@ on the receipt is only ever polled, never submitted again under the same externa
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class FailureKind(enum.StrEnum):
@@ -50,6 +50,7 @@ class Outgoing:
     external_id: str
     accepted_ms: int  # when kktd accepted the receipt (epoch milliseconds)
     body: str  # the receipt's canonical JSON (kktd.receipt), exactly as stored
+    seq: int = field(default=0, compare=False)  # its place in the buffer: where the loop's next page starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class AwaitingResult:
     receipt_id: str
     external_id: str
     reference: str  # the upstream's own id for the document (e.g. a uuid it assigned)
+    seq: int = field(default=0, compare=False)  # its place in the buffer: where the loop's next page starts
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from kktd.receipt import parse_receipt, sample_receipt
-from kktd.store import Store, writer
+from kktd.store import Store, wal
 from kktd.store.identity import (Stamp, WalVerdict, check_wal, committed_transactions, parse_wal_header,
                                  read_db_header, wal_checksum, wal_path)
 from tests.support import KKTD_BIN, KktdProcess, post_many, receipts
@@ -145,7 +145,7 @@ async def test_every_wal_begins_with_a_stamp_across_checkpoints(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Checkpoints during a run start new WALs: each copy of the files taken mid-run (a crash at that
     moment) is recognised as the database's own, and the generation moves on."""
-    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 20)
+    monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 20)
     db = tmp_path / "buffer.db"
     store = await Store.open(db, 100_000)
     generations: list[int] = []
@@ -160,8 +160,8 @@ async def test_every_wal_begins_with_a_stamp_across_checkpoints(tmp_path: Path,
                 shutil.copy(wal_path(db), wal_path(snapshot / "buffer.db"))
             verdict = check_wal(snapshot / "buffer.db")
             assert verdict.verdict in (WalVerdict.OWN, WalVerdict.NOTHING_COMMITTED), verdict.detail
-            assert store._stamp is not None
-            generations.append(store._stamp.generation)
+            assert store.wal.stamp is not None
+            generations.append(store.wal.stamp.generation)
     finally:
         await store.close()
     assert generations[-1] > generations[0] + 3, "the run checkpointed and stamped several times"

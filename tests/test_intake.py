@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from kktd.store import PRAGMAS, SCHEMA_VERSION, Accepted, Store
-from kktd.store import queries, writer
+from kktd.store import queries, wal, writer
 from kktd.store.identity import (WAL_INDEX_READ, WalVerdict, check_wal, committed_transactions,
                                  frames_to_checkpoint, shm_path, stamps_in, wal_path)
 from kktd.errors import CorruptDatabase, StorageUnavailable
@@ -81,8 +81,8 @@ async def test_concurrent_duplicates_with_a_conflicting_body(app: App) -> None:
 async def test_concurrent_intakes_share_commits(app: App) -> None:
     results = await asyncio.gather(*(post(app, sample_receipt(f"group-{i}")) for i in range(200)))
     assert all(status == 201 for status, _ in results)
-    assert app.store.committed_rows == 200
-    assert app.store.commits < 200, "no commit was shared: every intake paid its own fsync"
+    assert app.store.counters.committed_rows == 200
+    assert app.store.counters.commits < 200, "no commit was shared: every intake paid its own fsync"
     assert await app.row_count() == 200
 
 
@@ -207,8 +207,8 @@ async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(
     """With the automatic checkpoint off, the writer checkpoints between two transactions once the WAL holds
     CHECKPOINT_FRAMES frames not yet copied: pages reach the database file while intake goes on, and the WAL
     never holds more than CHECKPOINT_FORCE_FRAMES uncopied frames."""
-    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 100)
-    monkeypatch.setattr(writer, "CHECKPOINT_FORCE_FRAMES", 400)
+    monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 100)
+    monkeypatch.setattr(wal, "CHECKPOINT_FORCE_FRAMES", 400)
     path = tmp_path / "buffer.db"
     buffer = await Store.open(path, 100_000)
     uncopied: list[int] = []
@@ -220,7 +220,7 @@ async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(
             frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
             assert frames is not None
             uncopied.append(frames)
-        assert buffer.checkpoints >= 2
+        assert buffer.wal.checkpoints >= 2
         assert path.stat().st_size > empty_size  # pages reached the database file while kktd runs
     finally:
         await buffer.close()
@@ -233,13 +233,13 @@ async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """One till: every receipt commits by itself on the fast path, so the writer task never runs a batch; a
     checkpoint that falls due is queued for the writer, and the WAL stays bounded all the same."""
-    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 60)
+    monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 60)
     path = tmp_path / "buffer.db"
     buffer = await Store.open(path, 100_000)
     try:
         await accept_many(buffer, "one", 300, concurrency=1)
         await buffer.ping()
-        assert buffer.checkpoints >= 10
+        assert buffer.wal.checkpoints >= 10
         page = await buffer.run(functools.partial(_pragma, name="page_size"))
         # Without checkpoints 300 receipts would leave well over a thousand frames in the WAL file.
         assert Path(f"{path}-wal").stat().st_size < 300 * (page + 24)
@@ -252,7 +252,7 @@ async def test_a_reader_holding_old_frames_does_not_make_every_batch_checkpoint(
     """A reader's snapshot (the integrity check after start-up reads for seconds on a large database) keeps
     a PASSIVE checkpoint from copying what it may still read. The writer then checkpoints again only once
     CHECKPOINT_FRAMES more frames came, not after every batch."""
-    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 50)
+    monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 50)
     path = tmp_path / "buffer.db"
     buffer = await Store.open(path, 100_000)
     reader = sqlite3.connect(path, isolation_level=None)
@@ -265,7 +265,7 @@ async def test_a_reader_holding_old_frames_does_not_make_every_batch_checkpoint(
             await buffer.ping()
         frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
         assert frames is not None and frames > 200, "the reader kept the checkpoints from copying"
-        assert 1 <= buffer.checkpoints <= frames // 50 + 1, (buffer.checkpoints, frames)
+        assert 1 <= buffer.wal.checkpoints <= frames // 50 + 1, (buffer.wal.checkpoints, frames)
     finally:
         reader.close()
         await buffer.close()
@@ -275,10 +275,10 @@ async def _checkpointed_store(path: Path, monkeypatch: pytest.MonkeyPatch) -> St
     """A store whose writer has just checkpointed everything: the next write starts a new WAL."""
     buffer = await Store.open(path, 100_000)
     await accept_many(buffer, "before", 50)
-    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 1)
+    monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 1)
     await buffer.ping()  # the writer checkpoints after this job (nothing else is queued)...
     await buffer.ping()  # ...and runs this one after its checkpoint
-    assert buffer.checkpoints == 1
+    assert buffer.wal.checkpoints == 1
     frames = frames_to_checkpoint(shm_path(path).read_bytes()[:WAL_INDEX_READ])
     assert frames == 0, "the checkpoint copied the whole WAL"
     return buffer
@@ -499,14 +499,14 @@ async def test_slow_commits_gather_the_tills_they_answered(tmp_path: Path,
     try:
         # The first commits by itself (the writer was idle), the two behind it as one group.
         await asyncio.gather(*(buffer.accept(receipt(f"g-{n}")) for n in range(3)))
-        assert buffer.commits == 2
+        assert buffer.counters.commits == 2
         first = asyncio.ensure_future(buffer.accept(receipt("g-3")))
         for _ in range(50):  # event-loop steps, no time: the writer waits for the second till
             await asyncio.sleep(0)
-        assert not first.done() and buffer.commits == 2
+        assert not first.done() and buffer.counters.commits == 2
         second = await buffer.accept(receipt("g-4"))
         answers = [await first, second]
         assert all(isinstance(answer, Accepted) and answer.created for answer in answers)
-        assert buffer.commits == 3  # both in one commit
+        assert buffer.counters.commits == 3  # both in one commit
     finally:
         await buffer.close()

@@ -87,14 +87,14 @@ async def test_a_scrape_never_waits_for_the_database(app_factory: AppFactory) ->
 async def test_oldest_pending_age_follows_the_rows(app_factory: AppFactory, mock_ofd: MockOfd) -> None:
     app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
     store = app.store
-    assert store.oldest_unsent_known_ms is None
+    assert store.counters.oldest_unsent_ms is None
     first = await store.accept(validate_receipt(sample_receipt("o-1")))
     await store.accept(validate_receipt(sample_receipt("o-2")))
-    assert store.oldest_unsent_known_ms == first.accepted_ms  # type: ignore[union-attr]
-    assert store.oldest_unsent_known_ms == await store.oldest_unsent_ms()
+    assert store.counters.oldest_unsent_ms == first.accepted_ms  # type: ignore[union-attr]
+    assert store.counters.oldest_unsent_ms == await store.oldest_unsent_ms()
     await app.kktd.sync.run_once_now()
     assert store.counts.pending == 0
-    assert store.oldest_unsent_known_ms is None and await store.oldest_unsent_ms() is None
+    assert store.counters.oldest_unsent_ms is None and await store.oldest_unsent_ms() is None
     found = await scrape(app)
     assert found[("kktd_oldest_pending_age_seconds", ())] == 0
     assert found[("kktd_upstream_receipts_total", (("outcome", "fiscalized"), ("upstream", "kktd-ofd")))] == 2

@@ -11,11 +11,14 @@ from typing import Any
 
 import aiosqlite
 
-from kktd.store.rows import (Counts, FiscalRecord, PendingReceipt, ReceiptRow, ReceiptStatus, Registration,
-                             SubmittedReceipt)
+from kktd.delivery import AwaitingResult, FiscalData, Fiscalized, NotRegistered, Outgoing, Refused, Registered
+from kktd.store.rows import Counts, ReceiptRow, ReceiptStatus, Registration
 from kktd.store.schema import fetch_all, fetch_one, rollback
-from kktd.delivery import Fiscalized, NotRegistered, Refused, Registered
 
+# Status literals in SQL come from the enum (inlined, not bound: SQLite uses a partial index only for a
+# literal that matches its WHERE clause).
+PENDING, SUBMITTED, SENT, FAILED = (status.value for status in (ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED,
+                                                                 ReceiptStatus.SENT, ReceiptStatus.FAILED))
 SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 
 _ROW_COLUMNS = (
@@ -34,11 +37,15 @@ def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
      reference, submitted_ms, seq) = row
     fiscal = None
     if status == ReceiptStatus.SENT:
-        fiscal = FiscalRecord(fdn, sign, received, sent_ms, fn_number, shift, receipt_number, kkt_number,
-                              receipt_url)
+        fiscal = FiscalData(fdn, sign, received, fn_number, shift, receipt_number, kkt_number, receipt_url)
     registration = Registration(external_id or key, registrations, reference, submitted_ms)
     return ReceiptRow(receipt_id, key, body, total, ReceiptStatus(status), attempts, last_error, accepted_ms,
-                      updated_ms, fiscal, registration, seq)
+                      updated_ms, fiscal, sent_ms, registration, seq)
+
+
+async def ping(conn: aiosqlite.Connection) -> None:
+    """A round trip through the database: proves the connection (and its thread) is not wedged."""
+    await fetch_one(conn, "SELECT 1")
 
 
 async def count_by_status(conn: aiosqlite.Connection) -> Counts:
@@ -57,7 +64,7 @@ async def receipt(conn: aiosqlite.Connection, receipt_id: str) -> ReceiptRow | N
 
 
 async def dead_letters(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[ReceiptRow]:
-    rows = await fetch_all(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE status = 'failed' AND seq > ? "
+    rows = await fetch_all(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE status = '{FAILED}' AND seq > ? "
                                  f"ORDER BY seq LIMIT ?", (after_seq, limit))
     return [_receipt_row(row) for row in rows]
 
@@ -88,25 +95,25 @@ async def oldest_unsent_ms(conn: aiosqlite.Connection) -> int | None:
 
 
 async def pending_batch(conn: aiosqlite.Connection, limit: int, after_seq: int,
-                        exclude: Sequence[str]) -> list[PendingReceipt]:
+                        exclude: Sequence[str]) -> list[Outgoing]:
     """The oldest pending receipts after `after_seq`, skipping `exclude` (receipts held back by the loop)."""
-    sql = ("SELECT seq, receipt_id, idempotency_key, accepted_ms, body, coalesce(external_id, idempotency_key) "
-           "FROM receipts WHERE status = 'pending' AND seq > ?")
+    sql = ("SELECT receipt_id, idempotency_key, coalesce(external_id, idempotency_key), accepted_ms, body, seq "
+           f"FROM receipts WHERE status = '{PENDING}' AND seq > ?")
     params: list[Any] = [after_seq]
     if exclude:
         sql += f" AND receipt_id NOT IN ({','.join('?' * len(exclude))})"
         params.extend(exclude)
     sql += " ORDER BY seq LIMIT ?"
     params.append(limit)
-    return [PendingReceipt(*row) for row in await fetch_all(conn, sql, params)]
+    return [Outgoing(*row) for row in await fetch_all(conn, sql, params)]
 
 
-async def submitted_batch(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[SubmittedReceipt]:
+async def submitted_batch(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[AwaitingResult]:
     """The oldest receipts a two-phase upstream registered, after `after_seq`."""
     rows = await fetch_all(
-        conn, "SELECT seq, receipt_id, coalesce(external_id, idempotency_key), upstream_ref FROM receipts "
-              "WHERE status = 'submitted' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-    return [SubmittedReceipt(*row) for row in rows]
+        conn, "SELECT receipt_id, coalesce(external_id, idempotency_key), upstream_ref, seq FROM receipts "
+              f"WHERE status = '{SUBMITTED}' AND seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+    return [AwaitingResult(*row) for row in rows]
 
 
 async def existing_keys(conn: aiosqlite.Connection, keys: Sequence[str]) -> dict[str, tuple[Any, ...]]:
@@ -141,7 +148,7 @@ async def mark_sent(conn: aiosqlite.Connection, stamp: int, source: ReceiptStatu
              f.fiscal.fn_number, f.fiscal.shift_number, f.fiscal.receipt_number, f.fiscal.kkt_registration_number,
              f.fiscal.ofd_receipt_url) for f in fiscalized]
     return await _update_from_values(
-        conn, "status = 'sent', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
+        conn, f"status = '{SENT}', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
               "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4, "
               "fn_number = v.column5, shift_number = v.column6, receipt_number = v.column7, "
               "kkt_registration_number = v.column8, ofd_receipt_url = v.column9",
@@ -152,14 +159,14 @@ async def mark_refused(conn: aiosqlite.Connection, stamp: int, source: ReceiptSt
                        refused: Sequence[Refused]) -> int:
     rows = [(r.receipt_id, f"{r.code}: {r.message}") for r in refused]
     return await _update_from_values(
-        conn, "status = 'failed', last_error = v.column2, updated_ms = ?1", stamp, source, rows)
+        conn, f"status = '{FAILED}', last_error = v.column2, updated_ms = ?1", stamp, source, rows)
 
 
 async def mark_submitted(conn: aiosqlite.Connection, stamp: int, registered: Sequence[Registered]) -> int:
     """The upstream took these documents: from now on they are only polled under their reference."""
     rows = [(r.receipt_id, r.reference) for r in registered]
     return await _update_from_values(
-        conn, "status = 'submitted', upstream_ref = v.column2, submitted_ms = ?1, updated_ms = ?1, "
+        conn, f"status = '{SUBMITTED}', upstream_ref = v.column2, submitted_ms = ?1, updated_ms = ?1, "
               "last_error = NULL", stamp, ReceiptStatus.PENDING, rows)
 
 
@@ -169,7 +176,7 @@ async def mark_not_registered(conn: aiosqlite.Connection, stamp: int,
     committed before anything is sent again, so no retry can ever reuse the failed registration's id."""
     rows = [(f.receipt_id, f"{f.code}: {f.message}") for f in failed]
     return await _update_from_values(
-        conn, "status = 'pending', registrations = registrations + 1, "
+        conn, f"status = '{PENDING}', registrations = registrations + 1, "
               f"external_id = idempotency_key || '{REREGISTRATION_SEPARATOR}' || (registrations + 1), "
               "upstream_ref = NULL, submitted_ms = NULL, last_error = v.column2, updated_ms = ?1",
         stamp, ReceiptStatus.SUBMITTED, rows)
@@ -184,17 +191,17 @@ async def record_attempt_failure(conn: aiosqlite.Connection, stamp: int, receipt
     try:
         await conn.execute(
             f"UPDATE receipts SET attempts = attempts + ?, last_error = ?, updated_ms = ? "
-            f"WHERE status = 'pending' AND receipt_id IN ({marks})",
+            f"WHERE status = '{PENDING}' AND receipt_id IN ({marks})",
             (int(strike), reason, stamp, *receipt_ids))
         moved: list[str] = []
         if strike:
             rows = await fetch_all(
-                conn, f"SELECT receipt_id FROM receipts WHERE status = 'pending' AND attempts > ? "
+                conn, f"SELECT receipt_id FROM receipts WHERE status = '{PENDING}' AND attempts > ? "
                       f"AND receipt_id IN ({marks})", (max_attempts, *receipt_ids))
             moved = [row[0] for row in rows]
             if moved:
                 await conn.execute(
-                    f"UPDATE receipts SET status = 'failed', last_error = ? "
+                    f"UPDATE receipts SET status = '{FAILED}', last_error = ? "
                     f"WHERE receipt_id IN ({','.join('?' * len(moved))})",
                     (f"gave up after {max_attempts} failed deliveries: {reason}", *moved))
         await conn.execute("COMMIT")
@@ -210,18 +217,18 @@ async def requeue(conn: aiosqlite.Connection, stamp: int, receipt_id: str) -> in
     the same id would only adopt the failed document again, so it goes out under a new one, as after
     NotRegistered."""
     cursor = await conn.execute(
-        "UPDATE receipts SET status = 'pending', attempts = 0, updated_ms = ?, "
+        f"UPDATE receipts SET status = '{PENDING}', attempts = 0, updated_ms = ?, "
         "registrations = registrations + (upstream_ref IS NOT NULL), "
         "external_id = CASE WHEN upstream_ref IS NULL THEN external_id "
         f"ELSE idempotency_key || '{REREGISTRATION_SEPARATOR}' || (registrations + 1) END, "
         "upstream_ref = NULL, submitted_ms = NULL "
-        "WHERE receipt_id = ? AND status = 'failed'", (stamp, receipt_id))
+        f"WHERE receipt_id = ? AND status = '{FAILED}'", (stamp, receipt_id))
     return cursor.rowcount
 
 
 async def prune_sent(conn: aiosqlite.Connection, older_than_ms: int, limit: int) -> int:
     cursor = await conn.execute(
-        "DELETE FROM receipts WHERE seq IN (SELECT seq FROM receipts WHERE status = 'sent' "
+        f"DELETE FROM receipts WHERE seq IN (SELECT seq FROM receipts WHERE status = '{SENT}' "
         "AND sent_ms < ? ORDER BY sent_ms LIMIT ?)", (older_than_ms, limit))
     return cursor.rowcount
 

@@ -5,27 +5,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from kktd.delivery import FiscalData
+
 
 class ReceiptStatus(enum.StrEnum):
     PENDING = "pending"  # accepted, not delivered yet
     SUBMITTED = "submitted"  # a two-phase upstream registered it; its result is polled, never resubmitted
     SENT = "sent"  # fiscalized: the upstream acknowledged it
     FAILED = "failed"  # a dead letter: refused, or given up after max_attempts
-
-
-@dataclass(frozen=True, slots=True)
-class FiscalRecord:
-    """The upstream's acknowledgement as stored with a sent receipt."""
-
-    fiscal_document_number: int
-    fiscal_sign: str
-    ofd_received_at: str
-    sent_ms: int
-    fn_number: str | None = None
-    shift_number: int | None = None
-    receipt_number: int | None = None
-    kkt_registration_number: str | None = None
-    ofd_receipt_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,27 +36,10 @@ class ReceiptRow:
     last_error: str | None
     accepted_ms: int
     updated_ms: int
-    fiscal: FiscalRecord | None  # set once sent
+    fiscal: FiscalData | None  # set once sent: what the upstream said, as stored
+    sent_ms: int | None  # when kktd recorded it as sent
     registration: Registration
     seq: int = 0  # position in the store: what paging (after_seq) continues from
-
-
-@dataclass(frozen=True, slots=True)
-class PendingReceipt:
-    seq: int
-    receipt_id: str
-    idempotency_key: str
-    accepted_ms: int
-    body: str
-    external_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class SubmittedReceipt:
-    seq: int
-    receipt_id: str
-    external_id: str
-    reference: str
 
 
 @dataclass(frozen=True, slots=True)

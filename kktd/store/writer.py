@@ -6,11 +6,9 @@ runs in the middle of another job's transaction. Intakes that arrive while a tra
 gathered into the next one (group commit): each caller is answered only after the COMMIT that holds its row
 has returned, with WAL + synchronous=FULL, i.e. after fsync.
 
-Checkpoints (copying the WAL into the database file and fsyncing it) are kept out of the commits: SQLite's
-automatic checkpoint is off (it would run inside the COMMIT that crosses its threshold), and the writer runs a
-PASSIVE checkpoint between two transactions once the WAL holds CHECKPOINT_FRAMES frames not yet copied, at a
-moment no intake is waiting (or, past CHECKPOINT_FORCE_FRAMES, at once). The new WAL's stamp
-(kktd/store/identity.py) rides in the first transaction after it, which SQLite starts the new WAL with.
+The writer's helpers are their own small classes: the WAL keeper (checkpoints between transactions, the
+WAL's identity stamp: kktd/store/wal.py), the counters it keeps in step with the rows (counters.py), and the
+named jobs it runs (jobs.py).
 """
 
 from __future__ import annotations
@@ -24,39 +22,31 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from kktd.clock import now_ms
+from kktd.delivery import (AwaitingResult, Fiscalized, NotRegistered, Outgoing, PollOutcome, Refused, Registered,
+                           SubmitOutcome)
 from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import identity, queries, schema
-from kktd.store.rows import (Accepted, Conflict, Counts, PendingReceipt, ReceiptRow, ReceiptStatus,
-                             SubmittedReceipt)
-from kktd.delivery import Fiscalized, NotRegistered, PollOutcome, Refused, Registered, SubmitOutcome
-
-if TYPE_CHECKING:
-    from kktd.metrics import Metrics
+from kktd.store.counters import StoreCounters
+from kktd.store.jobs import Call, Job, Move, PruneSent, Read, RecordAttemptFailure, Recount
+from kktd.store.rows import Accepted, Conflict, Counts, ReceiptRow, ReceiptStatus
+from kktd.store.wal import WalKeeper, name_in_header, read_identity
 
 log = logging.getLogger("kktd.store")
 
 MAX_GROUP = 512  # intakes per transaction; bounds the latency of the first caller in a burst
-# A checkpoint is due once the WAL holds this many frames (pages) no checkpoint has copied yet: SQLite's own
-# default (wal_autocheckpoint=1000, what `naive` runs with). Each checkpoint costs two flushes and the restart
-# of the WAL a third, whatever it copies, so a trigger by rows (256 rows, issue 13) checkpointed eight times as
-# often at 64 connections, where a row costs half a frame, as at one, where it costs four and a half.
-CHECKPOINT_FRAMES = 1000
-CHECKPOINT_FORCE_FRAMES = 4 * CHECKPOINT_FRAMES  # ...and past this it runs even while intakes are waiting
 # Gathering on a slow disk (an SD card's flush takes milliseconds): see Store._gather.
 SLOW_COMMIT_S = 0.001  # a group commit slower than this is a slow flush
 GATHER_SHARE = 0.2  # wait at most this share of the last commit's duration for more receipts...
 GATHER_MAX_S = 0.002  # ...and never longer than this
-UNSENT = frozenset({ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED})  # accepted, not fiscalized yet
 STORY_CHUNK = 200  # receipts named in one journal entry (two fields each, under journald's field limit)
 
 T = TypeVar("T")
-Job = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 
 def new_receipt_ids(at_ms: int, count: int) -> list[str]:
@@ -74,18 +64,29 @@ class _Intake:
 
 
 @dataclass
-class _Job:
-    fn: Job[Any]
+class _Queued:
+    """A job waiting for the writer, and its caller's answer."""
+
+    job: Job[Any]
     future: asyncio.Future[Any]
-    writes: bool = True  # False: it only reads, and may run before the WAL's stamp
 
 
-_STOP = object()
+@dataclass
+class _CheckpointRequest:
+    """An intake that committed alone found a checkpoint due: the writer runs it between transactions."""
+
+
+@dataclass
+class _Stop:
+    """The end of the queue: the writer finishes what is before it and returns."""
+
+
+_WriterItem = _Intake | _Queued | _CheckpointRequest | _Stop
 
 
 class Store:
-    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counts: Counts,
-                 checked_at_open: bool, oldest_unsent_ms: int | None = None) -> None:
+    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counters: StoreCounters,
+                 stamp: identity.Stamp, checked_at_open: bool) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -94,39 +95,34 @@ class Store:
         # health reports it, since reads (and so a ping) still work while every intake fails.
         self.commit_failure: str | None = None
         self.max_pending = max_pending
-        self.counts = counts
+        self.counters = counters
+        self.wal = WalKeeper(path, conn, stamp, self._commit_refused)
         self._conn = conn
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queue: asyncio.Queue[_WriterItem] = asyncio.Queue()
         # Held by whoever uses the connection: the writer task for a batch, or an intake committing itself
         # while the writer is idle (accept's fast path).
         self._conn_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        self._stamp: identity.Stamp | None = None
-        self._needs_stamp = False  # a checkpoint ran: the next write must carry the stamp
-        self._shm: int | None = None  # the -shm file, read for the WAL's frame count (identity.py)
-        self.commits = 0
-        self.committed_rows = 0
-        self.last_intake_monotonic = 0.0  # when the last receipt was committed: the sync loop yields to intake
         self._last_group = 0  # intakes in the last group commit, and how long that commit took
         self._last_commit_s = 0.0
         self._queued_during_commit = 0
         self._gather_target = 0  # while gathering: the queue length that ends the wait
         self._gathered = asyncio.Event()
-        self._checkpoint_queued = False
-        # Frames the last checkpoint could not copy (a reader's snapshot, the integrity check's, still needed
-        # them): the next one is due CHECKPOINT_FRAMES later, not after every batch until the reader is gone.
-        self._uncopied_after_checkpoint = 0
-        self.checkpoints = 0
-        # accepted_ms of the oldest receipt not fiscalized yet (pending or submitted), kept by the writer as
-        # rows move (like `counts`), so that a metrics scrape reads memory, never the database.
-        self.oldest_unsent_known_ms = oldest_unsent_ms
-        self.metrics: Metrics | None = None  # set by kktd.app.assemble
+
+    @property
+    def counts(self) -> Counts:
+        return self.counters.counts
+
+    def set_capacity(self, max_pending: int) -> None:
+        """A reloaded max_pending: the next intake's capacity check uses it."""
+        self.max_pending = max_pending
 
     # ---- lifecycle ----
 
     @classmethod
-    async def open(cls, path: Path, max_pending: int) -> Store:
+    async def open(cls, path: Path, max_pending: int, *,
+                   on_group_commit: Callable[[int], None] | None = None) -> Store:
         """Open (creating if new), verify PRAGMAs, migrate, count, start the writer. The integrity check
         runs here, before the caller may announce readiness, unless the last run closed the database
         cleanly: then verify_in_background() runs it without holding up start-up.
@@ -158,8 +154,8 @@ class Store:
                 await schema.quick_check(conn, path)
                 schema.clear_damage_marker(marker)
             counts = await queries.count_by_status(conn)
-            stamp = await _read_identity(conn)
-            await _name_in_header(conn, stamp)
+            stamp = await read_identity(conn)
+            await name_in_header(conn, stamp)
             oldest = await queries.oldest_unsent_ms(conn)
         except sqlite3.DatabaseError as exc:
             await conn.close()
@@ -170,11 +166,11 @@ class Store:
         if is_new:
             # SQLite fsyncs its journals' directory, not the main file's: make the new file's entry durable.
             schema.fsync(path.parent, os.O_DIRECTORY)
-        store = cls(path, max_pending, conn, counts, checked_at_open=not clean, oldest_unsent_ms=oldest)
-        store._stamp = stamp
+        counters = StoreCounters(counts, oldest, on_group_commit)
+        store = cls(path, max_pending, conn, counters, stamp, checked_at_open=not clean)
         # Copy the verified WAL into the database and empty it; the next WAL then begins with a stamp.
-        await store._checkpoint("TRUNCATE")
-        await store._stamp_if_needed()
+        await store.wal.checkpoint("TRUNCATE")
+        await store.wal.stamp_if_needed()
         store._writer = asyncio.get_running_loop().create_task(store._write_loop(), name="kktd-db-writer")
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
@@ -191,7 +187,7 @@ class Store:
             return
         self._closing = True
         if self._writer is not None and not self._writer.done():
-            self._queue.put_nowait(_STOP)
+            self._queue.put_nowait(_Stop())
             try:
                 await asyncio.wait_for(asyncio.shield(self._writer), timeout)
             except asyncio.TimeoutError:
@@ -203,7 +199,7 @@ class Store:
             await asyncio.wait_for(self._conn.close(), timeout)
         except asyncio.TimeoutError:
             log.error("database connection did not close within %gs", timeout)
-        self._close_shm()
+        self.wal.close()
         log.info("buffer closed: %s", self.path)
 
     async def verify_in_background(self) -> str | None:
@@ -253,7 +249,7 @@ class Store:
         takes the lock, without yielding, as soon as it takes an item). A WAL due for the writer's own
         checkpoint goes through the writer, which runs it."""
         return (self._queue.empty() and not self._conn_lock.locked() and not self._closing
-                and self.writer_alive and not self._needs_stamp and not self._gathering_pays())
+                and self.writer_alive and not self.wal.needs_stamp and not self._gathering_pays())
 
     def _gathering_pays(self) -> bool:
         """The last commit was slow and shared by several tills: the next one should gather them again."""
@@ -268,33 +264,32 @@ class Store:
                 await self._commit_intakes([intake])
             except asyncio.CancelledError:
                 # The statement may still commit in aiosqlite's thread after this: recount behind it.
-                self._submit(_Job(self._recount, asyncio.get_running_loop().create_future(), writes=False))
+                self._submit(_Queued(Recount(), asyncio.get_running_loop().create_future()))
                 raise
-            if self._checkpoint_due() and not self._checkpoint_queued:
+            if self.wal.checkpoint_due() and not self.wal.checkpoint_queued:
                 # The writer runs it between transactions; this caller is answered now.
-                self._checkpoint_queued = True
-                self._submit(_Job(self._queued_checkpoint, asyncio.get_running_loop().create_future(),
-                                  writes=False))
-
-    async def _recount(self, conn: aiosqlite.Connection) -> None:
-        self.counts = await queries.count_by_status(conn)
-        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
+                self.wal.checkpoint_queued = True
+                self._submit(_CheckpointRequest())
 
     # ---- every other operation is a job, run between transactions ----
 
-    async def run(self, job: Job[T], writes: bool = True) -> T:
-        """Run `job(connection)` on the writer, between transactions; its result or exception is returned.
-        A caller that goes away does not cancel a job already queued (it may hold a transaction). A job that
-        only reads says so (`writes=False`): after a checkpoint it need not wait for the WAL's stamp."""
+    async def run(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]], writes: bool = True) -> T:
+        """Run `fn(connection)` on the writer, between transactions (tests and tools; kktd's own operations
+        are named jobs). A job that only reads says so (`writes=False`)."""
+        return await self.submit(Call(fn, writes))
+
+    async def read(self, fn: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """`run` for a function that only reads."""
+        return await self.submit(Call(fn, writes=False))
+
+    async def submit(self, job: Job[T]) -> T:
+        """Run `job` on the writer, between transactions; its result or exception is returned. A caller that
+        goes away does not cancel a job already queued (it may hold a transaction)."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._submit(_Job(job, future, writes))
+        self._submit(_Queued(job, future))
         return await asyncio.shield(future)
 
-    async def read(self, job: Job[T]) -> T:
-        """`run` for a job that only reads."""
-        return await self.run(job, writes=False)
-
-    def _submit(self, item: _Intake | _Job) -> None:
+    def _submit(self, item: _WriterItem) -> None:
         if self._closing or not self.writer_alive:
             raise StorageUnavailable("the buffer is closed")
         self._queue.put_nowait(item)
@@ -303,18 +298,18 @@ class Store:
 
     async def ping(self) -> None:
         """A round trip through the writer and the database: proves neither is wedged."""
-        await self.read(lambda conn: schema.fetch_one(conn, "SELECT 1"))
+        await self.submit(Read(queries.ping))
 
     async def get(self, receipt_id: str) -> ReceiptRow | None:
-        return await self.read(lambda conn: queries.receipt(conn, receipt_id))
+        return await self.submit(Read(queries.receipt, (receipt_id,)))
 
     async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
                                         limit: int) -> list[ReceiptRow]:
-        return await self.read(lambda conn: queries.accepted_between(conn, since_ms, until_ms, after_id, limit))
+        return await self.submit(Read(queries.accepted_between, (since_ms, until_ms, after_id, limit)))
 
     async def oldest_unsent_ms(self) -> int | None:
         """When the oldest receipt not fiscalized yet (pending or submitted) was accepted."""
-        return await self.read(queries.oldest_unsent_ms)
+        return await self.submit(Read(queries.oldest_unsent_ms))
 
     async def size_bytes(self) -> int:
         def size_of(path: Path) -> int:
@@ -325,14 +320,14 @@ class Store:
         return sum(size_of(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
 
     async def pending_batch(self, limit: int, after_seq: int = 0,
-                            exclude: Sequence[str] = ()) -> list[PendingReceipt]:
-        return await self.read(lambda conn: queries.pending_batch(conn, limit, after_seq, exclude))
+                            exclude: Sequence[str] = ()) -> list[Outgoing]:
+        return await self.submit(Read(queries.pending_batch, (limit, after_seq, exclude)))
 
-    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[SubmittedReceipt]:
-        return await self.read(lambda conn: queries.submitted_batch(conn, limit, after_seq))
+    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[AwaitingResult]:
+        return await self.submit(Read(queries.submitted_batch, (limit, after_seq)))
 
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
-        return await self.read(lambda conn: queries.dead_letters(conn, limit, after_seq))
+        return await self.submit(Read(queries.dead_letters, (limit, after_seq)))
 
     async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
                      source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
@@ -348,63 +343,32 @@ class Store:
         not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
         if registered:
             # First: the upstream's reference must be committed before anything else can go wrong.
-            await self._moving(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED,
-                               lambda conn: queries.mark_submitted(conn, stamp, registered))
+            await self.submit(Move(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED, queries.mark_submitted,
+                                   (stamp, registered)))
         if fiscalized:
-            await self._moving(source, ReceiptStatus.SENT,
-                               lambda conn: queries.mark_sent(conn, stamp, source, fiscalized))
+            await self.submit(Move(source, ReceiptStatus.SENT, queries.mark_sent, (stamp, source, fiscalized)))
         if refused:
-            await self._moving(source, ReceiptStatus.FAILED,
-                               lambda conn: queries.mark_refused(conn, stamp, source, refused))
+            await self.submit(Move(source, ReceiptStatus.FAILED, queries.mark_refused, (stamp, source, refused)))
         if not_registered:
-            await self._moving(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING,
-                               lambda conn: queries.mark_not_registered(conn, stamp, not_registered))
+            await self.submit(Move(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING, queries.mark_not_registered,
+                                   (stamp, not_registered)))
 
     async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
                                      strike: bool) -> list[str]:
         """Note a failed delivery; with `strike`, count it and dead-letter those past max_attempts."""
         if not receipt_ids:
             return []
-
-        async def job(conn: aiosqlite.Connection) -> list[str]:
-            moved = await queries.record_attempt_failure(conn, now_ms(), receipt_ids, reason, max_attempts, strike)
-            self.counts.move(ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
-            if moved:
-                await self._refresh_oldest(conn)
-            return moved
-
-        return await self.run(job)
+        return await self.submit(RecordAttemptFailure(receipt_ids, reason, max_attempts, strike))
 
     async def requeue(self, receipt_id: str) -> bool:
         """Put a dead letter back to pending with a fresh attempt count. False if it is not a dead letter.
         (It stays undelivered either way, so capacity does not change.)"""
-        stamp = now_ms()
-        return bool(await self._moving(ReceiptStatus.FAILED, ReceiptStatus.PENDING,
-                                       lambda conn: queries.requeue(conn, stamp, receipt_id)))
+        return bool(await self.submit(Move(ReceiptStatus.FAILED, ReceiptStatus.PENDING, queries.requeue,
+                                           (now_ms(), receipt_id))))
 
     async def prune_sent(self, older_than_ms: int, limit: int) -> int:
         """Delete up to `limit` sent receipts acknowledged before `older_than_ms` (retention)."""
-        async def job(conn: aiosqlite.Connection) -> int:
-            deleted = await queries.prune_sent(conn, older_than_ms, limit)
-            self.counts.sent -= deleted
-            return deleted
-
-        return await self.run(job)
-
-    async def _moving(self, source: ReceiptStatus, target: ReceiptStatus, update: Job[int]) -> int:
-        async def job(conn: aiosqlite.Connection) -> int:
-            changed = await update(conn)
-            self.counts.move(source, target, changed)
-            if changed and (source in UNSENT) != (target in UNSENT):
-                await self._refresh_oldest(conn)
-            return changed
-
-        return await self.run(job)
-
-    async def _refresh_oldest(self, conn: aiosqlite.Connection) -> None:
-        """After rows left or joined the unsent ones: lookups on the partial indexes, inside the job that
-        moved them."""
-        self.oldest_unsent_known_ms = await queries.oldest_unsent_ms(conn)
+        return await self.submit(PruneSent(older_than_ms, limit))
 
     # ---- the writer ----
 
@@ -437,26 +401,30 @@ class Store:
                 pass
         self._gather_target = 0
 
-    async def _write_batch(self, first: Any) -> bool:
+    async def _write_batch(self, first: _WriterItem) -> bool:
         """`first` and everything queued behind it: one group commit for the intakes, then the jobs. True
         once the stop marker was seen."""
         batch = [first]
         while len(batch) < MAX_GROUP and not self._queue.empty():
             batch.append(self._queue.get_nowait())
-        stop = any(item is _STOP for item in batch)
+        stop = any(isinstance(item, _Stop) for item in batch)
         intakes = [item for item in batch if isinstance(item, _Intake)]
-        jobs = [item for item in batch if isinstance(item, _Job)]
+        jobs = [item for item in batch if isinstance(item, _Queued)]
+        asked_for_checkpoint = any(isinstance(item, _CheckpointRequest) for item in batch)
         if intakes:
             started = time.monotonic()
-            await self._commit_intakes(intakes, carry_stamp=self._needs_stamp)
+            await self._commit_intakes(intakes, carry_stamp=self.wal.needs_stamp)
             self._last_commit_s, self._last_group = time.monotonic() - started, len(intakes)
             self._queued_during_commit = self._queue.qsize()
-        if any(job.writes for job in jobs):
+        if any(queued.job.writes for queued in jobs):
             # No intake carried the stamp: a job's write must not start the WAL unstamped.
-            await self._stamp_if_needed()
-        for job in jobs:
-            await self._run_job(job)
-        await self._checkpoint_if_due()
+            await self.wal.stamp_if_needed()
+        for queued in jobs:
+            await self._run_job(queued)
+        if asked_for_checkpoint:
+            self.wal.checkpoint_queued = False
+        # Asked for by an intake that committed alone: due whatever waits (it was due when asked).
+        await self.wal.checkpoint_if_due(intakes_waiting=not asked_for_checkpoint and not self._queue.empty())
         if stop:
             self._drain_after_stop()
             return True
@@ -466,23 +434,23 @@ class Store:
     def _drain_after_stop(self) -> None:
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if isinstance(item, (_Intake, _Job)) and not item.future.done():
+            if isinstance(item, (_Intake, _Queued)) and not item.future.done():
                 item.future.set_exception(StorageUnavailable("the buffer is closing"))
 
-    async def _run_job(self, job: _Job) -> None:
+    async def _run_job(self, queued: _Queued) -> None:
         try:
-            result = await job.fn(self._conn)
+            result = await queued.job.run(self._conn, self.counters)
         except sqlite3.Error as exc:
-            log.error("database operation failed: %s", exc)
+            log.error("database operation %s failed: %s", queued.job.name, exc)
             if schema.refuses_writes(exc):
                 self._commit_refused(schema.describe_error(exc))
-            _resolve_exception(job.future, StorageUnavailable(schema.describe_error(exc)))
+            _resolve_exception(queued.future, StorageUnavailable(schema.describe_error(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not kill the writer
-            log.exception("database job crashed")
-            _resolve_exception(job.future, exc)
+            log.exception("database job %s crashed", queued.job.name)
+            _resolve_exception(queued.future, exc)
         else:
-            if not job.future.done():
-                job.future.set_result(result)
+            if not queued.future.done():
+                queued.future.set_result(result)
 
     async def _commit_intakes(self, intakes: list[_Intake], carry_stamp: bool = False) -> None:
         """Commit a group and answer it. With `carry_stamp` (the writer's, after a checkpoint) the group's
@@ -508,97 +476,8 @@ class Store:
             else:
                 intake.future.set_result(result)
 
-    def _frames_to_checkpoint(self) -> int | None:
-        """The WAL's frames no checkpoint has copied yet, read from the WAL-index header in the -shm file
-        (a read of 100 bytes from the page cache, between transactions: nothing is changing it). None if it
-        cannot be read, which does not happen while SQLite uses the file."""
-        try:
-            if self._shm is None:
-                self._shm = os.open(identity.shm_path(self.path), os.O_RDONLY | os.O_CLOEXEC)
-            frames = identity.frames_to_checkpoint(os.pread(self._shm, identity.WAL_INDEX_READ, 0))
-        except OSError:
-            frames = None
-        if frames is None:
-            self._close_shm()
-        return frames
-
-    def _close_shm(self) -> None:
-        if self._shm is not None:
-            os.close(self._shm)
-            self._shm = None
-
-    def _new_frames(self) -> int:
-        """Frames written since the last checkpoint, beyond those it could not copy. Unknown: as many as
-        force one (checkpointing too often is slow; a WAL that grows without bound is worse)."""
-        frames = self._frames_to_checkpoint()
-        if frames is None:
-            return CHECKPOINT_FORCE_FRAMES
-        return frames - self._uncopied_after_checkpoint
-
-    def _checkpoint_due(self) -> bool:
-        return self._new_frames() >= CHECKPOINT_FRAMES
-
-    async def _queued_checkpoint(self, _conn: aiosqlite.Connection) -> None:
-        self._checkpoint_queued = False
-        await self._checkpoint_if_due(waiting_ok=True)
-
-    async def _checkpoint_if_due(self, waiting_ok: bool = False) -> None:
-        """Between transactions, once the WAL holds CHECKPOINT_FRAMES frames not yet copied: PASSIVE (it never
-        waits for the background integrity check's reader). Not while intakes are waiting for the writer,
-        unless the WAL has reached CHECKPOINT_FORCE_FRAMES."""
-        if self._stamp is None:
-            return
-        frames = self._new_frames()
-        if frames < CHECKPOINT_FRAMES:
-            return
-        if not waiting_ok and not self._queue.empty() and frames < CHECKPOINT_FORCE_FRAMES:
-            return
-        await self._checkpoint("PASSIVE")
-        self._uncopied_after_checkpoint = self._frames_to_checkpoint() or 0
-        self.checkpoints += 1
-
-    async def _checkpoint(self, mode: str) -> None:
-        """SQLite restarts the WAL at the first write after a checkpoint that copied everything: from here
-        on that write must carry the stamp (the next intake group does; a job first stamps alone), so every
-        WAL kktd writes begins with one (kktd/store/identity.py)."""
-        try:
-            await self._conn.execute(f"PRAGMA wal_checkpoint({mode})")
-        except sqlite3.Error as exc:
-            log.error("checkpoint of %s failed: %s", self.path, schema.describe_error(exc))
-            if schema.refuses_writes(exc):
-                self._commit_refused(schema.describe_error(exc))
-        self._needs_stamp = True
-
-    async def _stamp_if_needed(self) -> None:
-        """The stamp alone, when a checkpoint ran and no intake group carried it yet. If it cannot be written
-        (a full disk, an I/O error) it stays due: the next group carries it or the next writing job tries
-        again, and that job's own write meets the same refusal."""
-        if not self._needs_stamp or self._stamp is None:
-            return
-        try:
-            self._stamp = await _write_stamp(self._conn, self._stamp)
-        except sqlite3.Error as exc:
-            reason = schema.describe_error(exc)
-            log.error("cannot stamp the WAL of %s: %s", self.path, reason)
-            if schema.refuses_writes(exc):
-                self._commit_refused(reason)
-            return
-        self._needs_stamp = False
-
     def _commit_refused(self, reason: str) -> None:
         self.commit_failure = reason
-
-    async def _insert_stamped(self, rows: list[tuple[Any, ...]]) -> set[str]:
-        """The first write after a checkpoint: the stamp and the group in one transaction (four round trips
-        to SQLite's thread instead of one, but a single flush instead of two commits' worth). Run by the
-        writer task only, which nobody cancels mid-transaction; a failure is rolled back by the caller."""
-        assert self._stamp is not None
-        await self._conn.execute("BEGIN IMMEDIATE")
-        stamp = await _write_stamp(self._conn, self._stamp)
-        inserted = await queries.insert_receipts(self._conn, rows)
-        await self._conn.execute("COMMIT")
-        self._stamp, self._needs_stamp = stamp, False
-        return inserted
 
     async def _insert_group(self, intakes: list[_Intake],
                             carry_stamp: bool = False) -> list[Accepted | Conflict | Exception]:
@@ -617,17 +496,10 @@ class Store:
             rows = [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
                      i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates]
             if carry_stamp:
-                inserted = await self._insert_stamped(rows)
+                inserted = await self.wal.insert_stamped(rows)
             else:
                 inserted = await queries.insert_receipts(self._conn, rows)
-            self.counts.pending += len(inserted)
-            self.commits += 1
-            self.committed_rows += len(inserted)
-            self.last_intake_monotonic = time.monotonic()
-            if self.oldest_unsent_known_ms is None and inserted:
-                self.oldest_unsent_known_ms = stamp
-            if self.metrics is not None:
-                self.metrics.group_committed(len(inserted))
+            self.counters.group_committed(len(inserted), stamp)
             if inserted:
                 _log_accepted_chunks([(ids[id(i)], i.receipt.idempotency_key) for i in candidates
                                     if ids[id(i)] in inserted])
@@ -651,26 +523,6 @@ class Store:
             else:
                 results.append(lookup_failed or BufferFull(self.max_pending))
         return results
-
-
-async def _read_identity(conn: aiosqlite.Connection) -> identity.Stamp:
-    row = await schema.fetch_one(conn, "SELECT db_id, generation FROM kktd_identity WHERE id = 1")
-    return identity.Stamp(bytes(row[0]), int(row[1]))
-
-
-async def _name_in_header(conn: aiosqlite.Connection, stamp: identity.Stamp) -> None:
-    """The id's first 4 bytes in the file header (once per database): readable mid-checkpoint too."""
-    expected = identity.id_prefix(stamp.db_id)
-    row = await schema.fetch_one(conn, "PRAGMA application_id")
-    if row[0] != expected:
-        await conn.execute(f"PRAGMA application_id = {expected}")
-
-
-async def _write_stamp(conn: aiosqlite.Connection, previous: identity.Stamp) -> identity.Stamp:
-    stamp = identity.Stamp(previous.db_id, previous.generation + 1)
-    await conn.execute("UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1",
-                       (stamp.generation, stamp.encode()))
-    return stamp
 
 
 def _log_accepted_chunks(accepted: list[tuple[str, str]]) -> None:

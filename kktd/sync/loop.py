@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
 from kktd.metrics import Metrics, RequestOutcome
-from kktd.store import PendingReceipt, ReceiptStatus, Store, SubmittedReceipt
+from kktd.store import ReceiptStatus, Store
 from kktd.sync.breaker import BreakerState, CircuitBreaker
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
 from kktd.delivery import (AwaitingResult, DeliveryTraits, FailureKind, Fiscalized, NotRegistered, Outgoing,
@@ -321,9 +321,9 @@ class SyncLoop:
         return total
 
     def _intake_busy(self) -> bool:
-        return time.monotonic() - self.store.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
+        return time.monotonic() - self.store.counters.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
 
-    async def _next_batch(self, after_seq: int) -> list[PendingReceipt]:
+    async def _next_batch(self, after_seq: int) -> list[Outgoing]:
         limit = self.policy.batch_limit
         batch = await self.store.pending_batch(limit, after_seq, self.policy.exclusions())
         if not batch and after_seq == 0:
@@ -332,15 +332,13 @@ class SyncLoop:
                 batch = await self.store.pending_batch(limit, 0, probe)
         return batch
 
-    async def _deliver(self, batch: list[PendingReceipt], generation: int) -> CycleResult:
+    async def _deliver(self, batch: list[Outgoing], generation: int) -> CycleResult:
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
-        outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.external_id, r.accepted_ms, r.body)
-                    for r in batch]
         name = self.upstream.name
         started = time.perf_counter()
         try:
-            outcomes = await self.upstream.submit(outgoing)
+            outcomes = await self.upstream.submit(batch)
         except UpstreamUnavailable as exc:
             self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
             # Each attempt is part of each receipt's story (journalctl RECEIPT_ID=...): one entry per batch.
@@ -417,15 +415,14 @@ class SyncLoop:
                 total.add(await self._poll(due))
         return total
 
-    async def _poll(self, due: list[SubmittedReceipt]) -> CycleResult:
+    async def _poll(self, due: list[AwaitingResult]) -> CycleResult:
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
         ids = [r.receipt_id for r in due]
         name = self.upstream.name
         started = time.perf_counter()
         try:
-            outcomes = await self.upstream.poll([AwaitingResult(r.receipt_id, r.external_id, r.reference)
-                                                 for r in due])
+            outcomes = await self.upstream.poll(due)
         except UpstreamUnavailable as exc:
             self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
             log.info("asking %s for the result of %d receipts failed: %s", name, len(ids), exc,
