@@ -21,6 +21,7 @@ from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, quoted
 from kktd.server import EventSummary
+from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s
 from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
 
 if TYPE_CHECKING:
@@ -293,7 +294,7 @@ async def collect_status(services: Services) -> dict[str, Any]:
     store = services.store
     counts = store.counts
     oldest_ms = await _storage(store.oldest_unsent_ms())
-    oldest_age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else None
+    oldest_age = pending_age_s(oldest_ms)
     status: dict[str, Any] = {
         "counts": {"pending": counts.pending, "submitted": counts.submitted, "sent": counts.sent,
                    "failed": counts.failed},
@@ -386,21 +387,21 @@ async def health(request: web.Request) -> web.Response:
         status = await collect_status(services)
         body["oldest_pending_age_s"] = status["oldest_pending_age_s"]
         alarm = status["oldest_pending_alarm"]
-        if alarm == "critical":
+        if alarm == AlarmLevel.CRITICAL:
             problems.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old: "
                             f"past pending_critical_age, fiscal storage limit is near")
-        elif alarm == "warning":
+        elif alarm == AlarmLevel.WARNING:
             warnings.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old")
         if "sync" in status:
             body["sync"] = status["sync"]
             if status["sync"]["operator_action"]:
                 warnings.append(f"{status['sync']['upstream']} refuses kktd: {status['sync']['operator_action']}")
-            if status["sync"]["breaker"] != "closed":
+            if status["sync"]["breaker"] != BreakerState.CLOSED:
                 warnings.append(f"upstream circuit breaker is {status['sync']['breaker']}")
     if problems:
-        body.update(status="error", problems=problems, warnings=warnings)
+        body.update(status=HealthStatus.ERROR, problems=problems, warnings=warnings)
         return json_response(body, 503)
-    body.update(status="warning" if warnings else "ok", warnings=warnings)
+    body.update(status=HealthStatus.WARNING if warnings else HealthStatus.OK, warnings=warnings)
     return json_response(body)
 
 

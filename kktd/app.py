@@ -86,7 +86,7 @@ def state_snapshot(services: Services) -> StateSnapshot:
     return StateSnapshot(
         receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.counters.oldest_unsent_ms,
         db_path=store.path, upstream=sync.upstream.name if sync is not None else config.upstream,
-        breaker_state=str(sync.breaker.state) if sync is not None else "closed",
+        breaker_state=sync.breaker.state if sync is not None else BreakerState.CLOSED,
         last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,
         pending_warn_age_s=config.pending_warn_age, pending_critical_age_s=config.pending_critical_age,
         version=__version__, journal_fallbacks=logs.journal_fallbacks())

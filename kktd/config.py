@@ -20,6 +20,7 @@ from kktd.options import (DAY, ENV_PREFIX, Option, boolean, duration_in, file_pa
                           one_of)
 from kktd import seller as seller_module
 from kktd.seller import Seller, parse_seller
+from kktd.states import AlarmLevel
 from kktd.upstreams import DEFAULT_UPSTREAM, REGISTRY, UpstreamSettings, UpstreamSpec, upstream_options
 
 __all__ = ["Config", "ConfigError", "OPTIONS", "add_arguments", "load", "mask_url"]
@@ -67,12 +68,12 @@ class Config:
         """The chosen upstream's registry entry."""
         return REGISTRY[self.upstream]
 
-    def pending_alarm(self, oldest_pending_age_s: float | None) -> str:
-        """ok, warning or critical for the age of the oldest pending receipt (the fiscal storage may hold
-        unsent documents for at most 30 days)."""
+    def pending_alarm(self, oldest_pending_age_s: float | None) -> AlarmLevel:
+        """The alarm level for the age of the oldest pending receipt (the fiscal storage may hold unsent
+        documents for at most 30 days)."""
         if oldest_pending_age_s is None or oldest_pending_age_s < self.pending_warn_age:
-            return "ok"
-        return "critical" if oldest_pending_age_s >= self.pending_critical_age else "warning"
+            return AlarmLevel.OK
+        return AlarmLevel.CRITICAL if oldest_pending_age_s >= self.pending_critical_age else AlarmLevel.WARNING
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration, safe to print or log (secrets masked or left out)."""

@@ -21,6 +21,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from kktd.states import AlarmLevel, HealthStatus
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterator, Sequence
@@ -211,14 +213,15 @@ def status(client: Client, now: float | None = None) -> Report:
     pending = int(counts.get("pending", 0)) + int(counts.get("submitted", 0))
     failed = int(counts.get("failed", 0))
     sync = buffer.get("sync") or {}
-    alarm = buffer.get("oldest_pending_alarm", "ok")
+    alarm = buffer.get("oldest_pending_alarm", AlarmLevel.OK)
     oldest = buffer.get("oldest_pending_age_s")
 
-    state = {"ok": State.OK, "warning": State.WARNING}.get(health.get("status"), State.CRITICAL)
+    state = {HealthStatus.OK: State.OK, HealthStatus.WARNING: State.WARNING}.get(health.get("status"),
+                                                                               State.CRITICAL)
     reasons = list(health.get("problems", [])) + list(health.get("warnings", []))
-    if alarm == "critical":
+    if alarm == AlarmLevel.CRITICAL:
         state = max(state, State.CRITICAL)
-    elif alarm == "warning":
+    elif alarm == AlarmLevel.WARNING:
         state = max(state, State.WARNING)
     if failed:
         state = max(state, State.WARNING)
@@ -264,7 +267,8 @@ def _reachability(sync: dict[str, Any]) -> str:
 
 
 def _alarm_state(alarm: str) -> State:
-    return {"ok": State.OK, "warning": State.WARNING}.get(alarm, State.CRITICAL)
+    states: dict[str, State] = {AlarmLevel.OK: State.OK, AlarmLevel.WARNING: State.WARNING}
+    return states.get(alarm, State.CRITICAL)
 
 
 def receipt(client: Client, receipt_id: str) -> Report:

@@ -37,6 +37,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from kktd.delivery import FailureKind, Fiscalized, NotRegistered, Refused, Registered, StillProcessing, Undelivered
+from kktd.states import BreakerState, pending_age_s
+from kktd.store.rows import ReceiptStatus
 
 __all__ = ["CONTENT_TYPE", "RECEIPT_STATUSES", "BREAKER_STATES", "INTAKE_BUCKETS", "GROUP_BUCKETS",
            "UPSTREAM_BUCKETS", "LAG_BUCKETS", "ReceiptOutcome", "RequestOutcome", "StateSnapshot", "Metrics",
@@ -44,8 +46,8 @@ __all__ = ["CONTENT_TYPE", "RECEIPT_STATUSES", "BREAKER_STATES", "INTAKE_BUCKETS
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-RECEIPT_STATUSES = ("pending", "submitted", "sent", "failed")
-BREAKER_STATES = ("closed", "half_open", "open")
+RECEIPT_STATUSES = tuple(ReceiptStatus)
+BREAKER_STATES = tuple(BreakerState)
 
 # Intake: a group commit on an SSD takes a fraction of a millisecond; an old SD card's fsync takes tens to
 # hundreds of milliseconds, and a dying one seconds. Fine steps at the bottom, long tail at the top.
@@ -117,7 +119,7 @@ class StateSnapshot:
     oldest_pending_ms: int | None  # accepted_ms of the oldest receipt not sent yet (pending or submitted)
     db_path: Path
     upstream: str
-    breaker_state: str  # closed, half_open or open
+    breaker_state: BreakerState
     last_delivery_ms: int | None  # when the upstream last acknowledged anything
     pending_warn_age_s: float
     pending_critical_age_s: float
@@ -177,7 +179,7 @@ class StateCollector(Collector):
             receipts.add_metric([status], s.receipts.get(status, 0))
         capacity.add_metric([], s.capacity)
         now = self._now_ms()
-        oldest.add_metric([], max(0.0, (now - s.oldest_pending_ms) / 1000) if s.oldest_pending_ms else 0.0)
+        oldest.add_metric([], pending_age_s(s.oldest_pending_ms, now) or 0.0)
         warn.add_metric([], s.pending_warn_age_s)
         critical.add_metric([], s.pending_critical_age_s)
         upstream = _label(s.upstream)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from kktd.metrics import Metrics, ReceiptOutcome, RequestOutcome, StateSnapshot
+from kktd.states import BreakerState
 from tests.support import REPO, require
 
 MONITORING = REPO / "packaging" / "monitoring"
@@ -214,7 +215,7 @@ def exported_sample_names(tmp_path: Path) -> set[str]:
     metrics.upstream_retry("kktd-ofd")
     metrics.event_loop_lag(0.001)
     metrics.bind_state(lambda: StateSnapshot(
-        {"pending": 1}, 100, 1_799_999_999_000, tmp_path / "buffer.db", "kktd-ofd", "closed",
+        {"pending": 1}, 100, 1_799_999_999_000, tmp_path / "buffer.db", "kktd-ofd", BreakerState.CLOSED,
         1_799_999_999_000, 60.0, 120.0, "test"))
     families = text_string_to_metric_families(metrics.exposition().decode())
     return {sample.name for family in families for sample in family.samples}

@@ -6,7 +6,6 @@ scrape read memory, never the database.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,15 +24,13 @@ class StoreCounters:
     oldest_unsent_ms: int | None
     # Told the rows of each group commit (kktd.metrics); set once, when the store opens.
     on_group_commit: Callable[[int], None] | None = field(default=None, repr=False)
-    commits: int = 0
+    commits: int = 0  # group commits of intake: the sync loop sees the till is busy when they move
     committed_rows: int = 0
-    last_intake_monotonic: float = 0.0  # when the last receipt was committed: the sync loop yields to intake
 
     def group_committed(self, inserted: int, accepted_ms: int) -> None:
         self.counts.pending += inserted
         self.commits += 1
         self.committed_rows += inserted
-        self.last_intake_monotonic = time.monotonic()
         if self.oldest_unsent_ms is None and inserted:
             self.oldest_unsent_ms = accepted_ms
         if self.on_group_commit is not None:

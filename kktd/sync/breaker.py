@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable
 
+from kktd.states import BreakerState
+
 __all__ = ["BreakerState", "CircuitBreaker"]
-
-
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 class CircuitBreaker:

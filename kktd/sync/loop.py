@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
@@ -25,7 +25,8 @@ from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
 from kktd.metrics import Metrics, RequestOutcome
 from kktd.store import ReceiptStatus, Store
-from kktd.sync.breaker import BreakerState, CircuitBreaker
+from kktd.states import AlarmLevel, BreakerState, pending_age_s
+from kktd.sync.breaker import CircuitBreaker
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
 from kktd.delivery import (AwaitingResult, DeliveryTraits, FailureKind, Fiscalized, NotRegistered, Outgoing,
                            PollOutcome, Refused, Registered, SubmitOutcome, Undelivered, UpstreamUnavailable)
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from kktd.config import Config
 
 log = logging.getLogger("kktd.sync")
+OutcomeT = TypeVar("OutcomeT", SubmitOutcome, PollOutcome)
 
 INTAKE_BUSY_WINDOW_S = 0.25  # an intake this recent means the till is busy
 INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share of wall time
@@ -133,9 +135,13 @@ class SyncLoop:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
+        self._intake_commits_seen = store.counters.commits
+        self._intake_seen_at = float("-inf")
+        # Set by each turn of the delivery loop: the housekeeping task then does what is due by the clock.
+        self._housekeeping_due = asyncio.Event()
         self._next_retention = 0.0
         self._next_alarm = 0.0
-        self._alarm_level = "ok"
+        self._alarm_level = AlarmLevel.OK
 
     # ---- control ----
 
@@ -158,6 +164,7 @@ class SyncLoop:
     def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._housekeeping_due.set()
 
     def status(self) -> SyncStatus:
         stats = self.stats
@@ -205,16 +212,26 @@ class SyncLoop:
     # ---- the loop ----
 
     async def run(self) -> None:
+        """Deliver until request_stop(); the housekeeping (the pending-age alarm, retention) runs beside it as
+        a task of its own, so that a long prune never holds up a delivery."""
         log.info("sync loop started: %s, batches of %d, idle interval %gs", self.upstream.name,
                  self.policy.batch_size, self.config.sync_interval)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._housekeeping_task(), name="kktd-housekeeping")
+            try:
+                await self._deliver_until_stopped()
+            finally:
+                self.request_stop()
+        log.info("sync loop stopped")
+
+    async def _deliver_until_stopped(self) -> None:
         while not self._stop.is_set():
-            await self._housekeeping()
+            self._housekeeping_due.set()
             try:
                 await self._cycle_with_retries()
             except Stopping:
                 break
             await self._idle()
-        log.info("sync loop stopped")
 
     async def _idle(self) -> None:
         if self.store.counts.pending and not self.policy.only_held_pending(self.store.counts.pending):
@@ -222,10 +239,7 @@ class SyncLoop:
         timeout = self.policy.idle_timeout(self.config.sync_interval)
         if self.store.counts.submitted:
             timeout = min(timeout, max(0.01, self.polls.seconds_until_next()))
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+        await self._pause(timeout, self._wake)
         self._wake.clear()
 
     async def _cycle_with_retries(self) -> None:
@@ -270,17 +284,18 @@ class SyncLoop:
         if self._stop.is_set():
             raise Stopping()
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep `seconds`, or less if the daemon stops meanwhile."""
-        if self._stop.is_set():
+    async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """Sleep `seconds` on the injected sleep, or less if the daemon stops (or `wake` is set) meanwhile."""
+        if self._stop.is_set() or (wake is not None and wake.is_set()):
             return
-        sleeper = asyncio.ensure_future(self._sleep(seconds))
-        stopper = asyncio.ensure_future(self._stop.wait())
+        waiters = [asyncio.ensure_future(self._sleep(seconds)), asyncio.ensure_future(self._stop.wait())]
+        if wake is not None:
+            waiters.append(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait((sleeper, stopper), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            sleeper.cancel()
-            stopper.cancel()
+            for waiter in waiters:
+                waiter.cancel()
 
     # ---- one cycle ----
 
@@ -321,7 +336,12 @@ class SyncLoop:
         return total
 
     def _intake_busy(self) -> bool:
-        return time.monotonic() - self.store.counters.last_intake_monotonic < INTAKE_BUSY_WINDOW_S
+        """A receipt was committed within INTAKE_BUSY_WINDOW_S (by the loop's clock: it notes the moment it
+        sees the store's intake commits move, at most a batch after the commit)."""
+        commits = self.store.counters.commits
+        if commits != self._intake_commits_seen:
+            self._intake_commits_seen, self._intake_seen_at = commits, self._clock()
+        return self._clock() - self._intake_seen_at < INTAKE_BUSY_WINDOW_S
 
     async def _next_batch(self, after_seq: int) -> list[Outgoing]:
         limit = self.policy.batch_limit
@@ -332,26 +352,39 @@ class SyncLoop:
                 batch = await self.store.pending_batch(limit, 0, probe)
         return batch
 
-    async def _deliver(self, batch: list[Outgoing], generation: int) -> CycleResult:
+    async def _call(self, ids: list[str], failed: str,
+                    call: Callable[[], Awaitable[list[OutcomeT]]]) -> list[OutcomeT]:
+        """One call to the upstream with the bookkeeping every call shares: the breaker in front of it, its
+        duration and outcome in the metrics, and on failure the journal entry naming every receipt (each
+        attempt is part of each receipt's story: journalctl RECEIPT_ID=...), the breaker's count and the
+        last error. `failed` completes "... failed: REASON", e.g. "delivery of 3 receipts to kktd-ofd"."""
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
         name = self.upstream.name
         started = time.perf_counter()
         try:
-            outcomes = await self.upstream.submit(batch)
+            outcomes = await call()
         except UpstreamUnavailable as exc:
             self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
-            # Each attempt is part of each receipt's story (journalctl RECEIPT_ID=...): one entry per batch.
-            log.info("delivery of %d receipts to %s failed: %s", len(batch), name, exc,
-                     extra={"receipt_id": [r.receipt_id for r in batch], "upstream": name,
-                            "upstream_status": exc.reason})
+            log.info("%s failed: %s", failed, exc,
+                     extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason})
             self.breaker.record_failure()
-            self._note_error(f"{self.upstream.name} unavailable: {exc}")
-            await self._count_failure([r.receipt_id for r in batch], exc)
+            self._note_error(f"{name} unavailable: {exc}")
             raise
         self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
         self.metrics.upstream_outcomes(name, outcomes)
         self.breaker.record_success()
+        return outcomes
+
+    async def _deliver(self, batch: list[Outgoing], generation: int) -> CycleResult:
+        ids = [r.receipt_id for r in batch]
+        try:
+            outcomes: list[SubmitOutcome] = await self._call(
+                ids, f"delivery of {len(batch)} receipts to {self.upstream.name}",
+                lambda: self.upstream.submit(batch))
+        except UpstreamUnavailable as exc:
+            await self._count_failure(ids, exc)
+            raise
         self.policy.on_success(generation)
         return await self._record(outcomes)
 
@@ -416,26 +449,16 @@ class SyncLoop:
         return total
 
     async def _poll(self, due: list[AwaitingResult]) -> CycleResult:
-        if not self.breaker.allow():
-            raise CircuitOpen(self.breaker.retry_after())
         ids = [r.receipt_id for r in due]
         name = self.upstream.name
-        started = time.perf_counter()
         try:
-            outcomes = await self.upstream.poll(due)
+            outcomes: list[PollOutcome] = await self._call(
+                ids, f"asking {name} for the result of {len(ids)} receipts", lambda: self.upstream.poll(due))
         except UpstreamUnavailable as exc:
-            self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
-            log.info("asking %s for the result of %d receipts failed: %s", name, len(ids), exc,
-                     extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason})
-            self.breaker.record_failure()
             self.polls.polled(ids)
-            self._note_error(f"{self.upstream.name} unavailable: {exc}")
             if exc.operator_action is not None:
                 self._needs_operator(exc.operator_action)
             raise
-        self.metrics.upstream_request(name, RequestOutcome.OK, time.perf_counter() - started)
-        self.metrics.upstream_outcomes(name, outcomes)
-        self.breaker.record_success()
         self.polls.polled(ids)
         await self.store.settle(outcomes, ReceiptStatus.SUBMITTED)
         finished = [o.receipt_id for o in outcomes if isinstance(o, (Fiscalized, Refused, NotRegistered))]
@@ -482,6 +505,13 @@ class SyncLoop:
 
     # ---- housekeeping: pending-age alarm and retention ----
 
+    async def _housekeeping_task(self) -> None:
+        while not self._stop.is_set():
+            await self._housekeeping_due.wait()
+            self._housekeeping_due.clear()
+            if not self._stop.is_set():
+                await self._housekeeping()
+
     async def _housekeeping(self) -> None:
         now = self._clock()
         try:
@@ -494,16 +524,15 @@ class SyncLoop:
         except StorageUnavailable as exc:
             log.warning("housekeeping skipped, storage unavailable: %s", exc)
 
-    async def check_pending_age(self) -> str:
-        oldest_ms = await self.store.oldest_unsent_ms()
-        age = None if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+    async def check_pending_age(self) -> AlarmLevel:
+        age = pending_age_s(await self.store.oldest_unsent_ms())
         level = self.config.pending_alarm(age)
-        if level != "ok" and age is not None:
+        if level is not AlarmLevel.OK and age is not None:
             text = (f"oldest pending receipt is {age / 86400:.1f} days old "
                     f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
                     f"for at most 30 days")
-            log.log(logging.ERROR if level == "critical" else logging.WARNING, "%s", text)
-        elif self._alarm_level != "ok":
+            log.log(logging.ERROR if level is AlarmLevel.CRITICAL else logging.WARNING, "%s", text)
+        elif self._alarm_level is not AlarmLevel.OK:
             log.info("oldest pending receipt age back under the warning threshold")
         self._alarm_level = level
         return level
