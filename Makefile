@@ -10,19 +10,24 @@ PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 
 # System packages: what `make run` needs, and what the test suite and the benchmark need on top.
+# python3-yaml: the build step that turns kktd/openapi.yaml into the kktd/openapi.json kktd serves.
 # prometheus: promtool checks and unit-tests the shipped alert rules; the server scrapes kktd in a test.
-RUN_PACKAGES   := python3-venv
+RUN_PACKAGES   := python3-venv python3-yaml
 # gcc and libc6-dev build bench/slowsync.c, the slow-flush (SD card) shim that the bench and its test use.
 TEST_PACKAGES  := $(RUN_PACKAGES) sqlite3 fuse3 systemd util-linux wrk prometheus gcc libc6-dev
 BENCH_PACKAGES := $(RUN_PACKAGES) wrk gcc libc6-dev
 SLOWSYNC       := build/slowsync.so
+OPENAPI_JSON   := kktd/openapi.json
+# The fast tier (`make check`): unit and in-process tests. Tests that start kktd or a mock as a process, boot
+# systemd, cut power or build the package are the rest of `make test` (tests/README.md lists both tiers).
+CHECK_PYTEST   := -m "not process and not systemd and not powercut and not slow" -p no:cacheprovider
 # `make deb` (dpkg-buildpackage; the build dependencies of packaging/debian/control) and lintian, which the
 # package tests run on what they build.
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
 .PHONY: slowsync
-.PHONY: run test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run prereqs-test \
-        prereqs-bench prereqs-deb
+.PHONY: run check lint test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run \
+        prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
 	@missing=""; for p in $(1); do \
@@ -50,16 +55,30 @@ prereqs-bench:
 prereqs-deb:
 	$(call ensure_packages,$(DEB_PACKAGES))
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt | prereqs-run
+$(STAMP): setup.cfg pyproject.toml constraints.txt $(OPENAPI_JSON) | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	touch $@
+
+# Built with Debian's python3 and python3-yaml (RUN_PACKAGES), so kktd itself needs no YAML parser.
+$(OPENAPI_JSON): kktd/openapi.yaml packaging/openapi_json.py | prereqs-run
+	$(PYTHON) packaging/openapi_json.py kktd/openapi.yaml $@
 
 run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock --db $(STATE_DIR)/buffer.db
 
-test: $(STAMP) prereqs-test prereqs-deb verify-units typecheck $(SLOWSYNC)
+# The fast tier a developer runs on every change: lint and format check, types, unit and in-process tests.
+check: $(STAMP) prereqs-test lint typecheck
+	KKTD_FUZZ_QUICK=1 $(VPY) -m pytest -q $(CHECK_PYTEST) $(PYTEST_ARGS)
+
+# ruff (ruff.toml): lint, then the format check (`.venv/bin/ruff format` applies it).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The whole suite, what CI runs (.ci/run).
+test: $(STAMP) prereqs-test prereqs-deb lint verify-units typecheck $(SLOWSYNC)
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The long fuzz run: every fuzzer of the suite with KKTD_FUZZ_EXAMPLES cases per test (make test runs a
@@ -94,7 +113,7 @@ deb: prereqs-deb
 	packaging/build-deb.sh
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache packaging/out bench/results
+	rm -rf build dist *.egg-info .pytest_cache packaging/out bench/results $(OPENAPI_JSON)
 	find . -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

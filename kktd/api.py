@@ -468,6 +468,7 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(services: Services) -> web.Application:
+    spec_json()  # read now: a package without its API description fails at start, not on a request
     app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
     app[SERVICES] = services
     app.router.add_post("/v1/kkt/receipt", post_receipt)

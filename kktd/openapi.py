@@ -1,4 +1,9 @@
-"""kktd/openapi.yaml, the one description of the HTTP API, loaded once (served as /v1/openapi.json)."""
+"""The description of the HTTP API, served as /v1/openapi.json.
+
+It is written by hand as kktd/openapi.yaml and turned into kktd/openapi.json at build time (the Makefile and
+debian/rules run packaging/openapi_json.py), so kktd reads JSON and needs no YAML parser at run time.
+tests/test_openapi.py checks that the JSON is the YAML's and that both describe the app as it is.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,22 @@ import json
 from importlib import resources
 from typing import Any
 
-import yaml
-
-SPEC_FILE = "openapi.yaml"
-
-
-@functools.cache
-def spec() -> dict[str, Any]:
-    text = resources.files("kktd").joinpath(SPEC_FILE).read_text(encoding="utf-8")
-    document = yaml.safe_load(text)
-    if not isinstance(document, dict) or "paths" not in document:
-        raise ValueError(f"kktd/{SPEC_FILE} is not an OpenAPI document")
-    return document
+SPEC_FILE = "openapi.json"
 
 
 @functools.cache
 def spec_json() -> bytes:
-    """The description as the JSON bytes answered by GET /v1/openapi.json (built once)."""
-    return json.dumps(spec(), ensure_ascii=False, separators=(",", ":")).encode()
+    """The description as the JSON bytes answered by GET /v1/openapi.json (read once)."""
+    try:
+        return resources.files("kktd").joinpath(SPEC_FILE).read_bytes()
+    except FileNotFoundError:
+        raise RuntimeError(f"kktd/{SPEC_FILE} is missing: it is built from kktd/openapi.yaml "
+                           f"(`make kktd/openapi.json` in a checkout)") from None
+
+
+@functools.cache
+def spec() -> dict[str, Any]:
+    document = json.loads(spec_json())
+    if not isinstance(document, dict) or "paths" not in document:
+        raise ValueError(f"kktd/{SPEC_FILE} is not an OpenAPI document")
+    return document

@@ -10,7 +10,7 @@ requisite of each receipt, and a register may be registered for several), so a d
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,20 +87,28 @@ def parse_cashier_inn(raw: Any) -> str:
     return text
 
 
+def _unset_or(parse: Callable[[Any], str]) -> Callable[[Any], str | None]:
+    """"" is unset (TOML has no null: the shipped kktd.toml lists every key with its default)."""
+    def parse_or_unset(raw: Any) -> str | None:
+        return None if raw == "" else parse(raw)
+    return parse_or_unset
+
+
 OPTIONS: tuple[Option, ...] = (
-    Option("company_inn", parse_company_inn, None, "seller's INN, as in the fiscal storage: 10 or 12 digits"),
-    Option("company_email", parse_company_email, None, "seller's e-mail on every receipt"),
-    Option("company_payment_address", parse_payment_address, None,
+    Option("company_inn", _unset_or(parse_company_inn), None,
+           "seller's INN, as in the fiscal storage: 10 or 12 digits"),
+    Option("company_email", _unset_or(parse_company_email), None, "seller's e-mail on every receipt"),
+    Option("company_payment_address", _unset_or(parse_payment_address), None,
            "place of settlement, e.g. the shop's site or address"),
-    Option("cashier_name", parse_cashier_name, None, "cashier printed when a receipt names none"),
-    Option("cashier_inn", parse_cashier_inn, None, "that cashier's personal INN (12 digits)"),
+    Option("cashier_name", _unset_or(parse_cashier_name), None, "cashier printed when a receipt names none"),
+    Option("cashier_inn", _unset_or(parse_cashier_inn), None, "that cashier's personal INN (12 digits)"),
 )
 KEYS = tuple(option.key for option in OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
 class Seller:
-    """The parsed seller settings; None where unset (each upstream requires what it sends)."""
+    """The parsed seller settings; None where unset or "" (each upstream requires what it sends)."""
 
     company_inn: str | None = None
     company_email: str | None = None

@@ -7,7 +7,8 @@ UTF-16, UTF-32, surrogates passed through as invalid UTF-8) and sometimes cut sh
 bodies start from a valid receipt with one mutation at a random place, so validation is reached deeply, not
 only the JSON parser.
 
-Budget: `make test` runs a fixed, derandomized number of cases (a failure reproduces on every run);
+Budget: `make test` runs a fixed, derandomized number of cases (a failure reproduces on every run), `make
+check` a tenth of them (KKTD_FUZZ_QUICK=1);
 `make fuzz` sets KKTD_FUZZ_EXAMPLES and runs randomized: on a failure hypothesis prints the seed, and
 `make fuzz KKTD_FUZZ_SEED=N` (pytest --hypothesis-seed) repeats that run.
 """
@@ -24,12 +25,16 @@ from hypothesis import HealthCheck, settings, strategies as st
 from kktd.receipt import sample_receipt
 
 FUZZ_LONG = "KKTD_FUZZ_EXAMPLES" in os.environ
+# `make check`, the fast tier: a tenth of each fuzzer's fixed cases (still derandomized, so reproducible).
+FUZZ_QUICK = os.environ.get("KKTD_FUZZ_QUICK", "") == "1"
 
 
 def fuzz_settings(default_examples: int, scaled: bool = True) -> settings:
     """Hypothesis settings: `default_examples` derandomized cases in `make test`; the count from
     KKTD_FUZZ_EXAMPLES, randomized (seeded by --hypothesis-seed), in `make fuzz`."""
     examples = int(os.environ.get("KKTD_FUZZ_EXAMPLES", default_examples)) if scaled else default_examples
+    if FUZZ_QUICK and scaled and not FUZZ_LONG:
+        examples = max(10, examples // 10)
     return settings(
         max_examples=examples,
         derandomize=not FUZZ_LONG or not scaled,

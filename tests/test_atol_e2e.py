@@ -24,6 +24,9 @@ from tests.atol_support import MockAtolProcess, fiscalized_once
 from tests.support import KktdProcess, post_many, wait_until
 from tests.test_two_phase import make_v1_database
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 # Quick retries: these tests are about what happens, not about waiting for production back-offs.
 SYNC_FLAGS = ("--sync-interval", "0.2", "--backoff-max", "0.5", "--breaker-reset", "0.5", "--atol-timeout", "3")
 DRAIN_TIMEOUT_S = 90.0

@@ -26,6 +26,9 @@ import pytest
 from kktd.receipt import sample_receipt
 from tests.support import KktdProcess, async_wait_until, wait_until
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 CAP = 200
 IDLE_TIMEOUT = 2.0
 BODY_TIMEOUT = 2.0

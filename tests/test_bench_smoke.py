@@ -20,6 +20,9 @@ import pytest
 
 from tests.support import REPO, require
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 RUN = REPO / "bench" / "run.py"
 SLOWSYNC = REPO / "build" / "slowsync.so"
 REQUESTS = 40  # per run; a multiple of wrk's two threads so the fixed count is exact

@@ -16,6 +16,9 @@ from tests.fuzzing import fuzz_settings, header_keys, hostile_bodies
 from tests.openapi_contract import Contract
 from tests.support import KktdProcess
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 
 class Live:
     def __init__(self, kktd: KktdProcess) -> None:

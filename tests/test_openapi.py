@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
+import yaml
 from aiohttp import web
 
 from kktd.openapi import spec, spec_json
@@ -34,6 +37,19 @@ def test_spec_loads_and_is_openapi_3() -> None:
     document = spec()
     assert document["openapi"].startswith("3.")
     assert json.loads(spec_json()) == document
+
+
+def test_the_served_json_is_the_yaml_written_by_hand() -> None:
+    """kktd/openapi.json is built from kktd/openapi.yaml (packaging/openapi_json.py): a stale build fails here."""
+    source = yaml.safe_load((Path(__file__).resolve().parent.parent / "kktd" / "openapi.yaml").read_text())
+    assert spec() == source
+
+
+def test_kktd_itself_imports_no_yaml_parser() -> None:
+    """The run-time dependencies stay what setup.cfg says: no YAML parser is imported by the daemon."""
+    code = "import sys, kktd.cli, kktd.app, kktd.daemon; print('yaml' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 async def test_every_route_is_described_and_nothing_else(app: App) -> None:

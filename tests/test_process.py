@@ -18,6 +18,9 @@ import pytest
 
 from tests.support import KKTD_BIN, KktdProcess, Posted, http, http_async, post_many, receipts, wait_until
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 
 
 def start(kktds: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:

@@ -26,6 +26,9 @@ from tests.support import KktdProcess, MockOfdProcess, free_port, post_many, rec
     wait_until
 from tests.test_monitoring import ALERTS, GRAFANA_VARIABLES, alert_expressions, alert_names, dashboard_expressions
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 PROMETHEUS = "/usr/bin/prometheus"
 RATE_WINDOW = "15s"  # what Grafana's $__rate_interval would be at a 1 s scrape interval, with margin
 

@@ -25,6 +25,9 @@ from kktd.openapi import spec
 from tests.fuzzing import fuzz_settings
 from tests.support import KktdProcess
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, negative_data_rejection]
 

@@ -11,6 +11,9 @@ import pytest
 
 from tests.support import KktdProcess, post_many, receipts, wait_until
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE],
                          ids=lambda s: signal.Signals(s).name)

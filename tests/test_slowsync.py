@@ -18,6 +18,9 @@ import pytest
 
 from tests.support import require
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "build" / "slowsync.so"
 DELAY_MS = 20

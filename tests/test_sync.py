@@ -14,6 +14,9 @@ import pytest
 from tests.support import (KktdProcess, MockOfdProcess, cpu_seconds, http, post_many, receipts, sample_receipt,
                            wait_until)
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 FAST_RETRY = ["--backoff-max", "1", "--breaker-reset", "0.5", "--sync-interval", "0.2", "--ofd-timeout", "2"]
 
 

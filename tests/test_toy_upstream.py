@@ -27,6 +27,9 @@ from kktd.receipt import sample_receipt
 from kktd.upstreams import REGISTRY
 from tests.support import free_port, http, terminate, wait_until
 
+# Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
+pytestmark = pytest.mark.process
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 TOY_MODULE = '''"""The toy upstream: one phase, one call in flight, a JSON list in, a list of fiscal signs out."""

@@ -357,7 +357,7 @@ class SyncLoop:
         """One call to the upstream with the bookkeeping every call shares: the breaker in front of it, its
         duration and outcome in the metrics, and on failure the journal entry naming every receipt (each
         attempt is part of each receipt's story: journalctl RECEIPT_ID=...), the breaker's count and the
-        last error. `failed` completes "... failed: REASON", e.g. "delivery of 3 receipts to kktd-ofd"."""
+        last error. `failed` completes "... failed: REASON", e.g. "delivery of 3 receipts to UPSTREAM"."""
         if not self.breaker.allow():
             raise CircuitOpen(self.breaker.retry_after())
         name = self.upstream.name
