@@ -49,7 +49,12 @@ class Notifier:
 
     The socket is non-blocking: a datagram queue that nobody drains (10 messages by default,
     net.unix.max_dgram_qlen) would otherwise block the event loop in sendto() and with it every till. A
-    message that does not fit is dropped, and that is logged once until one fits again."""
+    message that does not fit is dropped, and that is logged once until one fits again.
+
+    sdnotify is used for one thing, opening the socket (NOTIFY_SOCKET, abstract '@' addresses included): it
+    is the project's chosen sd_notify binding (the design fixes the dependency set), a single pure-Python file
+    with no dependencies of its own. Its notify() is not used: it blocks on a full queue and swallows every
+    error, where kktd must neither block the event loop nor stay silent."""
 
     def __init__(self) -> None:
         notifier = sdnotify.SystemdNotifier() if os.environ.get("NOTIFY_SOCKET") else None

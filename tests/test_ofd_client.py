@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
 
+import msgspec
 import pytest
 from aiohttp import web
 
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from kktd.delivery import UpstreamUnavailable
+from kktd.upstreams.http import invalid_field
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem, OfdRejection
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -548,3 +550,13 @@ async def test_close_is_idempotent_and_restartable(mock: MockOfd) -> None:
         assert isinstance((await ofd_client.send_batch([item(1)]))[0], OfdAck)
     finally:
         await ofd_client.close()
+
+
+@pytest.mark.parametrize(("message", "field"), [
+    ("Expected `int`, got `str` - at `$.payload.shift_number`", "payload.shift_number"),
+    ("Expected `str`, got `null` - at `$.fiscal_sign`", "fiscal_sign"),
+    ("Object missing required field `fn_number`", "fn_number"),
+    ("Expected `object`, got `array`", "value"),
+])
+def test_a_bad_answer_names_the_field_never_the_value(message: str, field: str) -> None:
+    assert invalid_field(msgspec.ValidationError(message)) == field

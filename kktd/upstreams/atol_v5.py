@@ -22,9 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
-from typing import Any, ClassVar, TypeGuard
+from typing import Annotated, Any, ClassVar, TypeGuard
 
 import aiohttp
+import msgspec
 import yarl
 
 from kktd.errors import ConfigError
@@ -33,7 +34,7 @@ from kktd.seller import Seller
 from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
 from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
     PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
-from kktd.upstreams.http import HttpUpstream, bad_answer
+from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
     "DEFAULT_URL",
@@ -321,35 +322,39 @@ def _http_failure(answer: _Answer, *, sent: bool) -> UpstreamUnavailable:
     return bad_answer("unexpected_answer", f"HTTP {answer.status}")
 
 
-def _str_field(payload: dict[str, Any], name: str, *, required: bool = True, limit: int = 256) -> str | None:
-    value = payload.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise bad_answer("invalid_payload", f"payload.{name}")
-    return value
+_Text = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-def _int_field(payload: dict[str, Any], name: str, low: int = 0) -> int:
-    value = payload.get(name)
-    if type(value) is not int or value < low:
-        raise bad_answer("invalid_payload", f"payload.{name}")
-    return value
+class _Payload(msgspec.Struct):
+    """The ``payload`` of a ``done`` report (section 5.2), strictly typed: true is not a number, "1" neither."""
+
+    fiscal_document_number: Annotated[int, msgspec.Meta(ge=1)]
+    fiscal_document_attribute: Annotated[int, msgspec.Meta(ge=0)]
+    receipt_datetime: Annotated[_Text, msgspec.Meta(max_length=64)]
+    fn_number: Annotated[_Text, msgspec.Meta(max_length=32)]
+    shift_number: Annotated[int, msgspec.Meta(ge=0)]
+    fiscal_receipt_number: Annotated[int, msgspec.Meta(ge=0)]
+    ecr_registration_number: Annotated[_Text, msgspec.Meta(max_length=32)]
+    ofd_receipt_url: Annotated[_Text, msgspec.Meta(max_length=2048)] | None = None
 
 
 def parse_fiscal_data(payload: object) -> FiscalData:
     """The ``payload`` of a ``done`` report -> FiscalData; raises bad_answer unless every field is well-typed."""
     if not isinstance(payload, dict):
         raise bad_answer("invalid_payload", "payload is not an object")
+    try:
+        done = msgspec.convert(payload, _Payload, strict=True)
+    except msgspec.ValidationError as exc:
+        raise bad_answer("invalid_payload", f"payload.{invalid_field(exc)}") from None
     return FiscalData(
-        fiscal_document_number=_int_field(payload, "fiscal_document_number", 1),
-        fiscal_sign=str(_int_field(payload, "fiscal_document_attribute")),
-        registered_at=str(_str_field(payload, "receipt_datetime", limit=64)),
-        fn_number=_str_field(payload, "fn_number", limit=32),
-        shift_number=_int_field(payload, "shift_number"),
-        receipt_number=_int_field(payload, "fiscal_receipt_number"),
-        kkt_registration_number=_str_field(payload, "ecr_registration_number", limit=32),
-        ofd_receipt_url=_str_field(payload, "ofd_receipt_url", required=False, limit=2048),
+        fiscal_document_number=done.fiscal_document_number,
+        fiscal_sign=str(done.fiscal_document_attribute),
+        registered_at=done.receipt_datetime,
+        fn_number=done.fn_number,
+        shift_number=done.shift_number,
+        receipt_number=done.fiscal_receipt_number,
+        kkt_registration_number=done.ecr_registration_number,
+        ofd_receipt_url=done.ofd_receipt_url,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Self
 
 import aiohttp
+import msgspec
 import yarl
 
 from kktd.delivery import FailureKind, UpstreamUnavailable
@@ -63,6 +64,18 @@ def classify_transport(exc: BaseException, *, sent: bool = True) -> UpstreamUnav
         return UpstreamUnavailable(maybe, "client_error", detail)
     # An OSError outside aiohttp's wrappers: the socket could not be used, so nothing went out.
     return UpstreamUnavailable(FailureKind.NOT_SENT, "connect_error", detail)
+
+
+def invalid_field(exc: msgspec.ValidationError) -> str:
+    """The field a msgspec ValidationError is about, for a bad_answer's detail: "Expected `int`, got `str` - at
+    `$.payload.shift_number`" -> "payload.shift_number"; "Object missing required field `fn_number`" ->
+    "fn_number". Never the value itself (an answer's text is the upstream's, not ours to log)."""
+    text = str(exc)
+    _, at, path = text.rpartition(" - at `$")
+    if at:
+        return path.rstrip("`").lstrip(".") or "value"
+    _, missing, name = text.rpartition("missing required field `")
+    return name.rstrip("`") if missing else "value"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,14 @@ raises :class:`UpstreamUnavailable`, so the receipts stay pending and are resent
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar, TypeGuard
+from typing import Annotated, Any, ClassVar
 
 import aiohttp
+import msgspec
 import yarl
 
 from kktd.clock import rfc3339
@@ -23,7 +23,7 @@ from kktd.options import Option, duration_in, http_url, mask_url
 from kktd.seller import Seller
 from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
     SubmitOutcome, UpstreamUnavailable)
-from kktd.upstreams.http import HttpUpstream, bad_answer
+from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
     "MAX_BATCH",
@@ -100,8 +100,8 @@ class OfdRejection:
 OfdResult = OfdAck | OfdRejection
 
 
-def _is_rfc3339(value: object) -> TypeGuard[str]:
-    if not isinstance(value, str) or not 10 < len(value) <= 64 or value[10] not in "Tt":
+def _is_rfc3339(value: str) -> bool:
+    if not 10 < len(value) <= 64 or value[10] not in "Tt":
         return False
     try:
         parsed = datetime.fromisoformat(value)
@@ -110,52 +110,87 @@ def _is_rfc3339(value: object) -> TypeGuard[str]:
     return parsed.tzinfo is not None
 
 
-def _parse_ack(index: int, receipt_id: str, result: dict[str, Any]) -> OfdAck:
-    fdn = result.get("fiscal_document_number")
-    sign = result.get("fiscal_sign")
-    received = result.get("ofd_received_at")
-    # bool is an int subclass: True must not pass as document number 1.
-    if type(fdn) is not int or fdn <= 0:
-        raise bad_answer("invalid_ack", f"result {index}: fiscal_document_number")
-    if not isinstance(sign, str) or not sign or len(sign) > _MAX_SIGN_LEN:
-        raise bad_answer("invalid_ack", f"result {index}: fiscal_sign")
-    if not _is_rfc3339(received):
+# The answer, decoded by msgspec in stages, so that each way it can be wrong keeps its own reason: the
+# envelope (shape), then each result's receipt id and kind, then the acknowledgement or the rejection itself.
+# Strict types: true is not document number 1, 1.0 is not an integer, null is not a sign.
+
+class _Answer(msgspec.Struct):
+    results: list[msgspec.Raw]
+
+
+class _Result(msgspec.Struct):
+    """What decides which kind of result this is, and whose."""
+
+    receipt_id: object = None
+    error: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    fiscal_document_number: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    fiscal_sign: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Ack(msgspec.Struct):
+    fiscal_document_number: Annotated[int, msgspec.Meta(gt=0)]
+    fiscal_sign: Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_SIGN_LEN)]
+    ofd_received_at: str
+
+
+class _Error(msgspec.Struct):
+    code: Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_CODE_LEN)]
+    message: str
+
+
+_ANSWER = msgspec.json.Decoder(_Answer)
+_RESULT = msgspec.json.Decoder(_Result)
+_ACK = msgspec.json.Decoder(_Ack)
+_ERROR = msgspec.json.Decoder(_Error)
+
+
+def _parse_ack(index: int, receipt_id: str, raw: msgspec.Raw) -> OfdAck:
+    try:
+        ack = _ACK.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise bad_answer("invalid_ack", f"result {index}: {invalid_field(exc)}") from None
+    if not _is_rfc3339(ack.ofd_received_at):
         raise bad_answer("invalid_ack", f"result {index}: ofd_received_at")
-    return OfdAck(receipt_id, fdn, sign, received)
+    return OfdAck(receipt_id, ack.fiscal_document_number, ack.fiscal_sign, ack.ofd_received_at)
 
 
-def _parse_rejection(index: int, receipt_id: str, result: dict[str, Any]) -> OfdRejection:
-    error = result["error"]
-    if "fiscal_document_number" in result or "fiscal_sign" in result:
+def _parse_rejection(index: int, receipt_id: str, result: _Result) -> OfdRejection:
+    if result.fiscal_document_number is not msgspec.UNSET or result.fiscal_sign is not msgspec.UNSET:
         # Both an ack and an error: we cannot tell what the OFD did.
         raise bad_answer("invalid_rejection", f"result {index}: ack and error together")
-    if not isinstance(error, dict):
-        raise bad_answer("invalid_rejection", f"result {index}: error")
-    code, message = error.get("code"), error.get("message")
-    if not isinstance(code, str) or not code or len(code) > _MAX_CODE_LEN:
-        raise bad_answer("invalid_rejection", f"result {index}: error.code")
-    if not isinstance(message, str):
-        raise bad_answer("invalid_rejection", f"result {index}: error.message")
-    return OfdRejection(receipt_id, code, message)
+    assert not isinstance(result.error, msgspec.UnsetType)  # the caller's test
+    try:
+        error = _ERROR.decode(result.error)
+    except msgspec.ValidationError as exc:
+        raise bad_answer("invalid_rejection", f"result {index}: error.{invalid_field(exc)}") from None
+    return OfdRejection(receipt_id, error.code, error.message)
 
 
-def parse_results(items: Sequence[OfdItem], document: object) -> list[OfdResult]:
-    """Check a decoded answer against the batch sent; raise UpstreamUnavailable unless it fits exactly."""
-    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
-        raise bad_answer("shape", "expected an object with a results list")
-    results = document["results"]
+def parse_results(items: Sequence[OfdItem], body: bytes) -> list[OfdResult]:
+    """Check an answer's body against the batch sent; raise UpstreamUnavailable unless it fits exactly."""
+    try:
+        body.decode("utf-8")  # the stages below skip over text they do not decode yet: check it all first
+        results = _ANSWER.decode(body).results
+    except UnicodeDecodeError:
+        raise bad_answer("not_json") from None
+    except msgspec.ValidationError:
+        raise bad_answer("shape", "expected an object with a results list") from None
+    except msgspec.DecodeError:
+        raise bad_answer("not_json") from None
     if len(results) != len(items):
         raise bad_answer("length_mismatch", f"{len(results)} results for {len(items)} receipts")
     parsed: list[OfdResult] = []
-    for index, (item, result) in enumerate(zip(items, results)):
-        if not isinstance(result, dict):
-            raise bad_answer("shape", f"result {index} is not an object")
-        if result.get("receipt_id") != item.receipt_id:
+    for index, (item, raw) in enumerate(zip(items, results)):
+        try:
+            result = _RESULT.decode(raw)
+        except msgspec.ValidationError:
+            raise bad_answer("shape", f"result {index} is not an object") from None
+        if result.receipt_id != item.receipt_id:
             raise bad_answer("receipt_id_mismatch", f"result {index}")
-        if "error" in result:
+        if result.error is not msgspec.UNSET:
             parsed.append(_parse_rejection(index, item.receipt_id, result))
         else:
-            parsed.append(_parse_ack(index, item.receipt_id, result))
+            parsed.append(_parse_ack(index, item.receipt_id, raw))
     return parsed
 
 
@@ -200,11 +235,7 @@ class OfdClient(HttpUpstream):
             raise ValueError(f"a batch holds 1..{MAX_BATCH} receipts, got {len(items)}")
         body = ("[" + ",".join(item.encode() for item in items) + "]").encode()
         answer = await self._exchange("POST", self._url, body, HEADERS, head_check=_check_head)
-        try:
-            document = json.loads(answer.body)
-        except (ValueError, UnicodeDecodeError):
-            raise bad_answer("not_json") from None
-        return parse_results(items, document)
+        return parse_results(items, answer.body)
 
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
         items = [OfdItem(r.receipt_id, r.external_id, rfc3339(r.accepted_ms), receipt_json=r.body) for r in batch]
