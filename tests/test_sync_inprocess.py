@@ -88,7 +88,7 @@ async def test_retention_prunes_only_old_sent_receipts(rig_factory: RigFactory, 
             "?" * 1000), (old, *ids[:1000]))
 
     await rig.store.run(age)
-    assert await rig.sync.prune() == 1000
+    assert await rig.sync.housekeeping.prune() == 1000
     assert rig.store.counts.sent == 200 and rig.store.counts.pending == 1
     assert await rig.store.get(ids[0]) is None
     assert await rig.store.get(ids[1000]) is not None
@@ -104,16 +104,16 @@ async def test_pending_age_alarm_warns_then_goes_critical(rig_factory: RigFactor
         await rig.store.run(lambda conn: conn.execute(
             "UPDATE receipts SET accepted_ms = ? WHERE receipt_id = ?", (stamp, receipt_id)))
 
-    assert await rig.sync.check_pending_age() == "ok"
+    assert await rig.sync.housekeeping.check_pending_age() == "ok"
     await set_age(4)
-    assert await rig.sync.check_pending_age() == "warning"
+    assert await rig.sync.housekeeping.check_pending_age() == "warning"
     assert any(r.levelname == "WARNING" and "4.0 days old" in r.getMessage() for r in caplog.records)
     health = await (await rig.http.get("/v1/health")).json()
     assert health["status"] == "warning"
     status = await (await rig.http.get("/v1/kkt/buffer/status")).json()
     assert status["oldest_pending_alarm"] == "warning"
     await set_age(26)
-    assert await rig.sync.check_pending_age() == "critical"
+    assert await rig.sync.housekeeping.check_pending_age() == "critical"
     assert any(r.levelname == "ERROR" and "26.0 days old" in r.getMessage() for r in caplog.records)
     response = await rig.http.get("/v1/health")
     assert response.status == 503

@@ -25,8 +25,9 @@ from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.errors import StorageUnavailable
 from kktd.metrics import Metrics, RequestOutcome
 from kktd.store import ReceiptStatus, Store
-from kktd.states import AlarmLevel, BreakerState, pending_age_s
+from kktd.states import BreakerState
 from kktd.sync.breaker import CircuitBreaker
+from kktd.sync.housekeeping import Housekeeping
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
 from kktd.delivery import (AwaitingResult, DeliveryTraits, FailureKind, Fiscalized, NotRegistered, Outgoing,
                            PollOutcome, Refused, Registered, SubmitOutcome, Undelivered, UpstreamUnavailable)
@@ -40,9 +41,6 @@ OutcomeT = TypeVar("OutcomeT", SubmitOutcome, PollOutcome)
 
 INTAKE_BUSY_WINDOW_S = 0.25  # an intake this recent means the till is busy
 INTAKE_BUSY_DRAIN_SHARE = 0.2  # while it is, the drain takes at most this share of wall time
-RETENTION_EVERY_S = 3600.0
-RETENTION_BATCH = 500
-ALARM_EVERY_S = 60.0
 
 
 class CircuitOpen(Exception):
@@ -137,11 +135,7 @@ class SyncLoop:
         self._cycle_lock = asyncio.Lock()
         self._intake_commits_seen = store.counters.commits
         self._intake_seen_at = float("-inf")
-        # Set by each turn of the delivery loop: the housekeeping task then does what is due by the clock.
-        self._housekeeping_due = asyncio.Event()
-        self._next_retention = 0.0
-        self._next_alarm = 0.0
-        self._alarm_level = AlarmLevel.OK
+        self.housekeeping = Housekeeping(store, lambda: self.config, clock, self._stop)
 
     # ---- control ----
 
@@ -164,7 +158,7 @@ class SyncLoop:
     def request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._housekeeping_due.set()
+        self.housekeeping.nudge()
 
     def status(self) -> SyncStatus:
         stats = self.stats
@@ -217,7 +211,7 @@ class SyncLoop:
         log.info("sync loop started: %s, batches of %d, idle interval %gs", self.upstream.name,
                  self.policy.batch_size, self.config.sync_interval)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._housekeeping_task(), name="kktd-housekeeping")
+            tasks.create_task(self.housekeeping.run(), name="kktd-housekeeping")
             try:
                 await self._deliver_until_stopped()
             finally:
@@ -226,7 +220,7 @@ class SyncLoop:
 
     async def _deliver_until_stopped(self) -> None:
         while not self._stop.is_set():
-            self._housekeeping_due.set()
+            self.housekeeping.nudge()
             try:
                 await self._cycle_with_retries()
             except Stopping:
@@ -502,53 +496,6 @@ class SyncLoop:
             log.warning("%s", error)
         self.stats.last_error = error
         self.stats.last_error_ms = now_ms()
-
-    # ---- housekeeping: pending-age alarm and retention ----
-
-    async def _housekeeping_task(self) -> None:
-        while not self._stop.is_set():
-            await self._housekeeping_due.wait()
-            self._housekeeping_due.clear()
-            if not self._stop.is_set():
-                await self._housekeeping()
-
-    async def _housekeeping(self) -> None:
-        now = self._clock()
-        try:
-            if now >= self._next_alarm:
-                self._next_alarm = now + ALARM_EVERY_S
-                await self.check_pending_age()
-            if now >= self._next_retention:
-                self._next_retention = now + RETENTION_EVERY_S
-                await self.prune()
-        except StorageUnavailable as exc:
-            log.warning("housekeeping skipped, storage unavailable: %s", exc)
-
-    async def check_pending_age(self) -> AlarmLevel:
-        age = pending_age_s(await self.store.oldest_unsent_ms())
-        level = self.config.pending_alarm(age)
-        if level is not AlarmLevel.OK and age is not None:
-            text = (f"oldest pending receipt is {age / 86400:.1f} days old "
-                    f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
-                    f"for at most 30 days")
-            log.log(logging.ERROR if level is AlarmLevel.CRITICAL else logging.WARNING, "%s", text)
-        elif self._alarm_level is not AlarmLevel.OK:
-            log.info("oldest pending receipt age back under the warning threshold")
-        self._alarm_level = level
-        return level
-
-    async def prune(self) -> int:
-        cutoff = now_ms() - self.config.retention_days * 86_400_000
-        deleted = 0
-        while not self._stop.is_set():
-            count = await self.store.prune_sent(cutoff, RETENTION_BATCH)
-            deleted += count
-            if count < RETENTION_BATCH:
-                break
-            await asyncio.sleep(0)  # let intake in between batches
-        if deleted:
-            log.info("retention: pruned %d sent receipts older than %d days", deleted, self.config.retention_days)
-        return deleted
 
 
 def _collect(done: set[asyncio.Task[CycleResult]], total: CycleResult) -> None:

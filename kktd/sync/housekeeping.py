@@ -1,0 +1,88 @@
+"""The sync loop's housekeeping, a task of its own beside the deliveries: the alarm on the age of the oldest
+pending receipt (the fiscal storage holds unsent documents for at most 30 days) and the retention of sent
+receipts. The delivery loop nudges it on each of its turns; what is due is decided by the injected clock, so
+the housekeeping never sleeps on a clock of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kktd.clock import Clock, now_ms
+from kktd.errors import StorageUnavailable
+from kktd.states import AlarmLevel, pending_age_s
+from kktd.store import Store
+
+if TYPE_CHECKING:
+    from kktd.config import Config
+
+log = logging.getLogger("kktd.sync")
+
+RETENTION_EVERY_S = 3600.0
+RETENTION_BATCH = 500
+ALARM_EVERY_S = 60.0
+
+
+class Housekeeping:
+    def __init__(self, store: Store, config: Callable[[], Config], clock: Clock, stop: asyncio.Event) -> None:
+        self.store = store
+        self._config = config  # the configuration in force (a reload replaces it)
+        self._clock = clock
+        self._stop = stop
+        self._due = asyncio.Event()
+        self._next_retention = 0.0
+        self._next_alarm = 0.0
+        self._alarm_level = AlarmLevel.OK
+
+    def nudge(self) -> None:
+        """Look at the clock again (each turn of the delivery loop, and on stop)."""
+        self._due.set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            await self._due.wait()
+            self._due.clear()
+            if not self._stop.is_set():
+                await self._run_due()
+
+    async def _run_due(self) -> None:
+        now = self._clock()
+        try:
+            if now >= self._next_alarm:
+                self._next_alarm = now + ALARM_EVERY_S
+                await self.check_pending_age()
+            if now >= self._next_retention:
+                self._next_retention = now + RETENTION_EVERY_S
+                await self.prune()
+        except StorageUnavailable as exc:
+            log.warning("housekeeping skipped, storage unavailable: %s", exc)
+
+    async def check_pending_age(self) -> AlarmLevel:
+        age = pending_age_s(await self.store.oldest_unsent_ms())
+        level = self._config().pending_alarm(age)
+        if level is not AlarmLevel.OK and age is not None:
+            text = (f"oldest pending receipt is {age / 86400:.1f} days old "
+                    f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
+                    f"for at most 30 days")
+            log.log(logging.ERROR if level is AlarmLevel.CRITICAL else logging.WARNING, "%s", text)
+        elif self._alarm_level is not AlarmLevel.OK:
+            log.info("oldest pending receipt age back under the warning threshold")
+        self._alarm_level = level
+        return level
+
+    async def prune(self) -> int:
+        retention_days = self._config().retention_days
+        cutoff = now_ms() - retention_days * 86_400_000
+        deleted = 0
+        while not self._stop.is_set():
+            count = await self.store.prune_sent(cutoff, RETENTION_BATCH)
+            deleted += count
+            if count < RETENTION_BATCH:
+                break
+            await asyncio.sleep(0)  # let intake in between batches
+        if deleted:
+            log.info("retention: pruned %d sent receipts older than %d days", deleted, retention_days)
+        return deleted
