@@ -284,20 +284,25 @@ def _short(text: str) -> str:
     return text if len(text) <= MAX_TEXT_LEN else text[:MAX_TEXT_LEN] + "…"
 
 
+class _ErrorObject(msgspec.Struct):
+    """The ``error`` object of an answer (section 7.1); strict: true is not code 1."""
+
+    code: int
+    text: str
+    type: str | None = None
+
+
 def _parse_error(document: dict[str, Any]) -> AtolError | None:
     error = document.get("error")
     if error is None:
         return None
     if not isinstance(error, dict):
         raise bad_answer("error", "error is neither null nor an object")
-    code, text, kind = error.get("code"), error.get("text"), error.get("type")
-    if type(code) is not int:  # bool is an int subclass: true must not pass as code 1
-        raise bad_answer("error", "error.code is not an integer")
-    if not isinstance(text, str):
-        raise bad_answer("error", "error.text is not a string")
-    if kind is not None and not isinstance(kind, str):
-        raise bad_answer("error", "error.type is not a string")
-    return AtolError(code, _short(text), kind)
+    try:
+        parsed = msgspec.convert(error, _ErrorObject, strict=True)
+    except msgspec.ValidationError as exc:
+        raise bad_answer("error", f"error.{invalid_field(exc)}") from None
+    return AtolError(parsed.code, _short(parsed.text), parsed.type)
 
 
 def _is_uuid(value: object) -> TypeGuard[str]:
