@@ -106,7 +106,8 @@ def runbook_section() -> str:
     start = re.search(r"^(#+) Runbook\b.*$", text, re.MULTILINE)
     assert start, "docs/operations.md has no runbook section"
     end = re.compile(rf"^#{{1,{len(start.group(1))}}} ", re.MULTILINE).search(text, start.end())
-    return text[start.end():end.start() if end else len(text)]
+    first, stop = start.end(), (end.start() if end else len(text))
+    return text[first:stop]
 
 
 def test_every_alert_has_a_severity_and_a_runbook() -> None:
