@@ -8,16 +8,18 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from kktd.clock import rfc3339
-from kktd.errors import ApiError, BufferFull, StorageUnavailable
+from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
+from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from kktd.metrics import Metrics
 from kktd.openapi import spec_json
-from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, quoted
 from kktd.server import EventSummary
@@ -102,13 +104,13 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         _log_error(request, refused)
         return error_response(refused)
     except web.HTTPRequestEntityTooLarge:
-        too_large = ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
+        too_large = ApiError(413, ErrorCode.BODY_TOO_LARGE, f"request body is larger than {MAX_BODY} bytes")
         _log_error(request, too_large)
         return error_response(too_large)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, f"http_{exc.status}")
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status, f"http_{exc.status}")
         http_error = ApiError(exc.status, code, exc.reason)
         _log_error(request, http_error)
         response = error_response(http_error)
@@ -119,7 +121,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         raise
     except Exception:
         log.exception("internal error on %s %s", escape(request.method, 16), escape(request.path))
-        return error_response(ApiError(500, "internal_error", "internal error; see the kktd log"))
+        return error_response(ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error; see the kktd log"))
 
 
 def _refuse_without_token(request: web.Request) -> web.Response | None:
@@ -131,7 +133,8 @@ def _refuse_without_token(request: web.Request) -> web.Response | None:
     services.events.event("requests without a valid token", logging.WARNING,
                           "%s %s -> 401 unauthorized: no valid bearer token", escape(request.method, 16),
                           escape(request.path))
-    return error_response(ApiError(401, "unauthorized", "this endpoint needs Authorization: Bearer <token>",
+    return error_response(ApiError(401, ErrorCode.UNAUTHORIZED,
+                                   "this endpoint needs Authorization: Bearer <token>",
                                    headers={"WWW-Authenticate": 'Bearer realm="kktd"'}))
 
 
@@ -155,7 +158,7 @@ def _log_error(request: web.Request, error: ApiError) -> None:
     # The method and path are the client's: escaped and cut short like every client text in a log line.
     line = (f"{escape(request.method, 16)} {escape(request.path)} -> {error.status} {error.code}{where}: "
             f"{error.message}")
-    if error.code == "body_timeout":
+    if error.code == ErrorCode.BODY_TIMEOUT:
         request.app[SERVICES].events.event("request bodies too slow", level, "%s", line)
     else:
         log.log(level, "%s", line, extra={"error_code": error.code})
@@ -169,15 +172,15 @@ async def post_receipt(request: web.Request) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     if not services.intake_open:
-        raise ApiError(503, "shutting_down", "kktd is stopping; retry in a moment",
+        raise ApiError(503, ErrorCode.SHUTTING_DOWN, "kktd is stopping; retry in a moment",
                        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)})
     if services.store.damage is not None:
-        raise ApiError(503, "storage_unavailable", f"the database is damaged, nothing is accepted: "
+        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, f"the database is damaged, nothing is accepted: "
                        f"{services.store.damage}")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"request body is larger than {MAX_BODY} bytes")
+        raise ApiError(413, ErrorCode.BODY_TOO_LARGE, f"request body is larger than {MAX_BODY} bytes")
     if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type",
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                        f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})")
     body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
@@ -186,13 +189,13 @@ async def post_receipt(request: web.Request) -> web.Response:
     try:
         result = await services.store.accept(receipt)
     except BufferFull as exc:
-        raise ApiError(503, "buffer_full", f"{exc}; nothing was stored, retry later",
+        raise ApiError(503, ErrorCode.BUFFER_FULL, f"{exc}; nothing was stored, retry later",
                        headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
     except StorageUnavailable as exc:
-        raise ApiError(503, "storage_unavailable", f"the receipt was not stored: {exc}",
+        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, f"the receipt was not stored: {exc}",
                        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
     if isinstance(result, Conflict):
-        raise ApiError(409, "idempotency_conflict",
+        raise ApiError(409, ErrorCode.IDEMPOTENCY_CONFLICT,
                        f"idempotency key {receipt.idempotency_key} is already used by receipt "
                        f"{result.receipt_id} with a different body", "idempotency_key")
     return _accepted_response(result, receipt.idempotency_key, services, started)
@@ -207,7 +210,7 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
-        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout:g}s",
+        raise ApiError(408, ErrorCode.BODY_TIMEOUT, f"the request body did not arrive within {timeout:g}s",
                        headers={"Connection": "close"}) from None
     except ConnectionError as exc:
         raise ClientGone(str(exc) or type(exc).__name__) from None
@@ -233,7 +236,7 @@ async def get_receipt(request: web.Request) -> web.Response:
     receipt_id = request.match_info["receipt_id"]
     row = await _storage(request.app[SERVICES].store.get(receipt_id))
     if row is None:
-        raise ApiError(404, "not_found", f"no receipt {quoted(receipt_id, 64)}")
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
     return json_response(present_receipt(row))
 
 
@@ -279,7 +282,7 @@ async def _storage(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except StorageUnavailable as exc:
-        raise ApiError(503, "storage_unavailable", str(exc),
+        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, str(exc),
                        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
 
 
@@ -313,7 +316,7 @@ async def collect_status(services: Services) -> dict[str, Any]:
 async def sync_now(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if services.sync is None:
-        raise ApiError(503, "sync_unavailable", "the sync loop is not running")
+        raise ApiError(503, ErrorCode.SYNC_UNAVAILABLE, "the sync loop is not running")
     return json_response(dataclasses.asdict(await services.sync.run_once_now()))
 
 
@@ -346,8 +349,9 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
     if not changed:
         row = await _storage(services.store.get(receipt_id))
         if row is None:
-            raise ApiError(404, "not_found", f"no receipt {quoted(receipt_id, 64)}")
-        raise ApiError(409, "not_dead_letter", f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
+        raise ApiError(409, ErrorCode.NOT_DEAD_LETTER,
+                       f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
     log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
         services.sync.wake()
@@ -361,9 +365,9 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "invalid_query", f"{name} must be an integer", name) from None
+        raise ApiError(400, ErrorCode.INVALID_QUERY, f"{name} must be an integer", name) from None
     if not low <= value <= high:
-        raise ApiError(400, "invalid_query", f"{name} must be between {low} and {high}", name)
+        raise ApiError(400, ErrorCode.INVALID_QUERY, f"{name} must be between {low} and {high}", name)
     return value
 
 
@@ -378,7 +382,7 @@ async def health(request: web.Request) -> web.Response:
         problems.append(f"the database refuses commits, intake is refused: {services.store.commit_failure}")
     try:
         await asyncio.wait_for(services.store.ping(), HEALTH_TIMEOUT_S)
-    except (StorageUnavailable, asyncio.TimeoutError) as exc:
+    except (TimeoutError, StorageUnavailable) as exc:
         problems.append(f"database does not answer: {exc or 'timeout'}")
     warnings: list[str] = []
     body: dict[str, Any] = {"pending": services.store.counts.pending,
@@ -427,7 +431,7 @@ def _time_query(request: web.Request, name: str) -> int | None:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
-        raise ApiError(400, "invalid_query", f"{name} must be an RFC 3339 time with a zone, e.g. "
+        raise ApiError(400, ErrorCode.INVALID_QUERY, f"{name} must be an RFC 3339 time with a zone, e.g. "
                        f"2026-11-01T00:00:00Z", name)
     return int(moment.timestamp() * 1000)
 
@@ -440,7 +444,7 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
     since_ms = _time_query(request, "since") or 0
     until_ms = _time_query(request, "until")
     if until_ms is not None and until_ms < since_ms:
-        raise ApiError(400, "invalid_query", "until must not be before since", "until")
+        raise ApiError(400, ErrorCode.INVALID_QUERY, "until must not be before since", "until")
     first = await _storage(services.store.receipts_accepted_between(since_ms, until_ms, None, EXPORT_PAGE))
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
     await response.prepare(request)

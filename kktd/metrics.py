@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from kktd.delivery import FailureKind, Fiscalized, NotRegistered, Refused, Registered, StillProcessing, Undelivered
+from kktd.errors import ErrorCode
 from kktd.states import BreakerState, pending_age_s
 from kktd.store.rows import ReceiptStatus
 
@@ -217,6 +218,10 @@ class Metrics:
                                  registry=r)
         self._rejected = Counter("kktd_receipts_rejected", "Receipts refused, by error code", ["code"],
                                  registry=r)
+        # Every code of kktd's own from the start: the dashboard's panels show 0, not "No data", on a till that
+        # has refused nothing yet (an upstream's own intake codes appear when first used).
+        for code in ErrorCode:
+            self._rejected.labels(code.value)
         self._intake = Histogram("kktd_intake_duration_seconds",
                                  "From the request to its answer, for receipts stored or replayed",
                                  buckets=INTAKE_BUCKETS, registry=r)

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
+from kktd.errors import ErrorCode
 from kktd.safetext import escape, forbidden_character, quoted
 
 
@@ -171,23 +172,23 @@ BYTE_ORDER_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF8, c
 def decode_json(body: bytes) -> Any:
     """The JSON document in `body`: UTF-8, no byte order mark, no NaN/Infinity, no key twice in one object."""
     if body.startswith(BYTE_ORDER_MARKS):
-        raise MalformedBody("invalid_encoding", "request body starts with a byte order mark: send UTF-8 JSON "
+        raise MalformedBody(ErrorCode.INVALID_ENCODING, "request body starts with a byte order mark: send UTF-8 JSON "
                             "without one (RFC 8259)")
     if b"\x00" in body:
         # Never in UTF-8 JSON (a NUL inside a string must be escaped): the body is UTF-16 or UTF-32.
-        raise MalformedBody("invalid_encoding", "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 "
+        raise MalformedBody(ErrorCode.INVALID_ENCODING, "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 "
                             "JSON is accepted (RFC 8259)")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedBody("invalid_encoding", f"request body is not valid UTF-8 (at byte {exc.start}): "
+        raise MalformedBody(ErrorCode.INVALID_ENCODING, f"request body is not valid UTF-8 (at byte {exc.start}): "
                             f"only UTF-8 JSON is accepted (RFC 8259)") from None
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_int=_integer)
     except RecursionError:
-        raise MalformedBody("nesting_too_deep", "request body nests arrays or objects too deeply") from None
+        raise MalformedBody(ErrorCode.NESTING_TOO_DEEP, "request body nests arrays or objects too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and the integer digit limit of int()
-        raise MalformedBody("invalid_json", f"request body is not valid JSON: {escape(str(exc))}") from None
+        raise MalformedBody(ErrorCode.INVALID_JSON, f"request body is not valid JSON: {escape(str(exc))}") from None
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -198,7 +199,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise MalformedBody("duplicate_key", f"key {quoted(key)} appears more than once in one object")
+                raise MalformedBody(ErrorCode.DUPLICATE_KEY, f"key {quoted(key)} appears more than once in one object")
             seen.add(key)
     return obj
 
@@ -206,13 +207,13 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _integer(digits: str) -> int:
     # No amount has more than 12 digits; a longer number is refused before int() spends time on it.
     if len(digits) > MAX_INTEGER_DIGITS:
-        raise MalformedBody("number_too_large", f"request body holds an integer of {len(digits)} digits "
+        raise MalformedBody(ErrorCode.NUMBER_TOO_LARGE, f"request body holds an integer of {len(digits)} digits "
                             f"(at most {MAX_INTEGER_DIGITS})")
     return int(digits)
 
 
 def _no_constant(name: str) -> Any:
-    raise MalformedBody("invalid_json", f"{name} is not a JSON number (RFC 8259)")
+    raise MalformedBody(ErrorCode.INVALID_JSON, f"{name} is not a JSON number (RFC 8259)")
 
 
 def _from_typed(data: _ReceiptIn, header_key: str | None) -> Receipt:
@@ -274,20 +275,21 @@ def _typed_text(value: str) -> str:
 
 def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
     if not isinstance(data, dict):
-        raise ReceiptInvalid("invalid_type", "request body must be a JSON object", None)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "request body must be a JSON object", None)
     _reject_unknown(data, RECEIPT_FIELDS, "")
     key = _idempotency_key(data.get("idempotency_key"), header_key)
     items = _list(data, "items", "", 1, MAX_ITEMS)
     normalized_items = [_item(item, f"items[{i}]") for i, item in enumerate(items)]
     total = sum(item["sum"] for item in normalized_items)
     if total >= MAX_AMOUNT:
-        raise ReceiptInvalid("amount_out_of_range", f"receipt total {total} must be below {MAX_AMOUNT} kopecks", "items")
+        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"receipt total {total} must be below {MAX_AMOUNT} kopecks",
+                             "items")
     payments = _list(data, "payments", "", 1, MAX_PAYMENTS)
     normalized_payments = [_payment(p, f"payments[{i}]") for i, p in enumerate(payments)]
     paid = sum(p["amount"] for p in normalized_payments)
     if paid != total:
         raise ReceiptInvalid(
-            "payment_total_mismatch",
+            ErrorCode.PAYMENT_TOTAL_MISMATCH,
             f"payments add up to {paid} kopecks but the receipt total is {total}",
             "payments",
         )
@@ -318,23 +320,23 @@ def _receipt(key: str, canonical: dict[str, Any]) -> Receipt:
 
 def _idempotency_key(body_key: Any, header_key: str | None) -> str:
     if body_key is not None and not isinstance(body_key, str):
-        raise ReceiptInvalid("invalid_type", "idempotency_key must be a string", "idempotency_key")
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "idempotency_key must be a string", "idempotency_key")
     if body_key is not None and header_key is not None and body_key != header_key:
         raise ReceiptInvalid(
-            "idempotency_key_mismatch",
+            ErrorCode.IDEMPOTENCY_KEY_MISMATCH,
             "the Idempotency-Key header and the body's idempotency_key differ",
             "idempotency_key",
         )
     key = body_key if body_key is not None else header_key
     if key is None:
         raise ReceiptInvalid(
-            "missing_field",
+            ErrorCode.MISSING_FIELD,
             "idempotency_key is required (in the body or the Idempotency-Key header)",
             "idempotency_key",
         )
     if not IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise ReceiptInvalid(
-            "invalid_idempotency_key",
+            ErrorCode.INVALID_IDEMPOTENCY_KEY,
             "idempotency_key must be 1..64 characters of A-Z a-z 0-9 . _ : -",
             "idempotency_key",
         )
@@ -343,7 +345,7 @@ def _idempotency_key(body_key: Any, header_key: str | None) -> str:
 
 def _item(item: Any, path: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise ReceiptInvalid("invalid_type", f"{path} must be an object", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be an object", path)
     _reject_unknown(item, ITEM_FIELDS, path)
     price = _amount(item, "price", path)
     quantity_milli, quantity_text = _quantity(item.get("quantity"), f"{path}.quantity")
@@ -355,12 +357,13 @@ def _item(item: Any, path: str) -> dict[str, Any]:
         item_sum = _amount(item, "sum", path)
         if item_sum != expected_sum:
             raise ReceiptInvalid(
-                "item_sum_mismatch",
+                ErrorCode.ITEM_SUM_MISMATCH,
                 f"{path}.sum is {item_sum} but price x quantity rounds to {expected_sum} kopecks",
                 f"{path}.sum",
             )
     if item_sum >= MAX_AMOUNT:
-        raise ReceiptInvalid("amount_out_of_range", f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum")
+        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path}.sum must be below {MAX_AMOUNT} kopecks",
+                             f"{path}.sum")
     normalized = {
         "name": _text(item, "name", path, 1, 128),
         "price": price,
@@ -379,14 +382,14 @@ def _item(item: Any, path: str) -> dict[str, Any]:
 
 def _payment(payment: Any, path: str) -> dict[str, Any]:
     if not isinstance(payment, dict):
-        raise ReceiptInvalid("invalid_type", f"{path} must be an object", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be an object", path)
     _reject_unknown(payment, PAYMENT_FIELDS, path)
     return {"type": _enum(payment, "type", path, PAYMENT_TYPES), "amount": _amount(payment, "amount", path)}
 
 
 def _cashier(cashier: Any) -> dict[str, str]:
     if not isinstance(cashier, dict):
-        raise ReceiptInvalid("invalid_type", "cashier must be an object", "cashier")
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "cashier must be an object", "cashier")
     _reject_unknown(cashier, CASHIER_FIELDS, "cashier")
     result: dict[str, str] = {}
     if cashier.get("name") is not None:
@@ -394,20 +397,20 @@ def _cashier(cashier: Any) -> dict[str, str]:
     if cashier.get("inn") is not None:
         inn = cashier["inn"]
         if not isinstance(inn, str):
-            raise ReceiptInvalid("invalid_type", "cashier.inn must be a string of 12 digits", "cashier.inn")
+            raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "cashier.inn must be a string of 12 digits", "cashier.inn")
         if not INN_RE.fullmatch(inn):
-            raise ReceiptInvalid("invalid_inn", "cashier.inn must be exactly 12 digits", "cashier.inn")
+            raise ReceiptInvalid(ErrorCode.INVALID_INN, "cashier.inn must be exactly 12 digits", "cashier.inn")
         result["inn"] = inn
     return result
 
 
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
-        raise ReceiptInvalid("invalid_type", "customer_contact must be a string", "customer_contact")
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "customer_contact must be a string", "customer_contact")
     if len(contact) > 64 or forbidden_character(contact) is not None or not (
             EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
         raise ReceiptInvalid(
-            "invalid_contact",
+            ErrorCode.INVALID_CONTACT,
             "customer_contact must be an e-mail address or a phone number like +79991234567",
             "customer_contact",
         )
@@ -418,17 +421,17 @@ def _quantity(value: Any, path: str) -> tuple[int, str]:
     """Return the quantity in thousandths and its normalized text ("1.000")."""
     if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
         kind = "missing" if value is None else type(value).__name__
-        code = "missing_field" if value is None else "invalid_type"
+        code = ErrorCode.MISSING_FIELD if value is None else ErrorCode.INVALID_TYPE
         raise ReceiptInvalid(code, f"{path} must be a decimal string like \"1.000\" (got {kind})", path)
     match = QUANTITY_RE.fullmatch(value) if isinstance(value, str) else QUANTITY_RE.fullmatch(str(value))
     if match is None:
         raise ReceiptInvalid(
-            "invalid_quantity", f"{path} must be a decimal number with at most 3 decimal places", path
+            ErrorCode.INVALID_QUANTITY, f"{path} must be a decimal number with at most 3 decimal places", path
         )
     whole, fraction = match.group(1), match.group(2) or ""
     milli = int(whole) * 1000 + int(fraction.ljust(3, "0"))
     if milli <= 0:
-        raise ReceiptInvalid("invalid_quantity", f"{path} must be greater than zero", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_QUANTITY, f"{path} must be greater than zero", path)
     return milli, f"{milli // 1000}.{milli % 1000:03d}"
 
 
@@ -436,13 +439,14 @@ def _amount(obj: dict[str, Any], name: str, parent: str) -> int:
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise ReceiptInvalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid(ErrorCode.MISSING_FIELD, f"{path} is required", path)
     if type(value) is not int:  # bool is an int subclass and floats/strings are never money here
         raise ReceiptInvalid(
-            "invalid_type", f"{path} must be an integer number of kopecks (got {type(value).__name__})", path
+            ErrorCode.INVALID_TYPE, f"{path} must be an integer number of kopecks (got {type(value).__name__})", path
         )
     if not 0 <= value < MAX_AMOUNT:
-        raise ReceiptInvalid("amount_out_of_range", f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks", path)
+        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks",
+                             path)
     return value
 
 
@@ -450,14 +454,14 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise ReceiptInvalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid(ErrorCode.MISSING_FIELD, f"{path} is required", path)
     if not isinstance(value, str):
-        raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be a string (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len or not value.strip():
-        raise ReceiptInvalid("invalid_length", f"{path} must be {min_len}..{max_len} characters", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_LENGTH, f"{path} must be {min_len}..{max_len} characters", path)
     bad = forbidden_character(value)
     if bad is not None:
-        raise ReceiptInvalid("invalid_value", f"{path} must not hold control, bidirectional-override or "
+        raise ReceiptInvalid(ErrorCode.INVALID_VALUE, f"{path} must not hold control, bidirectional-override or "
                              f"other invisible formatting characters (it holds {bad})", path)
     return value
 
@@ -466,11 +470,11 @@ def _enum(obj: dict[str, Any], name: str, parent: str, allowed: frozenset[str]) 
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise ReceiptInvalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid(ErrorCode.MISSING_FIELD, f"{path} is required", path)
     if not isinstance(value, str):
-        raise ReceiptInvalid("invalid_type", f"{path} must be a string (got {type(value).__name__})", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be a string (got {type(value).__name__})", path)
     if value not in allowed:
-        raise ReceiptInvalid("invalid_value", f"{path} must be one of: {', '.join(sorted(allowed))}", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_VALUE, f"{path} must be one of: {', '.join(sorted(allowed))}", path)
     return value
 
 
@@ -478,11 +482,12 @@ def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
     path = _join(parent, name)
     value = obj.get(name)
     if value is None:
-        raise ReceiptInvalid("missing_field", f"{path} is required", path)
+        raise ReceiptInvalid(ErrorCode.MISSING_FIELD, f"{path} is required", path)
     if not isinstance(value, list):
-        raise ReceiptInvalid("invalid_type", f"{path} must be an array (got {type(value).__name__})", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be an array (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len:
-        raise ReceiptInvalid("invalid_count", f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
+        raise ReceiptInvalid(ErrorCode.INVALID_COUNT,
+                             f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
     return value
 
 
@@ -492,7 +497,7 @@ def _reject_unknown(obj: dict[str, Any], allowed: frozenset[str], parent: str) -
         # The name is the client's: escaped and cut short in both the message and the field path.
         name = escape(min(unknown), limit=64)
         path = _join(parent, name)
-        raise ReceiptInvalid("unknown_field", f"{path} is not a known field", path)
+        raise ReceiptInvalid(ErrorCode.UNKNOWN_FIELD, f"{path} is not a known field", path)
 
 
 def _join(parent: str, name: str) -> str:

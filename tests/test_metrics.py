@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
+from kktd.delivery import FailureKind, FiscalData, Fiscalized, Refused, Registered, Undelivered, UpstreamUnavailable
+from kktd.errors import ErrorCode
 from kktd.metrics import (
     BREAKER_STATES,
     INTAKE_BUCKETS,
@@ -18,11 +21,11 @@ from kktd.metrics import (
     RequestOutcome,
     StateSnapshot,
 )
-from kktd.delivery import (FailureKind, FiscalData, Fiscalized, Refused, Registered, Undelivered,
-    UpstreamUnavailable)
+from tests.conftest import App
 from tests.support import async_wait_until
 
 NOW_MS = 1_800_000_000_000
+API_REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -82,7 +85,9 @@ def test_label_values_cannot_be_chosen_by_a_client() -> None:
     for hostile in ("Robert'); DROP", "x" * 200, "код", "a\nb", ""):
         metrics.intake_rejected(hostile)
     found = samples(metrics)
-    rejected = {labels: value for (name, labels), value in found.items() if name == "kktd_receipts_rejected_total"}
+    # Every known code has its series at 0 from the start; the hostile values all counted under "other".
+    rejected = {labels: value for (name, labels), value in found.items()
+                if name == "kktd_receipts_rejected_total" and value}
     assert rejected == {(("code", "other"),): 5}
 
 
@@ -190,3 +195,32 @@ async def test_event_loop_lag_sees_a_blocked_loop() -> None:
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_a_fresh_till_shows_every_labelled_counter_at_zero(app: App) -> None:
+    """The dashboard's panels show 0, not "No data", on a till that has refused and delivered nothing yet."""
+    response = await app.client.get("/metrics")
+    assert response.status == 200
+    found: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    for code in ("invalid_json", "amount_out_of_range", "idempotency_conflict", "buffer_full",
+                 "storage_unavailable", "unauthorized"):
+        assert found[("kktd_receipts_rejected_total", (("code", code),))] == 0
+    upstream = app.services.config.upstream
+    for outcome in ("fiscalized", "refused", "undelivered"):
+        assert found[("kktd_upstream_receipts_total", (("outcome", outcome), ("upstream", upstream)))] == 0
+    assert found[("kktd_upstream_requests_total", (("outcome", "not_sent"), ("upstream", upstream)))] == 0
+
+
+def test_every_error_code_is_a_rejection_series_from_the_start() -> None:
+    found = samples(Metrics(process=False))
+    for code in ErrorCode:
+        assert found[("kktd_receipts_rejected_total", (("code", code.value),))] == 0
+
+
+def test_every_error_code_is_in_the_api_reference() -> None:
+    documented = set(re.findall(r"^\| \d{3} \| (.+?) \|", API_REFERENCE.read_text(), re.MULTILINE))
+    codes = {code for cell in documented for code in re.findall(r"`([a-z_]+)`", cell)}
+    assert {code.value for code in ErrorCode} <= codes
