@@ -234,10 +234,12 @@ def _accepted_response(result: Accepted, key: str, services: Services, started: 
 
 async def get_receipt(request: web.Request) -> web.Response:
     receipt_id = request.match_info["receipt_id"]
+    """One receipt as stored, its customer contact masked unless the caller presented the token
+    (contacts_masked)."""
     row = await _storage(request.app[SERVICES].store.get(receipt_id))
     if row is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
-    return json_response(present_receipt(row))
+    return json_response(present_receipt(row, mask_contact=contacts_masked(request)))
 
 
 def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, Any]:
@@ -327,11 +329,19 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     rows = await _storage(services.store.dead_letters(limit, after))
     # Where the next page starts (null on the last one): pass it back as after_seq.
     next_after = rows[-1].seq if len(rows) == limit else None
-    # Customer contacts are personal data: shown only to a caller who presented the API token.
-    token = services.config.api_token
-    masked = token is None or not presents_token(request, token)
+    masked = contacts_masked(request)
     return json_response({"dead_letters": [present_receipt(row, mask_contact=masked) for row in rows],
                           "count": len(rows), "next_after_seq": next_after, "contacts_masked": masked})
+
+
+def contacts_masked(request: web.Request) -> bool:
+    """Customer contacts are personal data: the receipt, the export and the dead-letter listing show them
+    only to a caller who presented the API token. With no token configured nobody can present it, so every
+    caller (the operator's `kktd receipt` and `kktd export` too) sees them masked; to see them whole, configure
+    api_token_file (or the api_token credential): the CLI reads the same configuration and presents the token.
+    """
+    token = request.app[SERVICES].config.api_token
+    return token is None or not presents_token(request, token)
 
 
 def mask_contact_text(contact: str) -> str:
@@ -439,8 +449,10 @@ def _time_query(request: web.Request, name: str) -> int | None:
 async def export_receipts(request: web.Request) -> web.StreamResponse:
     """Receipts accepted in [since, until), oldest first, as JSON lines (application/x-ndjson), streamed: the
     store is read a page at a time, each page its own short job, so an export of any size holds little
-    memory and never holds up intake."""
+    memory and never holds up intake. Customer contacts are masked unless the caller presented the token
+    (contacts_masked)."""
     services = request.app[SERVICES]
+    masked = contacts_masked(request)
     since_ms = _time_query(request, "since") or 0
     until_ms = _time_query(request, "until")
     if until_ms is not None and until_ms < since_ms:
@@ -450,7 +462,7 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     rows, exported = first, 0
     while rows:
-        await response.write(b"".join(json.dumps(present_receipt(row), ensure_ascii=False,
+        await response.write(b"".join(json.dumps(present_receipt(row, mask_contact=masked), ensure_ascii=False,
                                                  separators=(",", ":")).encode() + b"\n" for row in rows))
         exported += len(rows)
         if len(rows) < EXPORT_PAGE:

@@ -21,11 +21,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from kktd.states import AlarmLevel, HealthStatus
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import IO, Any, Callable, Iterator, Sequence
 
 DEFAULT_TIMEOUT_S = 10.0
 EXPORT_CHUNK = 64 * 1024
@@ -68,7 +69,8 @@ class Client:
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
-        # The daemon's API token (api_token_file / the api_token credential), when it has one.
+        # The daemon's API token (api_token_file / the api_token credential), when it has one: it also shows
+        # `receipt` and `export` the customer contacts whole (without a token configured they come masked).
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _open(self, method: str, path: str, body: Any = None) -> Any:
@@ -358,8 +360,8 @@ def parse_moment(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date or an RFC 3339 time "
                                          f"(e.g. 2026-11-01 or 2026-11-01T00:00:00Z)") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def export(client: Client, since_at: str | None, until_at: str | None, out: IO[bytes]) -> State:

@@ -4,6 +4,7 @@ dead-letter listing's masked customer contacts."""
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from kktd import api, config as config_module
+from kktd import api
+from kktd import config as config_module
+from kktd.delivery import Refused
 from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt
-from kktd.delivery import Refused
 from tests.conftest import AppFactory
 from tests.openapi_contract import Contract
 from tests.support import KKTD_BIN, KktdProcess, free_port
@@ -198,3 +200,34 @@ def json_bytes(value: Any) -> bytes:
     import json
 
     return json.dumps(value).encode()
+
+
+# ---- one receipt and the export: customer contacts ----
+
+async def receipt_with_contact(app: Any, key: str, contact: str, headers: dict[str, str]) -> str:
+    response = await app.client.post("/v1/kkt/receipt", json=dict(sample_receipt(key), customer_contact=contact),
+                                     headers=headers)
+    assert response.status == 201
+    return str((await response.json())["receipt_id"])
+
+
+async def contacts_seen(app: Any, receipt_id: str, headers: dict[str, str]) -> tuple[str, list[str]]:
+    one = await (await app.client.get(f"/v1/kkt/receipt/{receipt_id}", headers=headers)).json()
+    exported = await (await app.client.get("/v1/kkt/receipts", headers=headers)).text()
+    # Sorted: receipts accepted in the same millisecond export in the order of their ids.
+    return one["receipt"]["customer_contact"], sorted(json.loads(line)["receipt"]["customer_contact"]
+                                                      for line in exported.splitlines())
+
+
+async def test_receipt_and_export_mask_contacts_without_a_configured_token(app_factory: AppFactory) -> None:
+    app = await app_factory()
+    receipt_id = await receipt_with_contact(app, "c-1", "buyer@example.ru", {})
+    await receipt_with_contact(app, "c-2", "+79991234567", {})
+    assert await contacts_seen(app, receipt_id, {}) == ("b***@example.ru", ["+7999***4567", "b***@example.ru"])
+
+
+async def test_receipt_and_export_show_contacts_to_the_token(app_factory: AppFactory) -> None:
+    app = await app_factory(api_token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    receipt_id = await receipt_with_contact(app, "c-3", "buyer@example.ru", bearer)
+    assert await contacts_seen(app, receipt_id, bearer) == ("buyer@example.ru", ["buyer@example.ru"])
