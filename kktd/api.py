@@ -20,7 +20,7 @@ from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kktd.metrics import Metrics
 from kktd.openapi import spec_json
-from kktd.receipt import MalformedBody, ReceiptInvalid, parse_receipt
+from kktd.receipt import MalformedBody, Receipt, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, quoted
 from kktd.server import EventSummary
 from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s
@@ -184,21 +184,40 @@ async def post_receipt(request: web.Request) -> web.Response:
                        f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})")
     body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
-    if services.intake_check is not None:
-        services.intake_check(receipt.canonical)
+    result = await _stored_instead_of_refusal(services, receipt) or await _accept(services, receipt)
+    if isinstance(result, Conflict):
+        raise ApiError(409, ErrorCode.IDEMPOTENCY_CONFLICT,
+                       f"idempotency key {receipt.idempotency_key} is already used by receipt "
+                       f"{result.receipt_id} with a different body", "idempotency_key")
+    return _accepted_response(result, receipt.idempotency_key, services, started)
+
+
+async def _stored_instead_of_refusal(services: Services, receipt: Receipt) -> Accepted | Conflict | None:
+    """The upstream's intake rule is for new receipts: a key stored already (perhaps under another upstream,
+    before a switch) answers as its stored receipt does, a replay or the key's conflict. None when the rule
+    takes the receipt. The key is looked up only when the rule refuses, so a new receipt keeps its one round
+    trip to the writer."""
+    if services.intake_check is None:
+        return None
     try:
-        result = await services.store.accept(receipt)
+        services.intake_check(receipt.canonical)
+    except ReceiptInvalid:
+        stored = await _storage(services.store.replay(receipt))
+        if stored is None:
+            raise
+        return stored
+    return None
+
+
+async def _accept(services: Services, receipt: Receipt) -> Accepted | Conflict:
+    try:
+        return await services.store.accept(receipt)
     except BufferFull as exc:
         raise ApiError(503, ErrorCode.BUFFER_FULL, f"{exc}; nothing was stored, retry later",
                        headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
     except StorageUnavailable as exc:
         raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, f"the receipt was not stored: {exc}",
                        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
-    if isinstance(result, Conflict):
-        raise ApiError(409, ErrorCode.IDEMPOTENCY_CONFLICT,
-                       f"idempotency key {receipt.idempotency_key} is already used by receipt "
-                       f"{result.receipt_id} with a different body", "idempotency_key")
-    return _accepted_response(result, receipt.idempotency_key, services, started)
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:

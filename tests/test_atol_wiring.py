@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import subprocess
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -23,6 +23,7 @@ from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt
 from kktd.upstreams.atol_v5 import AtolOnlineV5, AtolSettings
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, start_mock_atol
+from tests.conftest import close_app, open_app
 from tests.support import KKTD_BIN, free_port
 
 PASSWORD = "S3cret-of-the-shop"
@@ -136,6 +137,13 @@ def test_check_config_shows_the_settings_but_never_the_password(password_file: P
 
 @pytest.fixture
 async def atol_kktd(tmp_path: Path, password_file: Path) -> AsyncIterator[TestClient]:
+    async with open_atol_kktd(tmp_path) as client:
+        yield client
+
+
+@asynccontextmanager
+async def open_atol_kktd(tmp_path: Path) -> AsyncIterator[TestClient]:
+    """kktd with upstream = atol-online-v5 (and its mock) on tmp_path's database."""
     async with AsyncExitStack() as stack:
         mock = await start_mock_atol()
         stack.push_async_callback(mock.close)
@@ -182,6 +190,30 @@ async def test_intake_refuses_what_atol_is_certain_to_refuse(atol_kktd: TestClie
     assert (error["code"], error["field"]) == (code, field)
     status = await (await atol_kktd.get("/v1/kkt/buffer/status")).json()
     assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 0, "failed": 0}  # nothing stored
+
+
+async def test_a_replay_after_the_switch_to_atol_answers_as_the_stored_receipt(tmp_path: Path) -> None:
+    """A receipt kktd-ofd took (no contact, which ATOL refuses), posted again with its key after the daemon
+    was switched to atol-online-v5: the stored receipt answers (200), the new upstream's intake rule does
+    not; a different body under that key is the key's conflict (409); a new key is refused (422)."""
+    plain = sample_receipt("switched-1")
+    before = await open_app(tmp_path)
+    try:
+        stored = await before.client.post("/v1/kkt/receipt", json=plain)
+        assert stored.status == 201
+        first = await stored.json()
+    finally:
+        await close_app(before)
+    async with open_atol_kktd(tmp_path) as atol_kktd:
+        replay = await atol_kktd.post("/v1/kkt/receipt", json=plain)
+        assert replay.status == 200, await replay.text()
+        assert await replay.json() == first
+        other = await atol_kktd.post("/v1/kkt/receipt", json=dict(plain, pos_id="POS-OTHER"))
+        assert other.status == 409
+        assert (await other.json())["error"]["code"] == "idempotency_conflict"
+        new = await atol_kktd.post("/v1/kkt/receipt", json=sample_receipt("switched-2"))
+        assert new.status == 422
+        assert (await new.json())["error"]["code"] == "customer_contact_required"
 
 
 async def test_intake_without_atol_takes_a_receipt_without_contact(app: Any) -> None:

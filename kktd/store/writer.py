@@ -303,6 +303,13 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.submit(Read(queries.receipt, (receipt_id,)))
 
+    async def replay(self, receipt: Receipt) -> Accepted | Conflict | None:
+        """What accept() would answer for a receipt whose key is stored already (its replay, or the key's
+        conflict), without storing anything; None for a key not stored."""
+        found = await self.submit(Read(queries.existing_keys, ([receipt.idempotency_key],)))
+        stored = found.get(receipt.idempotency_key)
+        return _replay(stored, receipt) if stored is not None else None
+
     async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
                                         limit: int) -> list[ReceiptRow]:
         return await self.submit(Read(queries.accepted_between, (since_ms, until_ms, after_id, limit)))
