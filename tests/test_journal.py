@@ -11,14 +11,16 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kktd import journal, logs
 from kktd.journal import FIELDS, JournalHandler
+from tests.support import async_wait_until
 
 JOURNAL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
@@ -211,7 +213,8 @@ def test_no_journal_falls_back_to_prefixed_lines(tmp_path: Path) -> None:
 def test_a_busy_journal_never_blocks_and_loses_nothing(fake_journal: FakeJournal,
                                                        logger: tuple[logging.Logger, JournalHandler, io.StringIO]
                                                        ) -> None:
-    """journald not reading: the socket queue fills; records then go to the fallback stream at once."""
+    """journald not reading: the socket queue fills, then the handler's own; past that its oldest records go to
+    the fallback stream at once. Once journald reads again, the rest reach it."""
     log, handler, fallback = logger
     count = 0
     while handler.fallbacks == 0:
@@ -221,6 +224,11 @@ def test_a_busy_journal_never_blocks_and_loses_nothing(fake_journal: FakeJournal
     for extra in range(5):
         log.info("record %d", count + extra)
     delivered = fake_journal.entries()
+    while handler.queued:
+        handler.flush()
+        delivered += fake_journal.entries()
+    # The handler's own entry saying how many records its full queue sent to the fallback is not one of them.
+    delivered = [entry for entry in delivered if entry["LOGGER"] == log.name]
     lines = fallback.getvalue().splitlines()
     numbers = [int(e["MESSAGE"].split()[1]) for e in delivered] + [int(line.split()[-1]) for line in lines]
     assert sorted(numbers) == list(range(count + 5))
@@ -297,3 +305,64 @@ def test_an_entry_stays_under_journalds_field_limit(fake_journal: FakeJournal) -
     assert len(fields) <= journal.MAX_ENTRY_FIELDS < 1024
     assert sum(1 for name, _ in fields if name == "RECEIPT_ID") == journal.MAX_FIELD_VALUES
     assert fields[0] == ("MESSAGE", "big") and ("PRIORITY", "6") in fields
+
+
+def fill_socket_queue(fake: FakeJournal) -> None:
+    """journald busy: its socket's datagram queue full of other senders' datagrams."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as other:
+        other.setblocking(False)
+        while True:
+            try:
+                other.sendto(b"MESSAGE=another sender\n", fake.path)
+            except BlockingIOError:
+                return
+
+
+def drain_socket_queue(fake: FakeJournal) -> None:
+    """journald catches up: what the socket holds is read (and here thrown away)."""
+    while True:
+        try:
+            fake.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+
+
+async def test_a_burst_waits_for_the_journal_with_its_fields(
+        fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+    """journald's queue full (net.unix.max_dgram_qlen is 10 by default): the records wait in the handler and
+    reach the journal with their fields once it reads again, in order; nothing takes the stderr fallback."""
+    log, handler, fallback = logger
+    fill_socket_queue(fake_journal)
+    for number in range(40):
+        log.info("burst %d", number, extra={"receipt_id": f"r{number}"})
+    assert handler.fallbacks == 0 and fallback.getvalue() == "" and handler.queued == 40
+    drain_socket_queue(fake_journal)
+    delivered: list[dict[str, str]] = []
+
+    async def all_delivered() -> bool:
+        delivered.extend(fake_journal.entries())
+        return len(delivered) == 40
+
+    await async_wait_until(all_delivered, 10, "the queued records to reach the journal")
+    assert [entry["RECEIPT_ID"] for entry in delivered] == [f"r{number}" for number in range(40)]
+    assert handler.queued == 0 and handler.fallbacks == 0 and fallback.getvalue() == ""
+
+
+def test_an_overflowing_queue_sends_its_oldest_to_the_fallback_and_says_so(fake_journal: FakeJournal) -> None:
+    fallback = io.StringIO()
+    handler = JournalHandler(fake_journal.path, fallback=fallback, max_queued=3)
+    try:
+        fill_socket_queue(fake_journal)
+        for number in range(5):
+            handler.emit(logging.LogRecord("kktd.api", logging.INFO, __file__, 1, "record %d", (number,), None))
+        assert handler.queued == 3 and handler.fallbacks == 2
+        assert fallback.getvalue() == "<6>kktd.api: record 0\n<6>kktd.api: record 1\n"
+        drain_socket_queue(fake_journal)
+        handler.flush()
+        entries = fake_journal.entries()
+    finally:
+        handler.close()
+    assert [entry["MESSAGE"] for entry in entries[:3]] == ["record 2", "record 3", "record 4"]
+    [summary] = entries[3:]
+    assert summary["LOGGER"] == "kktd.journal" and summary["PRIORITY"] == "4"
+    assert summary["MESSAGE"].startswith("2 log records went to stderr without their fields")
