@@ -23,9 +23,10 @@ import logging
 import signal
 import sqlite3
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiosqlite
 from aiohttp import web
@@ -59,7 +60,7 @@ Store = Callable[[Receipt, str, str], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def accepted(receipt_id: str, total: int, accepted_at: str) -> dict[str, Any]:
@@ -89,10 +90,16 @@ class NaiveStore:
         await db.execute(SCHEMA)
         return cls(db)
 
-    async def __call__(self, receipt: Receipt, receipt_id: str,
-                       accepted_at: str) -> tuple[int, dict[str, Any]]:
-        row = (receipt_id, receipt.idempotency_key, receipt.pos_id, receipt.total, receipt.body_hash,
-               receipt.canonical_json, accepted_at)
+    async def __call__(self, receipt: Receipt, receipt_id: str, accepted_at: str) -> tuple[int, dict[str, Any]]:
+        row = (
+            receipt_id,
+            receipt.idempotency_key,
+            receipt.pos_id,
+            receipt.total,
+            receipt.body_hash,
+            receipt.canonical_json,
+            accepted_at,
+        )
         try:
             await self.db.execute(INSERT, row)
         except sqlite3.IntegrityError:
@@ -113,6 +120,7 @@ class NaiveStore:
 
 def make_minimal_app() -> web.Application:
     """The HTTP stack's ceiling: the same route, body size limit and content-type check, json.loads, 201."""
+
     async def post_receipt(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
             return error_response(ApiError(415, "unsupported_media_type", "send application/json"))
@@ -121,8 +129,7 @@ def make_minimal_app() -> web.Application:
         except ValueError:
             return error_response(ApiError(400, "invalid_json", "request body is not valid JSON"))
         # kktd's answer is a fixed-shape JSON of ~120 bytes; this one has the same shape and size.
-        body = (f'{{"receipt_id":"{uuid.uuid4().hex}","status":"pending","total":0,'
-                f'"accepted_at":"{now_rfc3339()}"}}')
+        body = f'{{"receipt_id":"{uuid.uuid4().hex}","status":"pending","total":0,"accepted_at":"{now_rfc3339()}"}}'
         return web.Response(body=body.encode(), status=201, headers=JSON_HEADERS)
 
     app = web.Application(client_max_size=MAX_BODY)

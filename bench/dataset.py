@@ -15,28 +15,54 @@ import random
 import shutil
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kktd.store import SCHEMA_VERSION, Accepted, Store
 from kktd.delivery import FiscalData, Fiscalized
 from kktd.receipt import validate_receipt
+from kktd.store import SCHEMA_VERSION, Accepted, Store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHUNK = 512  # concurrent intakes in flight: one full group commit (kktd.store.writer.MAX_GROUP)
 SETTLE_CHUNK = 5000
 
 NAMES = (
-    "Молоко 3,2% 1 л", "Хлеб бородинский", "Сыр российский 200 г", "Яйца С1 10 шт", "Кефир 1% 900 мл",
-    "Масло сливочное 82,5%", "Гречка ядрица 900 г", "Сахар-песок 1 кг", "Чай чёрный листовой 100 г",
-    "Кофе молотый 250 г", "Яблоки Голден, кг", "Бананы, кг", "Картофель молодой, кг", "Огурцы грунтовые, кг",
-    "Колбаса докторская 400 г", "Пельмени сибирские 800 г", "Вода минеральная 1,5 л", "Сок яблочный 1 л",
-    "Шоколад молочный 90 г", "Печенье овсяное 300 г", "Пакет-майка", "Зубная паста 100 мл",
-    "Стиральный порошок 3 кг", "Сметана 20% 300 г",
+    "Молоко 3,2% 1 л",
+    "Хлеб бородинский",
+    "Сыр российский 200 г",
+    "Яйца С1 10 шт",
+    "Кефир 1% 900 мл",
+    "Масло сливочное 82,5%",
+    "Гречка ядрица 900 г",
+    "Сахар-песок 1 кг",
+    "Чай чёрный листовой 100 г",
+    "Кофе молотый 250 г",
+    "Яблоки Голден, кг",
+    "Бананы, кг",
+    "Картофель молодой, кг",
+    "Огурцы грунтовые, кг",
+    "Колбаса докторская 400 г",
+    "Пельмени сибирские 800 г",
+    "Вода минеральная 1,5 л",
+    "Сок яблочный 1 л",
+    "Шоколад молочный 90 г",
+    "Печенье овсяное 300 г",
+    "Пакет-майка",
+    "Зубная паста 100 мл",
+    "Стиральный порошок 3 кг",
+    "Сметана 20% 300 г",
 )
-QUANTITIES = (("1.000", 1000), ("1.000", 1000), ("2.000", 2000), ("3.000", 3000), ("0.500", 500),
-              ("1.250", 1250), ("0.356", 356), ("0.875", 875))
+QUANTITIES = (
+    ("1.000", 1000),
+    ("1.000", 1000),
+    ("2.000", 2000),
+    ("3.000", 3000),
+    ("0.500", 500),
+    ("1.250", 1250),
+    ("0.356", 356),
+    ("0.875", 875),
+)
 VATS = ("vat20", "vat20", "vat10", "none", "vat0")
 TAXATIONS = ("osn", "osn", "usn_income", "usn_income_outcome", "patent")
 CASHIERS = ("Иванова А. П.", "Петров С. Н.", "Сидоренко Ю. В.")
@@ -51,14 +77,28 @@ def receipt(key: str, rng: random.Random, contact: bool = False) -> dict[str, An
         text, milli = rng.choice(QUANTITIES)
         item_sum = (price * milli + 500) // 1000  # half-up to the kopeck, as the validator rounds
         total += item_sum
-        items.append({"name": rng.choice(NAMES), "price": price, "quantity": text, "sum": item_sum,
-                      "vat": rng.choice(VATS), "payment_method": "full_payment", "payment_object": "commodity"})
+        items.append(
+            {
+                "name": rng.choice(NAMES),
+                "price": price,
+                "quantity": text,
+                "sum": item_sum,
+                "vat": rng.choice(VATS),
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            }
+        )
     cash = total // 300 * 100 if total >= 300 and rng.randint(1, 3) == 1 else 0
     payments = [{"type": "cash", "amount": cash}] if cash else []
     payments.append({"type": "electronic", "amount": total - cash})
-    body: dict[str, Any] = {"idempotency_key": key, "pos_id": f"POS-{rng.randint(1, 40):03d}",
-                            "operation": "sale", "taxation": rng.choice(TAXATIONS), "items": items,
-                            "payments": payments}
+    body: dict[str, Any] = {
+        "idempotency_key": key,
+        "pos_id": f"POS-{rng.randint(1, 40):03d}",
+        "operation": "sale",
+        "taxation": rng.choice(TAXATIONS),
+        "items": items,
+        "payments": payments,
+    }
     if rng.randint(1, 2) == 1:
         body["cashier"] = {"name": rng.choice(CASHIERS), "inn": "771234567890"}
     if contact:
@@ -114,8 +154,9 @@ async def _build(path: Path, pending: int, sent: int, contact: bool = False) -> 
         # The sent receipts are the older ones, as in a real buffer: insert and acknowledge them first.
         sent_ids = await _insert(buffer, rng, "sent", sent, contact)
         for start in range(0, len(sent_ids), SETTLE_CHUNK):
-            await buffer.settle([_ack(receipt_id, start + i) for i, receipt_id in
-                                 enumerate(sent_ids[start:start + SETTLE_CHUNK])])
+            await buffer.settle(
+                [_ack(receipt_id, start + i) for i, receipt_id in enumerate(sent_ids[start : start + SETTLE_CHUNK])]
+            )
         await _insert(buffer, rng, "pending", pending, contact)
         if (buffer.counts.pending, buffer.counts.sent) != (pending, sent):
             raise RuntimeError(f"prepared buffer holds {buffer.counts}, wanted pending={pending} sent={sent}")
@@ -126,8 +167,10 @@ async def _build(path: Path, pending: int, sent: int, contact: bool = False) -> 
 async def _insert(buffer: Store, rng: random.Random, label: str, count: int, contact: bool = False) -> list[str]:
     ids: list[str] = []
     for start in range(0, count, CHUNK):
-        receipts = [validate_receipt(receipt(f"prep-{label}-{n}", rng, contact))
-                    for n in range(start, min(start + CHUNK, count))]
+        receipts = [
+            validate_receipt(receipt(f"prep-{label}-{n}", rng, contact))
+            for n in range(start, min(start + CHUNK, count))
+        ]
         results = await asyncio.gather(*(buffer.accept(r) for r in receipts))
         for result in results:
             if not isinstance(result, Accepted) or not result.created:
@@ -137,9 +180,13 @@ async def _insert(buffer: Store, rng: random.Random, label: str, count: int, con
 
 
 def _ack(receipt_id: str, number: int) -> Fiscalized:
-    stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return Fiscalized(receipt_id, FiscalData(fiscal_document_number=number + 1,
-                                             fiscal_sign=f"{number * 7919 % 10**10:010d}", registered_at=stamp))
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return Fiscalized(
+        receipt_id,
+        FiscalData(
+            fiscal_document_number=number + 1, fiscal_sign=f"{number * 7919 % 10**10:010d}", registered_at=stamp
+        ),
+    )
 
 
 def _checkpoint(path: Path) -> None:

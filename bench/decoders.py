@@ -32,15 +32,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any
 
+import dataset
 import msgspec
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-import dataset
 from kktd import receipt as kr
 from kktd.receipt import MAX_AMOUNT, MAX_ITEMS, MAX_PAYMENTS, Receipt, parse_receipt, validate_receipt
 
@@ -89,8 +90,9 @@ BEFORE = "252b6bf"  # main before issue 15
 def module_before() -> ModuleType | None:
     """kktd/receipt.py at BEFORE, imported under another name; None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(["git", "-C", str(root), "show", f"{BEFORE}:kktd/receipt.py"],
-                            capture_output=True, text=True, check=False)
+    source = subprocess.run(
+        ["git", "-C", str(root), "show", f"{BEFORE}:kktd/receipt.py"], capture_output=True, text=True, check=False
+    )
     if source.returncode != 0:
         return None
     spec = importlib.util.spec_from_loader("receipt_before", loader=None)
@@ -127,10 +129,14 @@ def pydantic_typed(body: bytes) -> Receipt:
 
 
 ARMS: dict[str, Callable[[bytes], Any]] = {
-    "reference": reference, "orjson+checks": orjson_checks, "msgspec": msgspec_typed,
-    "json+msgspec": json_then_msgspec, "kktd: decode_json+msgspec": strict_then_msgspec,
+    "reference": reference,
+    "orjson+checks": orjson_checks,
+    "msgspec": msgspec_typed,
+    "json+msgspec": json_then_msgspec,
+    "kktd: decode_json+msgspec": strict_then_msgspec,
     "pydantic": pydantic_typed,
-    "json.loads only": json.loads, "orjson.loads only": orjson.loads,
+    "json.loads only": json.loads,
+    "orjson.loads only": orjson.loads,
     "msgspec.json.decode only": msgspec.json.decode,
 }
 
@@ -170,15 +176,18 @@ def main() -> None:
     expected = [reference(body) for body in bodies]
     for name in ("orjson+checks", "msgspec", "json+msgspec", "kktd: decode_json+msgspec", "pydantic"):
         assert [ARMS[name](body) for body in bodies] == expected, name
-    print(f"{len(bodies)} bodies, {statistics.mean(map(len, bodies)):.0f} bytes on average; "
-          f"median of {args.repeat} runs, microseconds per body")
+    print(
+        f"{len(bodies)} bodies, {statistics.mean(map(len, bodies)):.0f} bytes on average; "
+        f"median of {args.repeat} runs, microseconds per body"
+    )
     arms = dict(ARMS)
     old = module_before()
     if old is not None:
         arms = {"before " + BEFORE: lambda body: old.parse_receipt(body, None), **arms}
         got = [arms["before " + BEFORE](body) for body in bodies]
-        assert [(r.canonical_json, r.body_hash) for r in got] == [
-            (r.canonical_json, r.body_hash) for r in expected], "before"
+        assert [(r.canonical_json, r.body_hash) for r in got] == [(r.canonical_json, r.body_hash) for r in expected], (
+            "before"
+        )
     else:
         print("  (not a git checkout: the 'before' arm is skipped)")
     timings = {name: time_per_body(fn, bodies, args.repeat) for name, fn in arms.items()}
@@ -186,8 +195,10 @@ def main() -> None:
     for name, per in timings.items():
         print(f"  {name:<26} {per:7.1f} us   {per / baseline:5.2f} x {next(iter(timings))}")
     bad = [bad_body(r) for r in receipts]
-    print(f"  {'refused body, fast path':<26} {time_per_body(refused, bad, args.repeat):7.1f} us   "
-          f"(typed decode, a rule refuses, the reference names it)")
+    print(
+        f"  {'refused body, fast path':<26} {time_per_body(refused, bad, args.repeat):7.1f} us   "
+        f"(typed decode, a rule refuses, the reference names it)"
+    )
 
 
 if __name__ == "__main__":

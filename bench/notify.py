@@ -27,8 +27,9 @@ class NotifySocket:
         self._sock.close()
         self.path.unlink(missing_ok=True)
 
-    def wait_for(self, line: str, since: float, process: subprocess.Popen[bytes] | None,
-                 timeout_s: float = 120.0) -> float:
+    def wait_for(
+        self, line: str, since: float, process: subprocess.Popen[bytes] | None, timeout_s: float = 120.0
+    ) -> float:
         """Seconds from `since` (time.monotonic) until a datagram holding `line` arrives."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -36,7 +37,7 @@ class NotifySocket:
             self._sock.settimeout(0.2)
             try:
                 data = self._sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 if process is not None and process.poll() is not None:
                     raise BenchError(f"the process exited with {process.returncode} before {line}") from None
                 continue

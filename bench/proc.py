@@ -14,9 +14,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0
@@ -38,7 +39,7 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (every thread), from /proc/PID/stat."""
     text = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces; everything after its closing parenthesis is space-separated.
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / CLOCK_TICKS
 
@@ -101,8 +102,7 @@ class Server:
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            raise BenchError(f"{self.name} exited with {self.process.returncode}; log: {self.log}\n"
-                             + self.tail_log())
+            raise BenchError(f"{self.name} exited with {self.process.returncode}; log: {self.log}\n" + self.tail_log())
 
     def tail_log(self, lines: int = 20) -> str:
         try:

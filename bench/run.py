@@ -30,9 +30,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import dataset
 import wrkrun
@@ -78,18 +79,43 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(rounds=5, intake_requests={1: 3000, 16: 15000, 64: 20000}, warmup_requests=1000,
-                   drain_pending=100_000, big_pending=100_000, big_sent=900_000, restarts=3,
-                   load_requests=20000, concurrent_rounds=2, sd_rounds=3,
-                   sd_requests={1: 1000, 16: 2000, 64: 3000}, sd_warmup_requests=200, scrape_requests=15000,
-                   quick=False, atol_pending=10_000)
+        return cls(
+            rounds=5,
+            intake_requests={1: 3000, 16: 15000, 64: 20000},
+            warmup_requests=1000,
+            drain_pending=100_000,
+            big_pending=100_000,
+            big_sent=900_000,
+            restarts=3,
+            load_requests=20000,
+            concurrent_rounds=2,
+            sd_rounds=3,
+            sd_requests={1: 1000, 16: 2000, 64: 3000},
+            sd_warmup_requests=200,
+            scrape_requests=15000,
+            quick=False,
+            atol_pending=10_000,
+        )
 
     @classmethod
     def quick_plan(cls) -> Plan:
-        return cls(rounds=1, intake_requests={1: 300, 16: 1000, 64: 1000}, warmup_requests=100,
-                   drain_pending=5000, big_pending=1000, big_sent=9000, restarts=1, load_requests=2000,
-                   concurrent_rounds=1, sd_rounds=1, sd_requests={1: 40, 16: 100, 64: 200},
-                   sd_warmup_requests=20, scrape_requests=1000, quick=True, atol_pending=2000)
+        return cls(
+            rounds=1,
+            intake_requests={1: 300, 16: 1000, 64: 1000},
+            warmup_requests=100,
+            drain_pending=5000,
+            big_pending=1000,
+            big_sent=9000,
+            restarts=1,
+            load_requests=2000,
+            concurrent_rounds=1,
+            sd_rounds=1,
+            sd_requests={1: 40, 16: 100, 64: 200},
+            sd_warmup_requests=20,
+            scrape_requests=1000,
+            quick=True,
+            atol_pending=2000,
+        )
 
 
 @dataclass
@@ -111,15 +137,38 @@ class Context:
 
 # ---- servers ----
 
-def kktd_server(ctx: Context, name: str, db: Path, ofd_url: str | None = None,
-                env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> Server:
+
+def kktd_server(
+    ctx: Context,
+    name: str,
+    db: Path,
+    ofd_url: str | None = None,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+) -> Server:
     """kktd as deployed, quiet; the OFD defaults to a port nobody listens on (connection refused)."""
     port = free_port()
     config = ctx.path("empty.toml")  # never pick up /etc/kktd/kktd.toml of the machine
     config.touch()
-    argv = [str(VENV_BIN / "kktd"), "serve", "--config", str(config), "--db", str(db),
-            "--listen", f"127.0.0.1:{port}", "--ofd-url", ofd_url or f"http://127.0.0.1:{free_port()}",
-            "--log-level", "warning", "--drain-timeout", "2", "--max-pending", "2000000", *extra]
+    argv = [
+        str(VENV_BIN / "kktd"),
+        "serve",
+        "--config",
+        str(config),
+        "--db",
+        str(db),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--ofd-url",
+        ofd_url or f"http://127.0.0.1:{free_port()}",
+        "--log-level",
+        "warning",
+        "--drain-timeout",
+        "2",
+        "--max-pending",
+        "2000000",
+        *extra,
+    ]
     return Server(name, argv, f"http://127.0.0.1:{port}", ctx.path(f"{name}.log"), env=server_env(env))
 
 
@@ -134,16 +183,27 @@ def baseline_server(ctx: Context, kind: str, db: Path, env: dict[str, str] | Non
 def mock_ofd(ctx: Context) -> tuple[Server, str]:
     """kktd's mock OFD (in-memory store); returns the server (admin URL) and the OFD URL for kktd."""
     port, admin = free_port(), free_port()
-    argv = [str(VENV_BIN / "kktd"), "mock-ofd", "--listen", f"127.0.0.1:{port}",
-            "--admin-listen", f"127.0.0.1:{admin}", "--log-level", "warning"]
+    argv = [
+        str(VENV_BIN / "kktd"),
+        "mock-ofd",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin-listen",
+        f"127.0.0.1:{admin}",
+        "--log-level",
+        "warning",
+    ]
     server = Server("mock-ofd", argv, f"http://127.0.0.1:{admin}", ctx.path("mock-ofd.log"), env=server_env())
     return server, f"http://127.0.0.1:{port}"
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The caller's environment without anything that would reconfigure a server behind our back."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KKTD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("KKTD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
     env.update(extra or {})
     return env
 
@@ -178,8 +238,16 @@ def ms(microseconds: float) -> float:
 
 # ---- intake: bare / naive / kktd, interleaved ----
 
-def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: str,
-                env: dict[str, str] | None = None, warmup: int | None = None) -> dict[str, Any]:
+
+def intake_once(
+    ctx: Context,
+    arm: str,
+    connections: int,
+    requests: int,
+    label: str,
+    env: dict[str, str] | None = None,
+    warmup: int | None = None,
+) -> dict[str, Any]:
     """One fresh server on a fresh database: warm-up, then the measured run; rows checked after stopping.
     The warm-up starts as soon as the server answers, so its latencies are those of the first second after
     READY (where a stall of the first checkpoint or of file growth would show); they are kept too."""
@@ -195,14 +263,20 @@ def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: 
         cpu = cpu_seconds(server.pid) - cpu_before
         rss = peak_rss_mb(server.pid)
         exit_code = server.stop()
-    row = {"arm": arm, **result.as_dict(), "server_cpu_s": cpu, "peak_rss_mb": rss, "exit_code": exit_code,
-           "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0,
-           "warmup": {"completed": warm.completed, "receipts_per_s": warm.rate,
-                      "latency_us": warm.latency_us}}
+    row = {
+        "arm": arm,
+        **result.as_dict(),
+        "server_cpu_s": cpu,
+        "peak_rss_mb": rss,
+        "exit_code": exit_code,
+        "cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0,
+        "warmup": {"completed": warm.completed, "receipts_per_s": warm.rate, "latency_us": warm.latency_us},
+    }
     where = f"{arm} c{connections}"
     ctx.check(result.finished, f"{where}: wrk stopped by its time cap, not its request count")
-    ctx.check(result.ok2xx == result.completed,
-              f"{where}: {result.completed - result.ok2xx} non-2xx answers {result.errors}")
+    ctx.check(
+        result.ok2xx == result.completed, f"{where}: {result.completed - result.ok2xx} non-2xx answers {result.errors}"
+    )
     if arm in STORING_ARMS:
         rows, expected = count_rows(db), warm.ok2xx + result.ok2xx
         row.update(db_rows=rows, rows_match=rows == expected)
@@ -214,10 +288,13 @@ def intake_once(ctx: Context, arm: str, connections: int, requests: int, label: 
 def print_intake_row(round_no: int, row: dict[str, Any]) -> None:
     latency = row["latency_us"]
     rows = "  rows = 2xx" if row.get("rows_match") else ""
-    print(f"  round {round_no} c{row['connections']:<3} {row['arm']:<7} {row['receipts_per_s']:8.0f}/s  "
-          f"p50 {ms(latency['p50']):6.2f} ms  p99 {ms(latency['p99']):7.2f} ms  "
-          f"(warm-up p99 {ms(row['warmup']['latency_us']['p99']):7.2f} ms)  "
-          f"cpu {row['cpu_ms_per_1000']:4.0f} ms/1k  rss {row['peak_rss_mb']:5.1f} MB{rows}", flush=True)
+    print(
+        f"  round {round_no} c{row['connections']:<3} {row['arm']:<7} {row['receipts_per_s']:8.0f}/s  "
+        f"p50 {ms(latency['p50']):6.2f} ms  p99 {ms(latency['p99']):7.2f} ms  "
+        f"(warm-up p99 {ms(row['warmup']['latency_us']['p99']):7.2f} ms)  "
+        f"cpu {row['cpu_ms_per_1000']:4.0f} ms/1k  rss {row['peak_rss_mb']:5.1f} MB{rows}",
+        flush=True,
+    )
 
 
 def section_intake(ctx: Context) -> None:
@@ -226,24 +303,32 @@ def section_intake(ctx: Context) -> None:
     for round_no in range(1, ctx.plan.rounds + 1):
         for connections in CONNECTIONS:
             for arm in ARMS:  # A B C A B C ...: slow drifts of a shared machine hit every arm alike
-                row = intake_once(ctx, arm, connections, ctx.plan.intake_requests[connections],
-                                  f"r{round_no}-c{connections}")
+                row = intake_once(
+                    ctx, arm, connections, ctx.plan.intake_requests[connections], f"r{round_no}-c{connections}"
+                )
                 row["round"] = round_no
                 runs.append(row)
                 print_intake_row(round_no, row)
-    medians = {f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
-               for arm in ARMS for c in CONNECTIONS}
+    medians = {
+        f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
+        for arm in ARMS
+        for c in CONNECTIONS
+    }
     ratios = {}
     for c in CONNECTIONS:
         kktd = medians[f"kktd/c{c}"]["receipts_per_s"]
-        ratios[f"c{c}"] = {f"kktd/{arm}": kktd / medians[f"{arm}/c{c}"]["receipts_per_s"]
-                           for arm in ARMS if arm != "kktd"}
+        ratios[f"c{c}"] = {
+            f"kktd/{arm}": kktd / medians[f"{arm}/c{c}"]["receipts_per_s"] for arm in ARMS if arm != "kktd"
+        }
     kktd_c64 = [r for r in runs if r["arm"] == "kktd" and r["connections"] == 64]
     worst_p99 = max(ms(max(r["latency_us"]["p99"], r["warmup"]["latency_us"]["p99"])) for r in kktd_c64)
-    ctx.results["intake"] = {"runs": runs, "medians": medians, "ratios": ratios,
-                             "kktd_c64_worst_p99_ms": worst_p99,
-                             "peak_rss_mb": {arm: max(r["peak_rss_mb"] for r in runs if r["arm"] == arm)
-                                             for arm in ARMS}}
+    ctx.results["intake"] = {
+        "runs": runs,
+        "medians": medians,
+        "ratios": ratios,
+        "kktd_c64_worst_p99_ms": worst_p99,
+        "peak_rss_mb": {arm: max(r["peak_rss_mb"] for r in runs if r["arm"] == arm) for arm in ARMS},
+    }
 
 
 def intake_medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -262,6 +347,7 @@ def intake_medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- sdcard: naive vs kktd with every flush delayed (the slow-flush model of an SD card) ----
+
 
 def slowsync_env(delay_ms: float) -> dict[str, str]:
     if not SLOWSYNC.exists():
@@ -287,8 +373,13 @@ print(sorted(times)[len(times) // 2] * 1000)
 
 
 def flush_ms(ctx: Context, env: dict[str, str] | None) -> float:
-    result = subprocess.run([sys.executable, "-c", FLUSH_PROBE, str(ctx.path("flush.probe"))],
-                            env=server_env(env), capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", FLUSH_PROBE, str(ctx.path("flush.probe"))],
+        env=server_env(env),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return float(result.stdout)
 
 
@@ -298,34 +389,55 @@ def section_sdcard(ctx: Context) -> None:
     reproduce("--only sdcard" + (" --quick" if ctx.plan.quick else ""))
     env = slowsync_env(SD_DELAY_MS)
     flush_plain, flush_slowed = flush_ms(ctx, None), flush_ms(ctx, env)
-    print(f"  one fdatasync (median of 50): {flush_plain:.2f} ms on this disk, {flush_slowed:.2f} ms under the "
-          f"shim ({SD_DELAY_MS:g} ms delay)", flush=True)
+    print(
+        f"  one fdatasync (median of 50): {flush_plain:.2f} ms on this disk, {flush_slowed:.2f} ms under the "
+        f"shim ({SD_DELAY_MS:g} ms delay)",
+        flush=True,
+    )
     runs: list[dict[str, Any]] = []
     for round_no in range(1, ctx.plan.sd_rounds + 1):
         for connections in CONNECTIONS:
             for arm in STORING_ARMS:
-                row = intake_once(ctx, arm, connections, ctx.plan.sd_requests[connections],
-                                  f"sd-r{round_no}-c{connections}", env=env,
-                                  warmup=ctx.plan.sd_warmup_requests)
+                row = intake_once(
+                    ctx,
+                    arm,
+                    connections,
+                    ctx.plan.sd_requests[connections],
+                    f"sd-r{round_no}-c{connections}",
+                    env=env,
+                    warmup=ctx.plan.sd_warmup_requests,
+                )
                 row["round"] = round_no
                 runs.append(row)
                 print_intake_row(round_no, row)
-    medians = {f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
-               for arm in STORING_ARMS for c in CONNECTIONS}
-    ratios = {f"c{c}": medians[f"kktd/c{c}"]["receipts_per_s"] / medians[f"naive/c{c}"]["receipts_per_s"]
-              for c in CONNECTIONS}
+    medians = {
+        f"{arm}/c{c}": intake_medians([r for r in runs if r["arm"] == arm and r["connections"] == c])
+        for arm in STORING_ARMS
+        for c in CONNECTIONS
+    }
+    ratios = {
+        f"c{c}": medians[f"kktd/c{c}"]["receipts_per_s"] / medians[f"naive/c{c}"]["receipts_per_s"] for c in CONNECTIONS
+    }
     ceiling = 1000 / SD_DELAY_MS
-    ctx.results["sdcard"] = {"delay_ms": SD_DELAY_MS, "runs": runs, "medians": medians, "ratios": ratios,
-                             "one_flush_per_s": ceiling,
-                             "kktd_c1_of_one_flush": medians["kktd/c1"]["receipts_per_s"] / ceiling,
-                             "flush_ms_plain": flush_plain, "flush_ms_slowed": flush_slowed,
-                             "kktd_c1_of_measured_flush": medians["kktd/c1"]["receipts_per_s"] * flush_slowed / 1000}
+    ctx.results["sdcard"] = {
+        "delay_ms": SD_DELAY_MS,
+        "runs": runs,
+        "medians": medians,
+        "ratios": ratios,
+        "one_flush_per_s": ceiling,
+        "kktd_c1_of_one_flush": medians["kktd/c1"]["receipts_per_s"] / ceiling,
+        "flush_ms_plain": flush_plain,
+        "flush_ms_slowed": flush_slowed,
+        "kktd_c1_of_measured_flush": medians["kktd/c1"]["receipts_per_s"] * flush_slowed / 1000,
+    }
 
 
 # ---- drain: 100,000 pending delivered to the mock OFD ----
 
-def drain_run(ctx: Context, label: str, source: Path,
-              during: Callable[[Server], dict[str, Any]] | None = None) -> dict[str, Any]:
+
+def drain_run(
+    ctx: Context, label: str, source: Path, during: Callable[[Server], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """kktd on a copy of `source` with the mock OFD up: time until the buffer status shows nothing pending.
     `during` runs right after kktd answers, while the drain goes on (the concurrent section's load)."""
     db = ctx.path(f"drain-{label}.db")
@@ -353,10 +465,19 @@ def drain_run(ctx: Context, label: str, source: Path,
     remove_db(db)
     # Receipts taken in during the drain (the concurrent section) are drained too and count here.
     timed = pending_at_first + int(extra.get("intake", {}).get("ok2xx", 0))
-    return {"receipts": total, "delivered_unique_at_ofd": int(stats["unique"]), "ready_s": ready_s,
-            "pending_at_first_status": pending_at_first, "drain_s": drained_s, "total_s": ready_s + drained_s,
-            "receipts_per_s": timed / drained_s, "kktd_cpu_s": cpu, "mock_ofd_cpu_s": mock_cpu,
-            "peak_rss_mb": rss, **extra}
+    return {
+        "receipts": total,
+        "delivered_unique_at_ofd": int(stats["unique"]),
+        "ready_s": ready_s,
+        "pending_at_first_status": pending_at_first,
+        "drain_s": drained_s,
+        "total_s": ready_s + drained_s,
+        "receipts_per_s": timed / drained_s,
+        "kktd_cpu_s": cpu,
+        "mock_ofd_cpu_s": mock_cpu,
+        "peak_rss_mb": rss,
+        **extra,
+    }
 
 
 def wait_drained(kktd: Server, timeout_s: float = 600.0) -> float:
@@ -372,11 +493,16 @@ def wait_drained(kktd: Server, timeout_s: float = 600.0) -> float:
 def section_drain(ctx: Context) -> None:
     reproduce("--only drain" + (" --quick" if ctx.plan.quick else ""))
     result = drain_run(ctx, "alone", prepared(ctx, ctx.plan.drain_pending, 0))
-    ctx.check(result["delivered_unique_at_ofd"] == result["receipts"],
-              f"drain: the OFD holds {result['delivered_unique_at_ofd']} receipts of {result['receipts']}")
-    print(f"  drained {result['pending_at_first_status']} pending in {result['drain_s']:.2f}s from the first "
-          f"status read: {result['receipts_per_s']:.0f}/s ({result['total_s']:.2f}s from process start); "
-          f"kktd cpu {result['kktd_cpu_s']:.1f}s, mock OFD cpu {result['mock_ofd_cpu_s']:.1f}s", flush=True)
+    ctx.check(
+        result["delivered_unique_at_ofd"] == result["receipts"],
+        f"drain: the OFD holds {result['delivered_unique_at_ofd']} receipts of {result['receipts']}",
+    )
+    print(
+        f"  drained {result['pending_at_first_status']} pending in {result['drain_s']:.2f}s from the first "
+        f"status read: {result['receipts_per_s']:.0f}/s ({result['total_s']:.2f}s from process start); "
+        f"kktd cpu {result['kktd_cpu_s']:.1f}s, mock OFD cpu {result['mock_ofd_cpu_s']:.1f}s",
+        flush=True,
+    )
     ctx.results["drain"] = result
 
 
@@ -390,14 +516,41 @@ def mock_atol(ctx: Context) -> tuple[Server, list[str]]:
     port = free_port()
     password = ctx.path("atol_password")
     password.write_text("bench-password\n")
-    argv = [str(VENV_BIN / "kktd"), "mock-atol", "--listen", f"127.0.0.1:{port}", "--login", ATOL_LOGIN,
-            "--password", "bench-password", "--group-code", ATOL_GROUP, "--inn", ATOL_INN,
-            "--log-level", "warning"]
+    argv = [
+        str(VENV_BIN / "kktd"),
+        "mock-atol",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--login",
+        ATOL_LOGIN,
+        "--password",
+        "bench-password",
+        "--group-code",
+        ATOL_GROUP,
+        "--inn",
+        ATOL_INN,
+        "--log-level",
+        "warning",
+    ]
     server = Server("mock-atol", argv, f"http://127.0.0.1:{port}", ctx.path("mock-atol.log"), env=server_env())
-    flags = ["--upstream", "atol-online-v5", "--atol-url", f"http://127.0.0.1:{port}/possystem/v5",
-             "--atol-login", ATOL_LOGIN, "--atol-group-code", ATOL_GROUP, "--atol-password-file", str(password),
-             "--company-inn", ATOL_INN, "--company-email", "shop@example.ru",
-             "--company-payment-address", "https://shop.example.ru"]
+    flags = [
+        "--upstream",
+        "atol-online-v5",
+        "--atol-url",
+        f"http://127.0.0.1:{port}/possystem/v5",
+        "--atol-login",
+        ATOL_LOGIN,
+        "--atol-group-code",
+        ATOL_GROUP,
+        "--atol-password-file",
+        str(password),
+        "--company-inn",
+        ATOL_INN,
+        "--company-email",
+        "shop@example.ru",
+        "--company-payment-address",
+        "https://shop.example.ru",
+    ]
     return server, flags
 
 
@@ -435,22 +588,35 @@ def section_atol(ctx: Context) -> None:
             _, stats = http_json(mock.base_url + "/admin/stats")
             _, status = http_json(kktd.base_url + "/v1/kkt/buffer/status")
     remove_db(db)
-    ctx.check(stats["fiscalized"] == pending and status["counts"]["sent"] == pending,
-              f"atol: the mock fiscalized {stats['fiscalized']} documents, kktd marked {status['counts']['sent']} "
-              f"sent, of {pending}")
+    ctx.check(
+        stats["fiscalized"] == pending and status["counts"]["sent"] == pending,
+        f"atol: the mock fiscalized {stats['fiscalized']} documents, kktd marked {status['counts']['sent']} "
+        f"sent, of {pending}",
+    )
     ctx.check(stats["documents"] == pending, f"atol: {stats['documents']} documents for {pending} receipts")
-    result = {"receipts": pending, "undelivered_at_first_status": at_first, "ready_s": ready_s,
-              "drain_s": drained_s, "receipts_per_s": at_first / drained_s, "kktd_cpu_s": cpu,
-              "kktd_cpu_ms_per_1000": 1e6 * cpu / at_first if at_first else 0.0, "mock_atol_cpu_s": mock_cpu,
-              "http_requests": stats["registration_requests"] + stats["report_requests"] + stats["token_requests"],
-              "early_polls": stats["early_polls"]}
-    print(f"  drained {at_first} receipts through ATOL in {drained_s:.2f}s: {result['receipts_per_s']:.0f}/s, "
-          f"{result['http_requests']} HTTP requests; kktd cpu {cpu:.2f}s = "
-          f"{result['kktd_cpu_ms_per_1000']:.0f} ms per 1,000 receipts; mock cpu {mock_cpu:.1f}s", flush=True)
+    result = {
+        "receipts": pending,
+        "undelivered_at_first_status": at_first,
+        "ready_s": ready_s,
+        "drain_s": drained_s,
+        "receipts_per_s": at_first / drained_s,
+        "kktd_cpu_s": cpu,
+        "kktd_cpu_ms_per_1000": 1e6 * cpu / at_first if at_first else 0.0,
+        "mock_atol_cpu_s": mock_cpu,
+        "http_requests": stats["registration_requests"] + stats["report_requests"] + stats["token_requests"],
+        "early_polls": stats["early_polls"],
+    }
+    print(
+        f"  drained {at_first} receipts through ATOL in {drained_s:.2f}s: {result['receipts_per_s']:.0f}/s, "
+        f"{result['http_requests']} HTTP requests; kktd cpu {cpu:.2f}s = "
+        f"{result['kktd_cpu_ms_per_1000']:.0f} ms per 1,000 receipts; mock cpu {mock_cpu:.1f}s",
+        flush=True,
+    )
     ctx.results["atol"] = result
 
 
 # ---- restart: READY with 1,000,000 rows ----
+
 
 def big_database(ctx: Context) -> Path:
     """A private copy of the 1,000,000-row database, shared by restart and memory (one copy per run)."""
@@ -473,11 +639,17 @@ def section_restart(ctx: Context) -> None:
         ctx.check(Path(f"{db}-wal").exists(), "restart: no -wal file after SIGKILL")
         crashed.append(timed_start(ctx, db, f"after SIGKILL {n}"))
         rows = count_rows(db)
-        ctx.check(rows == rows_before + taken,
-                  f"restart: {rows - rows_before} rows added across a SIGKILL, {taken} 2xx answers")
-    ctx.results["restart"] = {"rows": ctx.plan.big_pending + ctx.plan.big_sent, "clean": clean,
-                              "after_kill": crashed, "median_ready_s": median(r["ready_s"] for r in clean),
-                              "median_ready_after_kill_s": median(r["ready_s"] for r in crashed)}
+        ctx.check(
+            rows == rows_before + taken,
+            f"restart: {rows - rows_before} rows added across a SIGKILL, {taken} 2xx answers",
+        )
+    ctx.results["restart"] = {
+        "rows": ctx.plan.big_pending + ctx.plan.big_sent,
+        "clean": clean,
+        "after_kill": crashed,
+        "median_ready_s": median(r["ready_s"] for r in clean),
+        "median_ready_after_kill_s": median(r["ready_s"] for r in crashed),
+    }
 
 
 def timed_start(ctx: Context, db: Path, label: str) -> dict[str, Any]:
@@ -490,10 +662,12 @@ def timed_start(ctx: Context, db: Path, label: str) -> dict[str, Any]:
             stop_started = time.monotonic()
             exit_code = kktd.stop()
             stop_s = time.monotonic() - stop_started
-    print(f"  {label}: READY=1 {ready_s:.3f}s after exec (cpu {cpu:.2f}s, rss {rss:.1f} MB); "
-          f"SIGTERM -> exit {exit_code} in {stop_s:.2f}s", flush=True)
-    return {"ready_s": ready_s, "cpu_s_to_ready": cpu, "peak_rss_mb": rss, "stop_s": stop_s,
-            "exit_code": exit_code}
+    print(
+        f"  {label}: READY=1 {ready_s:.3f}s after exec (cpu {cpu:.2f}s, rss {rss:.1f} MB); "
+        f"SIGTERM -> exit {exit_code} in {stop_s:.2f}s",
+        flush=True,
+    )
+    return {"ready_s": ready_s, "cpu_s_to_ready": cpu, "peak_rss_mb": rss, "stop_s": stop_s, "exit_code": exit_code}
 
 
 def crash(ctx: Context, db: Path) -> int:
@@ -508,6 +682,7 @@ def crash(ctx: Context, db: Path) -> int:
 
 # ---- memory: peak RSS with 1,000,000 rows while serving ----
 
+
 def section_memory(ctx: Context) -> None:
     reproduce("--only memory" + (" --quick" if ctx.plan.quick else ""))
     db = big_database(ctx)
@@ -519,14 +694,19 @@ def section_memory(ctx: Context) -> None:
         rss = peak_rss_mb(kktd.pid)
         kktd.stop()
     rows = count_rows(db)
-    ctx.check(rows == rows_before + result.ok2xx,
-              f"memory: {rows - rows_before} rows added, {result.ok2xx} 2xx answers")
-    print(f"  peak RSS {rss:.1f} MB with {rows_before} rows while taking {result.completed} receipts at c16 "
-          f"({result.rate:.0f}/s, p99 {ms(result.latency_us['p99']):.2f} ms)", flush=True)
+    ctx.check(
+        rows == rows_before + result.ok2xx, f"memory: {rows - rows_before} rows added, {result.ok2xx} 2xx answers"
+    )
+    print(
+        f"  peak RSS {rss:.1f} MB with {rows_before} rows while taking {result.completed} receipts at c16 "
+        f"({result.rate:.0f}/s, p99 {ms(result.latency_us['p99']):.2f} ms)",
+        flush=True,
+    )
     ctx.results["memory"] = {"rows_before": rows_before, "peak_rss_mb": rss, "load": result.as_dict()}
 
 
 # ---- intake while draining vs intake alone ----
+
 
 def section_concurrent(ctx: Context) -> None:
     reproduce("--only concurrent" + (" --quick" if ctx.plan.quick else ""))
@@ -535,20 +715,26 @@ def section_concurrent(ctx: Context) -> None:
     runs = []
     for round_no in range(1, ctx.plan.concurrent_rounds + 1):
         alone = intake_on_copy(ctx, source, requests, f"alone-{round_no}")
-        busy = drain_run(ctx, f"busy-{round_no}", source,
-                         during=lambda kktd: load_during_drain(ctx, kktd, requests))
+        busy = drain_run(ctx, f"busy-{round_no}", source, during=lambda kktd: load_during_drain(ctx, kktd, requests))
         expected, held = busy["receipts"] + busy["intake"]["ok2xx"], busy["delivered_unique_at_ofd"]
         ctx.check(held == expected, f"concurrent: the OFD holds {held} receipts, expected {expected}")
         runs.append({"alone": alone, "draining": busy})
         load = busy["intake"]
-        print(f"  round {round_no}: intake alone {alone['receipts_per_s']:.0f}/s "
-              f"(p99 {ms(alone['latency_us']['p99']):.2f} ms), while draining {load['receipts_per_s']:.0f}/s "
-              f"(p99 {ms(load['latency_us']['p99']):.2f} ms; drain still running at the end of the load: "
-              f"{busy['overlap']}); drain {busy['receipts_per_s']:.0f}/s", flush=True)
+        print(
+            f"  round {round_no}: intake alone {alone['receipts_per_s']:.0f}/s "
+            f"(p99 {ms(alone['latency_us']['p99']):.2f} ms), while draining {load['receipts_per_s']:.0f}/s "
+            f"(p99 {ms(load['latency_us']['p99']):.2f} ms; drain still running at the end of the load: "
+            f"{busy['overlap']}); drain {busy['receipts_per_s']:.0f}/s",
+            flush=True,
+        )
     alone_rate = median(r["alone"]["receipts_per_s"] for r in runs)
     busy_rate = median(r["draining"]["intake"]["receipts_per_s"] for r in runs)
-    ctx.results["concurrent"] = {"runs": runs, "alone_receipts_per_s": alone_rate,
-                                 "draining_receipts_per_s": busy_rate, "ratio": busy_rate / alone_rate}
+    ctx.results["concurrent"] = {
+        "runs": runs,
+        "alone_receipts_per_s": alone_rate,
+        "draining_receipts_per_s": busy_rate,
+        "ratio": busy_rate / alone_rate,
+    }
 
 
 def intake_on_copy(ctx: Context, source: Path, requests: int, label: str) -> dict[str, Any]:
@@ -562,8 +748,10 @@ def intake_on_copy(ctx: Context, source: Path, requests: int, label: str) -> dic
         result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 16, requests)
         kktd.stop()
     rows = count_rows(db)
-    ctx.check(rows == rows_before + result.ok2xx,
-              f"concurrent {label}: {rows - rows_before} rows added, {result.ok2xx} 2xx answers")
+    ctx.check(
+        rows == rows_before + result.ok2xx,
+        f"concurrent {label}: {rows - rows_before} rows added, {result.ok2xx} 2xx answers",
+    )
     remove_db(db)
     return result.as_dict()
 
@@ -572,14 +760,21 @@ def load_during_drain(ctx: Context, kktd: Server, requests: int) -> dict[str, An
     pending_before = pending_of(kktd)
     result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", 16, requests)
     pending_after = pending_of(kktd)
-    ctx.check(result.ok2xx == result.completed,
-              f"concurrent: {result.completed - result.ok2xx} non-2xx answers {result.errors}")
+    ctx.check(
+        result.ok2xx == result.completed,
+        f"concurrent: {result.completed - result.ok2xx} non-2xx answers {result.errors}",
+    )
     # The comparison is only fair if the drain was still running when the last receipt was answered.
-    return {"intake": result.as_dict(), "pending_at_load_start": pending_before,
-            "pending_at_load_end": pending_after, "overlap": "yes" if pending_after > 0 else "NO"}
+    return {
+        "intake": result.as_dict(),
+        "pending_at_load_start": pending_before,
+        "pending_at_load_end": pending_after,
+        "overlap": "yes" if pending_after > 0 else "NO",
+    }
 
 
 # ---- scrape: intake with and without GET /metrics every 100 ms ----
+
 
 class Scraper:
     """A Prometheus stand-in: GET /metrics every SCRAPE_EVERY_S on its own thread (of the bench, not kktd),
@@ -649,10 +844,12 @@ def scrape_once(ctx: Context, scraped: bool, label: str) -> dict[str, Any]:
     remove_db(db)
     row = {"scraped": scraped, **result.as_dict(), "server_cpu_s": cpu, "scrape_cpu_ms_idle": idle_cpu_ms}
     if scraped:
-        row.update(scrapes=len(scraper.durations_s),
-                   scrape_ms_p50=1000 * median(scraper.durations_s),
-                   scrape_ms_max=1000 * max(scraper.durations_s, default=0.0),
-                   scrape_bytes=median(scraper.sizes))
+        row.update(
+            scrapes=len(scraper.durations_s),
+            scrape_ms_p50=1000 * median(scraper.durations_s),
+            scrape_ms_max=1000 * max(scraper.durations_s, default=0.0),
+            scrape_bytes=median(scraper.sizes),
+        )
     return row
 
 
@@ -665,12 +862,18 @@ def section_scrape(ctx: Context) -> None:
             row["round"] = round_no
             runs.append(row)
             latency = row["latency_us"]
-            extra = (f"  {row['scrapes']} scrapes, p50 {row['scrape_ms_p50']:.2f} ms, "
-                     f"max {row['scrape_ms_max']:.2f} ms, {row['scrape_bytes'] / 1024:.1f} KiB"
-                     if scraped else "")
-            print(f"  round {round_no} c{SCRAPE_CONNECTIONS} {'scraped' if scraped else 'alone':<8} "
-                  f"{row['receipts_per_s']:8.0f}/s  p50 {ms(latency['p50']):6.2f} ms  "
-                  f"p99 {ms(latency['p99']):7.2f} ms{extra}", flush=True)
+            extra = (
+                f"  {row['scrapes']} scrapes, p50 {row['scrape_ms_p50']:.2f} ms, "
+                f"max {row['scrape_ms_max']:.2f} ms, {row['scrape_bytes'] / 1024:.1f} KiB"
+                if scraped
+                else ""
+            )
+            print(
+                f"  round {round_no} c{SCRAPE_CONNECTIONS} {'scraped' if scraped else 'alone':<8} "
+                f"{row['receipts_per_s']:8.0f}/s  p50 {ms(latency['p50']):6.2f} ms  "
+                f"p99 {ms(latency['p99']):7.2f} ms{extra}",
+                flush=True,
+            )
     alone = [r for r in runs if not r["scraped"]]
     scraped_runs = [r for r in runs if r["scraped"]]
     ctx.results["scrape"] = {
@@ -689,6 +892,7 @@ def section_scrape(ctx: Context) -> None:
 
 # ---- luacount: does counting 2xx in Lua's response() slow wrk? ----
 
+
 def section_luacount(ctx: Context) -> None:
     reproduce(f"--only luacount --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
     requests = ctx.plan.intake_requests[64]
@@ -702,33 +906,44 @@ def section_luacount(ctx: Context) -> None:
                 result = wrkrun.run(url, 64, requests, count2xx=counted)
                 runs.append({"count2xx_in_lua": counted, **result.as_dict()})
                 if counted:
-                    ctx.check(result.ok2xx_counted == result.ok2xx_derived,
-                              f"luacount: {result.ok2xx_counted} 2xx counted in Lua, "
-                              f"{result.ok2xx_derived} derived from wrk's errors.status")
-                print(f"  round {round_no} bare c64, 2xx counted in Lua: {'yes' if counted else 'no ':<3} "
-                      f"{result.rate:8.0f}/s  p99 {ms(result.latency_us['p99']):6.2f} ms  wrk cpu "
-                      f"{1e6 * result.wrk_cpu_s / result.completed:5.0f} ms/1k", flush=True)
+                    ctx.check(
+                        result.ok2xx_counted == result.ok2xx_derived,
+                        f"luacount: {result.ok2xx_counted} 2xx counted in Lua, "
+                        f"{result.ok2xx_derived} derived from wrk's errors.status",
+                    )
+                print(
+                    f"  round {round_no} bare c64, 2xx counted in Lua: {'yes' if counted else 'no ':<3} "
+                    f"{result.rate:8.0f}/s  p99 {ms(result.latency_us['p99']):6.2f} ms  wrk cpu "
+                    f"{1e6 * result.wrk_cpu_s / result.completed:5.0f} ms/1k",
+                    flush=True,
+                )
     summary = {}
     for counted in (False, True):
         rows = [r for r in runs if r["count2xx_in_lua"] is counted]
         summary["counted" if counted else "derived"] = {
             "receipts_per_s": median(r["receipts_per_s"] for r in rows),
-            "wrk_cpu_ms_per_1000": median(1e6 * r["wrk_cpu_s"] / r["completed"] for r in rows)}
+            "wrk_cpu_ms_per_1000": median(1e6 * r["wrk_cpu_s"] / r["completed"] for r in rows),
+        }
     ctx.results["luacount"] = {"runs": runs, "medians": summary}
 
 
 # ---- prepared databases ----
 
+
 def prepared(ctx: Context, pending: int, sent: int, contact: bool = False) -> Path:
     path, built_s = dataset.ensure(pending, sent, contact)
     if built_s is not None:
-        print(f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.store "
-              f"in {built_s:.1f}s (cached for the next run)", flush=True)
+        print(
+            f"  prepared {path.name} ({pending} pending, {sent} sent) through kktd.store "
+            f"in {built_s:.1f}s (cached for the next run)",
+            flush=True,
+        )
         ctx.results.setdefault("prepared", {})[path.name] = {"seconds": built_s}
     return path
 
 
 # ---- report ----
+
 
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
@@ -744,26 +959,25 @@ class Target:
 
 TARGETS = (
     # issue 15: the HTTP stack's ceiling, a group of one, stalls, the SD card, memory
-    Target("intake c64 kktd >= 0.85 x minimal", "intake", lambda r: r["ratios"]["c64"]["kktd/minimal"],
-           lambda x: x >= 0.85),
-    Target("intake c1 kktd >= 1.0 x naive", "intake", lambda r: r["ratios"]["c1"]["kktd/naive"],
-           lambda x: x >= 1.0),
-    Target("kktd c64 p99 < 20 ms, every round, from READY", "intake", lambda r: r["kktd_c64_worst_p99_ms"],
-           lambda x: x < 20),
+    Target(
+        "intake c64 kktd >= 0.85 x minimal", "intake", lambda r: r["ratios"]["c64"]["kktd/minimal"], lambda x: x >= 0.85
+    ),
+    Target("intake c1 kktd >= 1.0 x naive", "intake", lambda r: r["ratios"]["c1"]["kktd/naive"], lambda x: x >= 1.0),
+    Target(
+        "kktd c64 p99 < 20 ms, every round, from READY",
+        "intake",
+        lambda r: r["kktd_c64_worst_p99_ms"],
+        lambda x: x < 20,
+    ),
     Target("intake peak RSS of kktd < 60 MB", "intake", lambda r: r["peak_rss_mb"]["kktd"], lambda x: x < 60),
     Target("SD card c16 kktd >= 10 x naive", "sdcard", lambda r: r["ratios"]["c16"], lambda x: x >= 10),
-    Target("SD card c1 kktd >= 0.9 x 1/delay", "sdcard", lambda r: r["kktd_c1_of_one_flush"],
-           lambda x: x >= 0.9),
+    Target("SD card c1 kktd >= 0.9 x 1/delay", "sdcard", lambda r: r["kktd_c1_of_one_flush"], lambda x: x >= 0.9),
     # earlier issues
-    Target("intake c64 kktd >= 0.85 x bare", "intake", lambda r: r["ratios"]["c64"]["kktd/bare"],
-           lambda x: x >= 0.85),
-    Target("intake c64 kktd >= 2.5 x naive", "intake", lambda r: r["ratios"]["c64"]["kktd/naive"],
-           lambda x: x >= 2.5),
-    Target("kktd p99 < 20 ms at c16", "intake", lambda r: r["medians"]["kktd/c16"]["p99_ms"],
-           lambda x: x < 20),
+    Target("intake c64 kktd >= 0.85 x bare", "intake", lambda r: r["ratios"]["c64"]["kktd/bare"], lambda x: x >= 0.85),
+    Target("intake c64 kktd >= 2.5 x naive", "intake", lambda r: r["ratios"]["c64"]["kktd/naive"], lambda x: x >= 2.5),
+    Target("kktd p99 < 20 ms at c16", "intake", lambda r: r["medians"]["kktd/c16"]["p99_ms"], lambda x: x < 20),
     Target("drain >= 5,000 receipts/s", "drain", lambda r: r["receipts_per_s"], lambda x: x >= 5000),
-    Target("READY <= 1.5 s with 1,000,000 rows", "restart", lambda r: r["median_ready_s"],
-           lambda x: x <= 1.5),
+    Target("READY <= 1.5 s with 1,000,000 rows", "restart", lambda r: r["median_ready_s"], lambda x: x <= 1.5),
     Target("peak RSS < 80 MB with 1,000,000 rows", "memory", lambda r: r["peak_rss_mb"], lambda x: x < 80),
     Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
     Target("intake scraped every 100 ms >= 0.95 x alone", "scrape", lambda r: r["ratio"], lambda x: x >= 0.95),
@@ -778,59 +992,77 @@ def report(ctx: Context) -> None:
         print_medians(results["intake"]["medians"])
         for conns, r in results["intake"]["ratios"].items():
             print(f"ratio {conns}: " + "  ".join(f"{name} {value:.2f}" for name, value in r.items()))
-        print(f"kktd c64 worst p99 of any round, warm-up from READY included: "
-              f"{results['intake']['kktd_c64_worst_p99_ms']:.2f} ms")
+        print(
+            f"kktd c64 worst p99 of any round, warm-up from READY included: "
+            f"{results['intake']['kktd_c64_worst_p99_ms']:.2f} ms"
+        )
     if "sdcard" in results:
         sd = results["sdcard"]
         print(f"SD card model (every fsync/fdatasync + {sd['delay_ms']:g} ms):")
         print_medians(sd["medians"])
-        print("ratio kktd/naive: " + "  ".join(f"{c} {v:.2f}" for c, v in sd["ratios"].items())
-              + f"; kktd c1 = {sd['kktd_c1_of_one_flush']:.2f} x 1/delay ({sd['one_flush_per_s']:.0f}/s), "
-              f"{sd['kktd_c1_of_measured_flush']:.2f} x 1/flush as measured under the shim "
-              f"({sd['flush_ms_slowed']:.2f} ms; {sd['flush_ms_plain']:.2f} ms without)")
+        print(
+            "ratio kktd/naive: "
+            + "  ".join(f"{c} {v:.2f}" for c, v in sd["ratios"].items())
+            + f"; kktd c1 = {sd['kktd_c1_of_one_flush']:.2f} x 1/delay ({sd['one_flush_per_s']:.0f}/s), "
+            f"{sd['kktd_c1_of_measured_flush']:.2f} x 1/flush as measured under the shim "
+            f"({sd['flush_ms_slowed']:.2f} ms; {sd['flush_ms_plain']:.2f} ms without)"
+        )
     if "drain" in results:
         d = results["drain"]
-        print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s "
-              f"= {d['receipts_per_s']:.0f}/s")
+        print(f"drain: {d['pending_at_first_status']} pending in {d['drain_s']:.2f}s = {d['receipts_per_s']:.0f}/s")
     if "atol" in results:
         a = results["atol"]
-        print(f"drain through ATOL: {a['undelivered_at_first_status']} receipts in {a['drain_s']:.2f}s "
-              f"= {a['receipts_per_s']:.0f}/s; kktd cpu {a['kktd_cpu_ms_per_1000']:.0f} ms per 1,000")
+        print(
+            f"drain through ATOL: {a['undelivered_at_first_status']} receipts in {a['drain_s']:.2f}s "
+            f"= {a['receipts_per_s']:.0f}/s; kktd cpu {a['kktd_cpu_ms_per_1000']:.0f} ms per 1,000"
+        )
     if "restart" in results:
         r = results["restart"]
-        print(f"restart: READY=1 after {r['median_ready_s']:.3f}s with {r['rows']} rows after a clean stop, "
-              f"{r['median_ready_after_kill_s']:.3f}s after SIGKILL")
+        print(
+            f"restart: READY=1 after {r['median_ready_s']:.3f}s with {r['rows']} rows after a clean stop, "
+            f"{r['median_ready_after_kill_s']:.3f}s after SIGKILL"
+        )
     if "memory" in results:
         m = results["memory"]
         print(f"memory: peak RSS {m['peak_rss_mb']:.1f} MB with {m['rows_before']} rows, under c16 load")
     if "concurrent" in results:
         c = results["concurrent"]
-        print(f"intake while draining: {c['draining_receipts_per_s']:.0f}/s vs alone "
-              f"{c['alone_receipts_per_s']:.0f}/s = {c['ratio']:.2f}")
+        print(
+            f"intake while draining: {c['draining_receipts_per_s']:.0f}/s vs alone "
+            f"{c['alone_receipts_per_s']:.0f}/s = {c['ratio']:.2f}"
+        )
     if "scrape" in results:
         sc = results["scrape"]
-        print(f"scrape every {SCRAPE_EVERY_S * 1000:.0f} ms at c{SCRAPE_CONNECTIONS}: "
-              f"{sc['scraped_receipts_per_s']:.0f}/s (p99 {sc['scraped_p99_ms']:.2f} ms) vs alone "
-              f"{sc['alone_receipts_per_s']:.0f}/s (p99 {sc['alone_p99_ms']:.2f} ms) = {sc['ratio']:.2f}; "
-              f"one scrape {sc['scrape_ms_p50']:.2f} ms under load, {sc['scrape_cpu_ms']:.2f} ms of kktd CPU, "
-              f"{sc['scrape_bytes'] / 1024:.1f} KiB")
+        print(
+            f"scrape every {SCRAPE_EVERY_S * 1000:.0f} ms at c{SCRAPE_CONNECTIONS}: "
+            f"{sc['scraped_receipts_per_s']:.0f}/s (p99 {sc['scraped_p99_ms']:.2f} ms) vs alone "
+            f"{sc['alone_receipts_per_s']:.0f}/s (p99 {sc['alone_p99_ms']:.2f} ms) = {sc['ratio']:.2f}; "
+            f"one scrape {sc['scrape_ms_p50']:.2f} ms under load, {sc['scrape_cpu_ms']:.2f} ms of kktd CPU, "
+            f"{sc['scrape_bytes'] / 1024:.1f} KiB"
+        )
     if "luacount" in results:
         lc = results["luacount"]["medians"]
         derived, counted = lc["derived"], lc["counted"]
-        print(f"wrk 2xx counting: derived {derived['receipts_per_s']:.0f}/s "
-              f"({derived['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k), counted in Lua "
-              f"{counted['receipts_per_s']:.0f}/s ({counted['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k)")
+        print(
+            f"wrk 2xx counting: derived {derived['receipts_per_s']:.0f}/s "
+            f"({derived['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k), counted in Lua "
+            f"{counted['receipts_per_s']:.0f}/s ({counted['wrk_cpu_ms_per_1000']:.0f} wrk ms/1k)"
+        )
     print_targets(ctx)
 
 
 def print_medians(medians: dict[str, dict[str, Any]]) -> None:
-    print(f"{'arm':<7} {'conns':>5} {'receipts/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu s':>7} "
-          f"{'cpu ms/1k':>10} {'wrk ms/1k':>10} {'rss MB':>7}")
+    print(
+        f"{'arm':<7} {'conns':>5} {'receipts/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu s':>7} "
+        f"{'cpu ms/1k':>10} {'wrk ms/1k':>10} {'rss MB':>7}"
+    )
     for key, m in medians.items():
         arm, conns = key.split("/")
-        print(f"{arm:<7} {conns[1:]:>5} {m['receipts_per_s']:>11.0f} {m['p50_ms']:>8.2f} "
-              f"{m['p99_ms']:>8.2f} {m['server_cpu_s']:>7.2f} {m['cpu_ms_per_1000']:>10.0f} "
-              f"{m['wrk_cpu_ms_per_1000']:>10.0f} {m['peak_rss_mb']:>7.1f}")
+        print(
+            f"{arm:<7} {conns[1:]:>5} {m['receipts_per_s']:>11.0f} {m['p50_ms']:>8.2f} "
+            f"{m['p99_ms']:>8.2f} {m['server_cpu_s']:>7.2f} {m['cpu_ms_per_1000']:>10.0f} "
+            f"{m['wrk_cpu_ms_per_1000']:>10.0f} {m['peak_rss_mb']:>7.1f}"
+        )
 
 
 def print_targets(ctx: Context) -> None:
@@ -851,13 +1083,26 @@ def print_targets(ctx: Context) -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    filesystem = subprocess.run(["findmnt", "-no", "SOURCE,FSTYPE", "--target", str(BENCH_DIR)],
-                                capture_output=True, text=True, check=False).stdout.strip()
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    filesystem = subprocess.run(
+        ["findmnt", "-no", "SOURCE,FSTYPE", "--target", str(BENCH_DIR)], capture_output=True, text=True, check=False
+    ).stdout.strip()
     wrk = subprocess.run([wrkrun.wrk_binary(), "-v"], capture_output=True, text=True, check=False).stdout
-    return {"nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(), "filesystem": filesystem,
-            "python": platform.python_version(), "wrk": wrk.split(" Copyright")[0].strip()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "filesystem": filesystem,
+        "python": platform.python_version(),
+        "wrk": wrk.split(" Copyright")[0].strip(),
+    }
 
 
 def loadavg() -> str:
@@ -866,17 +1111,15 @@ def loadavg() -> str:
 
 # ---- main ----
 
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="kktd benchmark (see docs/performance.md)")
-    parser.add_argument("--quick", action="store_true",
-                        help="one round, small counts and databases: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one round, small counts and databases: a smoke run")
     parser.add_argument("--rounds", type=int, help="intake and luacount rounds (default 5, --quick 1)")
-    parser.add_argument("--only", choices=SECTIONS, action="append",
-                        help="run only this section (repeatable)")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     parser.add_argument("--requests", type=int, help="receipts per intake run, at every concurrency")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON to this path")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work directory (server logs, databases)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (server logs, databases)")
     return parser.parse_args(argv)
 
 
@@ -886,17 +1129,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan = replace(plan, rounds=max(1, args.rounds))
     if args.requests is not None:
         count = max(2, args.requests)
-        plan = replace(plan, intake_requests=dict.fromkeys(CONNECTIONS, count),
-                       warmup_requests=min(plan.warmup_requests, count),
-                       sd_requests=dict.fromkeys(CONNECTIONS, count),
-                       sd_warmup_requests=min(plan.sd_warmup_requests, count))
+        plan = replace(
+            plan,
+            intake_requests=dict.fromkeys(CONNECTIONS, count),
+            warmup_requests=min(plan.warmup_requests, count),
+            sd_requests=dict.fromkeys(CONNECTIONS, count),
+            sd_warmup_requests=min(plan.sd_warmup_requests, count),
+        )
     return plan
 
 
 SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
-    "intake": section_intake, "sdcard": section_sdcard,
-    "drain": section_drain, "restart": section_restart, "memory": section_memory,
-    "concurrent": section_concurrent, "scrape": section_scrape, "atol": section_atol,
+    "intake": section_intake,
+    "sdcard": section_sdcard,
+    "drain": section_drain,
+    "restart": section_restart,
+    "memory": section_memory,
+    "concurrent": section_concurrent,
+    "scrape": section_scrape,
+    "atol": section_atol,
     "luacount": section_luacount,
 }
 
@@ -925,10 +1176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     dataset.RESULTS.mkdir(parents=True, exist_ok=True)
     ctx = Context(plan, Path(tempfile.mkdtemp(prefix="run-", dir=dataset.RESULTS)))
-    ctx.results.update(machine=info, plan=plan.__dict__,
-                       command=" ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)]))
-    print(f"kktd bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}, {info['filesystem']}, "
-          f"{info['wrk']}, Python {info['python']}; load average {loadavg()}", flush=True)
+    ctx.results.update(
+        machine=info, plan=plan.__dict__, command=" ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+    )
+    print(
+        f"kktd bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}, {info['filesystem']}, "
+        f"{info['wrk']}, Python {info['python']}; load average {loadavg()}",
+        flush=True,
+    )
     started = time.monotonic()
     try:
         completed = run_sections(ctx, [s for s in SECTIONS if s in sections])
@@ -937,8 +1192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
     ctx.results.update(elapsed_s=time.monotonic() - started, integrity_failures=ctx.integrity_failures)
     report(ctx)
-    print(f"\nelapsed {ctx.results['elapsed_s']:.0f}s; load average now {loadavg()}"
-          + (f"; work directory kept: {ctx.workdir}" if args.keep else ""))
+    print(
+        f"\nelapsed {ctx.results['elapsed_s']:.0f}s; load average now {loadavg()}"
+        + (f"; work directory kept: {ctx.workdir}" if args.keep else "")
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(ctx.results, indent=2, ensure_ascii=False) + "\n")
     if not completed:

@@ -44,10 +44,18 @@ class WrkResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "connections": self.connections, "threads": self.threads, "issued": self.issued,
-            "completed": self.completed, "ok2xx": self.ok2xx, "errors": self.errors, "seconds": self.seconds,
-            "receipts_per_s": self.rate, "latency_us": self.latency_us, "finished": self.finished,
-            "wrk_cpu_s": self.wrk_cpu_s, "ok2xx_counted_in_lua": self.ok2xx_counted,
+            "connections": self.connections,
+            "threads": self.threads,
+            "issued": self.issued,
+            "completed": self.completed,
+            "ok2xx": self.ok2xx,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "receipts_per_s": self.rate,
+            "latency_us": self.latency_us,
+            "finished": self.finished,
+            "wrk_cpu_s": self.wrk_cpu_s,
+            "ok2xx_counted_in_lua": self.ok2xx_counted,
             "ok2xx_derived": self.ok2xx_derived,
         }
 
@@ -68,9 +76,24 @@ def command(url: str, connections: int, requests: int, nonce: str, cap_s: int, c
     threads = threads_for(connections)
     per_thread_conns = connections // threads
     per_thread = -(-requests // threads)  # ceil: every thread gets the same budget
-    argv = [wrk_binary(), "-t", str(threads), "-c", str(per_thread_conns * threads), "-d", f"{cap_s}s",
-            "--timeout", WRK_TIMEOUT, "-s", str(SCRIPT), url,
-            "--", str(per_thread), str(per_thread_conns), nonce]
+    argv = [
+        wrk_binary(),
+        "-t",
+        str(threads),
+        "-c",
+        str(per_thread_conns * threads),
+        "-d",
+        f"{cap_s}s",
+        "--timeout",
+        WRK_TIMEOUT,
+        "-s",
+        str(SCRIPT),
+        url,
+        "--",
+        str(per_thread),
+        str(per_thread_conns),
+        nonce,
+    ]
     return argv + (["count2xx"] if count2xx else [])
 
 
@@ -146,14 +169,22 @@ def _parse(stdout: str, connections: int, threads: int, finished: bool, wrk_cpu:
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     if not lines:
         raise BenchError(f"wrk printed no {RESULT_MARK.strip()} line:\n{stdout[-2000:]}")
-    data = json.loads(lines[-1][len(RESULT_MARK):])
+    data = json.loads(lines[-1][len(RESULT_MARK) :])
     seconds = (data["last_response_us"] - data["first_request_us"]) / 1e6
     if not finished or seconds <= 0:
         # Stopped by the cap: wrk's own runtime is the honest denominator.
         seconds = data["wrk_runtime_us"] / 1e6
     return WrkResult(
-        connections=connections, threads=threads, issued=data["issued"], completed=data["completed"],
-        ok2xx=data["ok2xx"], errors=data["errors"], seconds=seconds, latency_us=data["latency_us"],
-        finished=finished, wrk_cpu_s=wrk_cpu, ok2xx_counted=data["ok2xx_counted_in_lua"],
+        connections=connections,
+        threads=threads,
+        issued=data["issued"],
+        completed=data["completed"],
+        ok2xx=data["ok2xx"],
+        errors=data["errors"],
+        seconds=seconds,
+        latency_us=data["latency_us"],
+        finished=finished,
+        wrk_cpu_s=wrk_cpu,
+        ok2xx_counted=data["ok2xx_counted_in_lua"],
         ok2xx_derived=data["ok2xx_derived"],
     )

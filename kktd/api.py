@@ -74,7 +74,10 @@ SERVICES = web.AppKey("services", Services)
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
-        status=status, content_type="application/json", headers=headers)
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -93,8 +96,13 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except ClientGone as gone:
         request.app[SERVICES].events.event(
-            "clients gone mid-request", logging.INFO, "%s %s: the client went away before its request was "
-            "read (%s); nothing was stored", escape(request.method, 16), escape(request.path), gone)
+            "clients gone mid-request",
+            logging.INFO,
+            "%s %s: the client went away before its request was read (%s); nothing was stored",
+            escape(request.method, 16),
+            escape(request.path),
+            gone,
+        )
         return web.Response(status=400)  # never delivered: the connection is gone
     except ApiError as error:
         _log_error(request, error)
@@ -130,12 +138,21 @@ def _refuse_without_token(request: web.Request) -> web.Response | None:
     token = services.config.api_token
     if token is None or request.path in OPEN_PATHS or presents_token(request, token):
         return None
-    services.events.event("requests without a valid token", logging.WARNING,
-                          "%s %s -> 401 unauthorized: no valid bearer token", escape(request.method, 16),
-                          escape(request.path))
-    return error_response(ApiError(401, ErrorCode.UNAUTHORIZED,
-                                   "this endpoint needs Authorization: Bearer <token>",
-                                   headers={"WWW-Authenticate": 'Bearer realm="kktd"'}))
+    services.events.event(
+        "requests without a valid token",
+        logging.WARNING,
+        "%s %s -> 401 unauthorized: no valid bearer token",
+        escape(request.method, 16),
+        escape(request.path),
+    )
+    return error_response(
+        ApiError(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            "this endpoint needs Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": 'Bearer realm="kktd"'},
+        )
+    )
 
 
 def presents_token(request: web.Request, token: str) -> bool:
@@ -148,16 +165,14 @@ def presents_token(request: web.Request, token: str) -> bool:
 
 def api_error(invalid: ReceiptInvalid) -> ApiError:
     """A receipt that breaks a rule is a 422; a body that is not JSON at all, a 400."""
-    return ApiError(400 if isinstance(invalid, MalformedBody) else 422, invalid.code, invalid.message,
-                    invalid.field)
+    return ApiError(400 if isinstance(invalid, MalformedBody) else 422, invalid.code, invalid.message, invalid.field)
 
 
 def _log_error(request: web.Request, error: ApiError) -> None:
     level = logging.ERROR if error.status >= 500 else logging.INFO
     where = f" field={error.field}" if error.field else ""
     # The method and path are the client's: escaped and cut short like every client text in a log line.
-    line = (f"{escape(request.method, 16)} {escape(request.path)} -> {error.status} {error.code}{where}: "
-            f"{error.message}")
+    line = f"{escape(request.method, 16)} {escape(request.path)} -> {error.status} {error.code}{where}: {error.message}"
     if error.code == ErrorCode.BODY_TIMEOUT:
         request.app[SERVICES].events.event("request bodies too slow", level, "%s", line)
     else:
@@ -168,27 +183,40 @@ def _log_error(request: web.Request, error: ApiError) -> None:
 
 # ---- receipts ----
 
+
 async def post_receipt(request: web.Request) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     if not services.intake_open:
-        raise ApiError(503, ErrorCode.SHUTTING_DOWN, "kktd is stopping; retry in a moment",
-                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+        raise ApiError(
+            503,
+            ErrorCode.SHUTTING_DOWN,
+            "kktd is stopping; retry in a moment",
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        )
     if services.store.damage is not None:
-        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, f"the database is damaged, nothing is accepted: "
-                       f"{services.store.damage}")
+        raise ApiError(
+            503, ErrorCode.STORAGE_UNAVAILABLE, f"the database is damaged, nothing is accepted: {services.store.damage}"
+        )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, ErrorCode.BODY_TOO_LARGE, f"request body is larger than {MAX_BODY} bytes")
     if request.content_type != "application/json":
-        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-                       f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})")
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})",
+        )
     body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
     result = await _stored_instead_of_refusal(services, receipt) or await _accept(services, receipt)
     if isinstance(result, Conflict):
-        raise ApiError(409, ErrorCode.IDEMPOTENCY_CONFLICT,
-                       f"idempotency key {receipt.idempotency_key} is already used by receipt "
-                       f"{result.receipt_id} with a different body", "idempotency_key")
+        raise ApiError(
+            409,
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            f"idempotency key {receipt.idempotency_key} is already used by receipt "
+            f"{result.receipt_id} with a different body",
+            "idempotency_key",
+        )
     return _accepted_response(result, receipt.idempotency_key, services, started)
 
 
@@ -213,11 +241,19 @@ async def _accept(services: Services, receipt: Receipt) -> Accepted | Conflict:
     try:
         return await services.store.accept(receipt)
     except BufferFull as exc:
-        raise ApiError(503, ErrorCode.BUFFER_FULL, f"{exc}; nothing was stored, retry later",
-                       headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)}) from None
+        raise ApiError(
+            503,
+            ErrorCode.BUFFER_FULL,
+            f"{exc}; nothing was stored, retry later",
+            headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)},
+        ) from None
     except StorageUnavailable as exc:
-        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, f"the receipt was not stored: {exc}",
-                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
+        raise ApiError(
+            503,
+            ErrorCode.STORAGE_UNAVAILABLE,
+            f"the receipt was not stored: {exc}",
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        ) from None
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
@@ -229,8 +265,12 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
         async with asyncio.timeout(timeout):
             return await request.read()
     except TimeoutError:
-        raise ApiError(408, ErrorCode.BODY_TIMEOUT, f"the request body did not arrive within {timeout:g}s",
-                       headers={"Connection": "close"}) from None
+        raise ApiError(
+            408,
+            ErrorCode.BODY_TIMEOUT,
+            f"the request body did not arrive within {timeout:g}s",
+            headers={"Connection": "close"},
+        ) from None
     except ConnectionError as exc:
         raise ClientGone(str(exc) or type(exc).__name__) from None
 
@@ -246,8 +286,10 @@ def _accepted_response(result: Accepted, key: str, services: Services, started: 
         services.metrics.intake_replayed(time.perf_counter() - started)
         log.info("receipt %s replayed for idempotency key %s", result.receipt_id, key, extra=story)
     # The hot path's answer has a fixed shape of ids, integers and fixed words: formatted directly.
-    body = (f'{{"receipt_id":"{result.receipt_id}","status":"{result.status}","total":{result.total},'
-            f'"accepted_at":"{rfc3339(result.accepted_ms)}"}}')
+    body = (
+        f'{{"receipt_id":"{result.receipt_id}","status":"{result.status}","total":{result.total},'
+        f'"accepted_at":"{rfc3339(result.accepted_ms)}"}}'
+    )
     return web.Response(body=body.encode(), status=201 if result.created else 200, headers=JSON_HEADERS)
 
 
@@ -303,11 +345,13 @@ async def _storage(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except StorageUnavailable as exc:
-        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, str(exc),
-                       headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}) from None
+        raise ApiError(
+            503, ErrorCode.STORAGE_UNAVAILABLE, str(exc), headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}
+        ) from None
 
 
 # ---- buffer, sync, dead letters ----
+
 
 async def buffer_status(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
@@ -320,8 +364,12 @@ async def collect_status(services: Services) -> dict[str, Any]:
     oldest_ms = await _storage(store.oldest_unsent_ms())
     oldest_age = pending_age_s(oldest_ms)
     status: dict[str, Any] = {
-        "counts": {"pending": counts.pending, "submitted": counts.submitted, "sent": counts.sent,
-                   "failed": counts.failed},
+        "counts": {
+            "pending": counts.pending,
+            "submitted": counts.submitted,
+            "sent": counts.sent,
+            "failed": counts.failed,
+        },
         "capacity": store.max_pending,
         "fill_ratio": round(counts.undelivered / store.max_pending, 6),
         "oldest_pending_age_s": round(oldest_age, 3) if oldest_age is not None else None,
@@ -349,8 +397,14 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     # Where the next page starts (null on the last one): pass it back as after_seq.
     next_after = rows[-1].seq if len(rows) == limit else None
     masked = contacts_masked(request)
-    return json_response({"dead_letters": [present_receipt(row, mask_contact=masked) for row in rows],
-                          "count": len(rows), "next_after_seq": next_after, "contacts_masked": masked})
+    return json_response(
+        {
+            "dead_letters": [present_receipt(row, mask_contact=masked) for row in rows],
+            "count": len(rows),
+            "next_after_seq": next_after,
+            "contacts_masked": masked,
+        }
+    )
 
 
 def contacts_masked(request: web.Request) -> bool:
@@ -379,8 +433,9 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
         row = await _storage(services.store.get(receipt_id))
         if row is None:
             raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
-        raise ApiError(409, ErrorCode.NOT_DEAD_LETTER,
-                       f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
+        raise ApiError(
+            409, ErrorCode.NOT_DEAD_LETTER, f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}"
+        )
     log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
         services.sync.wake()
@@ -402,6 +457,7 @@ def _int_query(request: web.Request, name: str, default: int, low: int, high: in
 
 # ---- health ----
 
+
 async def health(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     problems: list[str] = [f"task {name} crashed: {why}" for name, why in services.task_failures.items()]
@@ -414,15 +470,19 @@ async def health(request: web.Request) -> web.Response:
     except (TimeoutError, StorageUnavailable) as exc:
         problems.append(f"database does not answer: {exc or 'timeout'}")
     warnings: list[str] = []
-    body: dict[str, Any] = {"pending": services.store.counts.pending,
-                            "uptime_s": round(time.monotonic() - services.started_monotonic, 3)}
+    body: dict[str, Any] = {
+        "pending": services.store.counts.pending,
+        "uptime_s": round(time.monotonic() - services.started_monotonic, 3),
+    }
     if not problems:
         status = await collect_status(services)
         body["oldest_pending_age_s"] = status["oldest_pending_age_s"]
         alarm = status["oldest_pending_alarm"]
         if alarm == AlarmLevel.CRITICAL:
-            problems.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old: "
-                            f"past pending_critical_age, fiscal storage limit is near")
+            problems.append(
+                f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old: "
+                f"past pending_critical_age, fiscal storage limit is near"
+            )
         elif alarm == AlarmLevel.WARNING:
             warnings.append(f"oldest pending receipt is {status['oldest_pending_age_s']:.0f}s old")
         if "sync" in status:
@@ -444,6 +504,7 @@ async def openapi_description(request: web.Request) -> web.Response:
 
 # ---- operations: metrics and export ----
 
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format. Built from memory only (counters, the writer's counts): a scrape never waits
     for the database, so it cannot slow intake."""
@@ -460,8 +521,12 @@ def _time_query(request: web.Request, name: str) -> int | None:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
-        raise ApiError(400, ErrorCode.INVALID_QUERY, f"{name} must be an RFC 3339 time with a zone, e.g. "
-                       f"2026-11-01T00:00:00Z", name)
+        raise ApiError(
+            400,
+            ErrorCode.INVALID_QUERY,
+            f"{name} must be an RFC 3339 time with a zone, e.g. 2026-11-01T00:00:00Z",
+            name,
+        )
     return int(moment.timestamp() * 1000)
 
 
@@ -481,14 +546,20 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     rows, exported = first, 0
     while rows:
-        await response.write(b"".join(json.dumps(present_receipt(row, mask_contact=masked), ensure_ascii=False,
-                                                 separators=(",", ":")).encode() + b"\n" for row in rows))
+        await response.write(
+            b"".join(
+                json.dumps(
+                    present_receipt(row, mask_contact=masked), ensure_ascii=False, separators=(",", ":")
+                ).encode()
+                + b"\n"
+                for row in rows
+            )
+        )
         exported += len(rows)
         if len(rows) < EXPORT_PAGE:
             break
         try:
-            rows = await services.store.receipts_accepted_between(since_ms, until_ms, rows[-1].receipt_id,
-                                                                  EXPORT_PAGE)
+            rows = await services.store.receipts_accepted_between(since_ms, until_ms, rows[-1].receipt_id, EXPORT_PAGE)
         except StorageUnavailable as exc:
             # The answer has begun: the only honest signal left is to cut it short (no final chunk), which
             # every HTTP client reports as an incomplete body.
@@ -497,8 +568,12 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
                 request.transport.abort()
             return response
     await response.write_eof()
-    log.info("exported %d receipts accepted in [%s, %s)", exported, rfc3339(since_ms),
-             rfc3339(until_ms) if until_ms is not None else "now")
+    log.info(
+        "exported %d receipts accepted in [%s, %s)",
+        exported,
+        rfc3339(since_ms),
+        rfc3339(until_ms) if until_ms is not None else "now",
+    )
     return response
 
 

@@ -40,8 +40,9 @@ class Assembled:
     upstream_description: str  # where receipts go, safe to log
 
 
-async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time.monotonic,
-                   sleep: Sleep = asyncio.sleep) -> Assembled:
+async def assemble(
+    config: Config, stack: AsyncExitStack, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+) -> Assembled:
     metrics = Metrics()
     store = await Store.open(config.db, config.max_pending, on_group_commit=metrics.group_committed)
     stack.push_async_callback(store.close, config.drain_timeout)
@@ -51,15 +52,14 @@ async def assemble(config: Config, stack: AsyncExitStack, *, clock: Clock = time
     await upstream.start()
     # Whichever upstream the loop has at the end (a reload may have replaced the first).
     stack.push_async_callback(lambda: sync.upstream.close())
-    breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change,
-                             clock=clock)
-    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics,
-                    traits=spec.traits)
+    breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset, on_change=_log_breaker_change, clock=clock)
+    sync = SyncLoop(store, upstream, breaker, config, clock=clock, sleep=sleep, metrics=metrics, traits=spec.traits)
     services = Services(config, store, sync, metrics=metrics, intake_check=spec.intake_check)
     metrics.bind_state(lambda: state_snapshot(services))
     described = ", ".join(f"{key}={value}" for key, value in settings.describe().items())
-    return Assembled(config, store, upstream, breaker, sync, services, create_app(services),
-                     f"{config.upstream} ({described})")
+    return Assembled(
+        config, store, upstream, breaker, sync, services, create_app(services), f"{config.upstream} ({described})"
+    )
 
 
 async def _upstream_settings(config: Config, stack: AsyncExitStack) -> UpstreamSettings:
@@ -84,9 +84,15 @@ def state_snapshot(services: Services) -> StateSnapshot:
     store, sync, config = services.store, services.sync, services.config
     counts = {f.name: int(getattr(store.counts, f.name)) for f in dataclasses.fields(store.counts)}
     return StateSnapshot(
-        receipts=counts, capacity=store.max_pending, oldest_pending_ms=store.counters.oldest_unsent_ms,
-        db_path=store.path, upstream=sync.upstream.name if sync is not None else config.upstream,
+        receipts=counts,
+        capacity=store.max_pending,
+        oldest_pending_ms=store.counters.oldest_unsent_ms,
+        db_path=store.path,
+        upstream=sync.upstream.name if sync is not None else config.upstream,
         breaker_state=sync.breaker.state if sync is not None else BreakerState.CLOSED,
         last_delivery_ms=sync.stats.last_success_ms if sync is not None else None,
-        pending_warn_age_s=config.pending_warn_age, pending_critical_age_s=config.pending_critical_age,
-        version=__version__, journal_fallbacks=logs.journal_fallbacks())
+        pending_warn_age_s=config.pending_warn_age,
+        pending_critical_age_s=config.pending_critical_age,
+        version=__version__,
+        journal_fallbacks=logs.journal_fallbacks(),
+    )

@@ -9,10 +9,12 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
-from kktd import __version__, config as config_module, ctl, logs
+from kktd import __version__, ctl, logs
+from kktd import config as config_module
 from kktd.errors import ConfigError, CorruptDatabase, StorageUnavailable
 from kktd.upstreams import mocks
 
@@ -71,8 +73,7 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
     return serve(config, extension, reloader=lambda: config_module.load(args))
 
 
-def serve(config: config_module.Config, extension: Extension | None = None,
-          reloader: Reloader | None = None) -> int:
+def serve(config: config_module.Config, extension: Extension | None = None, reloader: Reloader | None = None) -> int:
     from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
 
     if config.embedded_mock:
@@ -80,8 +81,12 @@ def serve(config: config_module.Config, extension: Extension | None = None,
     try:
         return asyncio.run(Daemon(config, extension, reloader).run())
     except CorruptDatabase as exc:
-        log.critical("%s; kktd will not start on it and will not replace it. Inspect it with "
-                     "`kktd check-db %s`, restore a backup or move it aside.", exc, config.db)
+        log.critical(
+            "%s; kktd will not start on it and will not replace it. Inspect it with "
+            "`kktd check-db %s`, restore a backup or move it aside.",
+            exc,
+            config.db,
+        )
         return EX_DATAERR
     except StorageUnavailable as exc:
         log.critical("storage unavailable at start: %s", exc)
@@ -111,11 +116,15 @@ def _print_welcome(config: config_module.Config) -> None:
 
     sample = json.dumps(sample_receipt("demo-KEY"), ensure_ascii=False).replace("demo-KEY", "demo-'$(date +%s%N)'")
     url = f"http://{config.listen}"
-    print(f"""
+    print(
+        f"""
 kktd {__version__} (development mode: embedded mock of {config.upstream}, database {config.db})
 Listening on {url}. Post a sample receipt:
 
   curl -sS -H 'Content-Type: application/json' -d '{sample}' {url}/v1/kkt/receipt
 
 Then: curl -sS {url}/v1/kkt/buffer/status    (Ctrl-C stops kktd)
-""", file=sys.stderr, flush=True)
+""",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -11,14 +11,14 @@ import argparse
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from kktd.errors import ConfigError
-from kktd.options import (DAY, ENV_PREFIX, Option, boolean, duration_in, file_path, int_in, mask_url,
-                          one_of)
 from kktd import seller as seller_module
+from kktd.errors import ConfigError
+from kktd.options import DAY, ENV_PREFIX, Option, boolean, duration_in, file_path, int_in, mask_url, one_of
 from kktd.seller import Seller, parse_seller
 from kktd.states import AlarmLevel
 from kktd.upstreams import DEFAULT_UPSTREAM, REGISTRY, UpstreamSettings, UpstreamSpec, upstream_options
@@ -77,8 +77,11 @@ class Config:
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration, safe to print or log (secrets masked or left out)."""
-        shown = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name not in ("upstream_settings", "seller", "api_token")}
+        shown = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("upstream_settings", "seller", "api_token")
+        }
         shown["db"] = str(self.db)
         shown["api_token_file"] = str(self.api_token_file) if self.api_token_file else None
         shown["api_token"] = "set" if self.api_token else None
@@ -110,10 +113,13 @@ def _default_db() -> str:
 
 COMMON_OPTIONS: tuple[Option, ...] = (
     Option("listen", _listen, "127.0.0.1:8731", "HOST:PORT to listen on (default 127.0.0.1:8731)"),
-    Option("db", file_path, None,
-           "buffer database (default $STATE_DIRECTORY/buffer.db or /var/lib/kktd/buffer.db)"),
-    Option("upstream", one_of(*REGISTRY), DEFAULT_UPSTREAM,
-           f"where receipts are forwarded: {', '.join(REGISTRY)} (default {DEFAULT_UPSTREAM})"),
+    Option("db", file_path, None, "buffer database (default $STATE_DIRECTORY/buffer.db or /var/lib/kktd/buffer.db)"),
+    Option(
+        "upstream",
+        one_of(*REGISTRY),
+        DEFAULT_UPSTREAM,
+        f"where receipts are forwarded: {', '.join(REGISTRY)} (default {DEFAULT_UPSTREAM})",
+    ),
     Option("max_pending", int_in(1, 100_000_000), 200_000, "buffer capacity: undelivered receipts"),
     Option("log_level", one_of(*LOG_LEVELS), "info", "debug, info, warning or error"),
     Option("batch_size", int_in(1, 100), 50, "receipts per upstream request"),
@@ -126,17 +132,33 @@ COMMON_OPTIONS: tuple[Option, ...] = (
     Option("pending_critical_age", duration_in(1, 30 * DAY), 25 * DAY, "error when the oldest pending is older"),
     Option("retention_days", int_in(1, 3650), 90, "days to keep sent receipts"),
     Option("drain_timeout", duration_in(0, 300), 10.0, "on stop, how long to wait for in-flight work"),
-    Option("embedded_mock", boolean, False,
-           "run the upstream's mock inside the process and send to it (development, `make run`)"),
-    Option("max_connections", int_in(1, 100_000), 1024,
-           "client connections open at once (lowered to fit the descriptor limit); at the cap the one silent "
-           "longest is dropped"),
-    Option("idle_timeout", duration_in(0.1, 3600), 10.0,
-           "a connection must send a complete request head within this of opening or of its last answer"),
+    Option(
+        "embedded_mock",
+        boolean,
+        False,
+        "run the upstream's mock inside the process and send to it (development, `make run`)",
+    ),
+    Option(
+        "max_connections",
+        int_in(1, 100_000),
+        1024,
+        "client connections open at once (lowered to fit the descriptor limit); at the cap the one silent "
+        "longest is dropped",
+    ),
+    Option(
+        "idle_timeout",
+        duration_in(0.1, 3600),
+        10.0,
+        "a connection must send a complete request head within this of opening or of its last answer",
+    ),
     Option("body_timeout", duration_in(0.1, 3600), 10.0, "how long a request body may take to arrive"),
-    Option("api_token_file", _optional_file, None,
-           "file holding the API bearer token (default $CREDENTIALS_DIRECTORY/api_token if it exists); "
-           "required to listen beyond loopback"),
+    Option(
+        "api_token_file",
+        _optional_file,
+        None,
+        "file holding the API bearer token (default $CREDENTIALS_DIRECTORY/api_token if it exists); "
+        "required to listen beyond loopback",
+    ),
 )
 OPTIONS: tuple[Option, ...] = COMMON_OPTIONS + seller_module.OPTIONS + upstream_options()
 OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
@@ -216,12 +238,14 @@ def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
     if token is None and not is_loopback(host):
         raise ConfigError(
             f"listen = {host}:{port}: beyond loopback the API would be open to the network without "
-            f"authentication; set api_token_file (or the systemd credential api_token) or listen on 127.0.0.1")
+            f"authentication; set api_token_file (or the systemd credential api_token) or listen on 127.0.0.1"
+        )
     upstream_values = {key: values.pop(key) for key in UPSTREAM_KEYS}
     seller = parse_seller({key: values.pop(key) for key in seller_module.KEYS})
     settings = spec.settings(upstream_values, seller)
-    return Config(listen_host=host, listen_port=port, upstream_settings=settings, seller=seller, api_token=token,
-                  **values)
+    return Config(
+        listen_host=host, listen_port=port, upstream_settings=settings, seller=seller, api_token=token, **values
+    )
 
 
 API_TOKEN_CREDENTIAL = "api_token"
@@ -243,8 +267,10 @@ def _api_token(explicit: Path | None, environ: Mapping[str, str]) -> tuple[Path 
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"api_token_file = {path}: cannot be read: {reason}") from None
     if len(token) < MIN_TOKEN_LENGTH or not token.isascii() or not token.isprintable() or " " in token:
-        raise ConfigError(f"api_token_file = {path}: the token must be at least {MIN_TOKEN_LENGTH} printable "
-                          f"ASCII characters without spaces (e.g. `openssl rand -hex 32`)")
+        raise ConfigError(
+            f"api_token_file = {path}: the token must be at least {MIN_TOKEN_LENGTH} printable "
+            f"ASCII characters without spaces (e.g. `openssl rand -hex 32`)"
+        )
     return path, token
 
 

@@ -65,6 +65,7 @@ class Report:
 
 # ---- talking to the daemon ----
 
+
 class Client:
     def __init__(self, base_url: str, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
@@ -75,9 +76,16 @@ class Client:
 
     def _open(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
-                                         headers={"Accept": "application/json", **self._auth,
-                                                  **({"Content-Type": "application/json"} if data else {})})
+        request = urllib.request.Request(
+            f"{self.base_url}{path}",
+            data=data,
+            method=method,
+            headers={
+                "Accept": "application/json",
+                **self._auth,
+                **({"Content-Type": "application/json"} if data else {}),
+            },
+        )
         try:
             return urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as error:
@@ -97,8 +105,9 @@ class Client:
         try:
             parsed = json.loads(raw) if raw else None
         except ValueError:
-            raise Unreachable(f"{self.base_url}{path} did not answer JSON (HTTP {response.status}): is it "
-                              f"kktd?") from None
+            raise Unreachable(
+                f"{self.base_url}{path} did not answer JSON (HTTP {response.status}): is it kktd?"
+            ) from None
         return Answer(response.status, parsed)
 
     def stream(self, path: str) -> Iterator[bytes]:
@@ -143,6 +152,7 @@ def base_url(listen_host: str, listen_port: int) -> str:
 
 
 # ---- readable rendering ----
+
 
 def human_age(seconds: float | None) -> str:
     if seconds is None:
@@ -201,6 +211,7 @@ def render(report: Report, colour: bool) -> str:
 
 # ---- the commands ----
 
+
 def _need(answer: Answer, *expected: int) -> Any:
     if answer.status not in expected or answer.body is None:
         raise Unreachable(f"unexpected answer from kktd: {_error_of(answer)}")
@@ -218,8 +229,7 @@ def status(client: Client, now: float | None = None) -> Report:
     alarm = buffer.get("oldest_pending_alarm", AlarmLevel.OK)
     oldest = buffer.get("oldest_pending_age_s")
 
-    state = {HealthStatus.OK: State.OK, HealthStatus.WARNING: State.WARNING}.get(health.get("status"),
-                                                                               State.CRITICAL)
+    state = {HealthStatus.OK: State.OK, HealthStatus.WARNING: State.WARNING}.get(health.get("status"), State.CRITICAL)
     reasons = list(health.get("problems", [])) + list(health.get("warnings", []))
     if alarm == AlarmLevel.CRITICAL:
         state = max(state, State.CRITICAL)
@@ -231,12 +241,17 @@ def status(client: Client, now: float | None = None) -> Report:
     breaker = sync.get("breaker", "unknown")
     reachability = _reachability(sync)
 
-    summary = f"{pending} pending" + (f", oldest {human_age(oldest)}" if oldest is not None else "") + \
-        f", upstream {reachability}"
+    summary = (
+        f"{pending} pending"
+        + (f", oldest {human_age(oldest)}" if oldest is not None else "")
+        + f", upstream {reachability}"
+    )
     if reasons:
         summary += "; " + "; ".join(reasons)
-    perfdata = (f"pending={pending};;;0;{buffer.get('capacity', '')} failed={failed};1;;0 "
-                f"oldest_pending_age={float(oldest or 0):.0f}s db_size={int(buffer.get('db_size_bytes') or 0)}B")
+    perfdata = (
+        f"pending={pending};;;0;{buffer.get('capacity', '')} failed={failed};1;;0 "
+        f"oldest_pending_age={float(oldest or 0):.0f}s db_size={int(buffer.get('db_size_bytes') or 0)}B"
+    )
     capacity = buffer.get("capacity") or 0
     fill = f", {100 * float(buffer.get('fill_ratio', 0)):.1f}% full" if capacity else ""
     lines = [
@@ -250,8 +265,12 @@ def status(client: Client, now: float | None = None) -> Report:
         f"  sent           {counts.get('sent', 0)}",
         f"  database       {human_bytes(buffer.get('db_size_bytes'))}",
     ]
-    colour_lines = {0: state, 2: _alarm_state(alarm), 3: State.OK if breaker == "closed" else State.WARNING,
-                    6: State.WARNING if failed else State.OK}
+    colour_lines = {
+        0: state,
+        2: _alarm_state(alarm),
+        3: State.OK if breaker == "closed" else State.WARNING,
+        6: State.WARNING if failed else State.OK,
+    }
     return Report(state, lines, {"state": state.name, "status": buffer, "health": health}, colour_lines)
 
 
@@ -316,8 +335,11 @@ def dlq_list(client: Client) -> Report:
     if not letters:
         return Report(State.OK, ["no dead letters"], {"dead_letters": [], "count": 0}, {0: State.OK})
     lines = [f"{len(letters)} dead letters"]
-    lines += [f"  {row.get('receipt_id')}  {row.get('updated_at')}  attempts={row.get('attempts')}  "
-              f"{row.get('last_error') or '-'}" for row in letters]
+    lines += [
+        f"  {row.get('receipt_id')}  {row.get('updated_at')}  attempts={row.get('attempts')}  "
+        f"{row.get('last_error') or '-'}"
+        for row in letters
+    ]
     return Report(State.WARNING, lines, {"dead_letters": letters, "count": len(letters)}, {0: State.WARNING})
 
 
@@ -344,9 +366,11 @@ def sync_now(client: Client) -> Report:
     body = _need(client.call("POST", "/v1/kkt/buffer/sync", {}), 200)
     error = body.get("error")
     state = State.WARNING if error else State.OK
-    lines = [f"delivered {body.get('delivered', 0)}, rejected {body.get('rejected', 0)}, "
-             f"dead-lettered {body.get('dead_lettered', 0)} in {body.get('batches', 0)} batches; "
-             f"{body.get('pending', 0)} pending, breaker {body.get('breaker')}"]
+    lines = [
+        f"delivered {body.get('delivered', 0)}, rejected {body.get('rejected', 0)}, "
+        f"dead-lettered {body.get('dead_lettered', 0)} in {body.get('batches', 0)} batches; "
+        f"{body.get('pending', 0)} pending, breaker {body.get('breaker')}"
+    ]
     if error:
         lines.append(f"  error: {error}")
     return Report(state, lines, body, {0: state})
@@ -357,8 +381,9 @@ def parse_moment(text: str) -> str:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date or an RFC 3339 time "
-                                         f"(e.g. 2026-11-01 or 2026-11-01T00:00:00Z)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date or an RFC 3339 time (e.g. 2026-11-01 or 2026-11-01T00:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -375,8 +400,10 @@ def export(client: Client, since_at: str | None, until_at: str | None, out: IO[b
 
 # ---- the command line ----
 
+
 def add_commands(commands: Any, add_config_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the operator commands to `kktd`'s subparsers."""
+
     def options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_config_arguments(parser)
         parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
@@ -439,8 +466,14 @@ def run_with_config(args: argparse.Namespace) -> int:
     return run(args, base_url(config.listen_host, config.listen_port), token=config.api_token)
 
 
-def run(args: argparse.Namespace, url: str, stdout: IO[str] | None = None, stderr: IO[str] | None = None,
-        stdout_bytes: IO[bytes] | None = None, token: str | None = None) -> int:
+def run(
+    args: argparse.Namespace,
+    url: str,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+    stdout_bytes: IO[bytes] | None = None,
+    token: str | None = None,
+) -> int:
     """Run one operator command against the daemon at `url`; returns the exit code."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -453,8 +486,10 @@ def run(args: argparse.Namespace, url: str, stdout: IO[str] | None = None, stder
         if args.json:
             print(json.dumps({"state": State.UNKNOWN.name, "error": str(exc)}), file=stdout)
         else:
-            print(render(Report(State.UNKNOWN, [f"KKTD UNKNOWN - {exc}"], None, {0: State.UNKNOWN}),
-                         use_colour(stdout)), file=stdout)
+            print(
+                render(Report(State.UNKNOWN, [f"KKTD UNKNOWN - {exc}"], None, {0: State.UNKNOWN}), use_colour(stdout)),
+                file=stdout,
+            )
         return int(State.UNKNOWN)
     except BrokenPipeError:
         # `kktd export | head`: the reader went away; not an error of kktd's.

@@ -24,10 +24,17 @@ from kktd import __version__, logs, reload
 from kktd.app import Assembled, assemble
 from kktd.config import Config
 from kktd.errors import ConfigError, CorruptDatabase
+from kktd.server import (
+    DescriptorBudget,
+    EventSummary,
+    GuardedSite,
+    ServerLimits,
+    descriptor_budget,
+    install_accept_error_summary,
+    runner_options,
+)
 from kktd.upstreams import REGISTRY
 from kktd.upstreams.base import Upstream
-from kktd.server import (DescriptorBudget, EventSummary, GuardedSite, ServerLimits, descriptor_budget,
-                         install_accept_error_summary, runner_options)
 
 log = logging.getLogger("kktd.daemon")
 
@@ -70,8 +77,11 @@ class Notifier:
             self._socket.send(message.encode("latin-1", "replace"))
         except BlockingIOError:
             if not self._dropping:
-                log.warning("the notify socket is full (the service manager is not reading it): dropping "
-                            "notifications until it is (first dropped: %s)", message.split("\n")[0])
+                log.warning(
+                    "the notify socket is full (the service manager is not reading it): dropping "
+                    "notifications until it is (first dropped: %s)",
+                    message.split("\n")[0],
+                )
             self._dropping = True
             return
         except OSError as exc:
@@ -105,8 +115,7 @@ def watchdog_interval() -> float | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, extension: Extension | None = None,
-                 reloader: Reloader | None = None) -> None:
+    def __init__(self, config: Config, extension: Extension | None = None, reloader: Reloader | None = None) -> None:
         self.config = config
         self.extension = extension
         self.reloader = reloader
@@ -131,9 +140,13 @@ class Daemon:
         budget = descriptor_budget(self.config.max_connections)
         log.info("%s (max_connections %d)", budget.describe(), self.config.max_connections)
         if budget.connection_cap < self.config.max_connections:
-            log.warning("max_connections %d does not fit the descriptor limit %d: capped at %d (raise "
-                        "LimitNOFILE= to allow more)", self.config.max_connections, budget.soft_limit,
-                        budget.connection_cap)
+            log.warning(
+                "max_connections %d does not fit the descriptor limit %d: capped at %d (raise "
+                "LimitNOFILE= to allow more)",
+                self.config.max_connections,
+                budget.soft_limit,
+                budget.connection_cap,
+            )
         install_accept_error_summary(loop, self.summary, budget)
         async with AsyncExitStack() as stack:
             kktd = self.kktd = await assemble(self.config, stack)
@@ -152,9 +165,14 @@ class Daemon:
             self._supervise("event-loop-lag", kktd.services.metrics.watch_event_loop)
             settle_heap()
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
-            log.info("kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
-                     __version__, self.config.listen, kktd.upstream_description, self.config.db,
-                     kktd.store.counts.pending)
+            log.info(
+                "kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
+                __version__,
+                self.config.listen,
+                kktd.upstream_description,
+                self.config.db,
+                kktd.store.counts.pending,
+            )
             await self.stop_requested.wait()
         if self.fatal is not None:
             raise self.fatal
@@ -163,17 +181,23 @@ class Daemon:
 
     def _on_status_signal(self, signum: int) -> None:
         guard = self.site.guard if self.site is not None else None
-        connections = f" connections={guard.open_connections} (peak {guard.peak}, dropped at the cap " \
-                      f"{guard.evicted_total})" if guard is not None else ""
-        log.info("received %s: not a stop signal; status %s%s", signal.Signals(signum).name,
-                 self._status_line() if self.kktd is not None else "starting", connections)
+        connections = (
+            f" connections={guard.open_connections} (peak {guard.peak}, dropped at the cap {guard.evicted_total})"
+            if guard is not None
+            else ""
+        )
+        log.info(
+            "received %s: not a stop signal; status %s%s",
+            signal.Signals(signum).name,
+            self._status_line() if self.kktd is not None else "starting",
+            connections,
+        )
 
     def _on_stop_signal(self, signum: int) -> None:
         if self.stop_requested.is_set():
             return
         self.notifier.send("STOPPING=1\nSTATUS=stopping")
-        log.info("received %s: stopping (drain deadline %gs)", signal.Signals(signum).name,
-                 self.config.drain_timeout)
+        log.info("received %s: stopping (drain deadline %gs)", signal.Signals(signum).name, self.config.drain_timeout)
         self.stop_requested.set()
 
     # ---- reload ----
@@ -193,17 +217,19 @@ class Daemon:
     async def _reload(self) -> None:
         assert self.kktd is not None and self.reloader is not None
         # systemd documents RELOADING=1 with the monotonic time, then READY=1 once done (sd_notify(3)).
-        self.notifier.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
-                           f"STATUS=reloading the configuration")
+        self.notifier.send(
+            f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=reloading the configuration"
+        )
         try:
             try:
                 new = self.reloader()
             except ConfigError as exc:
-                log.error("reload refused, the running configuration stays: %s", exc,
-                          extra={"error_code": "invalid_config"})
+                log.error(
+                    "reload refused, the running configuration stays: %s", exc, extra={"error_code": "invalid_config"}
+                )
                 return
             await self._apply(reload.plan(self.config, new))
-        except Exception:  # noqa: BLE001 - a failed reload must leave a running daemon, and say why
+        except Exception:
             log.exception("reload failed; the running configuration stays")
         finally:
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
@@ -218,7 +244,8 @@ class Daemon:
             previous = kktd.sync.replace_upstream(upstream)
             # Kept with the daemon's tasks: a stop cancels it, and its `finally` still closes the old one.
             self.tasks[f"close-upstream-{id(previous)}"] = asyncio.get_running_loop().create_task(
-                self._close_after_cycle(previous))
+                self._close_after_cycle(previous)
+            )
         logs.set_level(new.log_level)
         kktd.store.set_capacity(new.max_pending)
         kktd.sync.config = new
@@ -229,10 +256,19 @@ class Daemon:
         for change in plan.live:
             log.info("reload: %s: %s -> %s", change.key, change.old, change.new)
         for change in plan.needs_restart:
-            log.warning("reload: %s: %s -> %s needs a restart (systemctl restart kktd); still %s",
-                        change.key, change.old, change.new, change.old)
-        log.info("configuration reloaded: %s", "nothing changed" if plan.unchanged else
-                 f"{len(plan.live)} applied, {len(plan.needs_restart)} need a restart")
+            log.warning(
+                "reload: %s: %s -> %s needs a restart (systemctl restart kktd); still %s",
+                change.key,
+                change.old,
+                change.new,
+                change.old,
+            )
+        log.info(
+            "configuration reloaded: %s",
+            "nothing changed"
+            if plan.unchanged
+            else f"{len(plan.live)} applied, {len(plan.needs_restart)} need a restart",
+        )
 
     async def _close_after_cycle(self, upstream: Upstream) -> None:
         """Batches already on the wire may still use the replaced upstream: close it once none runs."""
@@ -244,11 +280,17 @@ class Daemon:
 
     async def _start_server(self, app: web.Application, budget: DescriptorBudget) -> web.AppRunner:
         limits = ServerLimits(budget.connection_cap, self.config.idle_timeout, self.config.body_timeout)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=self.config.drain_timeout, **runner_options(limits))
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.config.drain_timeout,
+            **runner_options(limits),
+        )
         await runner.setup()
-        site = GuardedSite(runner, self.config.listen_host, self.config.listen_port, limits.max_connections,
-                           self.summary, backlog=1024)
+        site = GuardedSite(
+            runner, self.config.listen_host, self.config.listen_port, limits.max_connections, self.summary, backlog=1024
+        )
         try:
             await site.start()
         except OSError:
@@ -271,7 +313,7 @@ class Daemon:
         if task is not None and not task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.config.drain_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("sync loop did not stop within %gs; cancelling", self.config.drain_timeout)
         for task in self.tasks.values():
             task.cancel()
@@ -281,12 +323,13 @@ class Daemon:
         """Run a background task; a crash is logged and shown in health. A critical task (the sync loop, the
         watchdog) cannot be done without: kktd then stops cleanly and exits 70, and systemd restarts it,
         rather than keep taking receipts it would never forward."""
+
         async def guarded() -> None:
             try:
                 await factory()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a crash must be logged and shown in health
+            except Exception as exc:
                 log.critical("background task %s crashed: %r", name, exc, exc_info=True)
                 if self.kktd is not None:
                     self.kktd.services.task_failures[name] = repr(exc)
@@ -317,10 +360,11 @@ class Daemon:
         while True:
             try:
                 await asyncio.wait_for(store.ping(), interval)
-            except Exception as exc:  # noqa: BLE001 - any failure means: do not ping
+            except Exception as exc:
                 if healthy:
-                    log.error("database writer did not answer within %.1fs (%r): withholding watchdog pings",
-                              interval, exc)
+                    log.error(
+                        "database writer did not answer within %.1fs (%r): withholding watchdog pings", interval, exc
+                    )
                 healthy = False
             else:
                 if not healthy:
@@ -337,5 +381,4 @@ class Daemon:
     def _status_line(self) -> str:
         assert self.kktd is not None
         counts = self.kktd.store.counts
-        return (f"pending={counts.pending} failed={counts.failed} sent={counts.sent} "
-                f"ofd={self.kktd.breaker.state}")
+        return f"pending={counts.pending} failed={counts.failed} sent={counts.sent} ofd={self.kktd.breaker.state}"

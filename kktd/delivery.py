@@ -30,8 +30,9 @@ class UpstreamUnavailable(Exception):
     password, a blocked account): receipts wait, health turns ``warning`` with this text.
     """
 
-    def __init__(self, kind: FailureKind, reason: str, detail: str | None = None, *,
-                 operator_action: str | None = None) -> None:
+    def __init__(
+        self, kind: FailureKind, reason: str, detail: str | None = None, *, operator_action: str | None = None
+    ) -> None:
         super().__init__(reason if detail is None else f"{reason} ({detail})")
         self.kind = kind
         self.reason = reason
@@ -139,3 +140,6 @@ class DeliveryTraits:
     max_in_flight: int = 2
     # Two-phase upstreams: a registered document's result is asked for at most once per this many seconds.
     poll_interval_s: float = 1.0
+
+
+DEFAULT_TRAITS = DeliveryTraits()  # what an upstream's registry entry gets unless it declares its own

@@ -127,9 +127,14 @@ def record_fields(record: logging.LogRecord, message: str, identifier: str) -> l
 class JournalHandler(logging.Handler):
     """A logging.Handler that sends each record to journald as one native-protocol entry."""
 
-    def __init__(self, socket_path: str = JOURNAL_SOCKET, identifier: str = "kktd",
-                 fallback: TextIO | None = None, max_queued: int = MAX_QUEUED,
-                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
+    def __init__(
+        self,
+        socket_path: str = JOURNAL_SOCKET,
+        identifier: str = "kktd",
+        fallback: TextIO | None = None,
+        max_queued: int = MAX_QUEUED,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
         super().__init__()
         self.socket_path = socket_path
         self.identifier = identifier
@@ -162,8 +167,10 @@ class JournalHandler(logging.Handler):
         return message
 
     def encode(self, record: logging.LogRecord) -> bytes:
-        return b"".join(encode_field(name, value)
-                        for name, value in record_fields(record, self.format_message(record), self.identifier))
+        return b"".join(
+            encode_field(name, value)
+            for name, value in record_fields(record, self.format_message(record), self.identifier)
+        )
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -212,8 +219,9 @@ class JournalHandler(logging.Handler):
             self._report_overflow()
 
     def _drop_oldest_beyond_bounds(self) -> None:
-        while len(self._queue) > 1 and (len(self._queue) > self._max_queued
-                                        or self._queued_bytes > self._max_queued_bytes):
+        while len(self._queue) > 1 and (
+            len(self._queue) > self._max_queued or self._queued_bytes > self._max_queued_bytes
+        ):
             payload, record = self._queue.popleft()
             self._queued_bytes -= len(payload)
             self._overflowed += 1
@@ -223,9 +231,16 @@ class JournalHandler(logging.Handler):
     def _report_overflow(self) -> None:
         count, self._overflowed = self._overflowed, 0
         record = logging.LogRecord(
-            "kktd.journal", logging.WARNING, __file__, 0, "%d log records went to stderr without their fields: "
+            "kktd.journal",
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log records went to stderr without their fields: "
             "journald's queue stayed full until %d records waited for it (net.unix.max_dgram_qlen)",
-            (count, self._max_queued), None, func="_report_overflow")
+            (count, self._max_queued),
+            None,
+            func="_report_overflow",
+        )
         self._deliver(self.encode(record), record)
 
     def _schedule_retry(self) -> None:
@@ -262,10 +277,11 @@ class JournalHandler(logging.Handler):
         try:
             view = memoryview(payload)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            self._sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0,
-                               self.socket_path)
+            self._sock.sendmsg(
+                [], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, self.socket_path
+            )
         finally:
             os.close(fd)
 

@@ -41,9 +41,20 @@ from kktd.errors import ErrorCode
 from kktd.states import BreakerState, pending_age_s
 from kktd.store.rows import ReceiptStatus
 
-__all__ = ["CONTENT_TYPE", "RECEIPT_STATUSES", "BREAKER_STATES", "INTAKE_BUCKETS", "GROUP_BUCKETS",
-           "UPSTREAM_BUCKETS", "LAG_BUCKETS", "ReceiptOutcome", "RequestOutcome", "StateSnapshot", "Metrics",
-           "receipt_outcome"]
+__all__ = [
+    "CONTENT_TYPE",
+    "RECEIPT_STATUSES",
+    "BREAKER_STATES",
+    "INTAKE_BUCKETS",
+    "GROUP_BUCKETS",
+    "UPSTREAM_BUCKETS",
+    "LAG_BUCKETS",
+    "ReceiptOutcome",
+    "RequestOutcome",
+    "StateSnapshot",
+    "Metrics",
+    "receipt_outcome",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -52,8 +63,29 @@ BREAKER_STATES = tuple(BreakerState)
 
 # Intake: a group commit on an SSD takes a fraction of a millisecond; an old SD card's fsync takes tens to
 # hundreds of milliseconds, and a dying one seconds. Fine steps at the bottom, long tail at the top.
-INTAKE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015,
-                  0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+INTAKE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 # Group commits hold 1..MAX_GROUP (512) intakes.
 GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Upstream calls: tens of milliseconds on a good line, up to the request timeout (10 s default) on a bad one.
@@ -152,27 +184,44 @@ class StateCollector(Collector):
 
     def _families(self, s: StateSnapshot | None = None) -> Iterator[Metric]:
         receipts = GaugeMetricFamily("kktd_receipts", "Receipts in the buffer, by status", labels=["status"])
-        capacity = GaugeMetricFamily("kktd_buffer_capacity", "Undelivered receipts the buffer may hold "
-                                     "(max_pending)")
-        oldest = GaugeMetricFamily("kktd_oldest_pending_age_seconds",
-                                   "Age of the oldest pending receipt (0 when none is pending)")
+        capacity = GaugeMetricFamily("kktd_buffer_capacity", "Undelivered receipts the buffer may hold (max_pending)")
+        oldest = GaugeMetricFamily(
+            "kktd_oldest_pending_age_seconds", "Age of the oldest pending receipt (0 when none is pending)"
+        )
         warn = GaugeMetricFamily("kktd_pending_warn_age_seconds", "pending_warn_age from the config")
         critical = GaugeMetricFamily("kktd_pending_critical_age_seconds", "pending_critical_age from the config")
-        breaker = GaugeMetricFamily("kktd_upstream_breaker_state", "Circuit breaker state (1 for the current "
-                                    "one)", labels=["upstream", "state"])
-        last = GaugeMetricFamily("kktd_upstream_last_delivery_timestamp_seconds",
-                                 "When the upstream last acknowledged a receipt (absent before the first)",
-                                 labels=["upstream"])
+        breaker = GaugeMetricFamily(
+            "kktd_upstream_breaker_state", "Circuit breaker state (1 for the current one)", labels=["upstream", "state"]
+        )
+        last = GaugeMetricFamily(
+            "kktd_upstream_last_delivery_timestamp_seconds",
+            "When the upstream last acknowledged a receipt (absent before the first)",
+            labels=["upstream"],
+        )
         db_size = GaugeMetricFamily("kktd_database_size_bytes", "Size of the buffer database file")
         wal_size = GaugeMetricFamily("kktd_database_wal_size_bytes", "Size of the database's write-ahead log")
-        disk_free = GaugeMetricFamily("kktd_storage_free_bytes",
-                                      "Bytes free to kktd on the filesystem of the database")
+        disk_free = GaugeMetricFamily("kktd_storage_free_bytes", "Bytes free to kktd on the filesystem of the database")
         disk_size = GaugeMetricFamily("kktd_storage_size_bytes", "Size of the filesystem of the database")
         info = InfoMetricFamily("kktd", "kktd version and upstream")
-        fallbacks = CounterMetricFamily("kktd_journal_fallbacks", "Log records written to stderr because the "
-                                        "journal's socket could not take them (no structured fields)")
-        families: list[Metric] = [receipts, capacity, oldest, warn, critical, breaker, last, db_size, wal_size,
-                                  disk_free, disk_size, info, fallbacks]
+        fallbacks = CounterMetricFamily(
+            "kktd_journal_fallbacks",
+            "Log records written to stderr because the journal's socket could not take them (no structured fields)",
+        )
+        families: list[Metric] = [
+            receipts,
+            capacity,
+            oldest,
+            warn,
+            critical,
+            breaker,
+            last,
+            db_size,
+            wal_size,
+            disk_free,
+            disk_size,
+            info,
+            fallbacks,
+        ]
         if s is None:
             yield from families
             return
@@ -213,33 +262,48 @@ class Metrics:
         self._now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
         r = self.registry
         self._accepted = Counter("kktd_receipts_accepted", "Receipts stored (201)", registry=r)
-        self._replayed = Counter("kktd_receipts_replayed",
-                                 "Receipts answered from an earlier intake with the same idempotency key (200)",
-                                 registry=r)
-        self._rejected = Counter("kktd_receipts_rejected", "Receipts refused, by error code", ["code"],
-                                 registry=r)
+        self._replayed = Counter(
+            "kktd_receipts_replayed",
+            "Receipts answered from an earlier intake with the same idempotency key (200)",
+            registry=r,
+        )
+        self._rejected = Counter("kktd_receipts_rejected", "Receipts refused, by error code", ["code"], registry=r)
         # Every code of kktd's own from the start: the dashboard's panels show 0, not "No data", on a till that
         # has refused nothing yet (an upstream's own intake codes appear when first used).
         for code in ErrorCode:
             self._rejected.labels(code.value)
-        self._intake = Histogram("kktd_intake_duration_seconds",
-                                 "From the request to its answer, for receipts stored or replayed",
-                                 buckets=INTAKE_BUCKETS, registry=r)
-        self._group = Histogram("kktd_group_commit_size", "Receipts per group commit", buckets=GROUP_BUCKETS,
-                                registry=r)
-        self._requests = Counter("kktd_upstream_requests", "Calls to the upstream, by outcome",
-                                 ["upstream", "outcome"], registry=r)
-        self._request_latency = Histogram("kktd_upstream_request_duration_seconds",
-                                          "Duration of one call to the upstream", ["upstream"],
-                                          buckets=UPSTREAM_BUCKETS, registry=r)
-        self._deliveries = Counter("kktd_upstream_receipts", "Receipts the upstream answered for, by outcome",
-                                   ["upstream", "outcome"], registry=r)
-        self._retries = Counter("kktd_upstream_retries", "Delivery cycles retried after a failure",
-                                ["upstream"], registry=r)
-        self._lag = Histogram("kktd_event_loop_lag_seconds", "Scheduling delay of the event loop",
-                              buckets=LAG_BUCKETS, registry=r)
-        self._lag_last = Gauge("kktd_event_loop_lag_last_seconds", "The last event-loop lag measured",
-                               registry=r)
+        self._intake = Histogram(
+            "kktd_intake_duration_seconds",
+            "From the request to its answer, for receipts stored or replayed",
+            buckets=INTAKE_BUCKETS,
+            registry=r,
+        )
+        self._group = Histogram(
+            "kktd_group_commit_size", "Receipts per group commit", buckets=GROUP_BUCKETS, registry=r
+        )
+        self._requests = Counter(
+            "kktd_upstream_requests", "Calls to the upstream, by outcome", ["upstream", "outcome"], registry=r
+        )
+        self._request_latency = Histogram(
+            "kktd_upstream_request_duration_seconds",
+            "Duration of one call to the upstream",
+            ["upstream"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self._deliveries = Counter(
+            "kktd_upstream_receipts",
+            "Receipts the upstream answered for, by outcome",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self._retries = Counter(
+            "kktd_upstream_retries", "Delivery cycles retried after a failure", ["upstream"], registry=r
+        )
+        self._lag = Histogram(
+            "kktd_event_loop_lag_seconds", "Scheduling delay of the event loop", buckets=LAG_BUCKETS, registry=r
+        )
+        self._lag_last = Gauge("kktd_event_loop_lag_last_seconds", "The last event-loop lag measured", registry=r)
         self._state: StateCollector | None = None
         if process:
             ProcessCollector(registry=r)

@@ -21,8 +21,9 @@ def spec_json() -> bytes:
     try:
         return resources.files("kktd").joinpath(SPEC_FILE).read_bytes()
     except FileNotFoundError:
-        raise RuntimeError(f"kktd/{SPEC_FILE} is missing: it is built from kktd/openapi.yaml "
-                           f"(`make kktd/openapi.json` in a checkout)") from None
+        raise RuntimeError(
+            f"kktd/{SPEC_FILE} is missing: it is built from kktd/openapi.yaml (`make kktd/openapi.json` in a checkout)"
+        ) from None
 
 
 @functools.cache

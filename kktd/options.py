@@ -9,9 +9,10 @@ typed value, or raises ValueError with a message that completes "KEY (from SOURC
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from yarl import URL
 
@@ -52,6 +53,7 @@ def int_in(low: int, high: int) -> Parser:
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}")
         return value
+
     return parse
 
 
@@ -69,6 +71,7 @@ def duration_in(low: float, high: float) -> Parser:
         if not low <= value <= high:
             raise ValueError(f"must be between {low:g} and {high:g} seconds")
         return value
+
     return parse
 
 
@@ -96,6 +99,7 @@ def one_of(*choices: str) -> Parser:
         if text not in choices:
             raise ValueError(f"must be one of {', '.join(choices)}")
         return text
+
     return parse
 
 

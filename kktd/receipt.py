@@ -28,7 +28,6 @@ import msgspec
 from kktd.errors import ErrorCode
 from kktd.safetext import escape, forbidden_character, quoted
 
-
 MAX_AMOUNT = 10**12  # exclusive upper bound for every amount, in kopecks
 MAX_ITEMS = 100
 MAX_PAYMENTS = 10
@@ -37,18 +36,42 @@ MAX_INTEGER_DIGITS = 32  # in a JSON body; the largest amount has 12
 # The enumerations, once: as types for the typed decoder and as sets for the reference validator.
 Operation = Literal["sale", "sale_refund", "purchase", "purchase_refund"]  # tag 1054
 Taxation = Literal["osn", "usn_income", "usn_income_outcome", "esn", "patent"]  # tag 1055
-VatRate = Literal["none", "vat0", "vat5", "vat7", "vat10", "vat20", "vat22",
-                  "vat105", "vat107", "vat110", "vat120", "vat122"]  # tag 1199
-PaymentMethod = Literal["full_payment", "full_prepayment", "prepayment", "advance",
-                        "partial_payment", "credit", "credit_payment"]  # tag 1214
+VatRate = Literal[
+    "none", "vat0", "vat5", "vat7", "vat10", "vat20", "vat22", "vat105", "vat107", "vat110", "vat120", "vat122"
+]  # tag 1199
+PaymentMethod = Literal[
+    "full_payment", "full_prepayment", "prepayment", "advance", "partial_payment", "credit", "credit_payment"
+]  # tag 1214
 PaymentObject = Literal["commodity", "excise", "job", "service", "payment", "another"]  # tag 1212
 PaymentType = Literal["cash", "electronic", "prepaid", "credit", "other"]
 # Tag 2108, the unit of an item's quantity. Optional; "piece" when absent. The canonical form leaves "piece" out,
 # so a receipt stored before the field existed keeps its hash and its meaning.
-Measure = Literal["piece", "gram", "kilogram", "ton", "centimeter", "decimeter", "meter",
-                  "square_centimeter", "square_decimeter", "square_meter", "milliliter", "liter", "cubic_meter",
-                  "kilowatt_hour", "gigacalorie", "day", "hour", "minute", "second",
-                  "kilobyte", "megabyte", "gigabyte", "terabyte", "other"]
+Measure = Literal[
+    "piece",
+    "gram",
+    "kilogram",
+    "ton",
+    "centimeter",
+    "decimeter",
+    "meter",
+    "square_centimeter",
+    "square_decimeter",
+    "square_meter",
+    "milliliter",
+    "liter",
+    "cubic_meter",
+    "kilowatt_hour",
+    "gigacalorie",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "kilobyte",
+    "megabyte",
+    "gigabyte",
+    "terabyte",
+    "other",
+]
 DEFAULT_MEASURE = "piece"
 
 OPERATIONS = frozenset(get_args(Operation))
@@ -59,12 +82,30 @@ PAYMENT_OBJECTS = frozenset(get_args(PaymentObject))
 PAYMENT_TYPES = frozenset(get_args(PaymentType))
 MEASURES = frozenset(get_args(Measure))
 
-RECEIPT_FIELDS = frozenset({
-    "idempotency_key", "pos_id", "operation", "taxation", "items", "payments", "customer_contact", "cashier",
-})
-ITEM_FIELDS = frozenset({
-    "name", "price", "quantity", "sum", "vat", "payment_method", "payment_object", "measure",
-})
+RECEIPT_FIELDS = frozenset(
+    {
+        "idempotency_key",
+        "pos_id",
+        "operation",
+        "taxation",
+        "items",
+        "payments",
+        "customer_contact",
+        "cashier",
+    }
+)
+ITEM_FIELDS = frozenset(
+    {
+        "name",
+        "price",
+        "quantity",
+        "sum",
+        "vat",
+        "payment_method",
+        "payment_object",
+        "measure",
+    }
+)
 PAYMENT_FIELDS = frozenset({"type", "amount"})
 CASHIER_FIELDS = frozenset({"name", "inn"})
 
@@ -165,24 +206,29 @@ def _to_typed(data: Any) -> _ReceiptIn:
 # RFC 8259 §8.1: JSON exchanged between systems is UTF-8, without a byte order mark. json.loads(bytes) would
 # also detect and accept UTF-16 and UTF-32 and skip a UTF-8 BOM: a body that a strict proxy and kktd read
 # differently is refused instead.
-BYTE_ORDER_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF8, codecs.BOM_UTF16_LE,
-                    codecs.BOM_UTF16_BE)
+BYTE_ORDER_MARKS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def decode_json(body: bytes) -> Any:
     """The JSON document in `body`: UTF-8, no byte order mark, no NaN/Infinity, no key twice in one object."""
     if body.startswith(BYTE_ORDER_MARKS):
-        raise MalformedBody(ErrorCode.INVALID_ENCODING, "request body starts with a byte order mark: send UTF-8 JSON "
-                            "without one (RFC 8259)")
+        raise MalformedBody(
+            ErrorCode.INVALID_ENCODING,
+            "request body starts with a byte order mark: send UTF-8 JSON without one (RFC 8259)",
+        )
     if b"\x00" in body:
         # Never in UTF-8 JSON (a NUL inside a string must be escaped): the body is UTF-16 or UTF-32.
-        raise MalformedBody(ErrorCode.INVALID_ENCODING, "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 "
-                            "JSON is accepted (RFC 8259)")
+        raise MalformedBody(
+            ErrorCode.INVALID_ENCODING,
+            "request body holds NUL bytes (UTF-16 or UTF-32?): only UTF-8 JSON is accepted (RFC 8259)",
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedBody(ErrorCode.INVALID_ENCODING, f"request body is not valid UTF-8 (at byte {exc.start}): "
-                            f"only UTF-8 JSON is accepted (RFC 8259)") from None
+        raise MalformedBody(
+            ErrorCode.INVALID_ENCODING,
+            f"request body is not valid UTF-8 (at byte {exc.start}): only UTF-8 JSON is accepted (RFC 8259)",
+        ) from None
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_int=_integer)
     except RecursionError:
@@ -207,8 +253,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _integer(digits: str) -> int:
     # No amount has more than 12 digits; a longer number is refused before int() spends time on it.
     if len(digits) > MAX_INTEGER_DIGITS:
-        raise MalformedBody(ErrorCode.NUMBER_TOO_LARGE, f"request body holds an integer of {len(digits)} digits "
-                            f"(at most {MAX_INTEGER_DIGITS})")
+        raise MalformedBody(
+            ErrorCode.NUMBER_TOO_LARGE,
+            f"request body holds an integer of {len(digits)} digits (at most {MAX_INTEGER_DIGITS})",
+        )
     return int(digits)
 
 
@@ -245,8 +293,14 @@ def _typed_item(item: _ItemIn) -> dict[str, Any]:
     if (item.sum is not None and item.sum != expected_sum) or expected_sum >= MAX_AMOUNT:
         raise ReceiptInvalid("refused", "the reference validator names the rule", None)
     normalized: dict[str, Any] = {
-        "name": _typed_text(item.name), "price": item.price, "quantity": quantity_text, "sum": expected_sum,
-        "vat": item.vat, "payment_method": item.payment_method, "payment_object": item.payment_object}
+        "name": _typed_text(item.name),
+        "price": item.price,
+        "quantity": quantity_text,
+        "sum": expected_sum,
+        "vat": item.vat,
+        "payment_method": item.payment_method,
+        "payment_object": item.payment_object,
+    }
     if item.measure is not None and item.measure != DEFAULT_MEASURE:
         normalized["measure"] = item.measure
     return normalized
@@ -282,8 +336,9 @@ def validate_receipt(data: Any, header_key: str | None = None) -> Receipt:
     normalized_items = [_item(item, f"items[{i}]") for i, item in enumerate(items)]
     total = sum(item["sum"] for item in normalized_items)
     if total >= MAX_AMOUNT:
-        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"receipt total {total} must be below {MAX_AMOUNT} kopecks",
-                             "items")
+        raise ReceiptInvalid(
+            ErrorCode.AMOUNT_OUT_OF_RANGE, f"receipt total {total} must be below {MAX_AMOUNT} kopecks", "items"
+        )
     payments = _list(data, "payments", "", 1, MAX_PAYMENTS)
     normalized_payments = [_payment(p, f"payments[{i}]") for i, p in enumerate(payments)]
     paid = sum(p["amount"] for p in normalized_payments)
@@ -314,8 +369,9 @@ def _receipt(key: str, canonical: dict[str, Any]) -> Receipt:
     # with json.dumps(ensure_ascii=False, sort_keys=True, separators=(",", ":")), for every character
     # (tests/test_receipt_paths.py compares both encoders over all of Unicode); msgspec is 7 times faster.
     encoded = _ENCODER.encode(canonical)
-    return Receipt(key, canonical["pos_id"], canonical["total"], canonical, encoded.decode(),
-                   hashlib.sha256(encoded).hexdigest())
+    return Receipt(
+        key, canonical["pos_id"], canonical["total"], canonical, encoded.decode(), hashlib.sha256(encoded).hexdigest()
+    )
 
 
 def _idempotency_key(body_key: Any, header_key: str | None) -> str:
@@ -362,8 +418,9 @@ def _item(item: Any, path: str) -> dict[str, Any]:
                 f"{path}.sum",
             )
     if item_sum >= MAX_AMOUNT:
-        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path}.sum must be below {MAX_AMOUNT} kopecks",
-                             f"{path}.sum")
+        raise ReceiptInvalid(
+            ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path}.sum must be below {MAX_AMOUNT} kopecks", f"{path}.sum"
+        )
     normalized = {
         "name": _text(item, "name", path, 1, 128),
         "price": price,
@@ -407,8 +464,11 @@ def _cashier(cashier: Any) -> dict[str, str]:
 def _contact(contact: Any) -> str:
     if not isinstance(contact, str):
         raise ReceiptInvalid(ErrorCode.INVALID_TYPE, "customer_contact must be a string", "customer_contact")
-    if len(contact) > 64 or forbidden_character(contact) is not None or not (
-            EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact)):
+    if (
+        len(contact) > 64
+        or forbidden_character(contact) is not None
+        or not (EMAIL_RE.fullmatch(contact) or PHONE_RE.fullmatch(contact))
+    ):
         raise ReceiptInvalid(
             ErrorCode.INVALID_CONTACT,
             "customer_contact must be an e-mail address or a phone number like +79991234567",
@@ -422,7 +482,7 @@ def _quantity(value: Any, path: str) -> tuple[int, str]:
     if isinstance(value, bool) or value is None or not isinstance(value, (str, int)):
         kind = "missing" if value is None else type(value).__name__
         code = ErrorCode.MISSING_FIELD if value is None else ErrorCode.INVALID_TYPE
-        raise ReceiptInvalid(code, f"{path} must be a decimal string like \"1.000\" (got {kind})", path)
+        raise ReceiptInvalid(code, f'{path} must be a decimal string like "1.000" (got {kind})', path)
     match = QUANTITY_RE.fullmatch(value) if isinstance(value, str) else QUANTITY_RE.fullmatch(str(value))
     if match is None:
         raise ReceiptInvalid(
@@ -445,8 +505,9 @@ def _amount(obj: dict[str, Any], name: str, parent: str) -> int:
             ErrorCode.INVALID_TYPE, f"{path} must be an integer number of kopecks (got {type(value).__name__})", path
         )
     if not 0 <= value < MAX_AMOUNT:
-        raise ReceiptInvalid(ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks",
-                             path)
+        raise ReceiptInvalid(
+            ErrorCode.AMOUNT_OUT_OF_RANGE, f"{path} must be between 0 and {MAX_AMOUNT - 1} kopecks", path
+        )
     return value
 
 
@@ -461,8 +522,12 @@ def _text(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
         raise ReceiptInvalid(ErrorCode.INVALID_LENGTH, f"{path} must be {min_len}..{max_len} characters", path)
     bad = forbidden_character(value)
     if bad is not None:
-        raise ReceiptInvalid(ErrorCode.INVALID_VALUE, f"{path} must not hold control, bidirectional-override or "
-                             f"other invisible formatting characters (it holds {bad})", path)
+        raise ReceiptInvalid(
+            ErrorCode.INVALID_VALUE,
+            f"{path} must not hold control, bidirectional-override or "
+            f"other invisible formatting characters (it holds {bad})",
+            path,
+        )
     return value
 
 
@@ -486,8 +551,9 @@ def _list(obj: dict[str, Any], name: str, parent: str, min_len: int, max_len: in
     if not isinstance(value, list):
         raise ReceiptInvalid(ErrorCode.INVALID_TYPE, f"{path} must be an array (got {type(value).__name__})", path)
     if not min_len <= len(value) <= max_len:
-        raise ReceiptInvalid(ErrorCode.INVALID_COUNT,
-                             f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path)
+        raise ReceiptInvalid(
+            ErrorCode.INVALID_COUNT, f"{path} must hold {min_len}..{max_len} entries (got {len(value)})", path
+        )
     return value
 
 
@@ -512,10 +578,23 @@ def sample_receipt(key: str, pos_id: str = "POS-001") -> dict[str, Any]:
         "operation": "sale",
         "taxation": "usn_income",
         "items": [
-            {"name": "Молоко 3,2% 1 л", "price": 8990, "quantity": "2.000", "sum": 17980,
-             "vat": "vat10", "payment_method": "full_payment", "payment_object": "commodity"},
-            {"name": "Хлеб бородинский", "price": 6450, "quantity": "1.000",
-             "vat": "vat10", "payment_method": "full_payment", "payment_object": "commodity"},
+            {
+                "name": "Молоко 3,2% 1 л",
+                "price": 8990,
+                "quantity": "2.000",
+                "sum": 17980,
+                "vat": "vat10",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            },
+            {
+                "name": "Хлеб бородинский",
+                "price": 6450,
+                "quantity": "1.000",
+                "vat": "vat10",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            },
         ],
         "payments": [{"type": "electronic", "amount": 24430}],
     }

@@ -15,20 +15,40 @@ from kktd.config import Config
 
 # Read by the sync loop, the health check, the store's capacity check, the logger and the stop sequence
 # each time they are used: a new value simply applies from the next use on.
-LIVE_KEYS = frozenset({
-    "log_level", "sync_interval", "pending_warn_age", "pending_critical_age", "max_attempts", "backoff_max",
-    "retention_days", "drain_timeout", "max_pending",
-    # Read by each request (kktd/api.py): a new body deadline or API token applies to the next request.
-    "body_timeout", "api_token_file", "api_token",
-})
+LIVE_KEYS = frozenset(
+    {
+        "log_level",
+        "sync_interval",
+        "pending_warn_age",
+        "pending_critical_age",
+        "max_attempts",
+        "backoff_max",
+        "retention_days",
+        "drain_timeout",
+        "max_pending",
+        # Read by each request (kktd/api.py): a new body deadline or API token applies to the next request.
+        "body_timeout",
+        "api_token_file",
+        "api_token",
+    }
+)
 # Bound at start: the socket, the database, which upstream, the mock, the delivery policy's batch size and
 # the breaker's thresholds (its state machine is built with them).
-RESTART_KEYS = frozenset({
-    "listen_host", "listen_port", "db", "upstream", "embedded_mock", "batch_size", "breaker_threshold",
-    "breaker_reset",
-    # The listening socket's connection cap and the connections' idle/head deadline (kktd/server.py).
-    "max_connections", "idle_timeout",
-})
+RESTART_KEYS = frozenset(
+    {
+        "listen_host",
+        "listen_port",
+        "db",
+        "upstream",
+        "embedded_mock",
+        "batch_size",
+        "breaker_threshold",
+        "breaker_reset",
+        # The listening socket's connection cap and the connections' idle/head deadline (kktd/server.py).
+        "max_connections",
+        "idle_timeout",
+    }
+)
 SHOWN_AS = {"listen_host": "listen", "listen_port": "listen"}
 
 
@@ -102,7 +122,10 @@ def _seller_changes(old: Config, new: Config) -> list[Change]:
 
 def _upstream_changes(old: Config, new: Config) -> list[Change]:
     before, after = old.upstream_settings.describe(), new.upstream_settings.describe()
-    changes = [Change(key, str(before.get(key)), str(after.get(key)))
-               for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    changes = [
+        Change(key, str(before.get(key)), str(after.get(key)))
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
     # Settings that differ while their masked forms do not: credentials (a password, a token file's content).
     return changes or [Change(f"{new.upstream} credentials", "***", "*** (changed)")]

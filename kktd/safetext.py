@@ -21,7 +21,8 @@ DEFAULT_LIMIT = 200
 #   U+2066–U+2069); U+FEFF (a byte order mark inside text); lone surrogates (a JSON "\ud800" escape decodes
 #   to one: valid JSON, but no character).
 FORBIDDEN_TEXT_RE = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]")
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff\ud800-\udfff]"
+)
 
 
 def forbidden_character(text: str) -> str | None:

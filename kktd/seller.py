@@ -43,8 +43,7 @@ def inn_is_valid(inn: str) -> bool:
     if len(inn) == 10:
         return _check_digit(inn, INN_10_WEIGHTS) == int(inn[9])
     if len(inn) == 12:
-        return (_check_digit(inn, INN_11_WEIGHTS) == int(inn[10])
-                and _check_digit(inn, INN_12_WEIGHTS) == int(inn[11]))
+        return _check_digit(inn, INN_11_WEIGHTS) == int(inn[10]) and _check_digit(inn, INN_12_WEIGHTS) == int(inn[11])
     return False
 
 
@@ -88,18 +87,25 @@ def parse_cashier_inn(raw: Any) -> str:
 
 
 def _unset_or(parse: Callable[[Any], str]) -> Callable[[Any], str | None]:
-    """"" is unset (TOML has no null: the shipped kktd.toml lists every key with its default)."""
+    """ "" is unset (TOML has no null: the shipped kktd.toml lists every key with its default)."""
+
     def parse_or_unset(raw: Any) -> str | None:
         return None if raw == "" else parse(raw)
+
     return parse_or_unset
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("company_inn", _unset_or(parse_company_inn), None,
-           "seller's INN, as in the fiscal storage: 10 or 12 digits"),
+    Option(
+        "company_inn", _unset_or(parse_company_inn), None, "seller's INN, as in the fiscal storage: 10 or 12 digits"
+    ),
     Option("company_email", _unset_or(parse_company_email), None, "seller's e-mail on every receipt"),
-    Option("company_payment_address", _unset_or(parse_payment_address), None,
-           "place of settlement, e.g. the shop's site or address"),
+    Option(
+        "company_payment_address",
+        _unset_or(parse_payment_address),
+        None,
+        "place of settlement, e.g. the shop's site or address",
+    ),
     Option("cashier_name", _unset_or(parse_cashier_name), None, "cashier printed when a receipt names none"),
     Option("cashier_inn", _unset_or(parse_cashier_inn), None, "that cashier's personal INN (12 digits)"),
 )

@@ -49,8 +49,10 @@ class DescriptorBudget:
     connection_cap: int
 
     def describe(self) -> str:
-        return (f"descriptor limit {self.soft_limit} (hard {self.hard_limit}), "
-                f"at most {self.connection_cap} client connections")
+        return (
+            f"descriptor limit {self.soft_limit} (hard {self.hard_limit}), "
+            f"at most {self.connection_cap} client connections"
+        )
 
 
 def descriptor_budget(max_connections: int, limits: tuple[int, int] | None = None) -> DescriptorBudget:
@@ -66,8 +68,9 @@ class EventSummary:
     """Events an attacker can multiply, logged as the first of each kind in an interval and then one line
     with the count of the rest: the log stays a few lines a minute whatever the rate."""
 
-    def __init__(self, logger: logging.Logger, interval: float = SUMMARY_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, logger: logging.Logger, interval: float = SUMMARY_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._log = logger
         self._interval = interval
         self._clock = clock
@@ -93,8 +96,7 @@ class EventSummary:
     def _flush_kind(self, kind: str) -> None:
         count = self._suppressed.pop(kind, 0)
         if count:
-            self._log.warning("%d more %s in the last %.0fs (logged once per interval)", count, kind,
-                              self._interval)
+            self._log.warning("%d more %s in the last %.0fs (logged once per interval)", count, kind, self._interval)
 
     def _schedule_flush(self) -> None:
         if self._flusher is not None:
@@ -162,8 +164,13 @@ class ConnectionGuard:
     """A protocol factory around aiohttp's: at most `cap` connections; at the cap the one heard from least
     recently is aborted to make room for the new one."""
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], cap: int, summary: EventSummary,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], asyncio.Protocol],
+        cap: int,
+        summary: EventSummary,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._factory = factory
         self.cap = cap
         self.clock = clock
@@ -192,9 +199,13 @@ class ConnectionGuard:
         victim = min(self._open, key=lambda c: c.last_heard)
         del self._open[victim]
         self.evicted_total += 1
-        self._summary.event("connections dropped at the cap", logging.WARNING,
-                            "%d client connections open (the cap): dropped the one silent longest "
-                            "(%.1fs) to take a new one", self.cap, self.clock() - victim.last_heard)
+        self._summary.event(
+            "connections dropped at the cap",
+            logging.WARNING,
+            "%d client connections open (the cap): dropped the one silent longest (%.1fs) to take a new one",
+            self.cap,
+            self.clock() - victim.last_heard,
+        )
         if victim.transport is not None:
             victim.transport.abort()
 
@@ -204,8 +215,9 @@ class GuardedSite(web.BaseSite):
 
     __slots__ = ("_host", "_port", "_reuse_address", "guard", "_cap", "_summary")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, cap: int, summary: EventSummary, *,
-                 backlog: int = 1024) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, cap: int, summary: EventSummary, *, backlog: int = 1024
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
@@ -223,8 +235,9 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         self.guard = ConnectionGuard(server, self._cap, self._summary)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.guard, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=True)
+        self._server = await loop.create_server(
+            self.guard, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
 
 
 def runner_options(limits: ServerLimits) -> dict[str, Any]:
@@ -233,8 +246,9 @@ def runner_options(limits: ServerLimits) -> dict[str, Any]:
     return {"keepalive_timeout": limits.idle_timeout, "lingering_time": min(LINGERING_TIME_S, limits.body_timeout)}
 
 
-def install_accept_error_summary(loop: asyncio.AbstractEventLoop, summary: EventSummary,
-                                 budget: DescriptorBudget) -> None:
+def install_accept_error_summary(
+    loop: asyncio.AbstractEventLoop, summary: EventSummary, budget: DescriptorBudget
+) -> None:
     """asyncio reports each failed accept() (EMFILE, ENFILE, ENOBUFS, ENOMEM) to the loop's exception handler,
     which logs a traceback every time: counted here instead, one line per interval."""
     previous = loop.get_exception_handler()
@@ -243,8 +257,7 @@ def install_accept_error_summary(loop: asyncio.AbstractEventLoop, summary: Event
         message = str(context.get("message", ""))
         if message.startswith("socket.accept() out of system resource"):
             exc = context.get("exception")
-            summary.event("accept errors", logging.ERROR, "cannot accept a connection: %s (%s)",
-                          exc, budget.describe())
+            summary.event("accept errors", logging.ERROR, "cannot accept a connection: %s (%s)", exc, budget.describe())
             return
         if previous is not None:
             previous(loop, context)

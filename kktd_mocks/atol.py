@@ -83,8 +83,9 @@ DEFAULT_PASSWORD = "kktd-mock-password"
 DEFAULT_GROUP = "kktd-mock-group"
 DEFAULT_INN = "5544332219"  # the INN of ATOL's public test environment
 SELL_OPERATIONS = frozenset({"sell", "sell_refund", "buy", "buy_refund"})
-CORRECTION_OPERATIONS = frozenset({"sell_correction", "buy_correction", "sell_refund_correction",
-                                   "buy_refund_correction"})
+CORRECTION_OPERATIONS = frozenset(
+    {"sell_correction", "buy_correction", "sell_refund_correction", "buy_refund_correction"}
+)
 MAX_REQUEST_BYTES = 1 << 20
 SHUTDOWN_TIMEOUT_S = 1.0
 EX_OK, EX_CONFIG, EX_IOERR = 0, 78, 74
@@ -94,13 +95,14 @@ EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 PHONE_RE = re.compile(r"none|\+[0-9]{1,18}")
 INN_RE = re.compile(r"[0-9]{10}|[0-9]{12}")
 SNO = frozenset({"osn", "usn_income", "usn_income_outcome", "envd", "esn", "patent"})
-PAYMENT_METHODS = frozenset({"full_prepayment", "prepayment", "advance", "full_payment", "partial_payment",
-                             "credit", "credit_payment"})
+PAYMENT_METHODS = frozenset(
+    {"full_prepayment", "prepayment", "advance", "full_payment", "partial_payment", "credit", "credit_payment"}
+)
 # The 2024 specification's rates, and those of 2025-2026 under the same naming scheme.
-VAT_TYPES = frozenset({"none", "vat0", "vat10", "vat110", "vat20", "vat120",
-                       "vat5", "vat7", "vat22", "vat105", "vat107", "vat122"})
-MEASURES = frozenset({0, 10, 11, 12, 20, 21, 22, 30, 31, 32, 40, 41, 42, 50, 51, 70, 71, 72, 73, 80, 81, 82,
-                      83, 255})
+VAT_TYPES = frozenset(
+    {"none", "vat0", "vat10", "vat110", "vat20", "vat120", "vat5", "vat7", "vat22", "vat105", "vat107", "vat122"}
+)
+MEASURES = frozenset({0, 10, 11, 12, 20, 21, 22, 30, 31, 32, 40, 41, 42, 50, 51, 70, 71, 72, 73, 80, 81, 82, 83, 255})
 PAYMENT_OBJECTS = frozenset(range(1, 28)) | frozenset(range(30, 34))
 PAYMENT_TYPES = frozenset(range(10))
 MAX_PRICE = Decimal("42949672.95")
@@ -108,16 +110,49 @@ MAX_TWO_FORMAT = Decimal("100000000")
 CENT = Decimal("0.01")
 MILLI = Decimal("0.001")
 
-RECEIPT_FIELDS = frozenset({"client", "company", "items", "payments", "vats", "cashier", "cashier_inn",
-                            "additional_check_props", "total", "additional_user_props", "operating_check_props",
-                            "sectoral_check_props", "device_number"})
-CLIENT_FIELDS = frozenset({"email", "phone", "name", "inn", "birthdate", "citizenship", "document_code",
-                           "document_data", "address"})
+RECEIPT_FIELDS = frozenset(
+    {
+        "client",
+        "company",
+        "items",
+        "payments",
+        "vats",
+        "cashier",
+        "cashier_inn",
+        "additional_check_props",
+        "total",
+        "additional_user_props",
+        "operating_check_props",
+        "sectoral_check_props",
+        "device_number",
+    }
+)
+CLIENT_FIELDS = frozenset(
+    {"email", "phone", "name", "inn", "birthdate", "citizenship", "document_code", "document_data", "address"}
+)
 COMPANY_FIELDS = frozenset({"email", "sno", "inn", "payment_address", "location"})
-ITEM_FIELDS = frozenset({"name", "price", "quantity", "measure", "sum", "payment_method", "payment_object", "vat",
-                         "user_data", "excise", "country_code", "declaration_number", "mark_quantity",
-                         "mark_processing_mode", "sectoral_item_props", "mark_code", "agent_info",
-                         "supplier_info"})
+ITEM_FIELDS = frozenset(
+    {
+        "name",
+        "price",
+        "quantity",
+        "measure",
+        "sum",
+        "payment_method",
+        "payment_object",
+        "vat",
+        "user_data",
+        "excise",
+        "country_code",
+        "declaration_number",
+        "mark_quantity",
+        "mark_processing_mode",
+        "sectoral_item_props",
+        "mark_code",
+        "agent_info",
+        "supplier_info",
+    }
+)
 # Objects of the schema this mock checks only for their JSON type (kktd never sends them).
 OPAQUE_ITEM_OBJECTS = frozenset({"mark_quantity", "mark_code", "agent_info", "supplier_info"})
 OPAQUE_RECEIPT_OBJECTS = frozenset({"additional_user_props", "operating_check_props"})
@@ -126,6 +161,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # ---- state -------------------------------------------------------------------------------------------------
+
 
 @dataclass(slots=True)
 class Behaviour:
@@ -201,27 +237,53 @@ class Document:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "external_id": self.external_id, "uuid": self.uuid, "operation": self.operation,
-            "fate": self.fate, "fiscalized": self.fate == "done",
+            "external_id": self.external_id,
+            "uuid": self.uuid,
+            "operation": self.operation,
+            "fate": self.fate,
+            "fiscalized": self.fate == "done",
             "fiscal_document_number": self.payload["fiscal_document_number"] if self.payload else None,
             "error_code": self.error["code"] if self.error else None,
-            "registration_requests": self.registration_requests, "polls": self.polls,
-            "early_polls": self.early_polls, "total": self.total, "timestamp": self.timestamp,
+            "registration_requests": self.registration_requests,
+            "polls": self.polls,
+            "early_polls": self.early_polls,
+            "total": self.total,
+            "timestamp": self.timestamp,
             "fiscal": None if self.payload is None else {**self.payload, "total": str(self.payload["total"])},
         }
 
 
-COUNTERS = ("token_requests", "tokens_issued", "registration_requests", "registered", "duplicates",
-            "validation_errors", "unauthorized", "report_requests", "wait_answers", "results", "errors_5xx",
-            "dropped_answers", "resets")
+COUNTERS = (
+    "token_requests",
+    "tokens_issued",
+    "registration_requests",
+    "registered",
+    "duplicates",
+    "validation_errors",
+    "unauthorized",
+    "report_requests",
+    "wait_answers",
+    "results",
+    "errors_5xx",
+    "dropped_answers",
+    "resets",
+)
 
 
 class MockAtolState:
     """Everything the mock knows; the handlers and the admin API share it."""
 
-    def __init__(self, *, login: str = DEFAULT_LOGIN, password: str = DEFAULT_PASSWORD,
-                 group_code: str = DEFAULT_GROUP, inn: str = DEFAULT_INN, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic, **behaviour: Any) -> None:
+    def __init__(
+        self,
+        *,
+        login: str = DEFAULT_LOGIN,
+        password: str = DEFAULT_PASSWORD,
+        group_code: str = DEFAULT_GROUP,
+        inn: str = DEFAULT_INN,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **behaviour: Any,
+    ) -> None:
         self.login = login
         self.password = password
         self.group_code = group_code
@@ -285,9 +347,15 @@ class MockAtolState:
         else:
             fate, error = "done", None
         document = Document(
-            uuid=str(uuid_module.uuid4()), external_id=external_id, operation=operation,
-            received_at=_timestamp(), fate=fate, polls_left=self.behaviour.wait_polls, error=error,
-            total=str(receipt["total"]), timestamp=timestamp,
+            uuid=str(uuid_module.uuid4()),
+            external_id=external_id,
+            operation=operation,
+            received_at=_timestamp(),
+            fate=fate,
+            polls_left=self.behaviour.wait_polls,
+            error=error,
+            total=str(receipt["total"]),
+            timestamp=timestamp,
         )
         if fate == "done":
             document.payload = self._fiscalize(receipt["total"])
@@ -333,6 +401,7 @@ class MockAtolState:
 
 # ---- answers -----------------------------------------------------------------------------------------------
 
+
 def _timestamp() -> str:
     return datetime.now().strftime("%d.%m.%Y %H:%M:%S")
 
@@ -352,13 +421,13 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_
 
 
 def _answer(status: int, document: dict[str, Any]) -> web.Response:
-    return web.Response(status=status, body=_encoder.encode(document).encode(),
-                        content_type="application/json", charset="utf-8")
+    return web.Response(
+        status=status, body=_encoder.encode(document).encode(), content_type="application/json", charset="utf-8"
+    )
 
 
 def _fail(status: int, code: int, text: str, **extra: Any) -> web.Response:
-    return _answer(status, {"error": _error_object(code, text), "status": "fail", "timestamp": _timestamp(),
-                            **extra})
+    return _answer(status, {"error": _error_object(code, text), "status": "fail", "timestamp": _timestamp(), **extra})
 
 
 def _reset_connection(request: web.BaseRequest) -> web.Response:
@@ -373,6 +442,7 @@ def _reset_connection(request: web.BaseRequest) -> web.Response:
 
 
 # ---- validation of a registration --------------------------------------------------------------------------
+
 
 class Invalid(Exception):
     """A body breaks the schema; the argument is the field's path."""
@@ -390,8 +460,7 @@ def _object(value: Any, path: str, allowed: frozenset[str], required: Sequence[s
     return value
 
 
-def _string(value: Any, path: str, max_len: int, pattern: re.Pattern[str] | None = None,
-            min_len: int = 0) -> str:
+def _string(value: Any, path: str, max_len: int, pattern: re.Pattern[str] | None = None, min_len: int = 0) -> str:
     if not isinstance(value, str) or not min_len <= len(value) <= max_len:
         raise Invalid(f"{path}: must be a string of {min_len}..{max_len} characters")
     if pattern is not None and not pattern.fullmatch(value):
@@ -430,8 +499,14 @@ def _client(value: Any) -> None:
         _string(client["email"], "receipt.client.email", 64, EMAIL_RE)
     if "phone" in client:
         _string(client["phone"], "receipt.client.phone", 19, PHONE_RE)
-    for name, limit in (("name", 256), ("document_data", 64), ("address", 256), ("citizenship", 3),
-                        ("document_code", 2), ("birthdate", 10)):
+    for name, limit in (
+        ("name", 256),
+        ("document_data", 64),
+        ("address", 256),
+        ("citizenship", 3),
+        ("document_code", 2),
+        ("birthdate", 10),
+    ):
         if name in client:
             _string(client[name], f"receipt.client.{name}", limit)
     if "inn" in client:
@@ -451,8 +526,12 @@ def _company(value: Any) -> dict[str, Any]:
 
 
 def _item(value: Any, path: str) -> Decimal:
-    item = _object(value, path, ITEM_FIELDS, ("name", "price", "quantity", "measure", "sum", "payment_method",
-                                              "payment_object", "vat"))
+    item = _object(
+        value,
+        path,
+        ITEM_FIELDS,
+        ("name", "price", "quantity", "measure", "sum", "payment_method", "payment_object", "vat"),
+    )
     _string(item["name"], f"{path}.name", 128, min_len=1)
     price = _number(item["price"], f"{path}.price", Decimal(0), MAX_PRICE, CENT)
     quantity = _number(item["quantity"], f"{path}.quantity", MILLI, Decimal("99999.999"), MILLI)
@@ -487,8 +566,12 @@ def _item(value: Any, path: str) -> Decimal:
 
 def validate_registration(document: Any) -> dict[str, Any]:
     """Check a sell/sell_refund/buy/buy_refund body; raise Invalid naming the first bad field."""
-    body = _object(document, "", frozenset({"timestamp", "external_id", "service", "ism_optional", "receipt"}),
-                   ("timestamp", "external_id", "receipt"))
+    body = _object(
+        document,
+        "",
+        frozenset({"timestamp", "external_id", "service", "ism_optional", "receipt"}),
+        ("timestamp", "external_id", "receipt"),
+    )
     _string(body["timestamp"], "timestamp", 19, TIMESTAMP_RE)
     _string(body["external_id"], "external_id", 128, min_len=1)
     if "service" in body:
@@ -583,9 +666,12 @@ async def handle_get_token(request: web.Request) -> web.Response:
             credentials = _loads(await request.read())
         except (ValueError, UnicodeDecodeError):
             return _fail(400, 40, "the request is not JSON")
-    if not isinstance(credentials, dict) or not isinstance(credentials.get("login"), str) \
-            or not isinstance(credentials.get("pass"), str) \
-            or not credentials.keys() <= {"login", "pass", "source"}:
+    if (
+        not isinstance(credentials, dict)
+        or not isinstance(credentials.get("login"), str)
+        or not isinstance(credentials.get("pass"), str)
+        or not credentials.keys() <= {"login", "pass", "source"}
+    ):
         return _fail(400, 13, "validation error of the request: login and pass are required strings")
     if credentials["login"] != state.login or credentials["pass"] != state.password:
         return _fail(401, 12, "wrong login or password")
@@ -643,25 +729,33 @@ async def handle_register(request: web.Request) -> web.Response:
     external_id = body["external_id"]
     if external_id in state.behaviour.refuse_external_ids:
         state.count("validation_errors")
-        return _fail(400, 32, f"validation error of the receipt; fields: receipt (refused by the mock for "
-                              f"external_id {external_id})")
+        return _fail(
+            400,
+            32,
+            f"validation error of the receipt; fields: receipt (refused by the mock for external_id {external_id})",
+        )
     known = state.by_external_id.get(external_id)
     if known is not None:
         known.registration_requests += 1
         state.count("duplicates")
-        return _answer(400, {
-            "uuid": known.uuid, "timestamp": _timestamp(), "status": "wait",
-            "error": _error_object(33, f"a document with external_id {external_id} already exists in group "
-                                       f"{state.group_code}"),
-        })
+        return _answer(
+            400,
+            {
+                "uuid": known.uuid,
+                "timestamp": _timestamp(),
+                "status": "wait",
+                "error": _error_object(
+                    33, f"a document with external_id {external_id} already exists in group {state.group_code}"
+                ),
+            },
+        )
     registered = state.register(external_id, operation, body["receipt"], body["timestamp"])
     if state.behaviour.answer_delay_s:
         await asyncio.sleep(state.behaviour.answer_delay_s)
     if state.behaviour.drop_ratio and state.rng.random() < state.behaviour.drop_ratio:
         state.count("dropped_answers")
         return _reset_connection(request)
-    return _answer(200, {"uuid": registered.uuid, "timestamp": registered.received_at, "error": None,
-                         "status": "wait"})
+    return _answer(200, {"uuid": registered.uuid, "timestamp": registered.received_at, "error": None, "status": "wait"})
 
 
 async def handle_report(request: web.Request) -> web.Response:
@@ -681,14 +775,27 @@ async def handle_report(request: web.Request) -> web.Response:
     if document.last_poll is not None and now - document.last_poll < 1.0:
         document.early_polls += 1
     document.last_poll = now
-    common = {"uuid": document.uuid, "timestamp": document.received_at, "group_code": state.group_code,
-              "daemon_code": "mock-agent-1", "device_code": "MOCK-KKT-1", "external_id": document.external_id,
-              "callback_url": ""}
+    common = {
+        "uuid": document.uuid,
+        "timestamp": document.received_at,
+        "group_code": state.group_code,
+        "daemon_code": "mock-agent-1",
+        "device_code": "MOCK-KKT-1",
+        "external_id": document.external_id,
+        "callback_url": "",
+    }
     if document.polls_left > 0:
         document.polls_left -= 1
         state.count("wait_answers")
-        return _answer(200, {**common, "status": "wait", "payload": None,
-                             "error": _error_object(34, "the document's state is not known yet; ask later")})
+        return _answer(
+            200,
+            {
+                **common,
+                "status": "wait",
+                "payload": None,
+                "error": _error_object(34, "the document's state is not known yet; ask later"),
+            },
+        )
     state.count("results")
     if document.fate == "done":
         return _answer(200, {**common, "status": "done", "error": None, "payload": document.payload})
@@ -696,6 +803,7 @@ async def handle_report(request: web.Request) -> web.Response:
 
 
 # ---- admin -------------------------------------------------------------------------------------------------
+
 
 async def _admin_body(request: web.Request) -> dict[str, Any]:
     try:
@@ -781,6 +889,7 @@ def create_app(state: MockAtolState | None = None) -> web.Application:
 
 # ---- running it --------------------------------------------------------------------------------------------
 
+
 def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -788,8 +897,7 @@ def _format_host(host: str) -> str:
 class MockAtol:
     """A running mock: ``url`` is the protocol's base (``…/possystem/v5``), ``admin_url`` the admin API's."""
 
-    def __init__(self, state: MockAtolState, runner: web.AppRunner, site: web.TCPSite, host: str,
-                 port: int) -> None:
+    def __init__(self, state: MockAtolState, runner: web.AppRunner, site: web.TCPSite, host: str, port: int) -> None:
         self.state = state
         self._runner = runner
         self._site: web.TCPSite | None = site
@@ -847,8 +955,9 @@ async def start_mock_atol(host: str = "127.0.0.1", port: int = 0, **options: Any
     """Start a mock in this event loop (port 0: a free one). ``options``: login, password, group_code, inn,
     seed, clock and any Behaviour field."""
     state = MockAtolState(**options)
-    runner = web.AppRunner(create_app(state), access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = web.AppRunner(
+        create_app(state), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -865,10 +974,19 @@ async def start_mock_atol(host: str = "127.0.0.1", port: int = 0, **options: Any
 async def start_embedded(settings: AtolSettings) -> EmbeddedMock:
     """`kktd serve --embedded-mock` (development): a mock in kktd's own event loop that accepts the configured
     login, password, group and INN, and the settings that send to it."""
-    mock = await start_mock_atol("127.0.0.1", 0, login=settings.login, password=settings.password,
-                                 group_code=settings.group_code, inn=settings.company.inn)
-    return EmbeddedMock(dataclasses.replace(settings, url=mock.url),
-                        f"mock ATOL Online v5 on {mock.url} (admin {mock.admin_url})", mock.close)
+    mock = await start_mock_atol(
+        "127.0.0.1",
+        0,
+        login=settings.login,
+        password=settings.password,
+        group_code=settings.group_code,
+        inn=settings.company.inn,
+    )
+    return EmbeddedMock(
+        dataclasses.replace(settings, url=mock.url),
+        f"mock ATOL Online v5 on {mock.url} (admin {mock.admin_url})",
+        mock.close,
+    )
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -888,16 +1006,20 @@ async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
         loop.add_signal_handler(signum, stop.set)
     mock = await start_mock_atol(host, port, **options)
     try:
-        print(f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, group {mock.state.group_code}, "
-              f"INN {mock.state.inn}), admin {mock.admin_url}/stats", flush=True)
+        print(
+            f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, group {mock.state.group_code}, "
+            f"INN {mock.state.inn}), admin {mock.admin_url}/stats",
+            flush=True,
+        )
         await stop.wait()
     finally:
         await mock.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kktd mock-atol",
-                                     description="Mock of ATOL Online v5 for tests and development.")
+    parser = argparse.ArgumentParser(
+        prog="kktd mock-atol", description="Mock of ATOL Online v5 for tests and development."
+    )
     parser.add_argument("--listen", default="127.0.0.1:9100", help="HOST:PORT (default 127.0.0.1:9100)")
     parser.add_argument("--login", default=DEFAULT_LOGIN)
     parser.add_argument("--password", default=DEFAULT_PASSWORD, help="the password getToken accepts (a mock's)")
@@ -919,9 +1041,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         host, port = parse_listen(args.listen)
         options: dict[str, Any] = {
-            "login": args.login, "password": args.password, "group_code": args.group_code, "inn": args.inn,
-            "seed": args.seed, "token_lifetime_s": args.token_lifetime, "wait_polls": args.wait_polls,
-            "fail_ratio": args.fail_ratio, "delay_s": args.delay,
+            "login": args.login,
+            "password": args.password,
+            "group_code": args.group_code,
+            "inn": args.inn,
+            "seed": args.seed,
+            "token_lifetime_s": args.token_lifetime,
+            "wait_polls": args.wait_polls,
+            "fail_ratio": args.fail_ratio,
+            "delay_s": args.delay,
         }
         Behaviour().update({k: options[k] for k in ("token_lifetime_s", "wait_polls", "fail_ratio", "delay_s")})
     except ValueError as exc:

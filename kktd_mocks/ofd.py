@@ -49,7 +49,7 @@ import struct
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -75,7 +75,13 @@ MAX_BATCH = 100
 # 100 receipts of up to 100 items each stay far below this.
 MAX_REQUEST_BYTES = 16 << 20
 COUNTERS = (
-    "received", "redeliveries", "rejected", "requests", "bad_requests", "failed_requests", "dropped_acks",
+    "received",
+    "redeliveries",
+    "rejected",
+    "requests",
+    "bad_requests",
+    "failed_requests",
+    "dropped_acks",
 )
 
 SHUTDOWN_TIMEOUT_S = 1.0
@@ -147,7 +153,7 @@ class BadRequest(Exception):
 
 
 def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _is_rfc3339(value: object) -> bool:
@@ -205,9 +211,7 @@ def check_item(item: object, rejected_pos_ids: frozenset[str]) -> tuple[str, str
         return "total_mismatch", f"items add up to {items_sum}, total is {total}"
     paid = _sum_field(receipt.get("payments"), "amount")
     if paid is None:
-        return "invalid_receipt", (
-            "receipt.payments must be a non-empty list of objects with an integer amount"
-        )
+        return "invalid_receipt", ("receipt.payments must be a non-empty list of objects with an integer amount")
     if paid != total:
         return "payment_total_mismatch", f"payments add up to {paid}, total is {total}"
     if pos_id in rejected_pos_ids:
@@ -262,15 +266,23 @@ class SqliteStore:
         counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
         return records, counters
 
-    def save(self, new: Sequence[StoredReceipt], redelivered: Sequence[StoredReceipt],
-             counters: dict[str, int]) -> None:
+    def save(
+        self, new: Sequence[StoredReceipt], redelivered: Sequence[StoredReceipt], counters: dict[str, int]
+    ) -> None:
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO receipts (idempotency_key, receipt_id, fiscal_document_number, fiscal_sign,"
                 " ofd_received_at, item, deliveries) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (r.idempotency_key, r.receipt_id, r.fiscal_document_number, r.fiscal_sign,
-                     r.ofd_received_at, r.item_json.decode(), r.deliveries)
+                    (
+                        r.idempotency_key,
+                        r.receipt_id,
+                        r.fiscal_document_number,
+                        r.fiscal_sign,
+                        r.ofd_received_at,
+                        r.item_json.decode(),
+                        r.deliveries,
+                    )
                     for r in new
                 ],
             )
@@ -294,8 +306,7 @@ class SqliteStore:
 
     def _save_counters(self, counters: dict[str, int]) -> None:
         self._db.executemany(
-            "INSERT INTO counters (name, value) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             list(counters.items()),
         )
 
@@ -391,16 +402,23 @@ class MockOfdState:
                 except BaseException:
                     self.mode = old
                     raise
-            log.info("mock OFD mode %s -> %s (delay_s=%s fail_ratio=%s)", old.name, mode.name, mode.delay_s,
-                     mode.fail_ratio)
+            log.info(
+                "mock OFD mode %s -> %s (delay_s=%s fail_ratio=%s)", old.name, mode.name, mode.delay_s, mode.fail_ratio
+            )
 
     def process(self, entries: Sequence[tuple[Any, str]]) -> list[dict[str, Any]]:
         """Acknowledge or reject each (decoded item, its JSON text); synchronous, so a batch is atomic."""
         batch = _Batch(_now_rfc3339())
         results = [self._process_one(item, text, batch) for item, text in entries]
         self._commit(batch, len(entries))
-        log.debug("batch of %d receipts: %d new, %d redelivered, %d rejected (mode %s)", len(entries),
-                  len(batch.new), batch.redeliveries, batch.rejected, self.mode.name)
+        log.debug(
+            "batch of %d receipts: %d new, %d redelivered, %d rejected (mode %s)",
+            len(entries),
+            len(batch.new),
+            batch.redeliveries,
+            batch.rejected,
+            self.mode.name,
+        )
         return results
 
     def _process_one(self, item: Any, text: str, batch: _Batch) -> dict[str, Any]:
@@ -410,8 +428,7 @@ class MockOfdState:
             # Checked first: an acknowledged receipt stays acknowledged whatever changed since.
             if known.receipt_id != item.get("receipt_id"):
                 batch.rejected += 1
-                return _rejection(item, "idempotency_key_reused",
-                                  "idempotency_key already used by another receipt_id")
+                return _rejection(item, "idempotency_key_reused", "idempotency_key already used by another receipt_id")
             known.deliveries += 1
             batch.redeliveries += 1
             if known.idempotency_key not in batch.new:
@@ -430,13 +447,18 @@ class MockOfdState:
         # Like a real fiscal sign it covers the document's identity and amount, not its whole text:
         # re-encoding every receipt here would cost the mock a quarter of its throughput.
         receipt = item["receipt"]
-        fields = (str(number), item["idempotency_key"], item["receipt_id"], item["accepted_at"],
-                  receipt["pos_id"], str(receipt["total"]))
+        fields = (
+            str(number),
+            item["idempotency_key"],
+            item["receipt_id"],
+            item["accepted_at"],
+            receipt["pos_id"],
+            str(receipt["total"]),
+        )
         signed = "\x1f".join(fields).encode()
         digest = hmac.digest(self.sign_key, signed, "sha256")
         sign = f"{int.from_bytes(digest[:8], 'big') % 10**10:010d}"
-        return StoredReceipt(item["receipt_id"], item["idempotency_key"], number, sign, received_at,
-                             text.encode())
+        return StoredReceipt(item["receipt_id"], item["idempotency_key"], number, sign, received_at, text.encode())
 
     def _commit(self, batch: _Batch, received: int) -> None:
         counters = dict(self.counters)
@@ -573,11 +595,13 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json(loads=json.loads)
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text='{"error":{"code":"bad_request","message":"body is not JSON"}}',
-                                 content_type="application/json") from None
+        raise web.HTTPBadRequest(
+            text='{"error":{"code":"bad_request","message":"body is not JSON"}}', content_type="application/json"
+        ) from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error":{"code":"bad_request","message":"body must be an object"}}',
-                                 content_type="application/json")
+        raise web.HTTPBadRequest(
+            text='{"error":{"code":"bad_request","message":"body must be an object"}}', content_type="application/json"
+        )
     return body
 
 
@@ -645,10 +669,14 @@ async def handle_receipt_list(request: web.Request) -> web.Response:
         return _error(400, "bad_request", "after and limit must be integers")
     limit = max(1, min(limit, 10000))
     # Document numbers are 1..N in insertion order, so the list is a slice.
-    records = list(state.by_key.values())[max(after, 0):max(after, 0) + limit]
+    records = list(state.by_key.values())[max(after, 0) : max(after, 0) + limit]
     listed = [
-        {"receipt_id": r.receipt_id, "idempotency_key": r.idempotency_key,
-         "fiscal_document_number": r.fiscal_document_number, "deliveries": r.deliveries}
+        {
+            "receipt_id": r.receipt_id,
+            "idempotency_key": r.idempotency_key,
+            "fiscal_document_number": r.fiscal_document_number,
+            "deliveries": r.deliveries,
+        }
         for r in records
     ]
     return web.json_response({"count": len(state.by_key), "receipts": listed})
@@ -674,8 +702,9 @@ def _build_app(state: MockOfdState, *, with_receipts: bool) -> web.Application:
     return app
 
 
-def create_app(store_path: str | None = None, *, seed: int | None = None,
-               state: MockOfdState | None = None) -> web.Application:
+def create_app(
+    store_path: str | None = None, *, seed: int | None = None, state: MockOfdState | None = None
+) -> web.Application:
     """The full mock (receipts and admin routes) as one application, e.g. for aiohttp's test client.
 
     Without a MockOfd around it nobody can close the listening socket, so ``offline`` degrades to
@@ -685,8 +714,10 @@ def create_app(store_path: str | None = None, *, seed: int | None = None,
     state = state if state is not None else MockOfdState(store_path=store_path, seed=seed)
     app = _build_app(state, with_receipts=True)
     if own_state:
+
         async def close_store(_: web.Application) -> None:
             state.close()
+
         app.on_cleanup.append(close_store)
     return app
 
@@ -698,8 +729,9 @@ def _format_url(host: str, port: int) -> str:
 class MockOfd:
     """A running mock: the main listener (closed while offline) and the admin listener (always up)."""
 
-    def __init__(self, host: str, port: int, admin_port: int | None, state: MockOfdState,
-                 admin_host: str | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, admin_port: int | None, state: MockOfdState, admin_host: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.admin_host = admin_host or host
@@ -711,10 +743,15 @@ class MockOfd:
         main_app = _build_app(state, with_receipts=True)
         main_app.middlewares.append(self._track_busy)
         # A request held by slow mode must not hold up close() for aiohttp's default minute.
-        self._main_runner = web.AppRunner(main_app, access_log=None, handle_signals=False,
-                                          shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        self._admin_runner = web.AppRunner(_build_app(state, with_receipts=False), access_log=None,
-                                           handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        self._main_runner = web.AppRunner(
+            main_app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+        )
+        self._admin_runner = web.AppRunner(
+            _build_app(state, with_receipts=False),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        )
         self._main_site: web.TCPSite | None = None
         self._started = False
 
@@ -741,8 +778,7 @@ class MockOfd:
         self.state.listener_hook = self._switch_listener
         log.info("mock OFD listening on %s (admin %s)", self.url, self.admin_url)
 
-    async def set_mode(self, mode: str, delay_s: float = 0.0, fail_ratio: float = 0.0,
-                       seed: int | None = None) -> None:
+    async def set_mode(self, mode: str, delay_s: float = 0.0, fail_ratio: float = 0.0, seed: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         await self.state.set_mode(Mode(mode, float(delay_s), float(fail_ratio)), seed)
@@ -806,9 +842,15 @@ class MockOfd:
             await self._open_main()
 
 
-async def start_mock_ofd(host: str = "127.0.0.1", port: int = 0, db_path: str | None = None, *,
-                         admin_port: int | None = None, seed: int | None = None,
-                         sign_key: bytes | None = None) -> MockOfd:
+async def start_mock_ofd(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    db_path: str | None = None,
+    *,
+    admin_port: int | None = None,
+    seed: int | None = None,
+    sign_key: bytes | None = None,
+) -> MockOfd:
     """Start a mock in this event loop; port 0 picks a free port (then the admin port is free too)."""
     state = MockOfdState(store_path=db_path, seed=seed, sign_key=sign_key)
     mock = MockOfd(host, port, admin_port, state)
@@ -820,8 +862,9 @@ async def start_embedded(settings: KktdOfdSettings) -> EmbeddedMock:
     """`kktd serve --embedded-mock` (development): a mock in kktd's own event loop, and the settings that
     send to it."""
     mock = await start_mock_ofd("127.0.0.1", 0)
-    return EmbeddedMock(dataclasses.replace(settings, url=str(mock.url)),
-                        f"mock OFD on {mock.url} (admin {mock.admin_url})", mock.close)
+    return EmbeddedMock(
+        dataclasses.replace(settings, url=str(mock.url)), f"mock OFD on {mock.url} (admin {mock.admin_url})", mock.close
+    )
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -837,8 +880,7 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
-async def _serve(host: str, port: int, admin: tuple[str, int] | None, db_path: str | None,
-                 seed: int | None) -> None:
+async def _serve(host: str, port: int, admin: tuple[str, int] | None, db_path: str | None, seed: int | None) -> None:
     state = MockOfdState(store_path=db_path, seed=seed)
     mock = MockOfd(host, port, admin[1] if admin else None, state, admin_host=admin[0] if admin else None)
     stop = asyncio.Event()
@@ -875,8 +917,11 @@ def run(listen: str, db_path: str | None, admin_listen: str | None = None, seed:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kktd mock-ofd", description="Mock OFD for tests and development.")
     parser.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT of POST /v1/receipts")
-    parser.add_argument("--admin-listen", default=None,
-                        help="HOST:PORT of the admin API, which stays up while offline (default: port + 1)")
+    parser.add_argument(
+        "--admin-listen",
+        default=None,
+        help="HOST:PORT of the admin API, which stays up while offline (default: port + 1)",
+    )
     parser.add_argument("--db", default=None, help="SQLite file for a store that survives restarts")
     parser.add_argument("--seed", type=int, default=None, help="seed of the flaky mode's random choices")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +44,22 @@ class MockAtolProcess:
         return path
 
     def start(self, **behaviour: Any) -> MockAtolProcess:
-        args = [str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{self.port}", "--login", MOCK_LOGIN,
-                "--password", self.password, "--group-code", MOCK_GROUP, "--inn", MOCK_INN,
-                "--log-level", "warning"]
+        args = [
+            str(KKTD_BIN),
+            "mock-atol",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--login",
+            MOCK_LOGIN,
+            "--password",
+            self.password,
+            "--group-code",
+            MOCK_GROUP,
+            "--inn",
+            MOCK_INN,
+            "--log-level",
+            "warning",
+        ]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
         log = open(self.workdir / f"mock-atol-{self.port}.log", "ab")
@@ -71,8 +83,9 @@ class MockAtolProcess:
 
     def _admin(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.admin_url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.admin_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
@@ -90,10 +103,25 @@ class MockAtolProcess:
 
     def kktd_args(self, *extra: str) -> list[str]:
         """`kktd serve` flags for upstream atol-online-v5 against this mock."""
-        return ["--upstream", "atol-online-v5", "--atol-url", self.url, "--atol-login", MOCK_LOGIN,
-                "--atol-group-code", MOCK_GROUP, "--atol-password-file", str(self.password_file),
-                "--company-inn", MOCK_INN, "--company-email", "shop@example.ru",
-                "--company-payment-address", "https://shop.example.ru", *extra]
+        return [
+            "--upstream",
+            "atol-online-v5",
+            "--atol-url",
+            self.url,
+            "--atol-login",
+            MOCK_LOGIN,
+            "--atol-group-code",
+            MOCK_GROUP,
+            "--atol-password-file",
+            str(self.password_file),
+            "--company-inn",
+            MOCK_INN,
+            "--company-email",
+            "shop@example.ru",
+            "--company-payment-address",
+            "https://shop.example.ru",
+            *extra,
+        ]
 
     def stop(self) -> None:
         terminate(self.proc)
@@ -110,8 +138,8 @@ def fiscalized_once(documents: list[dict[str, Any]], external_ids: dict[str, str
             problems.append(f"receipt {receipt_id}: no fiscalized document under external_id {external_id}")
     extra = set(done) - set(external_ids.values())
     if extra:
-        problems.append(f"{len(extra)} fiscalized documents belong to no receipt's final external_id: "
-                        f"{sorted(extra)[:5]} (a receipt fiscalized twice)")
+        problems.append(
+            f"{len(extra)} fiscalized documents belong to no receipt's final external_id: "
+            f"{sorted(extra)[:5]} (a receipt fiscalized twice)"
+        )
     return problems
-
-

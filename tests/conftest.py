@@ -7,9 +7,10 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, Protocol
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -34,8 +35,9 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     upstream = {UPSTREAM_FIELDS[key]: overrides.pop(key) for key in list(overrides) if key in UPSTREAM_FIELDS}
     settings = base.upstream_settings
     assert isinstance(settings, KktdOfdSettings)
-    return dataclasses.replace(base, db=tmp_path / "buffer.db",
-                               upstream_settings=dataclasses.replace(settings, **upstream), **overrides)
+    return dataclasses.replace(
+        base, db=tmp_path / "buffer.db", upstream_settings=dataclasses.replace(settings, **upstream), **overrides
+    )
 
 
 @dataclasses.dataclass
@@ -62,8 +64,9 @@ async def _count_rows(conn: Any) -> int:
         return int(row[0])
 
 
-async def open_app(tmp_path: Path, faults: bool = False, clock: Clock = time.monotonic,
-                   sleep: Sleep = asyncio.sleep, **overrides: Any) -> App:
+async def open_app(
+    tmp_path: Path, faults: bool = False, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, **overrides: Any
+) -> App:
     """kktd in process, its sync loop assembled but not running (tests drive it); `clock` and `sleep` go
     to the loop and the breaker (tests.support.FakeTime makes their waits instant)."""
     config = make_config(tmp_path, **overrides)
@@ -82,8 +85,7 @@ async def close_app(app: App) -> None:
 
 
 class AppFactory(Protocol):
-    async def __call__(self, faults: bool = False, clock: Clock = ..., sleep: Sleep = ...,
-                       **overrides: Any) -> App: ...
+    async def __call__(self, faults: bool = False, clock: Clock = ..., sleep: Sleep = ..., **overrides: Any) -> App: ...
 
 
 @pytest.fixture
@@ -91,8 +93,9 @@ async def app_factory(tmp_path: Path) -> AsyncIterator[AppFactory]:
     """Opens in-process kktds (on tmp_path's database); all are closed after the test."""
     opened: list[App] = []
 
-    async def factory(faults: bool = False, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep,
-                      **overrides: Any) -> App:
+    async def factory(
+        faults: bool = False, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, **overrides: Any
+    ) -> App:
         application = await open_app(tmp_path, faults, clock, sleep, **overrides)
         opened.append(application)
         return application

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from kktd.receipt import sample_receipt
 
@@ -41,21 +42,26 @@ def fuzz_settings(default_examples: int, scaled: bool = True) -> settings:
         deadline=None,  # a timed test is not a test here: speed lives in make bench
         database=None,  # nothing written into the work tree; a failure is reproduced by the seed
         print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                               HealthCheck.large_base_example],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+            HealthCheck.large_base_example,
+        ],
     )
 
 
 # ---- a JSON syntax tree that can say more than json.dumps ----
 
+
 @dataclass(frozen=True)
 class Obj:
-    pairs: tuple[tuple[str, "Node"], ...]
+    pairs: tuple[tuple[str, Node], ...]
 
 
 @dataclass(frozen=True)
 class Arr:
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class Raw:
     token: str
 
 
-Node = Union[Obj, Arr, Str, Raw]
+Node = Obj | Arr | Str | Raw
 
 
 def from_python(value: Any) -> Node:
@@ -108,19 +114,94 @@ def _string(text: str, style: Style) -> str:
 # ---- leaves a hostile client would try ----
 
 NASTY_CHARS = (
-    "\x00", "\x01", "\x1b", "\x7f", "\x85", "\x9f", "\n", "\r", "\t", "\\", "\"", "\u061c", "\u200e", "\u200f",
-    "\u202a", "\u202b", "\u202c", "\u202d", "\u202e", "\u2066", "\u2067", "\u2068", "\u2069", "\u2028",
-    "\u2029", "\ufeff", "\ufffe", "\uffff", "\ud800", "\udbff", "\udc00", "\udfff", "\u00a0", "\u200b",
-    "\u200d", "\U0001f600", "Я", "ё", "€",
+    "\x00",
+    "\x01",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\x9f",
+    "\n",
+    "\r",
+    "\t",
+    "\\",
+    '"',
+    "\u061c",
+    "\u200e",
+    "\u200f",
+    "\u202a",
+    "\u202b",
+    "\u202c",
+    "\u202d",
+    "\u202e",
+    "\u2066",
+    "\u2067",
+    "\u2068",
+    "\u2069",
+    "\u2028",
+    "\u2029",
+    "\ufeff",
+    "\ufffe",
+    "\uffff",
+    "\ud800",
+    "\udbff",
+    "\udc00",
+    "\udfff",
+    "\u00a0",
+    "\u200b",
+    "\u200d",
+    "\U0001f600",
+    "Я",
+    "ё",
+    "€",
 )
 NUMBER_TOKENS = (
-    "0", "-0", "1", "-1", "8990", "24430", "999999999999", "1000000000000", "9" * 19, "1" * 33,
-    "0.5", "8990.0", "1e3", "1E400", "-1e400", "1e-400", "0.1e-99999", "2.5", "NaN", "Infinity",
-    "-Infinity", "01", "+1", ".5", "1.", "0x10", "1_000",
+    "0",
+    "-0",
+    "1",
+    "-1",
+    "8990",
+    "24430",
+    "999999999999",
+    "1000000000000",
+    "9" * 19,
+    "1" * 33,
+    "0.5",
+    "8990.0",
+    "1e3",
+    "1E400",
+    "-1e400",
+    "1e-400",
+    "0.1e-99999",
+    "2.5",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "01",
+    "+1",
+    ".5",
+    "1.",
+    "0x10",
+    "1_000",
 )
 KNOWN_KEYS = (
-    "idempotency_key", "pos_id", "operation", "taxation", "items", "payments", "customer_contact", "cashier",
-    "name", "price", "quantity", "sum", "vat", "payment_method", "payment_object", "type", "amount", "inn",
+    "idempotency_key",
+    "pos_id",
+    "operation",
+    "taxation",
+    "items",
+    "payments",
+    "customer_contact",
+    "cashier",
+    "name",
+    "price",
+    "quantity",
+    "sum",
+    "vat",
+    "payment_method",
+    "payment_object",
+    "type",
+    "amount",
+    "inn",
 )
 
 nasty_text = st.lists(
@@ -129,7 +210,8 @@ nasty_text = st.lists(
 ).map("".join)
 texts = st.one_of(nasty_text, st.text(max_size=40), st.sampled_from(["", " ", "sale", "vat10", "1.000"]))
 keys = st.one_of(
-    st.sampled_from(KNOWN_KEYS), texts,
+    st.sampled_from(KNOWN_KEYS),
+    texts,
     st.integers(1_000, 100_000).map(lambda n: "k" * n),  # a 100 KB field name
 )
 leaves: st.SearchStrategy[Node] = st.one_of(
@@ -166,6 +248,7 @@ def deep_nesting(draw: st.DrawFn) -> Node:
 
 
 # ---- mutations of a valid receipt ----
+
 
 def _paths(node: Node, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     found = [prefix]
@@ -209,13 +292,15 @@ def mutated_receipts(draw: st.DrawFn) -> Node:
             tree = _replace(tree, path, lambda _node, new=new: new)
         elif kind == "text":
             text = draw(nasty_text)
-            tree = _replace(tree, path, lambda node, text=text: Str(node.text + text) if isinstance(
-                node, Str) else node)
+            tree = _replace(
+                tree, path, lambda node, text=text: Str(node.text + text) if isinstance(node, Str) else node
+            )
         elif kind in ("duplicate", "unknown", "drop"):
             key = draw(keys)
             value = draw(json_trees)
-            tree = _replace(tree, path, lambda node, kind=kind, key=key, value=value: _edit_object(
-                node, kind, key, value))
+            tree = _replace(
+                tree, path, lambda node, kind=kind, key=key, value=value: _edit_object(node, kind, key, value)
+            )
         else:
             tree = _replace(tree, path, lambda node: Arr((node,)))
     return tree
@@ -234,8 +319,7 @@ def _edit_object(node: Node, kind: str, key: str, value: Node) -> Node:
 
 # ---- from a tree to the bytes on the wire ----
 
-ENCODINGS = ("utf-8", "utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
-             "utf-32-le")
+ENCODINGS = ("utf-8", "utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le")
 
 
 @st.composite
@@ -248,10 +332,10 @@ def encoded(draw: st.DrawFn, trees: st.SearchStrategy[Node]) -> bytes:
     body = text.encode(encoding, "surrogatepass")
     damage = draw(st.sampled_from(["none", "none", "none", "cut", "flip", "append"]))
     if damage == "cut" and body:
-        body = body[:draw(st.integers(0, len(body) - 1))]
+        body = body[: draw(st.integers(0, len(body) - 1))]
     elif damage == "flip" and body:
         at = draw(st.integers(0, len(body) - 1))
-        body = body[:at] + bytes([body[at] ^ draw(st.integers(1, 255))]) + body[at + 1:]
+        body = body[:at] + bytes([body[at] ^ draw(st.integers(1, 255))]) + body[at + 1 :]
     elif damage == "append":
         body += draw(st.binary(max_size=8))
     return body

@@ -33,8 +33,12 @@ class Contract:
     _validators: dict[str, Any] = field(default_factory=dict)
 
     def operations(self) -> list[Operation]:
-        return [Operation(method.upper(), template) for template, item in self.document["paths"].items()
-                for method in item if method in METHODS]
+        return [
+            Operation(method.upper(), template)
+            for template, item in self.document["paths"].items()
+            for method in item
+            if method in METHODS
+        ]
 
     def operation(self, method: str, path: str) -> Operation:
         found = [op for op in self.operations() if op.matches(method, path)]
@@ -52,7 +56,8 @@ class Contract:
         responses = self.document["paths"][op.template][op.method.lower()]["responses"]
         assert str(status) in responses, (
             f"{op.method} {op.template} answered {status}, not documented (documented: {sorted(responses)}): "
-            f"{body[:300]!r}")
+            f"{body[:300]!r}"
+        )
         response = self._resolve(responses[str(status)])
         media = response.get("content", {})
         media_type = content_type.split(";")[0].strip()
@@ -90,5 +95,6 @@ class Contract:
         return {(m, t, s) for m, t, s in self.seen if s not in self.documented_statuses(Operation(m, t))}
 
     def never_seen(self) -> set[tuple[str, str, int]]:
-        return {(op.method, op.template, status) for op in self.operations()
-                for status in self.documented_statuses(op)} - self.seen
+        return {
+            (op.method, op.template, status) for op in self.operations() for status in self.documented_statuses(op)
+        } - self.seen

@@ -24,17 +24,38 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import aiohttp
 
 from kktd.receipt import sample_receipt
 
-__all__ = ["sample_receipt", "free_port", "wait_until", "async_wait_until", "FakeTime", "NotifySocket",
-           "KktdProcess", "post_receipt", "post_many", "Posted", "REPO", "KKTD_BIN", "IN_CI", "require",
-           "MockOfdProcess", "terminate", "cpu_seconds", "receipts", "http", "http_async", "child_env"]
+__all__ = [
+    "sample_receipt",
+    "free_port",
+    "wait_until",
+    "async_wait_until",
+    "FakeTime",
+    "NotifySocket",
+    "KktdProcess",
+    "post_receipt",
+    "post_many",
+    "Posted",
+    "REPO",
+    "KKTD_BIN",
+    "IN_CI",
+    "require",
+    "MockOfdProcess",
+    "terminate",
+    "cpu_seconds",
+    "receipts",
+    "http",
+    "http_async",
+    "child_env",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 KKTD_BIN = Path(sys.executable).parent / "kktd"
@@ -61,8 +82,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02,
-               error: type[Exception] = AssertionError) -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    error: type[Exception] = AssertionError,
+) -> Any:
     """Poll `predicate` until it returns something truthy and return that; at the deadline raise `error`
     (AssertionError, or the caller's own error type) naming `what`."""
     deadline = time.monotonic() + timeout
@@ -75,8 +101,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-                           interval: float = 0.02) -> Any:
+async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     """wait_until inside an event loop: `predicate` may return a value or an awaitable of one."""
     deadline = time.monotonic() + timeout
     while True:
@@ -105,8 +130,9 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10.0) -> tupl
         return exc.code, json.loads(payload) if payload else None
 
 
-async def http_async(method: str, url: str, body: Any = None, *, session: aiohttp.ClientSession | None = None,
-                     timeout: float = 10.0) -> tuple[int, Any]:
+async def http_async(
+    method: str, url: str, body: Any = None, *, session: aiohttp.ClientSession | None = None, timeout: float = 10.0
+) -> tuple[int, Any]:
     """One JSON request in an event loop, on the caller's session or a new one; returns (status, decoded
     body or None). Connection errors propagate (aiohttp.ClientError)."""
     if session is None:
@@ -220,12 +246,22 @@ class KktdProcess:
         command = [sys.executable, "-m", "tests.faulty_kktd"] if self.faults else [str(KKTD_BIN)]
         if self.faults:
             env["PYTHONPATH"] = str(REPO)
-        args = [*command, "serve", "--db", str(self.db), "--listen", f"127.0.0.1:{self.port}",
-                *(["--ofd-url", self.ofd_url] if self.ofd_url else []),  # "": left to the config file
-                "--config", os.devnull, *self.extra_args]
+        args = [
+            *command,
+            "serve",
+            "--db",
+            str(self.db),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            *(["--ofd-url", self.ofd_url] if self.ofd_url else []),  # "": left to the config file
+            "--config",
+            os.devnull,
+            *self.extra_args,
+        ]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -235,14 +271,22 @@ class KktdProcess:
         assert self.notify is not None
         notify = self.notify
         with self._log_on_timeout():
-            wait_until(lambda: "READY=1" in notify.collect() or self._exited("before READY"), timeout,
-                       "kktd to send READY=1", interval=0.01)
+            wait_until(
+                lambda: "READY=1" in notify.collect() or self._exited("before READY"),
+                timeout,
+                "kktd to send READY=1",
+                interval=0.01,
+            )
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Until GET /v1/health answers 200."""
         with self._log_on_timeout():
-            wait_until(lambda: self._health() == 200 or self._exited("before it was healthy"), timeout,
-                       f"kktd health 200 at {self.url}", interval=0.05)
+            wait_until(
+                lambda: self._health() == 200 or self._exited("before it was healthy"),
+                timeout,
+                f"kktd health 200 at {self.url}",
+                interval=0.05,
+            )
 
     @contextlib.contextmanager
     def _log_on_timeout(self) -> Iterator[None]:
@@ -311,8 +355,9 @@ async def post_receipt(session: aiohttp.ClientSession, url: str, receipt: dict[s
     return Posted(receipt["idempotency_key"], status, body)
 
 
-async def post_many(url: str, receipts: Iterable[dict[str, Any]], concurrency: int = 16,
-                    stop_on_error: bool = False) -> list[Posted]:
+async def post_many(
+    url: str, receipts: Iterable[dict[str, Any]], concurrency: int = 16, stop_on_error: bool = False
+) -> list[Posted]:
     """Post receipts with `concurrency` clients; a connection error ends that client (the server died).
     Returns what was answered: only these can have been acknowledged."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -325,7 +370,7 @@ async def post_many(url: str, receipts: Iterable[dict[str, Any]], concurrency: i
             receipt = queue.get_nowait()
             try:
                 answered.append(await post_receipt(session, url, receipt))
-            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
                 if stop_on_error:
                     return
 
@@ -360,16 +405,30 @@ class MockOfdProcess:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 20.0) -> MockOfdProcess:
-        args = [str(KKTD_BIN), "mock-ofd", "--listen", f"127.0.0.1:{self.port}",
-                "--admin-listen", f"127.0.0.1:{self.admin_port}", "--log-level", "warning"]
+        args = [
+            str(KKTD_BIN),
+            "mock-ofd",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--admin-listen",
+            f"127.0.0.1:{self.admin_port}",
+            "--log-level",
+            "warning",
+        ]
         if self.db is not None:
             args += ["--db", str(self.db)]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
         self.log_path = self.workdir / f"mock-ofd-{self.port}.log"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=child_env(), start_new_session=True)
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(),
+                start_new_session=True,
+            )
         wait_until(self._answers, timeout, "the mock OFD to answer")
         return self
 

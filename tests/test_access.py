@@ -36,20 +36,30 @@ def token_file(tmp_path: Path, text: str = TOKEN + "\n") -> Path:
     return path
 
 
-ROUTES = [("POST", "/v1/kkt/receipt"), ("GET", "/v1/kkt/receipt/" + "0" * 32), ("GET", "/v1/kkt/buffer/status"),
-          ("POST", "/v1/kkt/buffer/sync"), ("GET", "/v1/kkt/dlq"), ("POST", "/v1/kkt/dlq/" + "0" * 32 + "/requeue"),
-          ("GET", "/v1/openapi.json")]
+ROUTES = [
+    ("POST", "/v1/kkt/receipt"),
+    ("GET", "/v1/kkt/receipt/" + "0" * 32),
+    ("GET", "/v1/kkt/buffer/status"),
+    ("POST", "/v1/kkt/buffer/sync"),
+    ("GET", "/v1/kkt/dlq"),
+    ("POST", "/v1/kkt/dlq/" + "0" * 32 + "/requeue"),
+    ("GET", "/v1/openapi.json"),
+]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", f"Basic {TOKEN}", f"Bearer {TOKEN}x",
-                                           f"Bearer {TOKEN[:-1]}", "Bearer"])
-async def test_every_endpoint_but_health_needs_the_token(app_factory: AppFactory, method: str, path: str,
-                                                         authorization: str | None) -> None:
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong-token", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer"],
+)
+async def test_every_endpoint_but_health_needs_the_token(
+    app_factory: AppFactory, method: str, path: str, authorization: str | None
+) -> None:
     app = await app_factory(api_token=TOKEN)
     headers = {"Authorization": authorization} if authorization is not None else {}
-    response = await app.client.request(method, path, json=sample_receipt("t-1") if method == "POST" else None,
-                                        headers=headers)
+    response = await app.client.request(
+        method, path, json=sample_receipt("t-1") if method == "POST" else None, headers=headers
+    )
     assert response.status == 401
     answer = await response.json()
     assert answer["error"]["code"] == "unauthorized"
@@ -60,8 +70,12 @@ async def test_every_endpoint_but_health_needs_the_token(app_factory: AppFactory
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 async def test_the_token_opens_every_endpoint(app_factory: AppFactory, method: str, path: str) -> None:
     app = await app_factory(api_token=TOKEN, ofd_url="http://127.0.0.1:9", ofd_timeout=0.5)
-    response = await app.client.request(method, path, json=sample_receipt("t-2") if method == "POST" else None,
-                                        headers={"Authorization": f"Bearer {TOKEN}"})
+    response = await app.client.request(
+        method,
+        path,
+        json=sample_receipt("t-2") if method == "POST" else None,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert response.status != 401
     Contract().check(method, path, response.status, response.content_type, await response.read())
 
@@ -96,6 +110,7 @@ def test_the_comparison_is_constant_time(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 # ---- where the token comes from, and listening beyond loopback ----
+
 
 def test_token_from_a_file_and_never_shown(tmp_path: Path) -> None:
     config = load(KKTD_API_TOKEN_FILE=str(token_file(tmp_path)))
@@ -134,9 +149,22 @@ def test_loopback_needs_no_token(listen: str) -> None:
 
 
 def test_kktd_serve_refuses_to_listen_beyond_loopback_without_a_token(tmp_path: Path) -> None:
-    result = subprocess.run([str(KKTD_BIN), "serve", "--config", os.devnull, "--db", str(tmp_path / "b.db"),
-                             "--listen", f"0.0.0.0:{free_port()}"], capture_output=True, text=True, timeout=60,
-                            env={k: v for k, v in os.environ.items() if not k.startswith("KKTD_")})
+    result = subprocess.run(
+        [
+            str(KKTD_BIN),
+            "serve",
+            "--config",
+            os.devnull,
+            "--db",
+            str(tmp_path / "b.db"),
+            "--listen",
+            f"0.0.0.0:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KKTD_")},
+    )
     assert result.returncode == EX_CONFIG
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "listen" in lines[0] and "api_token_file" in lines[0], result.stderr
@@ -148,15 +176,17 @@ def test_kktd_serve_listens_beyond_loopback_with_a_token(kktds: list[KktdProcess
     import urllib.request
 
     port = free_port()
-    kktd = KktdProcess(tmp_path / "buffer.db", port=port,
-                       extra_args=["--listen", f"0.0.0.0:{port}", "--api-token-file", str(token_file(tmp_path))])
+    kktd = KktdProcess(
+        tmp_path / "buffer.db",
+        port=port,
+        extra_args=["--listen", f"0.0.0.0:{port}", "--api-token-file", str(token_file(tmp_path))],
+    )
     kktds.append(kktd)
     kktd.start()
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{kktd.url}/v1/kkt/buffer/status", timeout=10)
     assert refused.value.code == 401
-    request = urllib.request.Request(f"{kktd.url}/v1/kkt/buffer/status",
-                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    request = urllib.request.Request(f"{kktd.url}/v1/kkt/buffer/status", headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert answer.status == 200
     assert TOKEN not in kktd.log()
@@ -164,11 +194,14 @@ def test_kktd_serve_listens_beyond_loopback_with_a_token(kktds: list[KktdProcess
 
 # ---- dead letters: customer contacts ----
 
+
 async def dead_letter_with_contact(app: Any, key: str, contact: str) -> str:
     body = dict(sample_receipt(key), customer_contact=contact)
-    response = await app.client.post("/v1/kkt/receipt", json=body,
-                                     headers={"Authorization": f"Bearer {TOKEN}"} if app.services.config.api_token
-                                     else {})
+    response = await app.client.post(
+        "/v1/kkt/receipt",
+        json=body,
+        headers={"Authorization": f"Bearer {TOKEN}"} if app.services.config.api_token else {},
+    )
     receipt_id = (await response.json())["receipt_id"]
     await app.store.settle([Refused(receipt_id, "test", "refused by the access test")])
     return str(receipt_id)
@@ -183,8 +216,7 @@ async def test_dead_letters_mask_contacts_without_a_configured_token(app_factory
     contacts = [letter["receipt"]["customer_contact"] for letter in listing["dead_letters"]]
     assert listing["contacts_masked"] is True
     assert contacts == ["b***@example.ru", "+7999***4567"]
-    Contract().check("GET", "/v1/kkt/dlq", response.status, response.content_type,
-                     json_bytes(listing))
+    Contract().check("GET", "/v1/kkt/dlq", response.status, response.content_type, json_bytes(listing))
 
 
 async def test_dead_letters_show_contacts_to_the_token(app_factory: AppFactory) -> None:
@@ -204,9 +236,11 @@ def json_bytes(value: Any) -> bytes:
 
 # ---- one receipt and the export: customer contacts ----
 
+
 async def receipt_with_contact(app: Any, key: str, contact: str, headers: dict[str, str]) -> str:
-    response = await app.client.post("/v1/kkt/receipt", json=dict(sample_receipt(key), customer_contact=contact),
-                                     headers=headers)
+    response = await app.client.post(
+        "/v1/kkt/receipt", json=dict(sample_receipt(key), customer_contact=contact), headers=headers
+    )
     assert response.status == 201
     return str((await response.json())["receipt_id"])
 
@@ -215,8 +249,9 @@ async def contacts_seen(app: Any, receipt_id: str, headers: dict[str, str]) -> t
     one = await (await app.client.get(f"/v1/kkt/receipt/{receipt_id}", headers=headers)).json()
     exported = await (await app.client.get("/v1/kkt/receipts", headers=headers)).text()
     # Sorted: receipts accepted in the same millisecond export in the order of their ids.
-    return one["receipt"]["customer_contact"], sorted(json.loads(line)["receipt"]["customer_contact"]
-                                                      for line in exported.splitlines())
+    return one["receipt"]["customer_contact"], sorted(
+        json.loads(line)["receipt"]["customer_contact"] for line in exported.splitlines()
+    )
 
 
 async def test_receipt_and_export_mask_contacts_without_a_configured_token(app_factory: AppFactory) -> None:

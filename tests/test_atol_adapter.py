@@ -15,8 +15,22 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from kktd import seller
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    Refused,
+    Registered,
+    StillProcessing,
+    Undelivered,
+    UpstreamUnavailable,
+)
 from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt, validate_receipt
+from kktd.seller import inn_is_valid, parse_seller
 from kktd.upstreams import atol_v5
 from kktd.upstreams.atol_v5 import (
     NAME,
@@ -24,10 +38,6 @@ from kktd.upstreams.atol_v5 import (
     AtolOnlineV5,
     AtolSettings,
 )
-from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, NotRegistered, Outgoing, Refused, Registered,
-    StillProcessing, Undelivered, UpstreamUnavailable)
-from kktd import seller
-from kktd.seller import inn_is_valid, parse_seller
 from kktd.upstreams.atol_v5_mapping import Company
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
 from tests.support import free_port
@@ -38,8 +48,15 @@ PASSWORD = DEFAULT_PASSWORD
 
 def settings_for(url: str, **changes: Any) -> AtolSettings:
     company = Company(changes.pop("company_inn", DEFAULT_INN), "shop@example.ru", "https://shop.example.ru")
-    values: dict[str, Any] = dict(url=url, login=DEFAULT_LOGIN, password=PASSWORD, group_code=DEFAULT_GROUP,
-                                  company=company, concurrency=4, timeout=5.0)
+    values: dict[str, Any] = dict(
+        url=url,
+        login=DEFAULT_LOGIN,
+        password=PASSWORD,
+        group_code=DEFAULT_GROUP,
+        company=company,
+        concurrency=4,
+        timeout=5.0,
+    )
     values.update(changes)
     return AtolSettings(**values)
 
@@ -111,6 +128,7 @@ def awaiting(item: Outgoing, reg: Registered) -> AwaitingResult:
 
 # ---- the happy path and tokens ----
 
+
 async def test_submit_then_poll_fiscalizes_with_all_the_fiscal_data(atol: MockAtol, upstream: AtolOnlineV5) -> None:
     item = outgoing("k1")
     [reg] = await registered(upstream, item)
@@ -145,8 +163,7 @@ async def test_the_token_is_obtained_once_and_reused(atol: MockAtol, upstream: A
     assert atol.stats()["token_requests"] == 1 and upstream.tokens_obtained == 1
 
 
-async def test_an_expired_token_is_replaced_once_and_the_call_retried(atol: MockAtol,
-                                                                      upstream: AtolOnlineV5) -> None:
+async def test_an_expired_token_is_replaced_once_and_the_call_retried(atol: MockAtol, upstream: AtolOnlineV5) -> None:
     await registered(upstream, outgoing("before"))
     atol.state.expire_tokens()
     items = [outgoing(f"after{n}") for n in range(12)]
@@ -168,8 +185,7 @@ async def test_a_token_expiring_between_submit_and_poll(atol: MockAtol, upstream
     assert upstream.tokens_obtained == 2
 
 
-async def test_the_derived_external_id_is_what_atol_deduplicates_on(atol: MockAtol,
-                                                                   upstream: AtolOnlineV5) -> None:
+async def test_the_derived_external_id_is_what_atol_deduplicates_on(atol: MockAtol, upstream: AtolOnlineV5) -> None:
     item = outgoing("key-7", external_id="key-7.r1")
     [reg] = await registered(upstream, item)
     assert atol.state.by_external_id["key-7.r1"].uuid == reg.reference
@@ -178,8 +194,10 @@ async def test_the_derived_external_id_is_what_atol_deduplicates_on(atol: MockAt
 
 # ---- exactly once ----
 
+
 async def test_a_lost_registration_answer_is_retried_and_adopts_the_uuid_from_33(
-        atol: MockAtol, upstream: AtolOnlineV5) -> None:
+    atol: MockAtol, upstream: AtolOnlineV5
+) -> None:
     await upstream.submit([outgoing("warm")])  # a token first: getToken itself is never dropped
     atol.set_behaviour(drop_ratio=1.0)
     with pytest.raises(UpstreamUnavailable) as caught:
@@ -194,7 +212,8 @@ async def test_a_lost_registration_answer_is_retried_and_adopts_the_uuid_from_33
 
 
 async def test_some_answers_lost_in_a_batch_are_undelivered_the_others_registered(
-        atol: MockAtol, upstream: AtolOnlineV5) -> None:
+    atol: MockAtol, upstream: AtolOnlineV5
+) -> None:
     await upstream.submit([outgoing("warm")])
     atol.set_behaviour(drop_ratio=0.5, seed=4)
     items = [outgoing(f"b{n}") for n in range(20)]
@@ -237,12 +256,22 @@ async def test_an_inn_mismatch_at_the_kkt_is_refused_with_atols_code(atol: MockA
     assert isinstance(result, Refused) and result.code == "atol_2009"
 
 
-async def test_a_body_atol_refuses_is_refused_with_code_32_and_its_text(atol: MockAtol,
-                                                                       upstream: AtolOnlineV5) -> None:
+async def test_a_body_atol_refuses_is_refused_with_code_32_and_its_text(atol: MockAtol, upstream: AtolOnlineV5) -> None:
     # Beyond ATOL's item limit: intake would refuse it now, but a receipt stored earlier may be like this.
-    item = outgoing("big", items=[{"name": "Станок", "price": 5_000_000_000, "quantity": "1", "vat": "vat20",
-                                   "payment_method": "full_payment", "payment_object": "commodity"}],
-                    payments=[{"type": "electronic", "amount": 5_000_000_000}])
+    item = outgoing(
+        "big",
+        items=[
+            {
+                "name": "Станок",
+                "price": 5_000_000_000,
+                "quantity": "1",
+                "vat": "vat20",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            }
+        ],
+        payments=[{"type": "electronic", "amount": 5_000_000_000}],
+    )
     [result] = await upstream.submit([item])
     assert isinstance(result, Refused) and result.code == "atol_32" and "price" in result.message
     assert atol.stats()["registered"] == 0
@@ -255,6 +284,7 @@ async def test_a_poll_of_an_unknown_uuid_is_refused(atol: MockAtol, upstream: At
 
 
 # ---- failures: kinds ----
+
 
 async def test_5xx_is_maybe_sent_and_nothing_is_registered(atol: MockAtol, upstream: AtolOnlineV5) -> None:
     item = outgoing("e")
@@ -332,16 +362,25 @@ async def test_at_most_concurrency_requests_in_flight_for_submit_and_poll_togeth
 
 # ---- authentication problems: receipts wait, a person is told what to fix ----
 
-@pytest.mark.parametrize(("behaviour", "changes", "reason", "hint"), [
-    ({}, {"password": "wrong-password"}, "auth_failed", "atol_login"),
-    ({}, {"login": "nobody"}, "auth_failed", "password"),
-    ({"blocked": True}, {}, "user_blocked", "support"),
-    ({"group_v4": True}, {}, "group_not_v5", "FFD 1.2"),
-    ({}, {"group_code": "another-group"}, "group_mismatch", "atol_group_code"),
-])
+
+@pytest.mark.parametrize(
+    ("behaviour", "changes", "reason", "hint"),
+    [
+        ({}, {"password": "wrong-password"}, "auth_failed", "atol_login"),
+        ({}, {"login": "nobody"}, "auth_failed", "password"),
+        ({"blocked": True}, {}, "user_blocked", "support"),
+        ({"group_v4": True}, {}, "group_not_v5", "FFD 1.2"),
+        ({}, {"group_code": "another-group"}, "group_mismatch", "atol_group_code"),
+    ],
+)
 async def test_auth_failures_are_not_sent_with_an_operator_action(
-        atol: MockAtol, caplog: pytest.LogCaptureFixture, behaviour: dict[str, Any], changes: dict[str, Any],
-        reason: str, hint: str) -> None:
+    atol: MockAtol,
+    caplog: pytest.LogCaptureFixture,
+    behaviour: dict[str, Any],
+    changes: dict[str, Any],
+    reason: str,
+    hint: str,
+) -> None:
     atol.set_behaviour(**behaviour)
     async with AtolOnlineV5(settings_for(atol.url, **changes)) as upstream:
         for _ in range(2):  # the same answer each time; the log says it once
@@ -360,8 +399,9 @@ async def test_auth_failures_are_not_sent_with_an_operator_action(
         assert atol.stats()["registration_requests"] <= 6
 
 
-async def test_a_wrong_password_mid_drain_makes_the_unanswered_undelivered(atol: MockAtol,
-                                                                          upstream: AtolOnlineV5) -> None:
+async def test_a_wrong_password_mid_drain_makes_the_unanswered_undelivered(
+    atol: MockAtol, upstream: AtolOnlineV5
+) -> None:
     await registered(upstream, outgoing("ok"))
     atol.state.password = "changed-by-the-operator"
     atol.state.expire_tokens()
@@ -372,6 +412,7 @@ async def test_a_wrong_password_mid_drain_makes_the_unanswered_undelivered(atol:
 
 
 # ---- strict answer parsing ----
+
 
 def _garbage_app(register: web.Response | None = None, report: web.Response | None = None) -> web.Application:
     async def get_token(request: web.Request) -> web.Response:
@@ -396,27 +437,38 @@ def _json(status: int, body: Any) -> web.Response:
     return web.json_response(body, status=status)
 
 
-DONE_PAYLOAD = {"fiscal_receipt_number": 1, "shift_number": 1, "receipt_datetime": "01.12.2026 10:00:00",
-                "total": 244.3, "fn_number": "9999078900012345", "ecr_registration_number": "0000000001012345",
-                "fiscal_document_number": 5, "fiscal_document_attribute": 123, "fns_site": "www.nalog.gov.ru"}
+DONE_PAYLOAD = {
+    "fiscal_receipt_number": 1,
+    "shift_number": 1,
+    "receipt_datetime": "01.12.2026 10:00:00",
+    "total": 244.3,
+    "fn_number": "9999078900012345",
+    "ecr_registration_number": "0000000001012345",
+    "fiscal_document_number": 5,
+    "fiscal_document_attribute": 123,
+    "fns_site": "www.nalog.gov.ru",
+}
 
 
-@pytest.mark.parametrize(("what", "answer"), [
-    ("html 200", web.Response(text="<html>ok</html>", content_type="text/html")),
-    ("not json", web.Response(text="{", content_type="application/json")),
-    ("a list", _json(200, [])),
-    ("no uuid", _json(200, {"status": "wait", "error": None, "timestamp": "x"})),
-    ("uuid not a string", _json(200, {"uuid": 5, "status": "wait", "error": None})),
-    ("status done unknown", _json(200, {"uuid": "u", "status": "queued", "error": None})),
-    ("error not an object", _json(400, {"error": "bad", "status": "fail"})),
-    ("error code a string", _json(400, {"error": {"code": "33", "text": "x", "error_id": "e"}, "uuid": "u"})),
-    ("error code a boolean", _json(400, {"error": {"code": True, "text": "x", "error_id": "e"}})),
-    ("33 without uuid", _json(400, {"error": {"code": 33, "text": "dup", "error_id": "e"}})),
-    ("an unknown code", _json(400, {"error": {"code": 999, "text": "?", "error_id": "e"}})),
-    ("code 34 at registration", _json(200, {"error": {"code": 34, "text": "?", "error_id": "e"}})),
-    ("a redirect", web.Response(status=302, headers={"Location": "http://127.0.0.1:1/"})),
-    ("404 html", web.Response(status=404, text="not found", content_type="text/html")),
-])
+@pytest.mark.parametrize(
+    ("what", "answer"),
+    [
+        ("html 200", web.Response(text="<html>ok</html>", content_type="text/html")),
+        ("not json", web.Response(text="{", content_type="application/json")),
+        ("a list", _json(200, [])),
+        ("no uuid", _json(200, {"status": "wait", "error": None, "timestamp": "x"})),
+        ("uuid not a string", _json(200, {"uuid": 5, "status": "wait", "error": None})),
+        ("status done unknown", _json(200, {"uuid": "u", "status": "queued", "error": None})),
+        ("error not an object", _json(400, {"error": "bad", "status": "fail"})),
+        ("error code a string", _json(400, {"error": {"code": "33", "text": "x", "error_id": "e"}, "uuid": "u"})),
+        ("error code a boolean", _json(400, {"error": {"code": True, "text": "x", "error_id": "e"}})),
+        ("33 without uuid", _json(400, {"error": {"code": 33, "text": "dup", "error_id": "e"}})),
+        ("an unknown code", _json(400, {"error": {"code": 999, "text": "?", "error_id": "e"}})),
+        ("code 34 at registration", _json(200, {"error": {"code": 34, "text": "?", "error_id": "e"}})),
+        ("a redirect", web.Response(status=302, headers={"Location": "http://127.0.0.1:1/"})),
+        ("404 html", web.Response(status=404, text="not found", content_type="text/html")),
+    ],
+)
 async def test_off_protocol_registration_answers_are_bad_answers(what: str, answer: web.Response) -> None:
     async with _serve(_garbage_app(register=answer)) as url:
         async with AtolOnlineV5(settings_for(url)) as upstream:
@@ -426,25 +478,76 @@ async def test_off_protocol_registration_answers_are_bad_answers(what: str, answ
     assert "garbage-token" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("what", "answer"), [
-    ("done without payload", _json(200, {"uuid": "u-1", "status": "done", "error": None, "payload": None})),
-    ("done, document number 0", _json(200, {"uuid": "u-1", "status": "done", "error": None,
-                                            "payload": {**DONE_PAYLOAD, "fiscal_document_number": 0}})),
-    ("done, sign a string", _json(200, {"uuid": "u-1", "status": "done", "error": None,
-                                        "payload": {**DONE_PAYLOAD, "fiscal_document_attribute": "123"}})),
-    ("done, no fn_number", _json(200, {"uuid": "u-1", "status": "done", "error": None,
-                                       "payload": {k: v for k, v in DONE_PAYLOAD.items() if k != "fn_number"}})),
-    ("done for another uuid", _json(200, {"uuid": "u-2", "status": "done", "error": None,
-                                          "payload": DONE_PAYLOAD})),
-    ("done for another external_id", _json(200, {"uuid": "u-1", "external_id": "other", "status": "done",
-                                                 "error": None, "payload": DONE_PAYLOAD})),
-    ("done with an error", _json(200, {"uuid": "u-1", "status": "done", "payload": DONE_PAYLOAD,
-                                       "error": {"code": 1, "text": "?", "error_id": "e"}})),
-    ("fail without error", _json(200, {"uuid": "u-1", "status": "fail", "error": None})),
-    ("wait with another code", _json(200, {"uuid": "u-1", "status": "wait",
-                                           "error": {"code": 999, "text": "?", "error_id": "e"}})),
-    ("no status", _json(200, {"uuid": "u-1", "error": None})),
-])
+@pytest.mark.parametrize(
+    ("what", "answer"),
+    [
+        ("done without payload", _json(200, {"uuid": "u-1", "status": "done", "error": None, "payload": None})),
+        (
+            "done, document number 0",
+            _json(
+                200,
+                {
+                    "uuid": "u-1",
+                    "status": "done",
+                    "error": None,
+                    "payload": {**DONE_PAYLOAD, "fiscal_document_number": 0},
+                },
+            ),
+        ),
+        (
+            "done, sign a string",
+            _json(
+                200,
+                {
+                    "uuid": "u-1",
+                    "status": "done",
+                    "error": None,
+                    "payload": {**DONE_PAYLOAD, "fiscal_document_attribute": "123"},
+                },
+            ),
+        ),
+        (
+            "done, no fn_number",
+            _json(
+                200,
+                {
+                    "uuid": "u-1",
+                    "status": "done",
+                    "error": None,
+                    "payload": {k: v for k, v in DONE_PAYLOAD.items() if k != "fn_number"},
+                },
+            ),
+        ),
+        (
+            "done for another uuid",
+            _json(200, {"uuid": "u-2", "status": "done", "error": None, "payload": DONE_PAYLOAD}),
+        ),
+        (
+            "done for another external_id",
+            _json(
+                200, {"uuid": "u-1", "external_id": "other", "status": "done", "error": None, "payload": DONE_PAYLOAD}
+            ),
+        ),
+        (
+            "done with an error",
+            _json(
+                200,
+                {
+                    "uuid": "u-1",
+                    "status": "done",
+                    "payload": DONE_PAYLOAD,
+                    "error": {"code": 1, "text": "?", "error_id": "e"},
+                },
+            ),
+        ),
+        ("fail without error", _json(200, {"uuid": "u-1", "status": "fail", "error": None})),
+        (
+            "wait with another code",
+            _json(200, {"uuid": "u-1", "status": "wait", "error": {"code": 999, "text": "?", "error_id": "e"}}),
+        ),
+        ("no status", _json(200, {"uuid": "u-1", "error": None})),
+    ],
+)
 async def test_off_protocol_reports_are_bad_answers_never_fiscalized(what: str, answer: web.Response) -> None:
     async with _serve(_garbage_app(report=answer)) as url:
         async with AtolOnlineV5(settings_for(url)) as upstream:
@@ -453,14 +556,17 @@ async def test_off_protocol_reports_are_bad_answers_never_fiscalized(what: str, 
     assert caught.value.kind is FailureKind.BAD_ANSWER, what
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    ({"code": -1, "text": "queue timeout", "type": "timeout"}, NotRegistered),
-    ({"code": 1, "text": "queue timeout", "type": "timeout"}, NotRegistered),
-    ({"code": 36, "text": "date before the last document", "type": "driver"}, NotRegistered),
-    ({"code": 16, "text": "wrong price", "type": "driver"}, Refused),
-    ({"code": 177, "text": "closing interrupted", "type": "driver"}, Refused),
-    ({"code": 2007, "text": "wrong value", "type": "agent"}, Refused),
-])
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"code": -1, "text": "queue timeout", "type": "timeout"}, NotRegistered),
+        ({"code": 1, "text": "queue timeout", "type": "timeout"}, NotRegistered),
+        ({"code": 36, "text": "date before the last document", "type": "driver"}, NotRegistered),
+        ({"code": 16, "text": "wrong price", "type": "driver"}, Refused),
+        ({"code": 177, "text": "closing interrupted", "type": "driver"}, Refused),
+        ({"code": 2007, "text": "wrong value", "type": "agent"}, Refused),
+    ],
+)
 async def test_which_failures_mean_not_registered(error: dict[str, Any], expected: type) -> None:
     answer = _json(200, {"uuid": "u-1", "status": "fail", "error": {**error, "error_id": "e"}, "payload": None})
     async with _serve(_garbage_app(report=answer)) as url:
@@ -505,6 +611,7 @@ async def test_batch_limits() -> None:
 
 # ---- settings ----
 
+
 @pytest.fixture
 def password_file(tmp_path: Path) -> Path:
     path = tmp_path / "atol_password"
@@ -514,10 +621,15 @@ def password_file(tmp_path: Path) -> Path:
 
 def raw_settings(password_file: Path, **changes: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
-        "atol_url": "https://online.atol.ru/possystem/v5/", "atol_login": "shop-login",
-        "atol_group_code": "group_5179", "atol_password_file": str(password_file), "company_inn": "5544332219",
-        "company_email": "shop@example.ru", "company_payment_address": "https://shop.example.ru",
-        "upstream_concurrency": "8", "atol_timeout": "2.5s",
+        "atol_url": "https://online.atol.ru/possystem/v5/",
+        "atol_login": "shop-login",
+        "atol_group_code": "group_5179",
+        "atol_password_file": str(password_file),
+        "company_inn": "5544332219",
+        "company_email": "shop@example.ru",
+        "company_payment_address": "https://shop.example.ru",
+        "upstream_concurrency": "8",
+        "atol_timeout": "2.5s",
     }
     values.update(changes)
     return {k: v for k, v in values.items() if v is not None}
@@ -530,24 +642,32 @@ def atol_settings(values: dict[str, Any], environ: dict[str, str]) -> AtolSettin
 
 def test_settings_are_parsed(password_file: Path) -> None:
     settings = atol_settings(raw_settings(password_file), environ={})
-    assert settings == AtolSettings("https://online.atol.ru/possystem/v5", "shop-login", PASSWORD, "group_5179",
-                                    Company("5544332219", "shop@example.ru", "https://shop.example.ru"), 8, 2.5,
-                                    password_file)
+    assert settings == AtolSettings(
+        "https://online.atol.ru/possystem/v5",
+        "shop-login",
+        PASSWORD,
+        "group_5179",
+        Company("5544332219", "shop@example.ru", "https://shop.example.ru"),
+        8,
+        2.5,
+        password_file,
+    )
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.describe())
     assert "***" in repr(settings)
 
 
 def test_defaults(password_file: Path) -> None:
-    settings = atol_settings(raw_settings(password_file, atol_url=None, upstream_concurrency=None,
-                                          atol_timeout=None), environ={})
-    assert (settings.url, settings.concurrency, settings.timeout) == \
-        ("https://online.atol.ru/possystem/v5", 4, 10.0)
+    settings = atol_settings(
+        raw_settings(password_file, atol_url=None, upstream_concurrency=None, atol_timeout=None), environ={}
+    )
+    assert (settings.url, settings.concurrency, settings.timeout) == ("https://online.atol.ru/possystem/v5", 4, 10.0)
 
 
 def test_the_password_comes_from_systemd_credentials_when_no_file_is_set(tmp_path: Path) -> None:
     (tmp_path / "atol_password").write_text("from-credentials")
-    settings = atol_settings(raw_settings(tmp_path / "unused", atol_password_file=None),
-                             environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    settings = atol_settings(
+        raw_settings(tmp_path / "unused", atol_password_file=None), environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    )
     assert settings.password == "from-credentials"
 
 
@@ -557,27 +677,30 @@ def test_no_password_at_all_names_the_key(password_file: Path) -> None:
     assert str(caught.value).startswith("atol_password_file:")
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("atol_url", "ftp://online.atol.ru/"),
-    ("atol_url", "online.atol.ru"),
-    ("atol_url", "https://user:secret@online.atol.ru/possystem/v5"),
-    ("atol_url", "https://online.atol.ru/possystem/v5?x=1"),
-    ("atol_login", "two words"),
-    ("atol_login", ""),
-    ("atol_group_code", "group/../x"),
-    ("company_inn", "5544332218"),  # a check digit off
-    ("company_inn", "554433221"),
-    ("company_inn", "500100732258"),
-    ("company_inn", "55443322１9"),
-    ("company_email", "shop.example.ru"),
-    ("company_email", "a" * 60 + "@example.ru"),
-    ("company_payment_address", " "),
-    ("company_payment_address", "x" * 257),
-    ("upstream_concurrency", "0"),
-    ("upstream_concurrency", "many"),
-    ("atol_timeout", "forever"),
-    ("atol_timeout", "0"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("atol_url", "ftp://online.atol.ru/"),
+        ("atol_url", "online.atol.ru"),
+        ("atol_url", "https://user:secret@online.atol.ru/possystem/v5"),
+        ("atol_url", "https://online.atol.ru/possystem/v5?x=1"),
+        ("atol_login", "two words"),
+        ("atol_login", ""),
+        ("atol_group_code", "group/../x"),
+        ("company_inn", "5544332218"),  # a check digit off
+        ("company_inn", "554433221"),
+        ("company_inn", "500100732258"),
+        ("company_inn", "55443322１9"),
+        ("company_email", "shop.example.ru"),
+        ("company_email", "a" * 60 + "@example.ru"),
+        ("company_payment_address", " "),
+        ("company_payment_address", "x" * 257),
+        ("upstream_concurrency", "0"),
+        ("upstream_concurrency", "many"),
+        ("atol_timeout", "forever"),
+        ("atol_timeout", "0"),
+    ],
+)
 def test_each_bad_value_is_a_config_error_naming_its_key(password_file: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         atol_settings(raw_settings(password_file, **{key: value}), environ={})
@@ -585,8 +708,9 @@ def test_each_bad_value_is_a_config_error_naming_its_key(password_file: Path, ke
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("key", ["atol_login", "atol_group_code", "company_inn", "company_email",
-                                 "company_payment_address"])
+@pytest.mark.parametrize(
+    "key", ["atol_login", "atol_group_code", "company_inn", "company_email", "company_payment_address"]
+)
 def test_required_settings(password_file: Path, key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         atol_settings(raw_settings(password_file, **{key: None}), environ={})
@@ -630,11 +754,21 @@ def test_a_password_file_readable_only_by_others(tmp_path: Path) -> None:
         atol_settings(raw_settings(path), environ={})
 
 
-@pytest.mark.parametrize(("inn", "valid"), [
-    ("5544332219", True), ("7707083893", True), ("500100732259", True), ("7830002293", True),
-    ("5544332210", False), ("500100732250", False), ("500100732209", False), ("0000000000", True),
-    ("12345", False), ("abcdefghij", False),
-])
+@pytest.mark.parametrize(
+    ("inn", "valid"),
+    [
+        ("5544332219", True),
+        ("7707083893", True),
+        ("500100732259", True),
+        ("7830002293", True),
+        ("5544332210", False),
+        ("500100732250", False),
+        ("500100732209", False),
+        ("0000000000", True),
+        ("12345", False),
+        ("abcdefghij", False),
+    ],
+)
 def test_inn_check_digits(inn: str, valid: bool) -> None:
     assert inn_is_valid(inn) is valid
 

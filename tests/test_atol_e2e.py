@@ -115,8 +115,7 @@ def assert_exactly_once(kktd: KktdProcess, mock: MockAtolProcess, receipt_ids: d
         registrations = view["upstream"]["registrations"]
         key = view["idempotency_key"]
         assert view["upstream"]["external_id"] == (key if registrations == 0 else f"{key}~{registrations}")
-    problems = fiscalized_once(list(documents.values()),
-                               {v["receipt_id"]: v["upstream"]["external_id"] for v in views})
+    problems = fiscalized_once(list(documents.values()), {v["receipt_id"]: v["upstream"]["external_id"] for v in views})
     assert not problems, problems
     stats = mock.stats()
     assert stats["fiscalized"] == len(receipt_ids), stats
@@ -127,8 +126,10 @@ def assert_exactly_once(kktd: KktdProcess, mock: MockAtolProcess, receipt_ids: d
 
 # ---- offline, then online ----
 
-def test_offline_for_a_while_then_every_receipt_is_fiscalized_once(tmp_path: Path, mock: MockAtolProcess,
-                                                                   kktds: list[KktdProcess]) -> None:
+
+def test_offline_for_a_while_then_every_receipt_is_fiscalized_once(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     kktd = start_kktd(tmp_path, mock, kktds)  # the mock is not running yet: connection refused
     ids = post(kktd, receipts_with_contact("offline", 60))
     wait_until(lambda: get(kktd, "/v1/kkt/buffer/status")["sync"]["last_error"], 20, "a failed attempt")
@@ -140,8 +141,9 @@ def test_offline_for_a_while_then_every_receipt_is_fiscalized_once(tmp_path: Pat
     assert health(kktd)["status"] == "ok"
 
 
-def test_offline_mock_connections_reset_then_back(tmp_path: Path, mock: MockAtolProcess,
-                                                  kktds: list[KktdProcess]) -> None:
+def test_offline_mock_connections_reset_then_back(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start(offline=True)
     kktd = start_kktd(tmp_path, mock, kktds)
     ids = post(kktd, receipts_with_contact("reset", 40))
@@ -154,8 +156,10 @@ def test_offline_mock_connections_reset_then_back(tmp_path: Path, mock: MockAtol
 
 # ---- faults while draining ----
 
-def test_lost_registration_answers_are_retried_and_adopt_the_uuid(tmp_path: Path, mock: MockAtolProcess,
-                                                                  kktds: list[KktdProcess]) -> None:
+
+def test_lost_registration_answers_are_retried_and_adopt_the_uuid(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start(drop_ratio=0.5, seed=3)
     kktd = start_kktd(tmp_path, mock, kktds)
     ids = post(kktd, receipts_with_contact("lost", 60))
@@ -198,8 +202,9 @@ def test_wait_for_several_polls(tmp_path: Path, mock: MockAtolProcess, kktds: li
     assert all(d["polls"] == 4 for d in mock.documents()), mock.documents()[:2]
 
 
-def test_fail_minus_one_is_registered_again_under_a_new_external_id(tmp_path: Path, mock: MockAtolProcess,
-                                                                    kktds: list[KktdProcess]) -> None:
+def test_fail_minus_one_is_registered_again_under_a_new_external_id(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start(fail_ratio=0.4, seed=5)
     kktd = start_kktd(tmp_path, mock, kktds)
     ids = post(kktd, receipts_with_contact("fail", 50))
@@ -212,8 +217,9 @@ def test_fail_minus_one_is_registered_again_under_a_new_external_id(tmp_path: Pa
     assert stats["documents"] == 50 + stats["failed"]
 
 
-def test_5xx_dead_letters_nothing_and_the_drain_resumes(tmp_path: Path, mock: MockAtolProcess,
-                                                        kktds: list[KktdProcess]) -> None:
+def test_5xx_dead_letters_nothing_and_the_drain_resumes(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start()
     kktd = start_kktd(tmp_path, mock, kktds)
     warm = post(kktd, receipts_with_contact("warm", 1))  # a token first
@@ -227,8 +233,9 @@ def test_5xx_dead_letters_nothing_and_the_drain_resumes(tmp_path: Path, mock: Mo
     assert_exactly_once(kktd, mock, {**warm, **ids})
 
 
-def test_slow_answers_beyond_the_timeout_are_maybe_sent_and_settle_via_33(tmp_path: Path, mock: MockAtolProcess,
-                                                                          kktds: list[KktdProcess]) -> None:
+def test_slow_answers_beyond_the_timeout_are_maybe_sent_and_settle_via_33(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     # Every new registration is stored, then answered after the client's timeout: kktd cannot know whether
     # it got through, sends it again with the same external id, and adopts the uuid of error 33.
     mock.start(delay_s=0.1, answer_delay_s=1.0)
@@ -241,8 +248,10 @@ def test_slow_answers_beyond_the_timeout_are_maybe_sent_and_settle_via_33(tmp_pa
 
 # ---- the upstream refuses kktd itself ----
 
-def test_a_wrong_password_dead_letters_nothing_warns_and_says_what_to_fix(tmp_path: Path, mock: MockAtolProcess,
-                                                                          kktds: list[KktdProcess]) -> None:
+
+def test_a_wrong_password_dead_letters_nothing_warns_and_says_what_to_fix(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start()
     wrong = tmp_path / "wrong_password"
     wrong.write_text("not-the-password\n")
@@ -264,8 +273,9 @@ def test_a_wrong_password_dead_letters_nothing_warns_and_says_what_to_fix(tmp_pa
     assert health(kktd)["status"] == "ok"
 
 
-def test_a_password_fixed_in_its_file_applies_on_reload(tmp_path: Path, mock: MockAtolProcess,
-                                                        kktds: list[KktdProcess]) -> None:
+def test_a_password_fixed_in_its_file_applies_on_reload(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start()
     password_file = tmp_path / "operator_password"
     password_file.write_text("typo-in-the-password\n")
@@ -279,8 +289,9 @@ def test_a_password_fixed_in_its_file_applies_on_reload(tmp_path: Path, mock: Mo
     assert "typo-in-the-password" not in kktd.log()
 
 
-def test_a_blocked_user_waits_and_drains_once_unblocked(tmp_path: Path, mock: MockAtolProcess,
-                                                        kktds: list[KktdProcess]) -> None:
+def test_a_blocked_user_waits_and_drains_once_unblocked(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start(blocked=True)
     kktd = start_kktd(tmp_path, mock, kktds)
     ids = post(kktd, receipts_with_contact("blocked", 20))
@@ -294,8 +305,10 @@ def test_a_blocked_user_waits_and_drains_once_unblocked(tmp_path: Path, mock: Mo
 
 # ---- SIGKILL ----
 
-def test_sigkill_between_registration_and_commit_of_the_uuid(tmp_path: Path, mock: MockAtolProcess,
-                                                             kktds: list[KktdProcess]) -> None:
+
+def test_sigkill_between_registration_and_commit_of_the_uuid(
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     mock.start(answer_delay_s=30.0)
     kktd = start_kktd(tmp_path, mock, kktds)
     ids = post(kktd, receipts_with_contact("held", 10))
@@ -310,8 +323,7 @@ def test_sigkill_between_registration_and_commit_of_the_uuid(tmp_path: Path, moc
     assert mock.stats()["duplicates"] >= 1  # the registration resent after the crash adopted the uuid
 
 
-def test_sigkill_at_random_moments_of_a_drain(tmp_path: Path, mock: MockAtolProcess,
-                                              kktds: list[KktdProcess]) -> None:
+def test_sigkill_at_random_moments_of_a_drain(tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]) -> None:
     seed = 20261201
     rng = random.Random(seed)
     mock.start(wait_polls=1, fail_ratio=0.1, drop_ratio=0.1, delay_s=0.002, seed=seed)
@@ -321,7 +333,7 @@ def test_sigkill_at_random_moments_of_a_drain(tmp_path: Path, mock: MockAtolProc
         stats = mock.stats()
         target = stats["registration_requests"] + stats["report_requests"] + rng.randint(1, 120)
 
-        def progressed() -> bool:
+        def progressed(target: int = target) -> bool:
             now = mock.stats()
             return now["registration_requests"] + now["report_requests"] >= target or now["fiscalized"] >= 200
 
@@ -335,8 +347,10 @@ def test_sigkill_at_random_moments_of_a_drain(tmp_path: Path, mock: MockAtolProc
 
 # ---- a v1 buffer ----
 
+
 def test_a_v1_database_with_pending_receipts_is_migrated_and_drained_through_atol(
-        tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]) -> None:
+    tmp_path: Path, mock: MockAtolProcess, kktds: list[KktdProcess]
+) -> None:
     make_v1_database(tmp_path / "buffer.db", pending=25, sent=5)  # receipts of kktd's own OFD protocol era
     mock.start(wait_polls=1)
     # Retention would prune the v1 era's sent receipts (2023): keep them, to show they are left alone.

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from kktd import receipt as receipt_module
 from kktd.receipt import ReceiptInvalid, validate_receipt
@@ -41,7 +42,7 @@ COMPANY = Company("5544332219", "shop@example.ru", "https://shop.example.ru")
 MSK = timezone(timedelta(hours=3))
 ACCEPTED_MS = 1_764_579_600_123  # 01.12.2025 12:00:00.123 in Moscow
 # A JSON number as the mapping writes it: no exponent, no sign, no trailing zero after the point.
-NUMBER_TOKEN_RE = re.compile(r'(?<=[:\[,])(-?[0-9][0-9.eE+-]*)(?=[,\]}])')
+NUMBER_TOKEN_RE = re.compile(r"(?<=[:\[,])(-?[0-9][0-9.eE+-]*)(?=[,\]}])")
 CANONICAL_NUMBER_RE = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]*[1-9])?")
 
 texts = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=128).filter(str.strip)
@@ -93,8 +94,10 @@ def atol_receipts(draw: st.DrawFn) -> dict[str, Any]:
         "customer_contact": draw(contacts),
     }
     if draw(st.booleans()):
-        body["cashier"] = {"name": draw(texts.map(lambda t: t[:64]).filter(str.strip)),
-                           "inn": draw(st.from_regex(r"\A[0-9]{12}\Z"))}
+        body["cashier"] = {
+            "name": draw(texts.map(lambda t: t[:64]).filter(str.strip)),
+            "inn": draw(st.from_regex(r"\A[0-9]{12}\Z")),
+        }
     return body
 
 
@@ -139,8 +142,12 @@ def test_every_valid_receipt_maps_to_an_exact_body_atol_accepts(raw: dict[str, A
     assert total == Decimal(canonical["total"]) / cents
     assert sum(_as_decimal(i["sum"]) for i in atol["items"]) == total
     assert sum(_as_decimal(p["sum"]) for p in atol["payments"]) == total
-    assert atol["company"] == {"email": COMPANY.email, "sno": canonical["taxation"], "inn": COMPANY.inn,
-                               "payment_address": COMPANY.payment_address}
+    assert atol["company"] == {
+        "email": COMPANY.email,
+        "sno": canonical["taxation"],
+        "inn": COMPANY.inn,
+        "payment_address": COMPANY.payment_address,
+    }
     contact = canonical["customer_contact"]
     assert atol["client"] == ({"phone": contact} if contact.startswith("+") else {"email": contact})
     cashier = canonical.get("cashier", {})
@@ -163,10 +170,19 @@ def test_kopecks_to_rubles_is_exact_and_shortest(kopecks: int) -> None:
     assert len(text.partition(".")[2]) <= 2
 
 
-@pytest.mark.parametrize(("kopecks", "text"), [
-    (24430, "244.3"), (24400, "244"), (5, "0.05"), (0, "0"), (1, "0.01"), (10, "0.1"),
-    (4_294_967_295, "42949672.95"), (9_999_999_999, "99999999.99"),
-])
+@pytest.mark.parametrize(
+    ("kopecks", "text"),
+    [
+        (24430, "244.3"),
+        (24400, "244"),
+        (5, "0.05"),
+        (0, "0"),
+        (1, "0.01"),
+        (10, "0.1"),
+        (4_294_967_295, "42949672.95"),
+        (9_999_999_999, "99999999.99"),
+    ],
+)
 def test_kopecks_to_rubles_examples(kopecks: int, text: str) -> None:
     assert kopecks_to_rubles(kopecks) == text
 
@@ -177,9 +193,16 @@ def test_kopecks_to_rubles_refuses_what_is_not_kopecks(bad: Any) -> None:
         kopecks_to_rubles(bad)
 
 
-@pytest.mark.parametrize(("quantity", "text"), [
-    ("1.000", "1"), ("2.500", "2.5"), ("0.001", "0.001"), ("99999.999", "99999.999"), ("10.250", "10.25"),
-])
+@pytest.mark.parametrize(
+    ("quantity", "text"),
+    [
+        ("1.000", "1"),
+        ("2.500", "2.5"),
+        ("0.001", "0.001"),
+        ("99999.999", "99999.999"),
+        ("10.250", "10.25"),
+    ],
+)
 def test_quantity_numbers(quantity: str, text: str) -> None:
     assert quantity_number(quantity) == text
 
@@ -187,7 +210,7 @@ def test_quantity_numbers(quantity: str, text: str) -> None:
 def test_encode_json_never_writes_a_float() -> None:
     with pytest.raises(TypeError):
         encode_json({"price": 0.1})
-    assert encode_json({"a": [kopecks_to_rubles(10), "x\"y", None, True, 3]}) == '{"a":[0.1,"x\\"y",null,true,3]}'
+    assert encode_json({"a": [kopecks_to_rubles(10), 'x"y', None, True, 3]}) == '{"a":[0.1,"x\\"y",null,true,3]}'
 
 
 def test_every_enum_value_is_mapped_to_what_atol_knows() -> None:
@@ -207,18 +230,25 @@ def test_every_enum_value_is_mapped_to_what_atol_knows() -> None:
 
 
 def test_the_v5_integers_are_the_specifications() -> None:
-    assert PAYMENT_OBJECT_CODES == {"commodity": 1, "excise": 2, "job": 3, "service": 4, "payment": 10,
-                                    "another": 13}
+    assert PAYMENT_OBJECT_CODES == {"commodity": 1, "excise": 2, "job": 3, "service": 4, "payment": 10, "another": 13}
     assert PAYMENT_TYPE_CODES == {"cash": 0, "electronic": 1, "prepaid": 2, "credit": 3, "other": 4}
-    assert (MEASURE_CODES["piece"], MEASURE_CODES["kilogram"], MEASURE_CODES["liter"], MEASURE_CODES["other"]) \
-        == (0, 11, 41, 255)
-    assert ATOL_OPERATIONS == {"sale": "sell", "sale_refund": "sell_refund", "purchase": "buy",
-                               "purchase_refund": "buy_refund"}
+    assert (MEASURE_CODES["piece"], MEASURE_CODES["kilogram"], MEASURE_CODES["liter"], MEASURE_CODES["other"]) == (
+        0,
+        11,
+        41,
+        255,
+    )
+    assert ATOL_OPERATIONS == {
+        "sale": "sell",
+        "sale_refund": "sell_refund",
+        "purchase": "buy",
+        "purchase_refund": "buy_refund",
+    }
 
 
 def test_timestamp_is_the_acceptance_time_in_local_time() -> None:
     assert atol_timestamp(ACCEPTED_MS, MSK) == "01.12.2025 12:00:00"
-    assert atol_timestamp(ACCEPTED_MS, timezone.utc) == "01.12.2025 09:00:00"
+    assert atol_timestamp(ACCEPTED_MS, UTC) == "01.12.2025 09:00:00"
     assert re.fullmatch(r"\d\d\.\d\d\.\d{4} \d\d:\d\d:\d\d", atol_timestamp(ACCEPTED_MS))
 
 
@@ -244,25 +274,51 @@ def test_intake_requires_a_customer_contact() -> None:
 
 @given(st.integers(MAX_ITEM_KOPECKS + 1, receipt_module.MAX_AMOUNT - 1))
 def test_intake_refuses_an_item_beyond_atols_price_limit(price: int) -> None:
-    body = _sample(items=[{"name": "x", "price": price, "quantity": "1", "vat": "none",
-                           "payment_method": "full_payment", "payment_object": "service"}],
-                   payments=[{"type": "cash", "amount": price}])
+    body = _sample(
+        items=[
+            {
+                "name": "x",
+                "price": price,
+                "quantity": "1",
+                "vat": "none",
+                "payment_method": "full_payment",
+                "payment_object": "service",
+            }
+        ],
+        payments=[{"type": "cash", "amount": price}],
+    )
     error = _intake_error(body)
     assert (error.code, error.field) == ("amount_out_of_range", "items[0].price")
 
 
 def test_intake_refuses_an_item_sum_beyond_the_limit_even_with_a_price_within() -> None:
     price = 100_000_000  # 1,000,000 rubles x 5000 = beyond 42,949,672.95
-    body = _sample(items=[{"name": "x", "price": price, "quantity": "5000", "vat": "none",
-                           "payment_method": "full_payment", "payment_object": "service"}],
-                   payments=[{"type": "cash", "amount": price * 5000}])
+    body = _sample(
+        items=[
+            {
+                "name": "x",
+                "price": price,
+                "quantity": "5000",
+                "vat": "none",
+                "payment_method": "full_payment",
+                "payment_object": "service",
+            }
+        ],
+        payments=[{"type": "cash", "amount": price * 5000}],
+    )
     error = _intake_error(body)
     assert (error.code, error.field) == ("amount_out_of_range", "items[0].sum")
 
 
 def test_intake_refuses_a_total_beyond_eight_digits_of_rubles() -> None:
-    item = {"name": "x", "price": MAX_ITEM_KOPECKS, "quantity": "1", "vat": "none",
-            "payment_method": "full_payment", "payment_object": "service"}
+    item = {
+        "name": "x",
+        "price": MAX_ITEM_KOPECKS,
+        "quantity": "1",
+        "vat": "none",
+        "payment_method": "full_payment",
+        "payment_object": "service",
+    }
     body = _sample(items=[item] * 3, payments=[{"type": "cash", "amount": 3 * MAX_ITEM_KOPECKS}])
     error = _intake_error(body)
     assert (error.code, error.field) == ("amount_out_of_range", "items")
@@ -270,9 +326,19 @@ def test_intake_refuses_a_total_beyond_eight_digits_of_rubles() -> None:
 
 @given(st.integers(MAX_QUANTITY_MILLI + 1, 999_999_999_999))
 def test_intake_refuses_a_quantity_beyond_atols_limit(milli: int) -> None:
-    body = _sample(items=[{"name": "x", "price": 0, "quantity": f"{milli // 1000}.{milli % 1000:03d}",
-                           "vat": "none", "payment_method": "full_payment", "payment_object": "service"}],
-                   payments=[{"type": "cash", "amount": 0}])
+    body = _sample(
+        items=[
+            {
+                "name": "x",
+                "price": 0,
+                "quantity": f"{milli // 1000}.{milli % 1000:03d}",
+                "vat": "none",
+                "payment_method": "full_payment",
+                "payment_object": "service",
+            }
+        ],
+        payments=[{"type": "cash", "amount": 0}],
+    )
     error = _intake_error(body)
     assert (error.code, error.field) == ("quantity_out_of_range", "items[0].quantity")
 

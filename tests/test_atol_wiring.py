@@ -10,14 +10,16 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kktd import cli, config as config_module
+from kktd import cli
+from kktd import config as config_module
 from kktd.app import assemble
 from kktd.errors import ConfigError
 from kktd.receipt import sample_receipt
@@ -38,9 +40,13 @@ def password_file(tmp_path: Path) -> Path:
 
 def atol_environ(password_file: Path | None, **changes: str) -> dict[str, str]:
     environ = {
-        "KKTD_CONFIG": os.devnull, "KKTD_UPSTREAM": "atol-online-v5", "KKTD_ATOL_LOGIN": "shop-login",
-        "KKTD_ATOL_GROUP_CODE": "group-1", "KKTD_COMPANY_INN": "5544332219",
-        "KKTD_COMPANY_EMAIL": "shop@example.ru", "KKTD_COMPANY_PAYMENT_ADDRESS": "https://shop.example.ru",
+        "KKTD_CONFIG": os.devnull,
+        "KKTD_UPSTREAM": "atol-online-v5",
+        "KKTD_ATOL_LOGIN": "shop-login",
+        "KKTD_ATOL_GROUP_CODE": "group-1",
+        "KKTD_COMPANY_INN": "5544332219",
+        "KKTD_COMPANY_EMAIL": "shop@example.ru",
+        "KKTD_COMPANY_PAYMENT_ADDRESS": "https://shop.example.ru",
     }
     if password_file is not None:
         environ["KKTD_ATOL_PASSWORD_FILE"] = str(password_file)
@@ -49,28 +55,47 @@ def atol_environ(password_file: Path | None, **changes: str) -> dict[str, str]:
 
 
 def test_the_settings_come_from_the_environment(password_file: Path) -> None:
-    config = config_module.load(None, environ=atol_environ(password_file, KKTD_UPSTREAM_CONCURRENCY="9",
-                                                           KKTD_ATOL_TIMEOUT="2s"))
+    config = config_module.load(
+        None, environ=atol_environ(password_file, KKTD_UPSTREAM_CONCURRENCY="9", KKTD_ATOL_TIMEOUT="2s")
+    )
     settings = config.upstream_settings
     assert isinstance(settings, AtolSettings)
-    assert (settings.login, settings.group_code, settings.password, settings.concurrency, settings.timeout) == \
-        ("shop-login", "group-1", PASSWORD, 9, 2.0)
+    assert (settings.login, settings.group_code, settings.password, settings.concurrency, settings.timeout) == (
+        "shop-login",
+        "group-1",
+        PASSWORD,
+        9,
+        2.0,
+    )
     assert settings.url == "https://online.atol.ru/possystem/v5"
 
 
 def test_flags_override_the_file(tmp_path: Path, password_file: Path) -> None:
     toml = tmp_path / "kktd.toml"
-    toml.write_text('upstream = "atol-online-v5"\natol_login = "from-file"\natol_group_code = "g"\n'
-                    f'atol_password_file = "{password_file}"\ncompany_inn = "7707083893"\n'
-                    'company_email = "a@b.ru"\ncompany_payment_address = "shop.ru"\n')
+    toml.write_text(
+        'upstream = "atol-online-v5"\natol_login = "from-file"\natol_group_code = "g"\n'
+        f'atol_password_file = "{password_file}"\ncompany_inn = "7707083893"\n'
+        'company_email = "a@b.ru"\ncompany_payment_address = "shop.ru"\n'
+    )
     parser = argparse.ArgumentParser()
     config_module.add_arguments(parser)
-    args = parser.parse_args(["--config", str(toml), "--atol-login", "from-flag", "--atol-url",
-                              "https://fiscalization.evotor.ru/possystem/v5/"])
+    args = parser.parse_args(
+        [
+            "--config",
+            str(toml),
+            "--atol-login",
+            "from-flag",
+            "--atol-url",
+            "https://fiscalization.evotor.ru/possystem/v5/",
+        ]
+    )
     settings = config_module.load(args, environ={}).upstream_settings
     assert isinstance(settings, AtolSettings)
-    assert (settings.login, settings.company.inn, settings.url) == \
-        ("from-flag", "7707083893", "https://fiscalization.evotor.ru/possystem/v5")
+    assert (settings.login, settings.company.inn, settings.url) == (
+        "from-flag",
+        "7707083893",
+        "https://fiscalization.evotor.ru/possystem/v5",
+    )
 
 
 def test_the_password_from_systemd_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,21 +120,29 @@ def test_kktd_ofd_ignores_the_atol_settings(password_file: Path) -> None:
     assert not isinstance(config.upstream_settings, AtolSettings)
 
 
-@pytest.mark.parametrize(("variable", "value", "key"), [
-    ("KKTD_COMPANY_INN", "5544332218", "company_inn"),
-    ("KKTD_COMPANY_INN", "12345", "company_inn"),
-    ("KKTD_COMPANY_EMAIL", "shop", "company_email"),
-    ("KKTD_ATOL_URL", "online.atol.ru", "atol_url"),
-    ("KKTD_ATOL_URL", "https://u:p@online.atol.ru/possystem/v5", "atol_url"),
-    ("KKTD_ATOL_LOGIN", "", "atol_login"),
-    ("KKTD_ATOL_GROUP_CODE", "a b", "atol_group_code"),
-    ("KKTD_UPSTREAM_CONCURRENCY", "0", "upstream_concurrency"),
-    ("KKTD_ATOL_TIMEOUT", "never", "atol_timeout"),
-    ("KKTD_ATOL_PASSWORD_FILE", "/nonexistent/atol_password", "atol_password_file"),
-])
-def test_check_config_exits_78_with_one_line_naming_the_key(password_file: Path, capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch, variable: str,
-                                                            value: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("KKTD_COMPANY_INN", "5544332218", "company_inn"),
+        ("KKTD_COMPANY_INN", "12345", "company_inn"),
+        ("KKTD_COMPANY_EMAIL", "shop", "company_email"),
+        ("KKTD_ATOL_URL", "online.atol.ru", "atol_url"),
+        ("KKTD_ATOL_URL", "https://u:p@online.atol.ru/possystem/v5", "atol_url"),
+        ("KKTD_ATOL_LOGIN", "", "atol_login"),
+        ("KKTD_ATOL_GROUP_CODE", "a b", "atol_group_code"),
+        ("KKTD_UPSTREAM_CONCURRENCY", "0", "upstream_concurrency"),
+        ("KKTD_ATOL_TIMEOUT", "never", "atol_timeout"),
+        ("KKTD_ATOL_PASSWORD_FILE", "/nonexistent/atol_password", "atol_password_file"),
+    ],
+)
+def test_check_config_exits_78_with_one_line_naming_the_key(
+    password_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    key: str,
+) -> None:
     for name, setting in atol_environ(password_file, **{variable: value}).items():
         monkeypatch.setenv(name, setting)
     assert cli.main(["check-config"]) == cli.EX_CONFIG
@@ -120,9 +153,9 @@ def test_check_config_exits_78_with_one_line_naming_the_key(password_file: Path,
     assert PASSWORD not in err
 
 
-def test_check_config_shows_the_settings_but_never_the_password(password_file: Path,
-                                                                capsys: pytest.CaptureFixture[str],
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_config_shows_the_settings_but_never_the_password(
+    password_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, setting in atol_environ(password_file).items():
         monkeypatch.setenv(name, setting)
     assert cli.main(["check-config"]) == cli.EX_OK
@@ -134,6 +167,7 @@ def test_check_config_shows_the_settings_but_never_the_password(password_file: P
 
 
 # ---- intake ----
+
 
 @pytest.fixture
 async def atol_kktd(tmp_path: Path, password_file: Path) -> AsyncIterator[TestClient]:
@@ -149,8 +183,13 @@ async def open_atol_kktd(tmp_path: Path) -> AsyncIterator[TestClient]:
         stack.push_async_callback(mock.close)
         mock_password = tmp_path / "mock_password"
         mock_password.write_text(DEFAULT_PASSWORD)
-        environ = atol_environ(mock_password, KKTD_ATOL_URL=mock.url, KKTD_ATOL_LOGIN=DEFAULT_LOGIN,
-                               KKTD_ATOL_GROUP_CODE=DEFAULT_GROUP, KKTD_COMPANY_INN=DEFAULT_INN)
+        environ = atol_environ(
+            mock_password,
+            KKTD_ATOL_URL=mock.url,
+            KKTD_ATOL_LOGIN=DEFAULT_LOGIN,
+            KKTD_ATOL_GROUP_CODE=DEFAULT_GROUP,
+            KKTD_COMPANY_INN=DEFAULT_INN,
+        )
         config = dataclasses.replace(config_module.load(None, environ=environ), db=tmp_path / "buffer.db")
         kktd = await assemble(config, stack)
         assert isinstance(kktd.upstream, AtolOnlineV5)
@@ -172,17 +211,50 @@ async def test_intake_accepts_a_receipt_atol_can_take(atol_kktd: TestClient) -> 
     assert response.status == 201, await response.text()
 
 
-@pytest.mark.parametrize(("changes", "code", "field"), [
-    ({"customer_contact": None}, "customer_contact_required", "customer_contact"),
-    ({"items": [{"name": "Станок", "price": 4_294_967_296, "quantity": "1", "vat": "vat20",
-                 "payment_method": "full_payment", "payment_object": "commodity"}],
-      "payments": [{"type": "electronic", "amount": 4_294_967_296}]}, "amount_out_of_range", "items[0].price"),
-    ({"items": [{"name": "Гвозди", "price": 1, "quantity": "100000", "vat": "vat20", "measure": "gram",
-                 "payment_method": "full_payment", "payment_object": "commodity"}],
-      "payments": [{"type": "cash", "amount": 100000}]}, "quantity_out_of_range", "items[0].quantity"),
-])
-async def test_intake_refuses_what_atol_is_certain_to_refuse(atol_kktd: TestClient, changes: dict[str, Any],
-                                                             code: str, field: str) -> None:
+@pytest.mark.parametrize(
+    ("changes", "code", "field"),
+    [
+        ({"customer_contact": None}, "customer_contact_required", "customer_contact"),
+        (
+            {
+                "items": [
+                    {
+                        "name": "Станок",
+                        "price": 4_294_967_296,
+                        "quantity": "1",
+                        "vat": "vat20",
+                        "payment_method": "full_payment",
+                        "payment_object": "commodity",
+                    }
+                ],
+                "payments": [{"type": "electronic", "amount": 4_294_967_296}],
+            },
+            "amount_out_of_range",
+            "items[0].price",
+        ),
+        (
+            {
+                "items": [
+                    {
+                        "name": "Гвозди",
+                        "price": 1,
+                        "quantity": "100000",
+                        "vat": "vat20",
+                        "measure": "gram",
+                        "payment_method": "full_payment",
+                        "payment_object": "commodity",
+                    }
+                ],
+                "payments": [{"type": "cash", "amount": 100000}],
+            },
+            "quantity_out_of_range",
+            "items[0].quantity",
+        ),
+    ],
+)
+async def test_intake_refuses_what_atol_is_certain_to_refuse(
+    atol_kktd: TestClient, changes: dict[str, Any], code: str, field: str
+) -> None:
     body = {k: v for k, v in _with_contact("bad-1", **changes).items() if v is not None}
     response = await atol_kktd.post("/v1/kkt/receipt", json=body)
     assert response.status == 422
@@ -223,10 +295,15 @@ async def test_intake_without_atol_takes_a_receipt_without_contact(app: Any) -> 
 
 # ---- the command ----
 
+
 def test_kktd_mock_atol_serves_until_sigterm() -> None:
     port = free_port()
-    proc = subprocess.Popen([str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         assert f"http://127.0.0.1:{port}/possystem/v5" in line

@@ -2,7 +2,8 @@
 connections plus 2,000 idle keep-alive connections, while a normal till keeps posting.
 
 Asserted: every request of the till is answered 201 within 1 s, every acknowledged receipt is stored, the
-log grows by less than 4 KB over the whole attack (besides the till's own intake lines), and every attacker connection is cut off within its
+log grows by less than 4 KB over the whole attack (besides the till's own intake lines), and every attacker
+connection is cut off within its
 deadline (idle_timeout for a request head or an idle keep-alive, body_timeout plus the short lingering for
 a body), earlier if the cap needs its place. The figures (connections held, the till's p99, log bytes)
 are printed for docs/hostile.md.
@@ -89,8 +90,10 @@ async def attack(port: int, attacker: Attacker) -> None:
         elif attacker.kind == "slow_header":
             writer.write(b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\n")
         else:
-            writer.write(b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 10000\r\n\r\n")
+            writer.write(
+                b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 10000\r\n\r\n"
+            )
             attacker.ready = time.monotonic()
         while not closed.done() and attacker.kind != "idle":
             await asyncio.wait([closed], timeout=PACE)  # the attack's own pace, not a synchronisation
@@ -123,8 +126,12 @@ def journal_fallbacks(kktd: KktdProcess) -> float:
     """kktd_journal_fallbacks_total from the daemon's /metrics."""
     with urllib.request.urlopen(f"{kktd.url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return next(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-                if sample.name == "kktd_journal_fallbacks_total")
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "kktd_journal_fallbacks_total"
+    )
 
 
 def raise_own_descriptor_limit(needed: int) -> None:
@@ -134,8 +141,11 @@ def raise_own_descriptor_limit(needed: int) -> None:
 
 
 async def run_attack(kktd: KktdProcess) -> tuple[list[Attacker], Till]:
-    attackers = ([Attacker("slow_header") for _ in range(SLOW_HEADER)] + [Attacker("slow_body") for _ in
-                 range(SLOW_BODY)] + [Attacker("idle") for _ in range(IDLE)])
+    attackers = (
+        [Attacker("slow_header") for _ in range(SLOW_HEADER)]
+        + [Attacker("slow_body") for _ in range(SLOW_BODY)]
+        + [Attacker("idle") for _ in range(IDLE)]
+    )
     till = Till()
     tasks = [asyncio.create_task(attack(kktd.port, attacker)) for attacker in attackers]
 
@@ -152,9 +162,18 @@ async def run_attack(kktd: KktdProcess) -> tuple[list[Attacker], Till]:
 
 def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tmp_path: Path) -> None:
     raise_own_descriptor_limit(IDLE + CAP * 3 + 512)
-    kktd = KktdProcess(tmp_path / "buffer.db", env={"KKTD_LOG_LEVEL": "info"},
-                       extra_args=["--max-connections", str(CAP), "--idle-timeout", f"{IDLE_TIMEOUT}s",
-                                   "--body-timeout", f"{BODY_TIMEOUT}s"])
+    kktd = KktdProcess(
+        tmp_path / "buffer.db",
+        env={"KKTD_LOG_LEVEL": "info"},
+        extra_args=[
+            "--max-connections",
+            str(CAP),
+            "--idle-timeout",
+            f"{IDLE_TIMEOUT}s",
+            "--body-timeout",
+            f"{BODY_TIMEOUT}s",
+        ],
+    )
     kktds.append(kktd)
     kktd.start()
     assert f"at most {CAP} client connections" in kktd.log()
@@ -163,8 +182,11 @@ def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tm
     attackers, till = asyncio.run(run_attack(kktd))
     # What the attack wrote: the till's own intake story (one line per group commit, kktd.store) is the
     # log doing its job, not the attack's doing.
-    attack_log = [line for line in kktd.log().encode()[log_before:].decode(errors="replace").splitlines()
-                  if "kktd.store: accepted" not in line]
+    attack_log = [
+        line
+        for line in kktd.log().encode()[log_before:].decode(errors="replace").splitlines()
+        if "kktd.store: accepted" not in line
+    ]
     log_bytes = sum(len(line.encode()) + 1 for line in attack_log)
 
     # The till: every receipt acknowledged, each within 1 s.
@@ -181,6 +203,7 @@ def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tm
                 async with session.get(f"{kktd.url}/v1/kkt/receipt/{answer['receipt_id']}") as response:
                     found.append(response.status)
             return found
+
     assert set(asyncio.run(all_stored())) == {200}
 
     # Every attacker cut off, within its deadline.
@@ -195,22 +218,39 @@ def test_slow_and_idle_clients_cannot_starve_a_till(kktds: list[KktdProcess], tm
     assert journal_fallbacks(kktd) == 0
 
     kktd.signal(signal.SIGUSR1)
-    line = wait_until(lambda: re.search(r"peak (\d+), dropped at the cap (\d+)", kktd.log()), 10,
-                      "the SIGUSR1 status line")
+    line = wait_until(
+        lambda: re.search(r"peak (\d+), dropped at the cap (\d+)", kktd.log()), 10, "the SIGUSR1 status line"
+    )
     peak, dropped = int(line.group(1)), int(line.group(2))
     assert peak <= CAP
-    print(json.dumps({"attackers": len(attackers), "slow_header": SLOW_HEADER, "slow_body": SLOW_BODY,
-                      "idle": IDLE, "cap": CAP, "held_at_peak": peak, "dropped_at_cap": dropped,
-                      "till_requests": len(till.latencies), "till_p50_ms": round(statistics.median(
-                          till.latencies) * 1000, 1), "till_p99_ms": round(p99 * 1000, 1),
-                      "till_max_ms": round(max(till.latencies) * 1000, 1), "log_bytes": log_bytes}))
+    print(
+        json.dumps(
+            {
+                "attackers": len(attackers),
+                "slow_header": SLOW_HEADER,
+                "slow_body": SLOW_BODY,
+                "idle": IDLE,
+                "cap": CAP,
+                "held_at_peak": peak,
+                "dropped_at_cap": dropped,
+                "till_requests": len(till.latencies),
+                "till_p50_ms": round(statistics.median(till.latencies) * 1000, 1),
+                "till_p99_ms": round(p99 * 1000, 1),
+                "till_max_ms": round(max(till.latencies) * 1000, 1),
+                "log_bytes": log_bytes,
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", ["slow_header", "slow_body", "idle"])
 def test_each_kind_is_cut_off_by_its_deadline_alone(kktds: list[KktdProcess], tmp_path: Path, kind: str) -> None:
     """Below the cap nothing is dropped to make room: the deadline itself closes the connection."""
-    kktd = KktdProcess(tmp_path / "buffer.db", env={"KKTD_LOG_LEVEL": "info"},
-                       extra_args=["--idle-timeout", f"{IDLE_TIMEOUT}s", "--body-timeout", f"{BODY_TIMEOUT}s"])
+    kktd = KktdProcess(
+        tmp_path / "buffer.db",
+        env={"KKTD_LOG_LEVEL": "info"},
+        extra_args=["--idle-timeout", f"{IDLE_TIMEOUT}s", "--body-timeout", f"{BODY_TIMEOUT}s"],
+    )
     kktds.append(kktd)
     kktd.start()
     attackers = [Attacker(kind) for _ in range(20)]

@@ -13,8 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,8 +33,7 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def wrk() -> str:
     path = shutil.which("wrk")
-    require(path is not None, "wrk is not installed (make test installs it; or: apt-get install wrk)",
-            as_root_too=True)
+    require(path is not None, "wrk is not installed (make test installs it; or: apt-get install wrk)", as_root_too=True)
     assert path is not None
     return path
 
@@ -44,11 +44,25 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory, wrk: str) -> Iterator[d
     require(SLOWSYNC.exists(), f"{SLOWSYNC} is missing (make test builds it; or: make slowsync)")
     # One run for both tests below (module scope): the harness is what is tested, not its figures.
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    argv = [sys.executable, str(RUN), "--quick", "--only", "intake", "--only", "sdcard", "--rounds", "1",
-            "--requests", str(REQUESTS), "--json", str(out)]
+    argv = [
+        sys.executable,
+        str(RUN),
+        "--quick",
+        "--only",
+        "intake",
+        "--only",
+        "sdcard",
+        "--rounds",
+        "1",
+        "--requests",
+        str(REQUESTS),
+        "--json",
+        str(out),
+    ]
     # Its own session: whatever happens here, the servers and wrk it started go with its process group.
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     finally:
@@ -64,7 +78,8 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory, wrk: str) -> Iterator[d
 def test_intake_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None:
     runs = bench_json["intake"]["runs"]
     assert sorted((r["arm"], r["connections"]) for r in runs) == sorted(
-        (arm, c) for arm in ("minimal", "bare", "naive", "kktd") for c in (1, 16, 64))
+        (arm, c) for arm in ("minimal", "bare", "naive", "kktd") for c in (1, 16, 64)
+    )
     for run in runs:
         where = f"{run['arm']} c{run['connections']}"
         assert run["finished"], where
@@ -81,7 +96,8 @@ def test_sdcard_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None
     """The SD-card section: both storing arms under the slow-flush shim, every 2xx in the database."""
     sdcard = bench_json["sdcard"]
     assert sorted((r["arm"], r["connections"]) for r in sdcard["runs"]) == sorted(
-        (arm, c) for arm in ("naive", "kktd") for c in (1, 16, 64))
+        (arm, c) for arm in ("naive", "kktd") for c in (1, 16, 64)
+    )
     for run in sdcard["runs"]:
         where = f"sdcard {run['arm']} c{run['connections']}"
         assert run["finished"] and run["ok2xx"] == run["completed"] == REQUESTS, (where, run["errors"])
@@ -93,8 +109,9 @@ def test_scrape_section_runs_and_scrapes(tmp_path: Path, wrk: str) -> None:
     """`bench/run.py --only scrape`: both arms complete with rows = 2xx, and the scraped arm did scrape."""
     out = tmp_path / "scrape.json"
     argv = [sys.executable, str(RUN), "--quick", "--only", "scrape", "--json", str(out)]
-    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = process.communicate(timeout=TIMEOUT_S)
     finally:

@@ -139,9 +139,7 @@ def test_failed_trial_reopens_and_restarts_the_timer(
     assert changes.changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (OPEN, HALF_OPEN)]
 
 
-def test_single_failure_in_half_open_reopens_regardless_of_threshold(
-    breaker: CircuitBreaker, clock: FakeClock
-) -> None:
+def test_single_failure_in_half_open_reopens_regardless_of_threshold(breaker: CircuitBreaker, clock: FakeClock) -> None:
     trip(breaker)
     clock.advance(10.0)
     assert breaker.allow()

@@ -8,9 +8,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -25,12 +26,26 @@ NOW = 1_800_000_000.0
 
 def healthy_status(**overrides: Any) -> dict[str, Any]:
     status: dict[str, Any] = {
-        "counts": {"pending": 3, "sent": 120, "failed": 0}, "capacity": 200000, "fill_ratio": 0.000015,
-        "oldest_pending_age_s": 4.2, "oldest_pending_alarm": "ok", "db_size_bytes": 5 * 1024 * 1024,
+        "counts": {"pending": 3, "sent": 120, "failed": 0},
+        "capacity": 200000,
+        "fill_ratio": 0.000015,
+        "oldest_pending_age_s": 4.2,
+        "oldest_pending_alarm": "ok",
+        "db_size_bytes": 5 * 1024 * 1024,
         "writer": {"commits": 10, "rows_committed": 123},
-        "sync": {"breaker": "closed", "consecutive_failures": 0, "cycles": 5, "delivered_total": 120,
-                 "rejected_total": 0, "dead_lettered_total": 0, "last_success_at": "2027-01-15T07:59:50.000Z",
-                 "last_error": None, "last_error_at": None, "retry_in_s": None, "held_back": 0},
+        "sync": {
+            "breaker": "closed",
+            "consecutive_failures": 0,
+            "cycles": 5,
+            "delivered_total": 120,
+            "rejected_total": 0,
+            "dead_lettered_total": 0,
+            "last_success_at": "2027-01-15T07:59:50.000Z",
+            "last_error": None,
+            "last_error_at": None,
+            "retry_in_s": None,
+            "held_back": 0,
+        },
     }
     status.update(overrides)
     return status
@@ -109,8 +124,7 @@ class Ran:
     out: str
 
 
-async def run_ctl(url: str, *argv: str, stdout: io.StringIO | None = None, out_bytes: io.BytesIO | None = None
-                  ) -> Ran:
+async def run_ctl(url: str, *argv: str, stdout: io.StringIO | None = None, out_bytes: io.BytesIO | None = None) -> Ran:
     parser = ctl.build_parser()
     args = parser.parse_args(list(argv))
     ctl.check_arguments(parser, args)
@@ -122,35 +136,79 @@ async def run_ctl(url: str, *argv: str, stdout: io.StringIO | None = None, out_b
 
 # ---- status ----
 
+
 async def test_status_ok_is_a_plugin_line_and_a_readable_summary(daemon: FakeDaemon) -> None:
     ran = await run_ctl(daemon.url, "status")
     assert ran.code == 0
     first, *rest = ran.out.splitlines()
-    assert first.startswith("KKTD OK - 3 pending, oldest 4s, upstream reachable | pending=3;;;0;200000 "
-                            "failed=0;1;;0 oldest_pending_age=4s db_size=5242880B")
+    assert first.startswith(
+        "KKTD OK - 3 pending, oldest 4s, upstream reachable | pending=3;;;0;200000 "
+        "failed=0;1;;0 oldest_pending_age=4s db_size=5242880B"
+    )
     text = "\n".join(rest)
-    for expected in ("breaker closed", "last delivery  2027-01-15T07:59:50.000Z", "dead letters   0",
-                     "database       5.0 MiB", "alarm: ok"):
+    for expected in (
+        "breaker closed",
+        "last delivery  2027-01-15T07:59:50.000Z",
+        "dead letters   0",
+        "database       5.0 MiB",
+        "alarm: ok",
+    ):
         assert expected in text, text
     assert "\033[" not in ran.out  # not a terminal: no colour
 
 
-@pytest.mark.parametrize("status_overrides, health, code, words", [
-    ({"oldest_pending_alarm": "warning", "oldest_pending_age_s": 4 * 86400.0},
-     (200, {"status": "warning", "warnings": ["oldest pending receipt is 345600s old"]}), 1, "WARNING"),
-    ({"counts": {"pending": 0, "sent": 5, "failed": 2}}, (200, {"status": "ok", "warnings": []}), 1,
-     "2 dead letters"),
-    ({"oldest_pending_alarm": "critical", "oldest_pending_age_s": 26 * 86400.0},
-     (503, {"status": "error", "problems": ["oldest pending receipt is 2246400s old: past pending_critical_age"],
-            "warnings": []}), 2, "CRITICAL"),
-    ({}, (503, {"status": "error", "problems": ["database does not answer: timeout"], "warnings": []}), 2,
-     "database does not answer"),
-    ({"sync": {**healthy_status()["sync"], "breaker": "open", "last_error": "OFD unavailable: connect_error",
-               "last_error_at": "2027-01-15T08:00:00.000Z"}},
-     (200, {"status": "warning", "warnings": ["OFD circuit breaker is open"]}), 1, "upstream unreachable"),
-])
-async def test_status_states_follow_the_plugin_convention(daemon: FakeDaemon, status_overrides: dict[str, Any],
-                                                          health: tuple[int, Any], code: int, words: str) -> None:
+@pytest.mark.parametrize(
+    "status_overrides, health, code, words",
+    [
+        (
+            {"oldest_pending_alarm": "warning", "oldest_pending_age_s": 4 * 86400.0},
+            (200, {"status": "warning", "warnings": ["oldest pending receipt is 345600s old"]}),
+            1,
+            "WARNING",
+        ),
+        (
+            {"counts": {"pending": 0, "sent": 5, "failed": 2}},
+            (200, {"status": "ok", "warnings": []}),
+            1,
+            "2 dead letters",
+        ),
+        (
+            {"oldest_pending_alarm": "critical", "oldest_pending_age_s": 26 * 86400.0},
+            (
+                503,
+                {
+                    "status": "error",
+                    "problems": ["oldest pending receipt is 2246400s old: past pending_critical_age"],
+                    "warnings": [],
+                },
+            ),
+            2,
+            "CRITICAL",
+        ),
+        (
+            {},
+            (503, {"status": "error", "problems": ["database does not answer: timeout"], "warnings": []}),
+            2,
+            "database does not answer",
+        ),
+        (
+            {
+                "sync": {
+                    **healthy_status()["sync"],
+                    "breaker": "open",
+                    "last_error": "OFD unavailable: connect_error",
+                    "last_error_at": "2027-01-15T08:00:00.000Z",
+                }
+            },
+            (200, {"status": "warning", "warnings": ["OFD circuit breaker is open"]}),
+            1,
+            "upstream unreachable",
+        ),
+    ],
+)
+async def test_status_states_follow_the_plugin_convention(
+    daemon: FakeDaemon, status_overrides: dict[str, Any], health: tuple[int, Any], code: int, words: str
+) -> None:
     daemon.answers[("GET", "/v1/kkt/buffer/status")] = (200, healthy_status(**status_overrides))
     daemon.answers[("GET", "/v1/health")] = health
     ran = await run_ctl(daemon.url, "status")
@@ -181,8 +239,9 @@ async def test_something_else_answering_is_unknown(daemon: FakeDaemon) -> None:
     assert ran.code == 3 and "is it kktd?" in ran.out
 
 
-async def test_colour_only_on_a_terminal_and_never_with_no_color(daemon: FakeDaemon,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_colour_only_on_a_terminal_and_never_with_no_color(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
     ran = await run_ctl(daemon.url, "status", stdout=Terminal())
@@ -201,18 +260,36 @@ async def test_colour_only_on_a_terminal_and_never_with_no_color(daemon: FakeDae
 
 # ---- receipt ----
 
+
 def stored_receipt(status: str, **overrides: Any) -> dict[str, Any]:
-    body = {"receipt_id": "018f2a", "idempotency_key": "pos-1-42", "status": status, "total": 12345,
-            "attempts": 2, "last_error": None, "accepted_at": "2027-01-15T07:00:00.000Z",
-            "updated_at": "2027-01-15T07:00:03.000Z", "receipt": {"items": []}, "ofd": None}
+    body = {
+        "receipt_id": "018f2a",
+        "idempotency_key": "pos-1-42",
+        "status": status,
+        "total": 12345,
+        "attempts": 2,
+        "last_error": None,
+        "accepted_at": "2027-01-15T07:00:00.000Z",
+        "updated_at": "2027-01-15T07:00:03.000Z",
+        "receipt": {"items": []},
+        "ofd": None,
+    }
     body.update(overrides)
     return body
 
 
 @pytest.mark.parametrize("status, code", [("sent", 0), ("pending", 1), ("submitted", 1), ("failed", 2)])
 async def test_receipt(daemon: FakeDaemon, status: str, code: int) -> None:
-    fiscal = {"fiscal_document_number": 77, "fiscal_sign": "3174512298", "ofd_received_at": "2027-01-15T07:00:02Z",
-              "sent_at": "2027-01-15T07:00:03.000Z"} if status == "sent" else None
+    fiscal = (
+        {
+            "fiscal_document_number": 77,
+            "fiscal_sign": "3174512298",
+            "ofd_received_at": "2027-01-15T07:00:02Z",
+            "sent_at": "2027-01-15T07:00:03.000Z",
+        }
+        if status == "sent"
+        else None
+    )
     error = "http_422: bad item" if status == "failed" else None
     daemon.answers[("GET", "/v1/kkt/receipt/018f2a")] = (200, stored_receipt(status, ofd=fiscal, last_error=error))
     ran = await run_ctl(daemon.url, "receipt", "018f2a")
@@ -236,6 +313,7 @@ async def test_unknown_receipt_and_odd_ids(daemon: FakeDaemon) -> None:
 
 # ---- dead letters ----
 
+
 def letter(index: int) -> dict[str, Any]:
     return {**stored_receipt("failed", receipt_id=f"r{index:04d}", last_error="rejected: bad inn"), "seq": index}
 
@@ -249,8 +327,11 @@ async def test_dlq_list_empty_and_paged(daemon: FakeDaemon) -> None:
         after = int(request.query["after_seq"])
         limit = int(request.query["limit"])
         rows = [letter(i) for i in range(after + 1, min(after + limit, 700) + 1)]
-        return {"dead_letters": rows, "count": len(rows), "next_after_seq": after + limit if len(rows) == limit
-                else None}
+        return {
+            "dead_letters": rows,
+            "count": len(rows),
+            "next_after_seq": after + limit if len(rows) == limit else None,
+        }
 
     daemon.answers[("GET", "/v1/kkt/dlq")] = (200, page)
     ran = await run_ctl(daemon.url, "dlq", "list")
@@ -258,8 +339,10 @@ async def test_dlq_list_empty_and_paged(daemon: FakeDaemon) -> None:
     lines = ran.out.splitlines()
     assert lines[0] == "700 dead letters" and len(lines) == 701
     assert "r0700" in lines[-1] and "rejected: bad inn" in lines[-1]
-    assert [q for m, p, q in daemon.requests if p == "/v1/kkt/dlq"][-2:] == ["limit=500&after_seq=0",
-                                                                             "limit=500&after_seq=500"]
+    assert [q for m, p, q in daemon.requests if p == "/v1/kkt/dlq"][-2:] == [
+        "limit=500&after_seq=0",
+        "limit=500&after_seq=500",
+    ]
 
 
 async def test_dlq_requeue_one_and_all(daemon: FakeDaemon) -> None:
@@ -267,7 +350,9 @@ async def test_dlq_requeue_one_and_all(daemon: FakeDaemon) -> None:
     for index in (1, 2):
         daemon.answers[("POST", f"/v1/kkt/dlq/r{index:04d}/requeue")] = (200, {"status": "pending"})
     daemon.answers[("POST", "/v1/kkt/dlq/r0003/requeue")] = (
-        409, {"error": {"code": "not_dead_letter", "message": "receipt r0003 is pending, not failed"}})
+        409,
+        {"error": {"code": "not_dead_letter", "message": "receipt r0003 is pending, not failed"}},
+    )
     ran = await run_ctl(daemon.url, "dlq", "requeue", "r0001")
     assert (ran.code, ran.out.strip()) == (0, "requeued 1 of 1")
     ran = await run_ctl(daemon.url, "dlq", "requeue", "--all")
@@ -286,22 +371,41 @@ def test_dlq_requeue_needs_ids_or_all() -> None:
 
 # ---- sync-now ----
 
+
 async def test_sync_now(daemon: FakeDaemon) -> None:
-    daemon.answers[("POST", "/v1/kkt/buffer/sync")] = (200, {"delivered": 50, "rejected": 1, "dead_lettered": 1,
-                                                             "batches": 2, "pending": 0, "error": None,
-                                                             "breaker": "closed"})
+    daemon.answers[("POST", "/v1/kkt/buffer/sync")] = (
+        200,
+        {
+            "delivered": 50,
+            "rejected": 1,
+            "dead_lettered": 1,
+            "batches": 2,
+            "pending": 0,
+            "error": None,
+            "breaker": "closed",
+        },
+    )
     ran = await run_ctl(daemon.url, "sync-now")
     assert ran.code == 0
     assert ran.out.strip() == "delivered 50, rejected 1, dead-lettered 1 in 2 batches; 0 pending, breaker closed"
-    daemon.answers[("POST", "/v1/kkt/buffer/sync")] = (200, {"delivered": 0, "rejected": 0, "dead_lettered": 0,
-                                                             "batches": 0, "pending": 9,
-                                                             "error": "OFD unavailable: connect_error",
-                                                             "breaker": "open"})
+    daemon.answers[("POST", "/v1/kkt/buffer/sync")] = (
+        200,
+        {
+            "delivered": 0,
+            "rejected": 0,
+            "dead_lettered": 0,
+            "batches": 0,
+            "pending": 9,
+            "error": "OFD unavailable: connect_error",
+            "breaker": "open",
+        },
+    )
     ran = await run_ctl(daemon.url, "sync-now")
     assert ran.code == 1 and "error: OFD unavailable: connect_error" in ran.out
 
 
 # ---- export ----
+
 
 async def test_export_streams_json_lines(daemon: FakeDaemon) -> None:
     """The first lines reach the output while the daemon is still sending: nothing waits for the whole."""
@@ -315,8 +419,9 @@ async def test_export_streams_json_lines(daemon: FakeDaemon) -> None:
         loop.call_soon_threadsafe(first_write.set)
 
     out = Binary(seen)
-    task = asyncio.create_task(run_ctl(daemon.url, "export", "--since", "2027-01-01", "--until",
-                                       "2027-01-15T10:00:00+03:00", out_bytes=out))
+    task = asyncio.create_task(
+        run_ctl(daemon.url, "export", "--since", "2027-01-01", "--until", "2027-01-15T10:00:00+03:00", out_bytes=out)
+    )
     await asyncio.wait_for(first_write.wait(), 10)
     assert not task.done()
     daemon.export_gate.set()
@@ -365,10 +470,16 @@ def test_address_from_the_daemons_config(tmp_path: Path, monkeypatch: pytest.Mon
 
 # ---- against a real daemon ----
 
+
 def kktd_ctl(port: int, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k != "NO_COLOR"}
-    return subprocess.run([str(KKTD_BIN), *argv, "--listen", f"127.0.0.1:{port}",
-                           "--config", os.devnull], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [str(KKTD_BIN), *argv, "--listen", f"127.0.0.1:{port}", "--config", os.devnull],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def test_against_a_real_kktd(tmp_path: Path, kktds: list[KktdProcess]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -14,9 +13,12 @@ from kktd.sync.loop import SyncLoop
 from tests.conftest import make_config
 
 
-async def test_a_crashed_sync_loop_stops_kktd_for_systemd_to_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_crashed_sync_loop_stops_kktd_for_systemd_to_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """kktd must not go on taking receipts it would never forward: the crash is logged, shown in health
     until the stop, and ends the daemon with an error (exit 70 via the CLI, then Restart=on-failure)."""
+
     async def crash(self: SyncLoop) -> None:
         raise RuntimeError("boom")
 

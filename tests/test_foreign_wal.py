@@ -17,8 +17,16 @@ import pytest
 
 from kktd.receipt import parse_receipt, sample_receipt
 from kktd.store import Store, wal
-from kktd.store.identity import (Stamp, WalVerdict, check_wal, committed_transactions, parse_wal_header,
-                                 read_db_header, wal_checksum, wal_path)
+from kktd.store.identity import (
+    Stamp,
+    WalVerdict,
+    check_wal,
+    committed_transactions,
+    parse_wal_header,
+    read_db_header,
+    wal_checksum,
+    wal_path,
+)
 from tests.support import KKTD_BIN, KktdProcess, post_many, receipts
 
 EX_DATAERR = 65
@@ -57,13 +65,29 @@ def clean_run(kktds: list[KktdProcess], db: Path, prefix: str, count: int) -> No
 
 
 def refused_start(db: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(KKTD_BIN), "serve", "--db", str(db), "--listen", "127.0.0.1:0", "--config",
-                           "/dev/null", "--ofd-url", "http://127.0.0.1:9"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    return subprocess.run(
+        [
+            str(KKTD_BIN),
+            "serve",
+            "--db",
+            str(db),
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            "/dev/null",
+            "--ofd-url",
+            "http://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
 
 
 def test_another_databases_wal_beside_buffer_db_is_refused_and_nothing_changes(
-        kktds: list[KktdProcess], tmp_path: Path) -> None:
+    kktds: list[KktdProcess], tmp_path: Path
+) -> None:
     ours, theirs = tmp_path / "ours" / "buffer.db", tmp_path / "theirs" / "buffer.db"
     our_keys = crashed_with_receipts(kktds, ours, "ours", 40)
     crashed_with_receipts(kktds, theirs, "theirs", 60)
@@ -141,8 +165,9 @@ def test_a_wal_without_its_database_is_refused(kktds: list[KktdProcess], tmp_pat
     assert not db.exists()
 
 
-async def test_every_wal_begins_with_a_stamp_across_checkpoints(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_every_wal_begins_with_a_stamp_across_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Checkpoints during a run start new WALs: each copy of the files taken mid-run (a crash at that
     moment) is recognised as the database's own, and the generation moves on."""
     monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 20)
@@ -151,8 +176,12 @@ async def test_every_wal_begins_with_a_stamp_across_checkpoints(tmp_path: Path,
     generations: list[int] = []
     try:
         for batch in range(30):
-            await asyncio.gather(*(store.accept(parse_receipt(json.dumps(sample_receipt(f"s-{batch}-{i}")).encode(),
-                                                              None)) for i in range(20)))
+            await asyncio.gather(
+                *(
+                    store.accept(parse_receipt(json.dumps(sample_receipt(f"s-{batch}-{i}")).encode(), None))
+                    for i in range(20)
+                )
+            )
             snapshot = tmp_path / f"crash-{batch}"
             snapshot.mkdir()
             shutil.copy(db, snapshot / "buffer.db")
@@ -194,8 +223,7 @@ def test_stamp_round_trip() -> None:
     assert Stamp.decode(b"x" * 32) is None
 
 
-def test_a_database_file_caught_mid_checkpoint_is_named_by_its_header(kktds: list[KktdProcess],
-                                                                      tmp_path: Path) -> None:
+def test_a_database_file_caught_mid_checkpoint_is_named_by_its_header(kktds: list[KktdProcess], tmp_path: Path) -> None:
     """When the file alone does not read as a database (a checkpoint was copying the WAL into it), the id's
     prefix in the header's application_id still tells our WAL from another's."""
     ours, theirs = tmp_path / "ours" / "buffer.db", tmp_path / "theirs" / "buffer.db"

@@ -5,8 +5,8 @@ tracebacks, one short line per refused request."""
 from __future__ import annotations
 
 import http.client
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from hypothesis import given
@@ -26,8 +26,9 @@ class Live:
         self.contract = Contract()
         self._conn: http.client.HTTPConnection | None = None
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, str, bytes]:
         for attempt in (1, 2):
             if self._conn is None:
                 self._conn = http.client.HTTPConnection("127.0.0.1", self.kktd.port, timeout=10)
@@ -61,8 +62,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
 
 @fuzz_settings(1000)
 @given(body=hostile_bodies, header_key=header_keys)
-def test_any_body_gets_a_described_answer_and_a_refusal_stores_nothing(live: Live, body: bytes,
-                                                                       header_key: str | None) -> None:
+def test_any_body_gets_a_described_answer_and_a_refusal_stores_nothing(
+    live: Live, body: bytes, header_key: str | None
+) -> None:
     headers = {"Content-Type": "application/json"}
     if header_key is not None and header_key.isascii() and header_key.isprintable():
         headers["Idempotency-Key"] = header_key

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kktd.api import api_error
 from kktd.receipt import MAX_AMOUNT, Receipt, ReceiptInvalid, parse_receipt
 from kktd.safetext import FORBIDDEN_TEXT_RE
-from tests.fuzzing import fuzz_settings, header_keys, hostile_bodies, mutated_receipts, encoded
+from tests.fuzzing import encoded, fuzz_settings, header_keys, hostile_bodies, mutated_receipts
 
 CODE_RE = re.compile(r"[a-z][a-z_]{2,40}")
 MAX_MESSAGE = 600  # a few hundred characters of escaped client text plus kktd's own words
@@ -83,18 +84,40 @@ def test_generators_reach_both_outcomes_and_many_codes() -> None:
         seen.add(outcome.code if isinstance(outcome, ReceiptInvalid) else "accepted")
 
     collect()
-    expected = {"accepted", "invalid_json", "invalid_encoding", "duplicate_key", "unknown_field", "invalid_type",
-                "invalid_value", "nesting_too_deep", "missing_field"}
+    expected = {
+        "accepted",
+        "invalid_json",
+        "invalid_encoding",
+        "duplicate_key",
+        "unknown_field",
+        "invalid_type",
+        "invalid_value",
+        "nesting_too_deep",
+        "missing_field",
+    }
     assert expected <= seen, sorted(expected - seen)
 
 
 @fuzz_settings(300)
 @given(text=st.text(min_size=1, max_size=30))
 def test_any_printable_name_without_forbidden_characters_is_kept_exactly(text: str) -> None:
-    body = {"idempotency_key": "k-1", "pos_id": "POS-1", "operation": "sale", "taxation": "osn",
-            "items": [{"name": text, "price": 100, "quantity": "1", "vat": "none",
-                       "payment_method": "full_payment", "payment_object": "commodity"}],
-            "payments": [{"type": "cash", "amount": 100}]}
+    body = {
+        "idempotency_key": "k-1",
+        "pos_id": "POS-1",
+        "operation": "sale",
+        "taxation": "osn",
+        "items": [
+            {
+                "name": text,
+                "price": 100,
+                "quantity": "1",
+                "vat": "none",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            }
+        ],
+        "payments": [{"type": "cash", "amount": 100}],
+    }
     raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
     outcome = check_outcome(raw, None)
     if FORBIDDEN_TEXT_RE.search(text) is None and text.strip() and isinstance(outcome, Receipt):

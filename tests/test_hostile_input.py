@@ -42,13 +42,20 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     ("UTF-16-BE without BOM", GOOD_TEXT.encode("utf-16-be"), 400, "invalid_encoding"),
     ("UTF-32 with BOM", GOOD_TEXT.encode("utf-32"), 400, "invalid_encoding"),
     ("UTF-32-LE without BOM", GOOD_TEXT.encode("utf-32-le"), 400, "invalid_encoding"),
-    ("Latin-1 byte", GOOD_TEXT.replace("Молоко", "Milch\xe9").encode("latin-1", "replace"), 400,
-     "invalid_encoding"),
-    ("raw lone surrogate (invalid UTF-8)", GOOD_TEXT.replace("Молоко", "\ud800").encode("utf-8", "surrogatepass"),
-     400, "invalid_encoding"),
+    ("Latin-1 byte", GOOD_TEXT.replace("Молоко", "Milch\xe9").encode("latin-1", "replace"), 400, "invalid_encoding"),
+    (
+        "raw lone surrogate (invalid UTF-8)",
+        GOOD_TEXT.replace("Молоко", "\ud800").encode("utf-8", "surrogatepass"),
+        400,
+        "invalid_encoding",
+    ),
     ("duplicate idempotency_key", DUPLICATE_KEY.encode(), 400, "duplicate_key"),
-    ("duplicate key in an item", GOOD_TEXT.replace('"price": 8990', '"price": 8990, "price": 1').encode(), 400,
-     "duplicate_key"),
+    (
+        "duplicate key in an item",
+        GOOD_TEXT.replace('"price": 8990', '"price": 8990, "price": 1').encode(),
+        400,
+        "duplicate_key",
+    ),
     ("NaN", GOOD_TEXT.replace("8990", "NaN", 1).encode(), 400, "invalid_json"),
     ("Infinity", GOOD_TEXT.replace("8990", "-Infinity", 1).encode(), 400, "invalid_json"),
     ("5,000-digit integer", GOOD_TEXT.replace("8990", "9" * 5000, 1).encode(), 400, "number_too_large"),
@@ -66,12 +73,24 @@ HOSTILE: list[tuple[str, bytes, int, str]] = [
     ("line separator in a name", with_name("Молоко\u2028Хлеб"), 422, "invalid_value"),
     ("byte order mark inside a name", with_name("\ufeffМолоко"), 422, "invalid_value"),
     ("bidi override in pos_id", utf8(dict(good(), pos_id="POS\u202e1")), 422, "invalid_value"),
-    ("bidi override in the cashier's name", utf8(dict(good(), cashier={"name": "Ив\u202eанова"})), 422,
-     "invalid_value"),
-    ("NUL in customer_contact", json.dumps(dict(good(), customer_contact="a\x00b@example.ru")).encode(), 422,
-     "invalid_contact"),
-    ("bidi override in customer_contact", utf8(dict(good(), customer_contact="a\u202eb@example.ru")), 422,
-     "invalid_contact"),
+    (
+        "bidi override in the cashier's name",
+        utf8(dict(good(), cashier={"name": "Ив\u202eанова"})),
+        422,
+        "invalid_value",
+    ),
+    (
+        "NUL in customer_contact",
+        json.dumps(dict(good(), customer_contact="a\x00b@example.ru")).encode(),
+        422,
+        "invalid_contact",
+    ),
+    (
+        "bidi override in customer_contact",
+        utf8(dict(good(), customer_contact="a\u202eb@example.ru")),
+        422,
+        "invalid_contact",
+    ),
 ]
 
 
@@ -82,9 +101,9 @@ async def post_raw(app: App, body: bytes) -> tuple[int, dict[str, Any], int]:
 
 
 @pytest.mark.parametrize(("name", "body", "status", "code"), HOSTILE, ids=[row[0] for row in HOSTILE])
-async def test_hostile_body_is_a_clear_4xx_and_stores_nothing(app: App, caplog: pytest.LogCaptureFixture,
-                                                              name: str, body: bytes, status: int,
-                                                              code: str) -> None:
+async def test_hostile_body_is_a_clear_4xx_and_stores_nothing(
+    app: App, caplog: pytest.LogCaptureFixture, name: str, body: bytes, status: int, code: str
+) -> None:
     caplog.set_level(logging.DEBUG)
     got, answer, size = await post_raw(app, body)
     assert (got, answer["error"]["code"]) == (status, code), answer
@@ -124,15 +143,19 @@ async def test_non_ascii_names_without_formatting_characters_are_kept(app: App) 
 
 # ---- the escaping helper itself ----
 
-@pytest.mark.parametrize(("raw", "shown"), [
-    ("plain", "plain"),
-    ("a\nb", "a\\nb"),
-    ("\x00\x1b[31m", "\\x00\\x1b[31m"),
-    ("x\u202ey", "x\\u202ey"),
-    ("lone \ud800", "lone \\ud800"),
-    ("back\\slash", "back\\\\slash"),
-    ("Молоко", "Молоко"),
-])
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain", "plain"),
+        ("a\nb", "a\\nb"),
+        ("\x00\x1b[31m", "\\x00\\x1b[31m"),
+        ("x\u202ey", "x\\u202ey"),
+        ("lone \ud800", "lone \\ud800"),
+        ("back\\slash", "back\\\\slash"),
+        ("Молоко", "Молоко"),
+    ],
+)
 def test_escape(raw: str, shown: str) -> None:
     assert escape(raw) == shown
     escape(raw).encode("utf-8")

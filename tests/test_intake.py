@@ -8,19 +8,27 @@ import json
 import os
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from kktd.store import PRAGMAS, SCHEMA_VERSION, Accepted, Store
-from kktd.store import queries, wal, writer
-from kktd.store.identity import (WAL_INDEX_READ, WalVerdict, check_wal, committed_transactions,
-                                 frames_to_checkpoint, shm_path, stamps_in, wal_path)
 from kktd.errors import CorruptDatabase, StorageUnavailable
 from kktd.receipt import parse_receipt, sample_receipt
+from kktd.store import PRAGMAS, SCHEMA_VERSION, Accepted, Store, queries, wal, writer
+from kktd.store.identity import (
+    WAL_INDEX_READ,
+    WalVerdict,
+    check_wal,
+    committed_transactions,
+    frames_to_checkpoint,
+    shm_path,
+    stamps_in,
+    wal_path,
+)
 from tests.conftest import App, close_app, open_app
-from tests.support import KKTD_BIN, async_wait_until, require
+from tests.support import KKTD_BIN, require
 
 
 async def post(app: App, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -29,6 +37,7 @@ async def post(app: App, body: dict[str, Any], headers: dict[str, str] | None = 
 
 
 # ---- idempotency ----
+
 
 async def test_created_then_replayed_with_same_id(app: App) -> None:
     status, first = await post(app, sample_receipt("idem-1"))
@@ -78,6 +87,7 @@ async def test_concurrent_duplicates_with_a_conflicting_body(app: App) -> None:
 
 # ---- group commit ----
 
+
 async def test_concurrent_intakes_share_commits(app: App) -> None:
     results = await asyncio.gather(*(post(app, sample_receipt(f"group-{i}")) for i in range(200)))
     assert all(status == 201 for status, _ in results)
@@ -87,6 +97,7 @@ async def test_concurrent_intakes_share_commits(app: App) -> None:
 
 
 # ---- capacity ----
+
 
 async def test_buffer_full_is_503_and_adds_nothing(tmp_path: Path) -> None:
     app = await open_app(tmp_path, max_pending=3)
@@ -117,6 +128,7 @@ async def test_capacity_holds_under_a_concurrent_burst(tmp_path: Path) -> None:
 
 
 # ---- reads ----
+
 
 async def test_get_receipt_and_not_found(app: App) -> None:
     _, created = await post(app, sample_receipt("get-1"))
@@ -168,16 +180,18 @@ async def test_fault_endpoint_is_absent_from_the_product(app: App) -> None:
 
 # ---- the database itself ----
 
+
 async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
     buffer = await Store.open(tmp_path / "sub" / "buffer.db", 10)
     try:
         # Read back on the writer's own connection (these PRAGMAs are per connection): WAL + FULL, and no
         # automatic checkpoint, which would run inside the commit that crosses its threshold (issue 15: the
         # writer checkpoints between transactions, tested below).
-        settings = {name: await buffer.run(functools.partial(_pragma, name=name))
-                    for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")}
-        assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0,
-                            "foreign_keys": 1}
+        settings = {
+            name: await buffer.run(functools.partial(_pragma, name=name))
+            for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "foreign_keys")
+        }
+        assert settings == {"journal_mode": "wal", "synchronous": 2, "wal_autocheckpoint": 0, "foreign_keys": 1}
     finally:
         await buffer.close()
     conn = sqlite3.connect(tmp_path / "sub" / "buffer.db")
@@ -185,8 +199,13 @@ async def test_pragmas_schema_and_directory(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
     assert not (tmp_path / "sub" / "buffer.db-wal").exists()  # a clean close still checkpoints and removes it
-    assert {name for name, _, _ in PRAGMAS} >= {"journal_mode", "synchronous", "wal_autocheckpoint",
-                                                "foreign_keys", "busy_timeout"}
+    assert {name for name, _, _ in PRAGMAS} >= {
+        "journal_mode",
+        "synchronous",
+        "wal_autocheckpoint",
+        "foreign_keys",
+        "busy_timeout",
+    }
 
 
 async def _pragma(conn: Any, name: str) -> Any:
@@ -196,14 +215,17 @@ async def _pragma(conn: Any, name: str) -> Any:
 
 async def accept_many(buffer: Store, prefix: str, count: int, concurrency: int = 50) -> None:
     for start in range(0, count, concurrency):
-        receipts = [parse_receipt(json.dumps(sample_receipt(f"{prefix}-{i}")).encode(), None)
-                    for i in range(start, min(count, start + concurrency))]
+        receipts = [
+            parse_receipt(json.dumps(sample_receipt(f"{prefix}-{i}")).encode(), None)
+            for i in range(start, min(count, start + concurrency))
+        ]
         results = await asyncio.gather(*(buffer.accept(r) for r in receipts))
         assert all(getattr(r, "created", False) for r in results)
 
 
 async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the automatic checkpoint off, the writer checkpoints between two transactions once the WAL holds
     CHECKPOINT_FRAMES frames not yet copied: pages reach the database file while intake goes on, and the WAL
     never holds more than CHECKPOINT_FORCE_FRAMES uncopied frames."""
@@ -229,8 +251,9 @@ async def test_checkpoints_run_between_transactions_and_keep_the_wal_bounded(
     assert rows == 20 * 50
 
 
-async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_commits_of_one_hand_their_checkpoint_to_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One till: every receipt commits by itself on the fast path, so the writer task never runs a batch; a
     checkpoint that falls due is queued for the writer, and the WAL stays bounded all the same."""
     monkeypatch.setattr(wal, "CHECKPOINT_FRAMES", 60)
@@ -248,7 +271,8 @@ async def test_commits_of_one_hand_their_checkpoint_to_the_writer(tmp_path: Path
 
 
 async def test_a_reader_holding_old_frames_does_not_make_every_batch_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A reader's snapshot (the integrity check after start-up reads for seconds on a large database) keeps
     a PASSIVE checkpoint from copying what it may still read. The writer then checkpoints again only once
     CHECKPOINT_FRAMES more frames came, not after every batch."""
@@ -284,8 +308,9 @@ async def _checkpointed_store(path: Path, monkeypatch: pytest.MonkeyPatch) -> St
     return buffer
 
 
-async def test_the_first_intake_after_a_checkpoint_carries_the_stamp(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_first_intake_after_a_checkpoint_carries_the_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The new WAL's stamp costs no commit (no flush) of its own: it is in the same transaction as the first
     receipts written after the checkpoint, and that transaction is the new WAL's first."""
     path = tmp_path / "buffer.db"
@@ -303,8 +328,9 @@ async def test_the_first_intake_after_a_checkpoint_carries_the_stamp(tmp_path: P
         await buffer.close()
 
 
-async def test_a_job_first_after_a_checkpoint_stamps_before_it_writes(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_job_first_after_a_checkpoint_stamps_before_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When the first write after a checkpoint is a job (the sync loop recording a failed delivery), the
     stamp is committed first, alone: the job's write never starts a WAL without one."""
     path = tmp_path / "buffer.db"
@@ -389,6 +415,7 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 # ---- a full disk (a real, tiny filesystem) ----
 
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     require(os.geteuid() == 0, "mounting a tiny tmpfs needs root")
@@ -435,7 +462,9 @@ async def test_disk_full_is_503_and_nothing_acknowledged_is_lost(tiny_fs: Path) 
         await buffer.close()
 
 
-async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A group holding a new receipt and a replay: the insert commits, then looking up the replay's key
     fails. The new receipt was stored and must be answered 201, not 'not stored'."""
     from kktd.receipt import validate_receipt
@@ -450,7 +479,8 @@ async def test_inserted_receipts_are_answered_even_if_a_later_lookup_fails(app: 
     new, replay = await asyncio.gather(
         app.store.accept(validate_receipt(sample_receipt("look-2"))),
         app.store.accept(validate_receipt(sample_receipt("look-1"))),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
     monkeypatch.setattr(queries, "existing_keys", real_existing)
     assert getattr(new, "created", False) is True
     assert isinstance(replay, StorageUnavailable)
@@ -483,8 +513,7 @@ async def test_cancelled_intake_on_the_fast_path_leaves_counts_true(tmp_path: Pa
         await buffer.close()
 
 
-async def test_slow_commits_gather_the_tills_they_answered(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_slow_commits_gather_the_tills_they_answered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a slow disk the writer waits (boundedly) for the tills its last group commit answered, instead of
     committing the first receipt to come back alone. Forced here: every commit counts as slow and the bound
     is far away, so the order of events alone decides (no timing)."""

@@ -34,14 +34,14 @@ def parse_entry(data: bytes) -> dict[str, str]:
         line = rest[:newline]
         if b"=" in line:
             name, value = line.split(b"=", 1)
-            rest = rest[newline + 1:]
+            rest = rest[newline + 1 :]
         else:
             name = line
-            (length,) = struct.unpack("<Q", rest[newline + 1:newline + 9])
+            (length,) = struct.unpack("<Q", rest[newline + 1 : newline + 9])
             start = newline + 9
-            value = rest[start:start + length]
-            assert rest[start + length:start + length + 1] == b"\n", "binary field not closed by a newline"
-            rest = rest[start + length + 1:]
+            value = rest[start : start + length]
+            assert rest[start + length : start + length + 1] == b"\n", "binary field not closed by a newline"
+            rest = rest[start + length + 1 :]
         assert name and name.isupper() or b"_" in name, name
         fields[name.decode()] = value.decode()
     return fields
@@ -104,12 +104,21 @@ def logger(fake_journal: FakeJournal) -> Iterator[tuple[logging.Logger, JournalH
         handler.close()
 
 
-def test_structured_fields(fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
-                           ) -> None:
+def test_structured_fields(
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     log, _handler, fallback = logger
-    log.warning("receipt %s rejected by the upstream", "r-1", extra={
-        "receipt_id": "r-1", "idempotency_key": "key-1", "error_code": "invalid_value", "upstream": "kktd_ofd",
-        "upstream_status": "http_422"})
+    log.warning(
+        "receipt %s rejected by the upstream",
+        "r-1",
+        extra={
+            "receipt_id": "r-1",
+            "idempotency_key": "key-1",
+            "error_code": "invalid_value",
+            "upstream": "kktd_ofd",
+            "upstream_status": "http_422",
+        },
+    )
     [entry] = fake_journal.entries()
     assert entry["MESSAGE"] == "receipt r-1 rejected by the upstream"
     assert entry["PRIORITY"] == "4"
@@ -125,21 +134,42 @@ def test_structured_fields(fake_journal: FakeJournal, logger: tuple[logging.Logg
     assert fallback.getvalue() == ""
 
 
-@pytest.mark.parametrize("level, priority", [(logging.DEBUG, "7"), (logging.INFO, "6"), (logging.WARNING, "4"),
-                                             (logging.ERROR, "3"), (logging.CRITICAL, "2"), (25, "6"), (45, "3")])
-def test_priorities(fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO],
-                    level: int, priority: str) -> None:
+@pytest.mark.parametrize(
+    "level, priority",
+    [
+        (logging.DEBUG, "7"),
+        (logging.INFO, "6"),
+        (logging.WARNING, "4"),
+        (logging.ERROR, "3"),
+        (logging.CRITICAL, "2"),
+        (25, "6"),
+        (45, "3"),
+    ],
+)
+def test_priorities(
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO], level: int, priority: str
+) -> None:
     log, _handler, _fallback = logger
     log.log(level, "event")
     assert [e["PRIORITY"] for e in fake_journal.entries()] == [priority]
 
 
-def test_only_known_fields_leave_the_process(fake_journal: FakeJournal,
-                                             logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+def test_only_known_fields_leave_the_process(
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     """Receipt contents, contacts, passwords and tokens are never journal fields, whatever a caller passes."""
     log, _handler, _fallback = logger
-    log.info("event", extra={"receipt_id": "r-2", "body": '{"items": []}', "customer_email": "a@b.ru",
-                             "password": "hunter2", "token": "secret-token", "MESSAGE_ID": "forged"})
+    log.info(
+        "event",
+        extra={
+            "receipt_id": "r-2",
+            "body": '{"items": []}',
+            "customer_email": "a@b.ru",
+            "password": "hunter2",
+            "token": "secret-token",
+            "MESSAGE_ID": "forged",
+        },
+    )
     [entry] = fake_journal.entries()
     fixed = {"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "LOGGER", "CODE_FILE", "CODE_LINE", "CODE_FUNC"}
     assert set(entry) == fixed | {"RECEIPT_ID"}
@@ -149,7 +179,8 @@ def test_only_known_fields_leave_the_process(fake_journal: FakeJournal,
 
 
 def test_newlines_in_a_message_cannot_forge_an_entry(
-        fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     log, _handler, _fallback = logger
     log.info("GET %s -> 404", "/x\nPRIORITY=0\nMESSAGE=forged", extra={"idempotency_key": "k\nRECEIPT_ID=evil"})
     [entry] = fake_journal.entries()
@@ -159,8 +190,9 @@ def test_newlines_in_a_message_cannot_forge_an_entry(
     assert "RECEIPT_ID" not in entry
 
 
-def test_long_client_values_are_truncated(fake_journal: FakeJournal,
-                                          logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+def test_long_client_values_are_truncated(
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     log, _handler, _fallback = logger
     log.info("event", extra={"idempotency_key": "k" * 10_000})
     [entry] = fake_journal.entries()
@@ -168,7 +200,8 @@ def test_long_client_values_are_truncated(fake_journal: FakeJournal,
 
 
 def test_traceback_travels_whole_in_the_binary_safe_form(
-        fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     log, _handler, _fallback = logger
     try:
         raise ValueError("broken")
@@ -181,7 +214,8 @@ def test_traceback_travels_whole_in_the_binary_safe_form(
 
 
 def test_a_record_too_large_for_a_datagram_goes_through_a_memfd(
-        fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     log, handler, fallback = logger
     fake_journal.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     handler._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
@@ -210,9 +244,9 @@ def test_no_journal_falls_back_to_prefixed_lines(tmp_path: Path) -> None:
     assert handler.fallbacks == 1
 
 
-def test_a_busy_journal_never_blocks_and_loses_nothing(fake_journal: FakeJournal,
-                                                       logger: tuple[logging.Logger, JournalHandler, io.StringIO]
-                                                       ) -> None:
+def test_a_busy_journal_never_blocks_and_loses_nothing(
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     """journald not reading: the socket queue fills, then the handler's own; past that its oldest records go to
     the fallback stream at once. Once journald reads again, the rest reach it."""
     log, handler, fallback = logger
@@ -249,15 +283,25 @@ def test_any_text_round_trips_as_one_entry(message: str, key: str, code: str) ->
     finally:
         handler.close()
     entry = parse_entry(data)
-    assert set(entry) == {"MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "LOGGER", "CODE_FILE", "CODE_LINE",
-                          "CODE_FUNC", "IDEMPOTENCY_KEY", "ERROR_CODE"}
+    assert set(entry) == {
+        "MESSAGE",
+        "PRIORITY",
+        "SYSLOG_IDENTIFIER",
+        "LOGGER",
+        "CODE_FILE",
+        "CODE_LINE",
+        "CODE_FUNC",
+        "IDEMPOTENCY_KEY",
+        "ERROR_CODE",
+    }
     assert "\n" not in entry["MESSAGE"] and "\n" not in entry["IDEMPOTENCY_KEY"]
     assert entry["IDEMPOTENCY_KEY"].isprintable() and entry["ERROR_CODE"].isprintable()
     assert len(entry["IDEMPOTENCY_KEY"]) <= journal.MAX_FIELD_CHARS + 1
 
 
-def test_logs_setup_uses_the_journal_only_under_journald(tmp_path: Path, fake_journal: FakeJournal,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_logs_setup_uses_the_journal_only_under_journald(
+    tmp_path: Path, fake_journal: FakeJournal, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stream_path = tmp_path / "stderr"
     monkeypatch.setattr(logs, "_journal", None)  # restored after the test
     with open(stream_path, "w") as stream:
@@ -328,7 +372,8 @@ def drain_socket_queue(fake: FakeJournal) -> None:
 
 
 async def test_a_burst_waits_for_the_journal_with_its_fields(
-        fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]) -> None:
+    fake_journal: FakeJournal, logger: tuple[logging.Logger, JournalHandler, io.StringIO]
+) -> None:
     """journald's queue full (net.unix.max_dgram_qlen is 10 by default): the records wait in the handler and
     reach the journal with their fields once it reads again, in order; nothing takes the stderr fallback."""
     log, handler, fallback = logger

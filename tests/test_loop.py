@@ -17,11 +17,20 @@ from typing import Any, ClassVar, Protocol
 import pytest
 
 from kktd.clock import Sleep
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    FiscalData,
+    Fiscalized,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    SubmitOutcome,
+    UpstreamUnavailable,
+)
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
-from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
-    SubmitOutcome, UpstreamUnavailable)
 from kktd.upstreams.base import Upstream
 from tests.conftest import make_config
 from tests.support import FakeTime, async_wait_until
@@ -73,8 +82,9 @@ class FakeUpstream:
                 outcomes.append(Refused(receipt.receipt_id, "kkt_not_registered", "refused by the test"))
                 continue
             number = len(self.documents) + 1
-            fiscal = self.documents.setdefault(receipt.external_id,
-                                               FiscalData(number, f"{number:010d}", "2026-11-24T00:00:00Z"))
+            fiscal = self.documents.setdefault(
+                receipt.external_id, FiscalData(number, f"{number:010d}", "2026-11-24T00:00:00Z")
+            )
             outcomes.append(Fiscalized(receipt.receipt_id, fiscal))
         return outcomes
 
@@ -116,8 +126,9 @@ class LoopRig:
             await asyncio.wait_for(self.task, 5)
 
     async def statuses(self) -> dict[str, int]:
-        rows = await self.store.run(lambda conn: conn.execute_fetchall(
-            "SELECT status, count(*) FROM receipts GROUP BY status"))
+        rows = await self.store.run(
+            lambda conn: conn.execute_fetchall("SELECT status, count(*) FROM receipts GROUP BY status")
+        )
         return {"pending": 0, "submitted": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
 
 
@@ -136,8 +147,12 @@ async def loop_factory(tmp_path: Path) -> AsyncIterator[LoopFactory]:
         store = await Store.open(config.db, config.max_pending)
         upstream = FakeUpstream(clock)
         changes: list[tuple[float, BreakerState, BreakerState]] = []
-        breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset,
-                                 on_change=lambda old, new: changes.append((clock(), old, new)), clock=clock)
+        breaker = CircuitBreaker(
+            config.breaker_threshold,
+            config.breaker_reset,
+            on_change=lambda old, new: changes.append((clock(), old, new)),
+            clock=clock,
+        )
         checked: Upstream = upstream  # FakeUpstream implements the protocol the loop is written against
         loop = SyncLoop(store, checked, breaker, config, clock=clock, sleep=sleep or clock.sleep)
         rigs.append(LoopRig(store, upstream, breaker, loop, clock, changes))
@@ -185,14 +200,18 @@ async def test_breaker_opens_paces_half_open_trials_and_closes(loop_factory: Loo
     trials = [c for c in calls if c.at > opened_at]
     assert len(trials) >= 5
     assert [c.at - opened_at for c in trials[:5]] == pytest.approx([3.0, 6.0, 9.0, 12.0, 15.0])
-    assert rig.changes[1:11] == [item for k in range(1, 6) for item in (
-        (opened_at + 3.0 * k, OPEN, HALF_OPEN), (opened_at + 3.0 * k, HALF_OPEN, OPEN))]
+    assert rig.changes[1:11] == [
+        item
+        for k in range(1, 6)
+        for item in ((opened_at + 3.0 * k, OPEN, HALF_OPEN), (opened_at + 3.0 * k, HALF_OPEN, OPEN))
+    ]
     # One wait per trial, each the breaker's remaining time: the loop never spins while it is open.
     assert rig.time.sleeps[3:8] == [3.0] * 5
     status = rig.loop.status()
     assert status.breaker is OPEN and status.consecutive_failures >= 9
-    assert await rig.statuses() == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, \
+    assert await rig.statuses() == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, (
         "an outage dead-lettered receipts"
+    )
     # The upstream comes back: the next trial closes the breaker and everything goes out once.
     rig.upstream.failure = None
     await rig.until(lambda: rig.store.counts.sent == 10, "everything delivered")
@@ -209,8 +228,9 @@ async def test_an_outage_dead_letters_nothing(loop_factory: LoopFactory, reason:
     rig = await loop_factory(max_attempts=2, breaker_threshold=1000, backoff_max=60.0)
     ids = [await rig.accept(f"o-{i}") for i in range(10)]
     rig.upstream.failure = (FailureKind.MAYBE_SENT, reason)
-    await rig.until(lambda: rig.loop.stats.cycles >= 30 and rig.upstream.failed_alone(ids[0]) > 3,
-                        "thirty failed cycles")
+    await rig.until(
+        lambda: rig.loop.stats.cycles >= 30 and rig.upstream.failed_alone(ids[0]) > 3, "thirty failed cycles"
+    )
     assert rig.time() - 1000.0 > 60.0 * 20  # twenty minutes of outage
     assert await rig.statuses() == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}
     assert rig.loop.stats.dead_lettered_total == 0
@@ -300,13 +320,12 @@ class BlockingSleep:
             raise
 
 
-@pytest.mark.parametrize(("threshold", "expected_wait"), [(1, 3600.0), (1000, None)],
-                         ids=["breaker-open", "backoff"])
-async def test_a_stop_interrupts_a_retry_wait(loop_factory: LoopFactory, threshold: int,
-                                              expected_wait: float | None) -> None:
+@pytest.mark.parametrize(("threshold", "expected_wait"), [(1, 3600.0), (1000, None)], ids=["breaker-open", "backoff"])
+async def test_a_stop_interrupts_a_retry_wait(
+    loop_factory: LoopFactory, threshold: int, expected_wait: float | None
+) -> None:
     blocking = BlockingSleep()
-    rig = await loop_factory(sleep=blocking, breaker_threshold=threshold, breaker_reset=3600.0,
-                             backoff_max=3600.0)
+    rig = await loop_factory(sleep=blocking, breaker_threshold=threshold, breaker_reset=3600.0, backoff_max=3600.0)
     await rig.accept("s-1")
     rig.upstream.failure = (FailureKind.MAYBE_SENT, "http_503")
     task = asyncio.create_task(rig.loop.run())

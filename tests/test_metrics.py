@@ -38,10 +38,18 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 def snapshot(tmp_path: Path, **overrides: object) -> StateSnapshot:
     values: dict[str, object] = dict(
-        receipts={"pending": 7, "submitted": 2, "sent": 40, "failed": 1}, capacity=1000,
-        oldest_pending_ms=NOW_MS - 90_000, db_path=tmp_path / "buffer.db", upstream="kktd-ofd",
-        breaker_state="open", last_delivery_ms=NOW_MS - 5_000, pending_warn_age_s=3600.0,
-        pending_critical_age_s=7200.0, version="9.9", journal_fallbacks=3)
+        receipts={"pending": 7, "submitted": 2, "sent": 40, "failed": 1},
+        capacity=1000,
+        oldest_pending_ms=NOW_MS - 90_000,
+        db_path=tmp_path / "buffer.db",
+        upstream="kktd-ofd",
+        breaker_state="open",
+        last_delivery_ms=NOW_MS - 5_000,
+        pending_warn_age_s=3600.0,
+        pending_critical_age_s=7200.0,
+        version="9.9",
+        journal_fallbacks=3,
+    )
     values.update(overrides)
     return StateSnapshot(**values)  # type: ignore[arg-type]
 
@@ -86,8 +94,9 @@ def test_label_values_cannot_be_chosen_by_a_client() -> None:
         metrics.intake_rejected(hostile)
     found = samples(metrics)
     # Every known code has its series at 0 from the start; the hostile values all counted under "other".
-    rejected = {labels: value for (name, labels), value in found.items()
-                if name == "kktd_receipts_rejected_total" and value}
+    rejected = {
+        labels: value for (name, labels), value in found.items() if name == "kktd_receipts_rejected_total" and value
+    }
     assert rejected == {(("code", "other"),): 5}
 
 
@@ -101,8 +110,16 @@ def test_upstream_requests_outcomes_retries() -> None:
     metrics.upstream_request("kktd-ofd", RequestOutcome.failed(FailureKind.NOT_SENT), 0.002)
     fiscal = FiscalData(1, "sign", "2026-01-01T00:00:00Z")
     error = UpstreamUnavailable(FailureKind.MAYBE_SENT, "timeout")
-    metrics.upstream_outcomes("kktd-ofd", [Fiscalized("a", fiscal), Fiscalized("b", fiscal), Refused("c", "x", "y"),
-                                           Registered("d", "ref"), Undelivered("e", error)])
+    metrics.upstream_outcomes(
+        "kktd-ofd",
+        [
+            Fiscalized("a", fiscal),
+            Fiscalized("b", fiscal),
+            Refused("c", "x", "y"),
+            Registered("d", "ref"),
+            Undelivered("e", error),
+        ],
+    )
     metrics.upstream_receipts("kktd-ofd", ReceiptOutcome.FISCALIZED, 3)
     metrics.upstream_retry("kktd-ofd")
     found = samples(metrics)
@@ -142,17 +159,20 @@ def test_state_is_read_from_the_snapshot_at_each_scrape(tmp_path: Path) -> None:
     assert found[("kktd_pending_critical_age_seconds", ())] == 7200
     for state in BREAKER_STATES:
         assert found[("kktd_upstream_breaker_state", (("state", state), ("upstream", "kktd-ofd")))] == (
-            1 if state == "open" else 0)
-    assert found[("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd-ofd"),))] == (
-        NOW_MS - 5_000) / 1000
+            1 if state == "open" else 0
+        )
+    assert (
+        found[("kktd_upstream_last_delivery_timestamp_seconds", (("upstream", "kktd-ofd"),))] == (NOW_MS - 5_000) / 1000
+    )
     assert found[("kktd_database_size_bytes", ())] == 4096
     assert found[("kktd_database_wal_size_bytes", ())] == 1000
     assert 0 < found[("kktd_storage_free_bytes", ())] <= found[("kktd_storage_size_bytes", ())]
     assert found[("kktd_info", (("upstream", "kktd-ofd"), ("version", "9.9")))] == 1
     assert found[("kktd_journal_fallbacks_total", ())] == 3
 
-    current["value"] = snapshot(tmp_path, oldest_pending_ms=None, breaker_state="closed", last_delivery_ms=None,
-                                db_path=tmp_path / "missing.db")
+    current["value"] = snapshot(
+        tmp_path, oldest_pending_ms=None, breaker_state="closed", last_delivery_ms=None, db_path=tmp_path / "missing.db"
+    )
     found = samples(metrics)
     assert len(calls) == 2
     assert found[("kktd_oldest_pending_age_seconds", ())] == 0
@@ -181,16 +201,21 @@ async def test_event_loop_lag_sees_a_blocked_loop() -> None:
     try:
         await async_wait_until(
             lambda: asyncio.sleep(0, samples(metrics)[("kktd_event_loop_lag_seconds_count", ())] >= 2),
-            5, "two lag probes")
+            5,
+            "two lag probes",
+        )
         time.sleep(0.3)  # the fault under test: something blocks the event loop for 300 ms
 
         def late_probes() -> float:
             found = samples(metrics)
-            return found[("kktd_event_loop_lag_seconds_count", ())] - found[
-                ("kktd_event_loop_lag_seconds_bucket", (("le", "0.25"),))]
+            return (
+                found[("kktd_event_loop_lag_seconds_count", ())]
+                - found[("kktd_event_loop_lag_seconds_bucket", (("le", "0.25"),))]
+            )
 
-        await async_wait_until(lambda: asyncio.sleep(0, late_probes() >= 1), 5,
-                               "the lag probe to report the blocked loop")
+        await async_wait_until(
+            lambda: asyncio.sleep(0, late_probes() >= 1), 5, "the lag probe to report the blocked loop"
+        )
         assert samples(metrics)[("kktd_event_loop_lag_seconds_sum", ())] >= 0.25
     finally:
         watcher.cancel()
@@ -205,8 +230,14 @@ async def test_a_fresh_till_shows_every_labelled_counter_at_zero(app: App) -> No
     for family in text_string_to_metric_families(await response.text()):
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    for code in ("invalid_json", "amount_out_of_range", "idempotency_conflict", "buffer_full",
-                 "storage_unavailable", "unauthorized"):
+    for code in (
+        "invalid_json",
+        "amount_out_of_range",
+        "idempotency_conflict",
+        "buffer_full",
+        "storage_unavailable",
+        "unauthorized",
+    ):
         assert found[("kktd_receipts_rejected_total", (("code", code),))] == 0
     upstream = app.services.config.upstream
     for outcome in ("fiscalized", "refused", "undelivered"):

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -58,8 +59,18 @@ def sell_body(external_id: str = "ext-1", **receipt_changes: Any) -> dict[str, A
     receipt: dict[str, Any] = {
         "client": {"email": "buyer@example.ru"},
         "company": {"email": "shop@example.ru", "sno": "osn", "inn": DEFAULT_INN, "payment_address": "shop.ru"},
-        "items": [{"name": "Товар", "price": 120.5, "quantity": 2, "measure": 0, "sum": 241,
-                   "payment_method": "full_payment", "payment_object": 1, "vat": {"type": "vat20"}}],
+        "items": [
+            {
+                "name": "Товар",
+                "price": 120.5,
+                "quantity": 2,
+                "measure": 0,
+                "sum": 241,
+                "payment_method": "full_payment",
+                "payment_object": 1,
+                "vat": {"type": "vat20"},
+            }
+        ],
         "payments": [{"type": 1, "sum": 241}],
         "total": 241,
     }
@@ -67,10 +78,12 @@ def sell_body(external_id: str = "ext-1", **receipt_changes: Any) -> dict[str, A
     return {"timestamp": "01.12.2026 12:05:31", "external_id": external_id, "receipt": receipt}
 
 
-async def get_token(atol: MockAtol, http: aiohttp.ClientSession, login: str = DEFAULT_LOGIN,
-                    password: str = DEFAULT_PASSWORD) -> tuple[int, dict[str, Any]]:
-    async with http.post(f"{atol.url}/getToken", data=json.dumps({"login": login, "pass": password}),
-                         headers=JSON) as response:
+async def get_token(
+    atol: MockAtol, http: aiohttp.ClientSession, login: str = DEFAULT_LOGIN, password: str = DEFAULT_PASSWORD
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        f"{atol.url}/getToken", data=json.dumps({"login": login, "pass": password}), headers=JSON
+    ) as response:
         return response.status, await response.json()
 
 
@@ -80,12 +93,18 @@ async def token(atol: MockAtol, http: aiohttp.ClientSession) -> str:
     return str(body["token"])
 
 
-async def register(atol: MockAtol, http: aiohttp.ClientSession, body: Any, tok: str, *,
-                   operation: str = "sell", group: str = DEFAULT_GROUP,
-                   raw: bytes | None = None) -> tuple[int, dict[str, Any]]:
+async def register(
+    atol: MockAtol,
+    http: aiohttp.ClientSession,
+    body: Any,
+    tok: str,
+    *,
+    operation: str = "sell",
+    group: str = DEFAULT_GROUP,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
     data = raw if raw is not None else json.dumps(body, ensure_ascii=False).encode()
-    async with http.post(f"{atol.url}/{group}/{operation}", data=data,
-                         headers={**JSON, "Token": tok}) as response:
+    async with http.post(f"{atol.url}/{group}/{operation}", data=data, headers={**JSON, "Token": tok}) as response:
         assert response.content_type == "application/json"
         return response.status, await response.json()
 
@@ -104,8 +123,10 @@ async def admin(http: aiohttp.ClientSession, atol: MockAtol, path: str, body: An
 
 # ---- tokens ----
 
-async def test_get_token_answers_a_token_and_the_same_one_while_it_lives(atol: MockAtol,
-                                                                         http: aiohttp.ClientSession) -> None:
+
+async def test_get_token_answers_a_token_and_the_same_one_while_it_lives(
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     status, first = await get_token(atol, http)
     assert status == 200 and first["error"] is None and isinstance(first["token"], str)
     assert len(first["timestamp"]) == 19
@@ -119,14 +140,24 @@ async def test_get_token_by_get_with_query_parameters(atol: MockAtol, http: aioh
         assert r.status == 200 and (await r.json())["token"]
 
 
-@pytest.mark.parametrize(("behaviour", "login", "password", "status", "code"), [
-    ({}, DEFAULT_LOGIN, "wrong", 401, 12),
-    ({}, "someone-else", DEFAULT_PASSWORD, 401, 12),
-    ({"blocked": True}, DEFAULT_LOGIN, DEFAULT_PASSWORD, 403, 14),
-    ({"group_v4": True}, DEFAULT_LOGIN, DEFAULT_PASSWORD, 401, 21),
-])
-async def test_get_token_refusals(atol: MockAtol, http: aiohttp.ClientSession, behaviour: dict[str, Any],
-                                  login: str, password: str, status: int, code: int) -> None:
+@pytest.mark.parametrize(
+    ("behaviour", "login", "password", "status", "code"),
+    [
+        ({}, DEFAULT_LOGIN, "wrong", 401, 12),
+        ({}, "someone-else", DEFAULT_PASSWORD, 401, 12),
+        ({"blocked": True}, DEFAULT_LOGIN, DEFAULT_PASSWORD, 403, 14),
+        ({"group_v4": True}, DEFAULT_LOGIN, DEFAULT_PASSWORD, 401, 21),
+    ],
+)
+async def test_get_token_refusals(
+    atol: MockAtol,
+    http: aiohttp.ClientSession,
+    behaviour: dict[str, Any],
+    login: str,
+    password: str,
+    status: int,
+    code: int,
+) -> None:
     atol.set_behaviour(**behaviour)
     got_status, body = await get_token(atol, http, login, password)
     assert (got_status, body["error"]["code"]) == (status, code)
@@ -138,8 +169,9 @@ async def test_get_token_needs_json(atol: MockAtol, http: aiohttp.ClientSession)
         assert r.status == 415 and (await r.json())["error"]["code"] == 41
 
 
-async def test_a_token_expires_after_its_lifetime(atol: MockAtol, http: aiohttp.ClientSession,
-                                                  clock: FakeClock) -> None:
+async def test_a_token_expires_after_its_lifetime(
+    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
     atol.set_behaviour(token_lifetime_s=60)
     tok = await token(atol, http)
     assert (await register(atol, http, sell_body("a"), tok))[0] == 200
@@ -160,18 +192,21 @@ async def test_expire_tokens_through_the_admin_api(atol: MockAtol, http: aiohttp
 
 
 @pytest.mark.parametrize(("headers", "code"), [({}, 10), ({"Token": "forged"}, 10)])
-async def test_a_missing_or_unknown_token_is_code_10(atol: MockAtol, http: aiohttp.ClientSession,
-                                                     headers: dict[str, str], code: int) -> None:
-    async with http.post(f"{atol.url}/{DEFAULT_GROUP}/sell", data=json.dumps(sell_body()),
-                         headers={**JSON, **headers}) as response:
+async def test_a_missing_or_unknown_token_is_code_10(
+    atol: MockAtol, http: aiohttp.ClientSession, headers: dict[str, str], code: int
+) -> None:
+    async with http.post(
+        f"{atol.url}/{DEFAULT_GROUP}/sell", data=json.dumps(sell_body()), headers={**JSON, **headers}
+    ) as response:
         assert (response.status, (await response.json())["error"]["code"]) == (401, code)
     assert atol.stats()["registered"] == 0
 
 
 async def test_the_token_may_be_a_query_parameter(atol: MockAtol, http: aiohttp.ClientSession) -> None:
     tok = await token(atol, http)
-    async with http.post(f"{atol.url}/{DEFAULT_GROUP}/sell", params={"token": tok},
-                         data=json.dumps(sell_body()), headers=JSON) as response:
+    async with http.post(
+        f"{atol.url}/{DEFAULT_GROUP}/sell", params={"token": tok}, data=json.dumps(sell_body()), headers=JSON
+    ) as response:
         assert response.status == 200
 
 
@@ -183,8 +218,10 @@ async def test_another_group_is_code_20(atol: MockAtol, http: aiohttp.ClientSess
 
 # ---- registration ----
 
+
 async def test_registration_answers_wait_with_a_uuid_and_a_resend_answers_33_with_it(
-        atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     tok = await token(atol, http)
     status, first = await register(atol, http, sell_body("ext-1"), tok)
     assert status == 200
@@ -200,8 +237,7 @@ async def test_registration_answers_wait_with_a_uuid_and_a_resend_answers_33_wit
 
 
 @pytest.mark.parametrize("operation", ["sell", "sell_refund", "buy", "buy_refund"])
-async def test_every_receipt_operation_registers(atol: MockAtol, http: aiohttp.ClientSession,
-                                                 operation: str) -> None:
+async def test_every_receipt_operation_registers(atol: MockAtol, http: aiohttp.ClientSession, operation: str) -> None:
     tok = await token(atol, http)
     status, _ = await register(atol, http, sell_body(f"ext-{operation}"), tok, operation=operation)
     assert status == 200
@@ -217,8 +253,9 @@ async def test_other_operations_are_code_31(atol: MockAtol, http: aiohttp.Client
 
 async def test_registration_needs_json(atol: MockAtol, http: aiohttp.ClientSession) -> None:
     tok = await token(atol, http)
-    async with http.post(f"{atol.url}/{DEFAULT_GROUP}/sell", data=b"{}",
-                         headers={"Content-Type": "text/plain", "Token": tok}) as response:
+    async with http.post(
+        f"{atol.url}/{DEFAULT_GROUP}/sell", data=b"{}", headers={"Content-Type": "text/plain", "Token": tok}
+    ) as response:
         assert (response.status, (await response.json())["error"]["code"]) == (415, 41)
     status, body = await register(atol, http, None, tok, raw=b'{"timestamp": ')
     assert (status, body["error"]["code"]) == (400, 40)
@@ -226,6 +263,7 @@ async def test_registration_needs_json(atol: MockAtol, http: aiohttp.ClientSessi
 
 def _mutations() -> list[tuple[str, Any]]:
     """(what, how) pairs: how(body) breaks one rule of the sell schema or of its arithmetic."""
+
     def item(**changes: Any) -> Any:
         return lambda b: b["receipt"]["items"][0].update(changes)
 
@@ -238,6 +276,7 @@ def _mutations() -> list[tuple[str, Any]]:
             for key in path[:-1]:
                 target = target[key]
             del target[path[-1]]
+
         return apply
 
     return [
@@ -286,7 +325,8 @@ def _mutations() -> list[tuple[str, Any]]:
 
 @pytest.mark.parametrize(("what", "mutate"), _mutations(), ids=[m[0] for m in _mutations()])
 async def test_strict_validation_answers_code_32_and_registers_nothing(
-        atol: MockAtol, http: aiohttp.ClientSession, what: str, mutate: Any) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession, what: str, mutate: Any
+) -> None:
     tok = await token(atol, http)
     body = copy.deepcopy(sell_body())
     mutate(body)
@@ -304,15 +344,17 @@ async def test_nan_is_not_a_number(atol: MockAtol, http: aiohttp.ClientSession) 
     assert atol.stats()["registered"] == 0
 
 
-@pytest.mark.parametrize("changes", [
-    {},
-    {"client": {"phone": "+79991234567"}},
-    {"client": {"email": "none"}},
-    {"cashier": "Иванова", "cashier_inn": "500100732259"},
-    {"vats": [{"type": "vat20", "sum": 40.17}]},
-])
-async def test_valid_variants_register(atol: MockAtol, http: aiohttp.ClientSession,
-                                       changes: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"client": {"phone": "+79991234567"}},
+        {"client": {"email": "none"}},
+        {"cashier": "Иванова", "cashier_inn": "500100732259"},
+        {"vats": [{"type": "vat20", "sum": 40.17}]},
+    ],
+)
+async def test_valid_variants_register(atol: MockAtol, http: aiohttp.ClientSession, changes: dict[str, Any]) -> None:
     tok = await token(atol, http)
     status, body = await register(atol, http, sell_body(**changes), tok)
     assert status == 200, body
@@ -320,16 +362,31 @@ async def test_valid_variants_register(atol: MockAtol, http: aiohttp.ClientSessi
 
 async def test_sum_rounds_half_up_to_the_kopeck(atol: MockAtol, http: aiohttp.ClientSession) -> None:
     tok = await token(atol, http)
-    body = sell_body(items=[{"name": "Сыр", "price": 10.01, "quantity": 0.25, "measure": 11, "sum": 2.5,
-                             "payment_method": "full_payment", "payment_object": 1, "vat": {"type": "vat10"}}],
-                     payments=[{"type": 0, "sum": 2.5}], total=2.5)
+    body = sell_body(
+        items=[
+            {
+                "name": "Сыр",
+                "price": 10.01,
+                "quantity": 0.25,
+                "measure": 11,
+                "sum": 2.5,
+                "payment_method": "full_payment",
+                "payment_object": 1,
+                "vat": {"type": "vat10"},
+            }
+        ],
+        payments=[{"type": 0, "sum": 2.5}],
+        total=2.5,
+    )
     assert (await register(atol, http, body, tok))[0] == 200  # 2.5025 -> 2.50
 
 
 # ---- reports ----
 
+
 async def test_report_waits_n_polls_then_answers_done_with_the_fiscal_data(
-        atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
     atol.set_behaviour(wait_polls=2)
     tok = await token(atol, http)
     _, registered = await register(atol, http, sell_body("ext-9"), tok)
@@ -345,16 +402,16 @@ async def test_report_waits_n_polls_then_answers_done_with_the_fiscal_data(
     payload = done["payload"]
     for name in ("fiscal_receipt_number", "shift_number", "fiscal_document_number", "fiscal_document_attribute"):
         assert type(payload[name]) is int and payload[name] >= 0
-    for name in ("receipt_datetime", "fn_number", "ecr_registration_number", "fns_site", "ofd_inn",
-                 "ofd_receipt_url"):
+    for name in ("receipt_datetime", "fn_number", "ecr_registration_number", "fns_site", "ofd_inn", "ofd_receipt_url"):
         assert isinstance(payload[name], str) and payload[name]
     assert payload["total"] == Decimal("241")
     summary = atol.documents()[0]
     assert (summary["polls"], summary["early_polls"], summary["fiscalized"]) == (3, 0, True)
 
 
-async def test_polls_less_than_a_second_apart_are_counted(atol: MockAtol, http: aiohttp.ClientSession,
-                                                          clock: FakeClock) -> None:
+async def test_polls_less_than_a_second_apart_are_counted(
+    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
+) -> None:
     atol.set_behaviour(wait_polls=5)
     tok = await token(atol, http)
     uuid = (await register(atol, http, sell_body(), tok))[1]["uuid"]
@@ -385,7 +442,8 @@ async def test_fail_ratio_is_a_share(http: aiohttp.ClientSession) -> None:
 
 
 async def test_a_company_inn_other_than_the_kkts_fails_with_agent_error_2009(
-        atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     tok = await token(atol, http)
     body = sell_body()
     body["receipt"]["company"]["inn"] = "7707083893"
@@ -401,6 +459,7 @@ async def test_an_unknown_uuid_is_code_30(atol: MockAtol, http: aiohttp.ClientSe
 
 
 # ---- faults ----
+
 
 async def test_error5xx_answers_500_code_50_and_does_nothing(atol: MockAtol, http: aiohttp.ClientSession) -> None:
     tok = await token(atol, http)
@@ -420,8 +479,9 @@ async def test_slow_answers_wait_delay_s(atol: MockAtol, http: aiohttp.ClientSes
     assert time.monotonic() - started >= 0.3
 
 
-async def test_offline_resets_every_protocol_request_but_admin_answers(atol: MockAtol,
-                                                                       http: aiohttp.ClientSession) -> None:
+async def test_offline_resets_every_protocol_request_but_admin_answers(
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     atol.set_behaviour(offline=True)
     with pytest.raises(aiohttp.ClientError):
         await get_token(atol, http)
@@ -431,7 +491,8 @@ async def test_offline_resets_every_protocol_request_but_admin_answers(atol: Moc
 
 
 async def test_a_dropped_answer_registers_the_document_and_the_resend_gets_its_uuid(
-        atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     tok = await token(atol, http)
     atol.set_behaviour(drop_ratio=1.0)
     with pytest.raises(aiohttp.ClientError):
@@ -445,11 +506,18 @@ async def test_a_dropped_answer_registers_the_document_and_the_resend_gets_its_u
 
 # ---- admin ----
 
+
 async def test_admin_behaviour_is_validated_and_partial(atol: MockAtol, http: aiohttp.ClientSession) -> None:
     status, body = await admin(http, atol, "behaviour", {"wait_polls": 3, "seed": 5})
     assert status == 200 and body["wait_polls"] == 3 and body["fail_ratio"] == 0.0
-    for bad in ({"wait_polls": -1}, {"fail_ratio": 2}, {"offline": "yes"}, {"colour": 1}, {"delay_s": "1"},
-                {"seed": "x"}):
+    for bad in (
+        {"wait_polls": -1},
+        {"fail_ratio": 2},
+        {"offline": "yes"},
+        {"colour": 1},
+        {"delay_s": "1"},
+        {"seed": "x"},
+    ):
         status, body = await admin(http, atol, "behaviour", bad)
         assert status == 400 and body["error"], bad
     assert (await admin(http, atol, "behaviour"))[1]["wait_polls"] == 3
@@ -475,11 +543,15 @@ async def test_max_in_flight_counts_concurrent_requests(atol: MockAtol, http: ai
 
 # ---- the command ----
 
+
 def test_main_serves_until_sigterm() -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "kktd_mocks.atol", "--listen", f"127.0.0.1:{port}", "--wait-polls", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
@@ -501,8 +573,14 @@ def test_main_serves_until_sigterm() -> None:
 
 
 def test_main_refuses_a_bad_listen_address() -> None:
-    result = subprocess.run([sys.executable, "-m", "kktd_mocks.atol", "--listen", "nowhere"], cwd=REPO,
-                            capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "kktd_mocks.atol", "--listen", "nowhere"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 78 and "HOST:PORT" in result.stderr
 
 
@@ -513,14 +591,20 @@ def test_main_reports_a_port_in_use() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "kktd_mocks.atol", "--listen", f"127.0.0.1:{port}"],
-                                cwd=REPO, capture_output=True, text=True, timeout=30,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        result = subprocess.run(
+            [sys.executable, "-m", "kktd_mocks.atol", "--listen", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
     assert result.returncode == 74 and "cannot listen" in result.stderr
 
 
-async def test_answer_delay_holds_the_answer_of_a_document_already_registered(atol: MockAtol,
-                                                                             http: aiohttp.ClientSession) -> None:
+async def test_answer_delay_holds_the_answer_of_a_document_already_registered(
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     tok = await token(atol, http)
     atol.set_behaviour(answer_delay_s=5.0)
     pending = asyncio.ensure_future(register(atol, http, sell_body("held"), tok))
@@ -553,7 +637,8 @@ async def test_refused_external_ids_are_answered_code_32(atol: MockAtol, http: a
 
 
 async def test_go_offline_refuses_connections_and_go_online_listens_on_the_same_port(
-        atol: MockAtol, http: aiohttp.ClientSession) -> None:
+    atol: MockAtol, http: aiohttp.ClientSession
+) -> None:
     port = atol.port
     await token(atol, http)  # a pooled keep-alive connection now exists
     await atol.go_offline()

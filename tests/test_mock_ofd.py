@@ -20,11 +20,17 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kktd_mocks.ofd import (
-    BadRequest, MockOfd, MockOfdState, create_app, parse_listen, split_batch, start_mock_ofd,
-)
 from kktd.delivery import UpstreamUnavailable
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem
+from kktd_mocks.ofd import (
+    BadRequest,
+    MockOfd,
+    MockOfdState,
+    create_app,
+    parse_listen,
+    split_batch,
+    start_mock_ofd,
+)
 
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"
 REPO = Path(__file__).resolve().parent.parent
@@ -36,10 +42,24 @@ def receipt(pos_id: str = "POS-1", amount: int = 5000) -> dict[str, Any]:
         "operation": "sale",
         "taxation": "osn",
         "items": [
-            {"name": "Чай", "price": amount - 1000, "quantity": "1.000", "sum": amount - 1000, "vat": "vat20",
-             "payment_method": "full_payment", "payment_object": "commodity"},
-            {"name": "Сахар", "price": 1000, "quantity": "1.000", "sum": 1000, "vat": "vat10",
-             "payment_method": "full_payment", "payment_object": "commodity"},
+            {
+                "name": "Чай",
+                "price": amount - 1000,
+                "quantity": "1.000",
+                "sum": amount - 1000,
+                "vat": "vat20",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            },
+            {
+                "name": "Сахар",
+                "price": 1000,
+                "quantity": "1.000",
+                "sum": 1000,
+                "vat": "vat10",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            },
         ],
         "payments": [{"type": "cash", "amount": amount - 2000}, {"type": "electronic", "amount": 2000}],
         "total": amount,
@@ -47,8 +67,12 @@ def receipt(pos_id: str = "POS-1", amount: int = 5000) -> dict[str, Any]:
 
 
 def entry(n: int, **kwargs: Any) -> dict[str, Any]:
-    return {"receipt_id": f"rcpt-{n}", "idempotency_key": f"key-{n}", "accepted_at": ACCEPTED_AT,
-            "receipt": receipt(**kwargs)}
+    return {
+        "receipt_id": f"rcpt-{n}",
+        "idempotency_key": f"key-{n}",
+        "accepted_at": ACCEPTED_AT,
+        "receipt": receipt(**kwargs),
+    }
 
 
 @pytest.fixture
@@ -68,21 +92,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def post(http: aiohttp.ClientSession, mock: MockOfd, body: Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(f"{mock.url}/v1/receipts", data=data,
-                         headers={"Content-Type": "application/json"}) as response:
+    async with http.post(
+        f"{mock.url}/v1/receipts", data=data, headers={"Content-Type": "application/json"}
+    ) as response:
         return response.status, await response.json(content_type=None)
 
 
-async def send(http: aiohttp.ClientSession, mock: MockOfd,
-               entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def send(http: aiohttp.ClientSession, mock: MockOfd, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     status, body = await post(http, mock, entries)
     assert status == 200, body
     assert len(body["results"]) == len(entries)
     return list(body["results"])
 
 
-async def admin(http: aiohttp.ClientSession, mock: MockOfd, method: str, path: str,
-                body: Any = None) -> tuple[int, Any]:
+async def admin(
+    http: aiohttp.ClientSession, mock: MockOfd, method: str, path: str, body: Any = None
+) -> tuple[int, Any]:
     async with http.request(method, f"{mock.admin_url}{path}", json=body) as response:
         return response.status, await response.json()
 
@@ -124,9 +149,7 @@ async def test_fiscal_sign_is_deterministic_per_key() -> None:
     assert signs[0] == signs[1]
 
 
-async def test_redelivery_is_acknowledged_identically_and_counted(
-    http: aiohttp.ClientSession, mock: MockOfd
-) -> None:
+async def test_redelivery_is_acknowledged_identically_and_counted(http: aiohttp.ClientSession, mock: MockOfd) -> None:
     first = await send(http, mock, [entry(1), entry(2)])
     again = await send(http, mock, [entry(2), entry(3), entry(1)])
     assert again[0] == first[1] and again[2] == first[0]
@@ -154,8 +177,10 @@ async def test_key_reused_by_another_receipt_is_rejected(http: aiohttp.ClientSes
     await send(http, mock, [entry(1)])
     other = {**entry(1), "receipt_id": "rcpt-other"}
     (result,) = await send(http, mock, [other])
-    assert result == {"receipt_id": "rcpt-other", "error": {"code": "idempotency_key_reused",
-                                                            "message": result["error"]["message"]}}
+    assert result == {
+        "receipt_id": "rcpt-other",
+        "error": {"code": "idempotency_key_reused", "message": result["error"]["message"]},
+    }
     assert mock.stats()["unique"] == 1
 
 
@@ -199,9 +224,7 @@ REJECTIONS: dict[str, tuple[Any, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-async def test_invalid_receipts_are_rejected_not_stored(
-    case: str, http: aiohttp.ClientSession, mock: MockOfd
-) -> None:
+async def test_invalid_receipts_are_rejected_not_stored(case: str, http: aiohttp.ClientSession, mock: MockOfd) -> None:
     bad, code = REJECTIONS[case]
     (ok_before, result, ok_after) = await send(http, mock, [entry(1), bad, entry(2)])
     assert ok_before["fiscal_document_number"] == 1 and ok_after["fiscal_document_number"] == 2
@@ -215,8 +238,7 @@ async def test_invalid_receipts_are_rejected_not_stored(
 async def test_reject_list_set_and_cleared(http: aiohttp.ClientSession, mock: MockOfd) -> None:
     status, body = await admin(http, mock, "POST", "/admin/reject", {"pos_ids": ["POS-7", "POS-8"]})
     assert (status, body) == (200, {"pos_ids": ["POS-7", "POS-8"]})
-    results = await send(http, mock, [entry(1, pos_id="POS-7"), entry(2, pos_id="POS-1"),
-                                      entry(3, pos_id="POS-8")])
+    results = await send(http, mock, [entry(1, pos_id="POS-7"), entry(2, pos_id="POS-1"), entry(3, pos_id="POS-8")])
     codes = [r.get("error", {}).get("code") for r in results]
     assert codes == ["kkt_not_registered", None, "kkt_not_registered"]
     # A rejected receipt was not stored: once the register is cleared it is acknowledged as new.
@@ -227,12 +249,19 @@ async def test_reject_list_set_and_cleared(http: aiohttp.ClientSession, mock: Mo
     assert mock.stats()["rejected"] == 2 and mock.stats()["redeliveries"] == 0
 
 
-@pytest.mark.parametrize("body", [
-    b"not json", b"\xff\xfe", b'{"receipt_id": "x"}', b'"string"', b"[]",
-    json.dumps([entry(n) for n in range(101)]).encode(),
-], ids=["not-json", "not-utf8", "object", "string", "empty", "101-items"])
-async def test_whole_request_problems_are_400(body: bytes, http: aiohttp.ClientSession,
-                                              mock: MockOfd) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b'{"receipt_id": "x"}',
+        b'"string"',
+        b"[]",
+        json.dumps([entry(n) for n in range(101)]).encode(),
+    ],
+    ids=["not-json", "not-utf8", "object", "string", "empty", "101-items"],
+)
+async def test_whole_request_problems_are_400(body: bytes, http: aiohttp.ClientSession, mock: MockOfd) -> None:
     status, answer = await post(http, mock, body)
     assert status == 400
     assert answer["error"]["code"] == "bad_request"
@@ -240,10 +269,17 @@ async def test_whole_request_problems_are_400(body: bytes, http: aiohttp.ClientS
     assert (stats["unique"], stats["received"], stats["bad_requests"], stats["requests"]) == (0, 0, 1, 1)
 
 
-@pytest.mark.parametrize("text", [
-    '[{"a": 1}]', ' \n[ {"a": [1, 2, {"b": "]"}]} ,\t{"c": "\\",\\""} ]\r\n', '[1,2,3]', '[[],{}]',
-    '["ж", "\\u0436"]', '[null]',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[{"a": 1}]',
+        ' \n[ {"a": [1, 2, {"b": "]"}]} ,\t{"c": "\\",\\""} ]\r\n',
+        "[1,2,3]",
+        "[[],{}]",
+        '["ж", "\\u0436"]',
+        "[null]",
+    ],
+)
 def test_split_batch_keeps_each_items_text(text: str) -> None:
     entries = split_batch(text)
     assert [value for value, _ in entries] == json.loads(text)
@@ -252,21 +288,34 @@ def test_split_batch_keeps_each_items_text(text: str) -> None:
         assert raw == raw.strip() and raw in text
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "not valid JSON"), ("[", "not valid JSON"), ("[1,]", "not valid JSON"), ("[1 2]", "not valid JSON"),
-    ("[1] x", "not valid JSON"), ("[1]]", "not valid JSON"), ("[1,,2]", "not valid JSON"),
-    ("\ufeff[1]", "not valid JSON"), ("[]", "got 0"),
-    ("{}", "must be a JSON array"), ("1", "must be a JSON array"),
-    ("[" + ",".join(["{}"] * 101) + "]", "got more"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "not valid JSON"),
+        ("[", "not valid JSON"),
+        ("[1,]", "not valid JSON"),
+        ("[1 2]", "not valid JSON"),
+        ("[1] x", "not valid JSON"),
+        ("[1]]", "not valid JSON"),
+        ("[1,,2]", "not valid JSON"),
+        ("\ufeff[1]", "not valid JSON"),
+        ("[]", "got 0"),
+        ("{}", "must be a JSON array"),
+        ("1", "must be a JSON array"),
+        ("[" + ",".join(["{}"] * 101) + "]", "got more"),
+    ],
+)
 def test_split_batch_rejects(text: str, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         split_batch(text)
 
 
 async def test_stored_copy_is_the_item_as_sent(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    body = ('[ {"receipt_id": "rcpt-1", "idempotency_key": "key-1", "accepted_at": "%s", "receipt": %s} ]'
-            % (ACCEPTED_AT, json.dumps(receipt(), ensure_ascii=False, indent=2)))
+    stored_receipt = json.dumps(receipt(), ensure_ascii=False, indent=2)
+    body = (
+        f'[ {{"receipt_id": "rcpt-1", "idempotency_key": "key-1", "accepted_at": "{ACCEPTED_AT}", '
+        f'"receipt": {stored_receipt}}} ]'
+    )
     status, answer = await post(http, mock, body.encode())
     assert status == 200 and answer["results"][0]["fiscal_document_number"] == 1
     stored = mock.stored("rcpt-1")
@@ -287,7 +336,13 @@ async def test_stats_and_receipt_lookup(http: aiohttp.ClientSession, mock: MockO
     status, stats = await admin(http, mock, "GET", "/admin/stats")
     assert status == 200
     assert {k: stats[k] for k in ("received", "unique", "redeliveries", "rejected", "requests", "mode")} == {
-        "received": 4, "unique": 2, "redeliveries": 1, "rejected": 1, "requests": 2, "mode": "online"}
+        "received": 4,
+        "unique": 2,
+        "redeliveries": 1,
+        "rejected": 1,
+        "requests": 2,
+        "mode": "online",
+    }
     status, stored = await admin(http, mock, "GET", "/admin/receipts/rcpt-2")
     assert status == 200
     assert stored["receipt"] == receipt() and stored["idempotency_key"] == "key-2"
@@ -313,10 +368,18 @@ async def test_admin_routes_are_also_on_the_main_listener(http: aiohttp.ClientSe
         assert response.status == 404  # receipts only on the main listener
 
 
-@pytest.mark.parametrize("body", [
-    {"mode": "sideways"}, {}, {"mode": "slow", "delay_s": -1}, {"mode": "slow", "delay_s": "1"},
-    {"mode": "flaky", "fail_ratio": 1.5}, {"mode": "flaky", "seed": "x"}, ["online"],
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"mode": "sideways"},
+        {},
+        {"mode": "slow", "delay_s": -1},
+        {"mode": "slow", "delay_s": "1"},
+        {"mode": "flaky", "fail_ratio": 1.5},
+        {"mode": "flaky", "seed": "x"},
+        ["online"],
+    ],
+)
 async def test_bad_mode_requests_are_400(body: Any, http: aiohttp.ClientSession, mock: MockOfd) -> None:
     status, answer = await admin(http, mock, "POST", "/admin/mode", body)
     assert status == 400 and answer["error"]["code"] == "bad_request"
@@ -355,8 +418,9 @@ async def test_offline_closes_the_listener_and_comes_back_on_the_same_port(
     assert mock.stats()["unique"] == 2
 
 
-async def test_going_offline_through_the_main_listener_still_answers(http: aiohttp.ClientSession,
-                                                                     mock: MockOfd) -> None:
+async def test_going_offline_through_the_main_listener_still_answers(
+    http: aiohttp.ClientSession, mock: MockOfd
+) -> None:
     async with http.post(f"{mock.url}/admin/mode", json={"mode": "offline"}) as response:
         assert response.status == 200 and (await response.json())["mode"] == "offline"
     assert refuses_connections(mock.port)
@@ -470,8 +534,7 @@ async def test_flaky_extremes(ratio: float, expect_ok: bool) -> None:
     assert all((o == "ok") == expect_ok for o in outcomes)
 
 
-async def test_drop_ack_stores_but_the_client_sees_an_error(http: aiohttp.ClientSession,
-                                                            mock: MockOfd) -> None:
+async def test_drop_ack_stores_but_the_client_sees_an_error(http: aiohttp.ClientSession, mock: MockOfd) -> None:
     await admin(http, mock, "POST", "/admin/mode", {"mode": "drop_ack"})
     with pytest.raises(aiohttp.ClientConnectionError):
         await post(http, mock, [entry(1), entry(2)])
@@ -519,7 +582,11 @@ async def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     ofd = await start_mock_ofd("127.0.0.1", 0, db)
     try:
         assert {k: ofd.stats()[k] for k in ("unique", "received", "redeliveries", "requests")} == {
-            "unique": 3, "received": 4, "redeliveries": 1, "requests": 2}
+            "unique": 3,
+            "received": 4,
+            "redeliveries": 1,
+            "requests": 2,
+        }
         async with OfdClient(ofd.url, 5.0) as client:
             again = await client.send_batch(items(4))
         assert again[:3] == first
@@ -547,9 +614,14 @@ async def test_sqlite_store_is_committed_before_the_answer(tmp_path: Path) -> No
 # --- command line -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("127.0.0.1:9000", ("127.0.0.1", 9000)), ("[::1]:9000", ("::1", 9000)), ("localhost:0", ("localhost", 0)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("127.0.0.1:9000", ("127.0.0.1", 9000)),
+        ("[::1]:9000", ("::1", 9000)),
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
 def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == expected
 
@@ -569,13 +641,18 @@ def test_admin_port_defaults_to_the_next_port() -> None:
 
 def _start_cli(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "kktd_mocks.ofd", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kktd_mocks.ofd", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 async def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
-    proc = _start_cli("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                      "--db", str(tmp_path / "o.db"))
+    proc = _start_cli("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--db", str(tmp_path / "o.db"))
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20.0)
@@ -599,11 +676,14 @@ async def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
                 stream.close()
 
 
-@pytest.mark.parametrize("args, code", [
-    (("--listen", "nowhere"), 78),
-    (("--listen", "127.0.0.1:70000"), 78),
-    (("--listen", "127.0.0.1:0", "--db", "/nonexistent-dir/x/o.db"), 74),
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (("--listen", "nowhere"), 78),
+        (("--listen", "127.0.0.1:70000"), 78),
+        (("--listen", "127.0.0.1:0", "--db", "/nonexistent-dir/x/o.db"), 74),
+    ],
+)
 def test_cli_bad_arguments_exit_codes(args: tuple[str, ...], code: int) -> None:
     proc = _start_cli(*args)
     try:

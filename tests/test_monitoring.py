@@ -7,8 +7,9 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -65,6 +66,7 @@ def substitute(expr: str) -> str:
 
 # ---- alert rules ----
 
+
 def test_alert_rules_pass_promtool_check() -> None:
     result = run_promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -94,8 +96,15 @@ def test_every_alert_is_fired_by_a_unit_test() -> None:
         name = re.search(r"alertname:\s*(\S+)", block)
         if name and "exp_labels" in block:
             fired.add(name.group(1))
-    expected = {"KktdDown", "KktdPendingOldWarning", "KktdPendingOldCritical", "KktdUpstreamBreakerOpen",
-                "KktdDeadLetters", "KktdDiskAlmostFull", "KktdBufferAlmostFull"}
+    expected = {
+        "KktdDown",
+        "KktdPendingOldWarning",
+        "KktdPendingOldCritical",
+        "KktdUpstreamBreakerOpen",
+        "KktdDeadLetters",
+        "KktdDiskAlmostFull",
+        "KktdBufferAlmostFull",
+    }
     assert expected <= set(alert_names())
     assert set(alert_names()) <= fired
 
@@ -124,6 +133,7 @@ def test_every_alert_has_a_severity_and_a_runbook() -> None:
 
 
 # ---- dashboard ----
+
 
 def test_dashboard_has_one_row_per_concern_in_order() -> None:
     board = dashboard()
@@ -214,6 +224,7 @@ def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
 
 # ---- the contract between kktd/metrics.py and the shipped files ----
 
+
 def exported_sample_names(tmp_path: Path) -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -227,9 +238,20 @@ def exported_sample_names(tmp_path: Path) -> set[str]:
     metrics.upstream_receipts("kktd-ofd", ReceiptOutcome.FISCALIZED, 4)
     metrics.upstream_retry("kktd-ofd")
     metrics.event_loop_lag(0.001)
-    metrics.bind_state(lambda: StateSnapshot(
-        {"pending": 1}, 100, 1_799_999_999_000, tmp_path / "buffer.db", "kktd-ofd", BreakerState.CLOSED,
-        1_799_999_999_000, 60.0, 120.0, "test"))
+    metrics.bind_state(
+        lambda: StateSnapshot(
+            {"pending": 1},
+            100,
+            1_799_999_999_000,
+            tmp_path / "buffer.db",
+            "kktd-ofd",
+            BreakerState.CLOSED,
+            1_799_999_999_000,
+            60.0,
+            120.0,
+            "test",
+        )
+    )
     families = text_string_to_metric_families(metrics.exposition().decode())
     return {sample.name for family in families for sample in family.samples}
 
@@ -242,8 +264,11 @@ def test_every_metric_used_is_exported_by_kktd(tmp_path: Path, source: str) -> N
     else:
         expressions = alert_expressions()
     assert expressions
-    used = {name for expr in expressions
-            for name in re.findall(r"\b((?:kktd|process|python)_[a-z_]+|up)\b(?=\s*[{\[),]|\s*$|\s)", expr)}
+    used = {
+        name
+        for expr in expressions
+        for name in re.findall(r"\b((?:kktd|process|python)_[a-z_]+|up)\b(?=\s*[{\[),]|\s*$|\s)", expr)
+    }
     used = {name for name in used if not name.endswith("_check")}
     assert used, expressions
     exported = exported_sample_names(tmp_path) | {"up"}  # `up` is Prometheus's own

@@ -19,10 +19,10 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from kktd.delivery import UpstreamUnavailable
 from kktd.upstreams.http import invalid_field
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem, OfdRejection
+from kktd_mocks.ofd import MockOfd, start_mock_ofd
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"
@@ -33,8 +33,17 @@ def receipt(pos_id: str = "POS-1", amount: int = 12345) -> dict[str, Any]:
         "pos_id": pos_id,
         "operation": "sale",
         "taxation": "osn",
-        "items": [{"name": "Кефир", "price": amount, "quantity": "1.000", "sum": amount, "vat": "vat20",
-                   "payment_method": "full_payment", "payment_object": "commodity"}],
+        "items": [
+            {
+                "name": "Кефир",
+                "price": amount,
+                "quantity": "1.000",
+                "sum": amount,
+                "vat": "vat20",
+                "payment_method": "full_payment",
+                "payment_object": "commodity",
+            }
+        ],
         "payments": [{"type": "cash", "amount": amount}],
         "total": amount,
     }
@@ -45,8 +54,12 @@ def item(n: int, **kwargs: Any) -> OfdItem:
 
 
 def ack_for(entry: dict[str, Any], number: int) -> dict[str, Any]:
-    return {"receipt_id": entry["receipt_id"], "fiscal_document_number": number, "fiscal_sign": "0123456789",
-            "ofd_received_at": "2026-11-24T03:00:01.000Z"}
+    return {
+        "receipt_id": entry["receipt_id"],
+        "fiscal_document_number": number,
+        "fiscal_sign": "0123456789",
+        "ofd_received_at": "2026-11-24T03:00:01.000Z",
+    }
 
 
 @pytest.fixture
@@ -195,8 +208,7 @@ async def test_offline_mock_is_a_connect_error(client: OfdClient, mock: MockOfd)
     assert isinstance((await client.send_batch([item(1)]))[0], OfdAck)
 
 
-async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: OfdClient,
-                                                                     mock: MockOfd) -> None:
+async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: OfdClient, mock: MockOfd) -> None:
     await mock.set_mode("drop_ack")
     with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
@@ -226,22 +238,25 @@ async def test_slow_mock_past_timeout_is_a_timeout(mock: MockOfd) -> None:
 
 def answer(status: int = 200, body: bytes | str = b"", content_type: str = "application/json") -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return web.Response(status=status, body=body.encode() if isinstance(body, str) else body,
-                            content_type=content_type)
+        return web.Response(
+            status=status, body=body.encode() if isinstance(body, str) else body, content_type=content_type
+        )
+
     return handler
 
 
 def results_of(make: Callable[[list[dict[str, Any]]], Any]) -> Handler:
     """A server answering 200 JSON built from the batch it received."""
+
     async def handler(request: web.Request) -> web.StreamResponse:
         entries = json.loads(await request.read())
         return web.json_response(make(entries))
+
     return handler
 
 
 def acks_with(**override: Any) -> Handler:
-    return results_of(lambda entries: {"results": [
-        {**ack_for(e, n + 1), **override} for n, e in enumerate(entries)]})
+    return results_of(lambda entries: {"results": [{**ack_for(e, n + 1), **override} for n, e in enumerate(entries)]})
 
 
 GARBAGE: dict[str, tuple[Handler, str]] = {
@@ -252,17 +267,23 @@ GARBAGE: dict[str, tuple[Handler, str]] = {
     "bare list": (results_of(lambda entries: [ack_for(e, 1) for e in entries]), "bad_answer: shape"),
     "results not a list": (answer(200, '{"results": {"0": 1}}'), "bad_answer: shape"),
     "no results": (answer(200, '{"status": "ok"}'), "bad_answer: shape"),
-    "result not an object": (results_of(lambda entries: {"results": ["ok"] * len(entries)}),
-                             "bad_answer: shape"),
-    "too few results": (results_of(lambda entries: {"results": [ack_for(entries[0], 1)]}),
-                        "bad_answer: length_mismatch"),
-    "too many results": (results_of(lambda entries: {"results": [ack_for(e, 1) for e in entries * 2]}),
-                         "bad_answer: length_mismatch"),
-    "swapped order": (results_of(lambda entries: {"results": [ack_for(e, 1) for e in reversed(entries)]}),
-                      "bad_answer: receipt_id_mismatch"),
-    "unknown id": (results_of(lambda entries: {"results": [
-        {**ack_for(e, 1), "receipt_id": "someone-else"} for e in entries]}),
-        "bad_answer: receipt_id_mismatch"),
+    "result not an object": (results_of(lambda entries: {"results": ["ok"] * len(entries)}), "bad_answer: shape"),
+    "too few results": (
+        results_of(lambda entries: {"results": [ack_for(entries[0], 1)]}),
+        "bad_answer: length_mismatch",
+    ),
+    "too many results": (
+        results_of(lambda entries: {"results": [ack_for(e, 1) for e in entries * 2]}),
+        "bad_answer: length_mismatch",
+    ),
+    "swapped order": (
+        results_of(lambda entries: {"results": [ack_for(e, 1) for e in reversed(entries)]}),
+        "bad_answer: receipt_id_mismatch",
+    ),
+    "unknown id": (
+        results_of(lambda entries: {"results": [{**ack_for(e, 1), "receipt_id": "someone-else"} for e in entries]}),
+        "bad_answer: receipt_id_mismatch",
+    ),
     "number as string": (acks_with(fiscal_document_number="1"), "bad_answer: invalid_ack"),
     "number as bool": (acks_with(fiscal_document_number=True), "bad_answer: invalid_ack"),
     "number as float": (acks_with(fiscal_document_number=1.0), "bad_answer: invalid_ack"),
@@ -273,20 +294,32 @@ GARBAGE: dict[str, tuple[Handler, str]] = {
     "time not a date": (acks_with(ofd_received_at="yesterday"), "bad_answer: invalid_ack"),
     "time without zone": (acks_with(ofd_received_at="2026-11-24T03:00:01"), "bad_answer: invalid_ack"),
     "date only": (acks_with(ofd_received_at="2026-11-24"), "bad_answer: invalid_ack"),
-    "empty result object": (results_of(lambda entries: {"results": [
-        {"receipt_id": e["receipt_id"]} for e in entries]}), "bad_answer: invalid_ack"),
-    "error not an object": (results_of(lambda entries: {"results": [
-        {"receipt_id": e["receipt_id"], "error": "nope"} for e in entries]}),
-        "bad_answer: invalid_rejection"),
-    "error without code": (results_of(lambda entries: {"results": [
-        {"receipt_id": e["receipt_id"], "error": {"message": "x"}} for e in entries]}),
-        "bad_answer: invalid_rejection"),
-    "error without message": (results_of(lambda entries: {"results": [
-        {"receipt_id": e["receipt_id"], "error": {"code": "x"}} for e in entries]}),
-        "bad_answer: invalid_rejection"),
-    "ack and error at once": (results_of(lambda entries: {"results": [
-        {**ack_for(e, 1), "error": {"code": "x", "message": "y"}} for e in entries]}),
-        "bad_answer: invalid_rejection"),
+    "empty result object": (
+        results_of(lambda entries: {"results": [{"receipt_id": e["receipt_id"]} for e in entries]}),
+        "bad_answer: invalid_ack",
+    ),
+    "error not an object": (
+        results_of(lambda entries: {"results": [{"receipt_id": e["receipt_id"], "error": "nope"} for e in entries]}),
+        "bad_answer: invalid_rejection",
+    ),
+    "error without code": (
+        results_of(
+            lambda entries: {"results": [{"receipt_id": e["receipt_id"], "error": {"message": "x"}} for e in entries]}
+        ),
+        "bad_answer: invalid_rejection",
+    ),
+    "error without message": (
+        results_of(
+            lambda entries: {"results": [{"receipt_id": e["receipt_id"], "error": {"code": "x"}} for e in entries]}
+        ),
+        "bad_answer: invalid_rejection",
+    ),
+    "ack and error at once": (
+        results_of(
+            lambda entries: {"results": [{**ack_for(e, 1), "error": {"code": "x", "message": "y"}} for e in entries]}
+        ),
+        "bad_answer: invalid_rejection",
+    ),
     "http 500": (answer(500, '{"results": []}'), "http_500"),
     "http 503": (answer(503, "busy", "text/plain"), "http_503"),
     "http 404": (answer(404, "not found", "text/plain"), "http_404"),
@@ -316,8 +349,9 @@ async def test_one_bad_result_spoils_the_whole_batch(fake_ofd: FakeOfdFactory) -
 
 
 async def test_extra_fields_are_tolerated(fake_ofd: FakeOfdFactory) -> None:
-    server = await fake_ofd(results_of(lambda entries: {"version": 2, "results": [
-        {**ack_for(e, 7), "extra": [1, 2]} for e in entries]}))
+    server = await fake_ofd(
+        results_of(lambda entries: {"version": 2, "results": [{**ack_for(e, 7), "extra": [1, 2]} for e in entries]})
+    )
     results = await send_to(server.url, [item(1)])
     assert results == [OfdAck("rcpt-1", 7, "0123456789", "2026-11-24T03:00:01.000Z")]
 
@@ -453,10 +487,12 @@ async def test_wire_format(fake_ofd: FakeOfdFactory) -> None:
     server = await fake_ofd(acks_with())
     await send_to(server.url, [item(1), OfdItem("rcpt-2", "key-2", ACCEPTED_AT, receipt_json='{"a":"б"}')])
     envelope = {"accepted_at": ACCEPTED_AT}
-    assert server.bodies == [[
-        {"receipt_id": "rcpt-1", "idempotency_key": "key-1", **envelope, "receipt": receipt()},
-        {"receipt_id": "rcpt-2", "idempotency_key": "key-2", **envelope, "receipt": {"a": "б"}},
-    ]]
+    assert server.bodies == [
+        [
+            {"receipt_id": "rcpt-1", "idempotency_key": "key-1", **envelope, "receipt": receipt()},
+            {"receipt_id": "rcpt-2", "idempotency_key": "key-2", **envelope, "receipt": {"a": "б"}},
+        ]
+    ]
 
 
 async def test_connection_is_reused_across_batches(fake_ofd: FakeOfdFactory) -> None:
@@ -552,11 +588,14 @@ async def test_close_is_idempotent_and_restartable(mock: MockOfd) -> None:
         await ofd_client.close()
 
 
-@pytest.mark.parametrize(("message", "field"), [
-    ("Expected `int`, got `str` - at `$.payload.shift_number`", "payload.shift_number"),
-    ("Expected `str`, got `null` - at `$.fiscal_sign`", "fiscal_sign"),
-    ("Object missing required field `fn_number`", "fn_number"),
-    ("Expected `object`, got `array`", "value"),
-])
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ("Expected `int`, got `str` - at `$.payload.shift_number`", "payload.shift_number"),
+        ("Expected `str`, got `null` - at `$.fiscal_sign`", "fiscal_sign"),
+        ("Object missing required field `fn_number`", "fn_number"),
+        ("Expected `object`, got `array`", "value"),
+    ],
+)
 def test_a_bad_answer_names_the_field_never_the_value(message: str, field: str) -> None:
     assert invalid_field(msgspec.ValidationError(message)) == field

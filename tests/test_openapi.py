@@ -7,16 +7,17 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 import yaml
 from aiohttp import web
 
+from kktd.delivery import Refused
 from kktd.openapi import spec, spec_json
 from kktd.receipt import sample_receipt
-from kktd.delivery import Refused
 from tests.conftest import App, close_app, open_app
 from tests.openapi_contract import Contract
 
@@ -29,8 +30,11 @@ def described_routes() -> set[tuple[str, str]]:
 
 
 def app_routes(app: web.Application) -> set[tuple[str, str]]:
-    return {(route.method, route.resource.canonical) for route in app.router.routes()
-            if route.method != "HEAD" and route.resource is not None}
+    return {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
 
 
 def test_spec_loads_and_is_openapi_3() -> None:
@@ -69,8 +73,15 @@ class Caller:
         self.app = app
         self.contract = contract
 
-    async def __call__(self, method: str, path: str, expect: int, body: Any = None, raw: bytes | None = None,
-                       headers: dict[str, str] | None = None) -> Any:
+    async def __call__(
+        self,
+        method: str,
+        path: str,
+        expect: int,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         all_headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else headers
         response = await self.app.client.request(method, path, data=data, headers=all_headers)
@@ -87,16 +98,14 @@ def contract() -> Contract:
 @pytest.fixture
 async def rigged(tmp_path: Path) -> AsyncIterator[App]:
     """The app with its sync loop's upstream down (nothing listens on the discard port)."""
-    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5,
-                                 body_timeout=0.3)
+    application = await open_app(tmp_path / "rigged", ofd_url="http://127.0.0.1:9", ofd_timeout=0.5, body_timeout=0.3)
     try:
         yield application
     finally:
         await close_app(application)
 
 
-async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, rigged: App,
-                                                               contract: Contract) -> None:
+async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, rigged: App, contract: Contract) -> None:
     call = Caller(rigged, contract)
     receipt = sample_receipt("contract-1")
     accepted = await call("POST", "/v1/kkt/receipt", 201, receipt)
@@ -176,13 +185,16 @@ async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
     server = app.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
-        writer.write(b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{")
+        writer.write(
+            b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:")))
+        length = int(
+            next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        )
         body = await reader.readexactly(length)
         answer: dict[str, Any] = contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)
         return answer
@@ -210,8 +222,13 @@ def test_the_receipt_schema_names_exactly_the_models_fields_and_values() -> None
     assert set(schemas["ItemIn"]["properties"]) == receipt.ITEM_FIELDS
     assert set(schemas["Payment"]["properties"]) == receipt.PAYMENT_FIELDS
     assert set(schemas["Cashier"]["properties"]) == receipt.CASHIER_FIELDS
-    for name, values in [("Operation", receipt.OPERATIONS), ("Taxation", receipt.TAXATIONS),
-                         ("Vat", receipt.VAT_RATES), ("PaymentMethod", receipt.PAYMENT_METHODS),
-                         ("PaymentObject", receipt.PAYMENT_OBJECTS), ("PaymentType", receipt.PAYMENT_TYPES),
-                         ("Measure", receipt.MEASURES)]:
+    for name, values in [
+        ("Operation", receipt.OPERATIONS),
+        ("Taxation", receipt.TAXATIONS),
+        ("Vat", receipt.VAT_RATES),
+        ("PaymentMethod", receipt.PAYMENT_METHODS),
+        ("PaymentObject", receipt.PAYMENT_OBJECTS),
+        ("PaymentType", receipt.PAYMENT_TYPES),
+        ("Measure", receipt.MEASURES),
+    ]:
         assert set(schemas[name]["enum"]) == values, name

@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -32,8 +33,11 @@ async def scrape(app: App) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=")
     text = await response.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 async def post(app: App, body: Any, **headers: str) -> int:
@@ -42,6 +46,7 @@ async def post(app: App, body: Any, **headers: str) -> int:
 
 
 # ---- /metrics ----
+
 
 async def test_metrics_follow_intake_and_rejections(app: App) -> None:
     before = await scrape(app)
@@ -105,6 +110,7 @@ async def test_oldest_pending_age_follows_the_rows(app_factory: AppFactory, mock
 
 # ---- export ----
 
+
 async def export(app: App, query: str = "") -> tuple[int, list[dict[str, Any]]]:
     response = await app.client.get(f"/v1/kkt/receipts{query}")
     text = await response.text()
@@ -139,8 +145,9 @@ async def test_export_since_until(app: App) -> None:
     early = await accept_group(app, "early", 3)
     middle = await accept_group(app, "middle", 4)
     late = await accept_group(app, "late", 2)
-    accepted = {r.receipt_id: r.accepted_ms for r in [await app.store.get(i) for i in early + middle + late]
-                if r is not None}
+    accepted = {
+        r.receipt_id: r.accepted_ms for r in [await app.store.get(i) for i in early + middle + late] if r is not None
+    }
     since, until = accepted[middle[0]], accepted[late[0]]
     status, rows = await export(app, f"?since={rfc(since)}&until={rfc(until)}")
     assert status == 200 and sorted(r["receipt_id"] for r in rows) == sorted(middle)
@@ -152,8 +159,14 @@ async def test_export_since_until(app: App) -> None:
     assert (status, rows) == (200, [])
 
 
-@pytest.mark.parametrize("query, field", [("?since=yesterday", "since"), ("?until=2027-01-01T00:00:00", "until"),
-                                          ("?since=2027-01-02T00:00:00Z&until=2027-01-01T00:00:00Z", "until")])
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ("?since=yesterday", "since"),
+        ("?until=2027-01-01T00:00:00", "until"),
+        ("?since=2027-01-02T00:00:00Z&until=2027-01-01T00:00:00Z", "until"),
+    ],
+)
 async def test_export_refuses_bad_times(app: App, query: str, field: str) -> None:
     status, [body] = await export(app, query)
     assert status == 400
@@ -161,6 +174,7 @@ async def test_export_refuses_bad_times(app: App, query: str, field: str) -> Non
 
 
 # ---- dead letters page on ----
+
 
 async def test_dead_letter_pages_say_where_the_next_starts(app_factory: AppFactory, mock_ofd: MockOfd) -> None:
     app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
@@ -178,15 +192,18 @@ async def test_dead_letter_pages_say_where_the_next_starts(app_factory: AppFacto
 
 # ---- a receipt's story, as log records with their journal fields ----
 
+
 def story(caplog: pytest.LogCaptureFixture, receipt_id: str) -> list[logging.LogRecord]:
     def names(record: logging.LogRecord) -> list[str]:
         value = getattr(record, "receipt_id", None)
         return list(value) if isinstance(value, (list, tuple)) else [value] if value else []
+
     return [r for r in caplog.records if receipt_id in names(r)]
 
 
-async def test_story_of_a_delivered_receipt(app_factory: AppFactory, mock_ofd: MockOfd,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_story_of_a_delivered_receipt(
+    app_factory: AppFactory, mock_ofd: MockOfd, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
     response = await app.client.post("/v1/kkt/receipt", json=sample_receipt("story-1"))
@@ -200,8 +217,9 @@ async def test_story_of_a_delivered_receipt(app_factory: AppFactory, mock_ofd: M
     assert "fiscalized" in fiscalized.getMessage()
 
 
-async def test_story_of_a_failed_attempt_and_a_refusal(app_factory: AppFactory, mock_ofd: MockOfd,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+async def test_story_of_a_failed_attempt_and_a_refusal(
+    app_factory: AppFactory, mock_ofd: MockOfd, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     app = await app_factory(ofd_url=mock_ofd.url, backoff_max=0.05, breaker_reset=0.05)
     await mock_ofd.set_mode("error500")

@@ -28,6 +28,7 @@ def fail_alone(policy: DeliveryPolicy, receipt_id: str) -> bool:
 
 # ---- the batch limit ----
 
+
 def test_starts_at_full_speed(policy: DeliveryPolicy) -> None:
     assert (policy.batch_limit, policy.generation) == (50, 0)
     assert policy.at_full_speed()
@@ -69,16 +70,17 @@ def test_a_failed_batch_of_several_holds_and_strikes_nothing(policy: DeliveryPol
 
 # ---- lone failures: hold, and strike only after an acknowledgement since the previous one ----
 
-def test_a_first_lone_failure_holds_the_receipt_without_a_strike(policy: DeliveryPolicy,
-                                                                clock: FakeTime) -> None:
+
+def test_a_first_lone_failure_holds_the_receipt_without_a_strike(policy: DeliveryPolicy, clock: FakeTime) -> None:
     policy.on_answered(["other"])  # the upstream works ...
     assert fail_alone(policy, "p") is False  # ... but one lone failure proves nothing yet
     assert policy.held == {"p": clock() + HOLD_S}
     assert policy.exclusions() == ("p",)
 
 
-def test_lone_failures_without_an_acknowledgement_between_them_never_strike(policy: DeliveryPolicy,
-                                                                           clock: FakeTime) -> None:
+def test_lone_failures_without_an_acknowledgement_between_them_never_strike(
+    policy: DeliveryPolicy, clock: FakeTime
+) -> None:
     """An upstream that fails everyone: each receipt fails alone again and again, none is to blame."""
     for _ in range(20):
         assert fail_alone(policy, "p") is False
@@ -87,8 +89,7 @@ def test_lone_failures_without_an_acknowledgement_between_them_never_strike(poli
     assert policy.probe_exclusions() == ()  # nobody is a suspect
 
 
-def test_a_lone_failure_after_others_were_acknowledged_strikes(policy: DeliveryPolicy,
-                                                               clock: FakeTime) -> None:
+def test_a_lone_failure_after_others_were_acknowledged_strikes(policy: DeliveryPolicy, clock: FakeTime) -> None:
     assert fail_alone(policy, "p") is False
     clock.advance(1.0)
     policy.on_answered(["a", "b"])  # others got through since p's lone failure: the upstream works
@@ -100,8 +101,9 @@ def test_a_lone_failure_after_others_were_acknowledged_strikes(policy: DeliveryP
     assert policy.only_held_pending(1)
 
 
-def test_an_acknowledgement_before_the_previous_lone_failure_does_not_count(policy: DeliveryPolicy,
-                                                                           clock: FakeTime) -> None:
+def test_an_acknowledgement_before_the_previous_lone_failure_does_not_count(
+    policy: DeliveryPolicy, clock: FakeTime
+) -> None:
     policy.on_answered(["a"])
     clock.advance(1.0)
     assert fail_alone(policy, "p") is False
@@ -117,8 +119,7 @@ def test_an_answer_for_the_receipt_itself_clears_its_record(policy: DeliveryPoli
     assert fail_alone(policy, "p") is False
 
 
-def test_a_strike_is_cleared_when_the_next_lone_failure_proves_nothing(policy: DeliveryPolicy,
-                                                                      clock: FakeTime) -> None:
+def test_a_strike_is_cleared_when_the_next_lone_failure_proves_nothing(policy: DeliveryPolicy, clock: FakeTime) -> None:
     fail_alone(policy, "p")
     clock.advance(1.0)
     policy.on_answered(["a"])
@@ -131,8 +132,8 @@ def test_a_strike_is_cleared_when_the_next_lone_failure_proves_nothing(policy: D
 
 # ---- suspects, probes and the release of holds ----
 
-def test_an_answer_releases_the_holds_nothing_showed_to_be_their_own(policy: DeliveryPolicy,
-                                                                     clock: FakeTime) -> None:
+
+def test_an_answer_releases_the_holds_nothing_showed_to_be_their_own(policy: DeliveryPolicy, clock: FakeTime) -> None:
     fail_alone(policy, "suspect")
     clock.advance(1.0)
     policy.on_answered(["x"])
@@ -222,8 +223,8 @@ def test_the_cap_evicts_a_suspect_with_its_suspicion(policy: DeliveryPolicy, clo
 
 # ---- how long the loop may idle ----
 
-def test_idle_timeout_is_the_interval_or_the_end_of_the_soonest_hold(policy: DeliveryPolicy,
-                                                                     clock: FakeTime) -> None:
+
+def test_idle_timeout_is_the_interval_or_the_end_of_the_soonest_hold(policy: DeliveryPolicy, clock: FakeTime) -> None:
     assert policy.idle_timeout(5.0) == 5.0
     fail_alone(policy, "p")
     assert policy.idle_timeout(5.0) == 5.0  # the hold ends long after the interval
@@ -235,8 +236,7 @@ def test_idle_timeout_is_the_interval_or_the_end_of_the_soonest_hold(policy: Del
     assert policy.idle_timeout(5.0) == 0.01  # never a busy zero
 
 
-def test_the_poll_schedule_never_polls_a_document_twice_within_the_interval_across_a_restart(
-        clock: FakeTime) -> None:
+def test_the_poll_schedule_never_polls_a_document_twice_within_the_interval_across_a_restart(clock: FakeTime) -> None:
     """A document registered by an earlier process (unknown to this schedule) is first due one interval
     after the schedule was made: a kill right after a poll and an instant restart cannot poll it early."""
     schedule = PollSchedule(clock)

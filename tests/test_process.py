@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
 import aiohttp
 import pytest
 
@@ -20,7 +19,6 @@ from tests.support import KKTD_BIN, KktdProcess, Posted, http, http_async, post_
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
-
 
 
 def start(kktds: list[KktdProcess], db: Path, **kwargs: object) -> KktdProcess:
@@ -49,8 +47,7 @@ def acknowledged(answers: list[Posted]) -> set[str]:
 async def load_until_signalled(proc: KktdProcess, count: int, signum: int, after: int) -> list[Posted]:
     """Post `count` receipts with 16 clients and send `signum` once `after` have been acknowledged."""
     answers: list[Posted] = []
-    task = asyncio.create_task(post_many(proc.url, receipts("load", count), concurrency=16,
-                                         stop_on_error=True))
+    task = asyncio.create_task(post_many(proc.url, receipts("load", count), concurrency=16, stop_on_error=True))
 
     async def signal_when_due() -> None:
         while True:
@@ -152,19 +149,21 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run([str(KKTD_BIN), *args], capture_output=True, text=True, timeout=30, env=full_env)
 
 
-@pytest.mark.parametrize(("args", "env", "key"), [
-    (["--max-pending", "-1"], {}, "max_pending"),
-    (["--max-pending", "lots"], {}, "max_pending"),
-    (["--listen", "localhost"], {}, "listen"),
-    (["--listen", "127.0.0.1:70000"], {}, "listen"),
-    (["--ofd-url", "ftp://ofd.example"], {}, "ofd_url"),
-    (["--log-level", "chatty"], {}, "log_level"),
-    (["--sync-interval", "soon"], {}, "sync_interval"),
-    ([], {"KKTD_BATCH_SIZE": "1000"}, "batch_size"),
-    ([], {"KKTD_PENDING_WARN_AGE": "30d", "KKTD_PENDING_CRITICAL_AGE": "3d"}, "pending_critical_age"),
-])
-def test_bad_config_exits_78_naming_the_key(tmp_path: Path, args: list[str], env: dict[str, str],
-                                            key: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "env", "key"),
+    [
+        (["--max-pending", "-1"], {}, "max_pending"),
+        (["--max-pending", "lots"], {}, "max_pending"),
+        (["--listen", "localhost"], {}, "listen"),
+        (["--listen", "127.0.0.1:70000"], {}, "listen"),
+        (["--ofd-url", "ftp://ofd.example"], {}, "ofd_url"),
+        (["--log-level", "chatty"], {}, "log_level"),
+        (["--sync-interval", "soon"], {}, "sync_interval"),
+        ([], {"KKTD_BATCH_SIZE": "1000"}, "batch_size"),
+        ([], {"KKTD_PENDING_WARN_AGE": "30d", "KKTD_PENDING_CRITICAL_AGE": "3d"}, "pending_critical_age"),
+    ],
+)
+def test_bad_config_exits_78_naming_the_key(tmp_path: Path, args: list[str], env: dict[str, str], key: str) -> None:
     result = run_cli("serve", "--config", os.devnull, "--db", str(tmp_path / "b.db"), *args, env=env)
     assert result.returncode == 78
     lines = result.stderr.strip().splitlines()
@@ -175,8 +174,14 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path, args: list[str], env
 def test_config_file_env_and_flags_precedence(tmp_path: Path) -> None:
     config = tmp_path / "kktd.toml"
     config.write_text('max_pending = 10\nbatch_size = 20\nsync_interval = "2s"\nlog_level = "debug"\n')
-    result = run_cli("check-config", "--config", str(config), "--batch-size", "30",
-                     env={"KKTD_MAX_PENDING": "11", "KKTD_BATCH_SIZE": "25"})
+    result = run_cli(
+        "check-config",
+        "--config",
+        str(config),
+        "--batch-size",
+        "30",
+        env={"KKTD_MAX_PENDING": "11", "KKTD_BATCH_SIZE": "25"},
+    )
     assert result.returncode == 0, result.stderr
     assert '"max_pending": 11' in result.stdout  # env beats file
     assert '"batch_size": 30' in result.stdout  # flag beats env
@@ -218,6 +223,7 @@ def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, kktds: list[Kktd
 
 # ---- the integrity check: before READY after an unclean stop, right after it after a clean one ----
 
+
 def fill(kktds: list[KktdProcess], db: Path, count: int) -> KktdProcess:
     proc = start(kktds, db)
     answers = asyncio.run(post_many(proc.url, receipts("fill", count), concurrency=16))
@@ -230,8 +236,12 @@ def table_leaf_page(db: Path) -> tuple[int, int]:
     conn = sqlite3.connect(db)
     try:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = [p for (p,) in conn.execute(
-            "SELECT pageno FROM dbstat WHERE name = 'receipts' AND pagetype = 'leaf' ORDER BY pageno")]
+        pages = [
+            p
+            for (p,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'receipts' AND pagetype = 'leaf' ORDER BY pageno"
+            )
+        ]
     finally:
         conn.close()
     return pages[len(pages) // 2], page_size
@@ -245,8 +255,9 @@ def test_clean_restart_checks_integrity_after_ready(tmp_path: Path, kktds: list[
     assert not Path(f"{db}-wal").exists(), "a clean stop leaves no WAL behind"
     second = start(kktds, db, faults=True)  # tests.faulty_kktd: GET /v1/test/integrity
     assert "integrity check deferred until after start-up" in second.log()
-    wait_until(lambda: http("GET", f"{second.url}/v1/test/integrity")[1]["finished"], 20,
-               "the deferred integrity check")
+    wait_until(
+        lambda: http("GET", f"{second.url}/v1/test/integrity")[1]["finished"], 20, "the deferred integrity check"
+    )
     assert http("GET", f"{second.url}/v1/test/integrity")[1]["damage"] is None
     assert "integrity check of" in second.log() and ": ok (" in second.log()
 
@@ -259,8 +270,7 @@ def test_unclean_stop_checks_integrity_before_ready(tmp_path: Path, kktds: list[
     assert "recovered after an unclean stop, integrity checked" in second.log()
 
 
-def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path,
-                                                             kktds: list[KktdProcess]) -> None:
+def test_damage_found_after_ready_stops_intake_and_exits_65(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     db = tmp_path / "buffer.db"
     first = fill(kktds, db, 1500)
     first.signal(signal.SIGTERM)

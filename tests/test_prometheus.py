@@ -17,13 +17,22 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.support import KktdProcess, MockOfdProcess, free_port, post_many, receipts, require, sample_receipt, \
-    wait_until
+from tests.support import (
+    KktdProcess,
+    MockOfdProcess,
+    free_port,
+    post_many,
+    receipts,
+    require,
+    sample_receipt,
+    wait_until,
+)
 from tests.test_monitoring import ALERTS, GRAFANA_VARIABLES, alert_expressions, alert_names, dashboard_expressions
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
@@ -46,17 +55,30 @@ class Prometheus:
         self.workdir = workdir
         config = workdir / "prometheus.yml"
         shutil.copy(ALERTS, workdir / ALERTS.name)
-        config.write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
-            "rule_files": [ALERTS.name],
-            "scrape_configs": [{"job_name": "kktd", "static_configs": [{"targets": targets}]}],
-        }))
+        config.write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+                    "rule_files": [ALERTS.name],
+                    "scrape_configs": [{"job_name": "kktd", "static_configs": [{"targets": targets}]}],
+                }
+            )
+        )
         self.log = workdir / "prometheus.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    PROMETHEUS,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_until(self._ready, 60, "Prometheus to be ready")
 
     def _ready(self) -> bool:
@@ -110,16 +132,29 @@ def fill(mount_point: Path, leave_bytes: int) -> None:
 
 
 def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
-        tmp_path: Path, kktds: list[KktdProcess], nearly_full_disk: Path) -> None:
+    tmp_path: Path, kktds: list[KktdProcess], nearly_full_disk: Path
+) -> None:
     require(os.path.exists(PROMETHEUS), "Debian's prometheus is missing (`make test` installs it)")
     ofd = MockOfdProcess(tmp_path).start()
     prometheus: Prometheus | None = None
     try:
         ofd.reject_pos_ids(["POS-REFUSED"])
         healthy = KktdProcess(tmp_path / "healthy.db", ofd_url=ofd.url, env={"KKTD_LOG_LEVEL": "info"})
-        stuck = KktdProcess(nearly_full_disk / "stuck.db", env={"KKTD_LOG_LEVEL": "info"}, log_dir=tmp_path,
-                            extra_args=["--breaker-threshold", "1", "--pending-warn-age", "1",
-                                        "--pending-critical-age", "2", "--max-pending", "10"])
+        stuck = KktdProcess(
+            nearly_full_disk / "stuck.db",
+            env={"KKTD_LOG_LEVEL": "info"},
+            log_dir=tmp_path,
+            extra_args=[
+                "--breaker-threshold",
+                "1",
+                "--pending-warn-age",
+                "1",
+                "--pending-critical-age",
+                "2",
+                "--max-pending",
+                "10",
+            ],
+        )
         kktds.extend([healthy, stuck])
         healthy.start()
         stuck.start()
@@ -163,15 +198,25 @@ def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
             assert prometheus is not None
             return {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
 
-        expected = {"KktdDown", "KktdPendingOldWarning", "KktdPendingOldCritical", "KktdUpstreamBreakerOpen",
-                    "KktdDeadLetters", "KktdBufferAlmostFull", "KktdDiskAlmostFull"}
+        expected = {
+            "KktdDown",
+            "KktdPendingOldWarning",
+            "KktdPendingOldCritical",
+            "KktdUpstreamBreakerOpen",
+            "KktdDeadLetters",
+            "KktdBufferAlmostFull",
+            "KktdDiskAlmostFull",
+        }
         wait_until(lambda: expected <= active(), 30, "every alert pending or firing")
-        by_instance = {(a["labels"]["alertname"], a["labels"].get("instance")) for a in prometheus.api("alerts")["alerts"]}
+        by_instance = {
+            (a["labels"]["alertname"], a["labels"].get("instance")) for a in prometheus.api("alerts")["alerts"]
+        }
         assert ("KktdDown", gone) in by_instance
         assert ("KktdDeadLetters", f"127.0.0.1:{healthy.port}") in by_instance
         assert ("KktdPendingOldCritical", f"127.0.0.1:{stuck.port}") in by_instance
         assert not {name for name, instance in by_instance if instance == f"127.0.0.1:{healthy.port}"} - {
-            "KktdDeadLetters"}
+            "KktdDeadLetters"
+        }
     finally:
         if prometheus is not None:
             prometheus.stop()

@@ -16,14 +16,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kktd import receipt as receipt_module
-from kktd.receipt import (MAX_AMOUNT, MEASURES, OPERATIONS, PAYMENT_METHODS, PAYMENT_OBJECTS, PAYMENT_TYPES, TAXATIONS,
-                          VAT_RATES, Receipt, ReceiptInvalid, parse_receipt, sample_receipt, validate_receipt)
+from kktd.receipt import (
+    MAX_AMOUNT,
+    MEASURES,
+    OPERATIONS,
+    PAYMENT_METHODS,
+    PAYMENT_OBJECTS,
+    PAYMENT_TYPES,
+    TAXATIONS,
+    VAT_RATES,
+    Receipt,
+    ReceiptInvalid,
+    parse_receipt,
+    sample_receipt,
+    validate_receipt,
+)
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-2 * MAX_AMOUNT, 2 * MAX_AMOUNT) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-2 * MAX_AMOUNT, 2 * MAX_AMOUNT)
+    | st.floats(allow_nan=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def mostly(good: st.SearchStrategy[Any], anything: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -38,9 +55,10 @@ GOOD_TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, 
 TEXT = mostly(GOOD_TEXT, ANY_TEXT)
 GOOD_KEYS = st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True)
 KEYS = mostly(GOOD_KEYS, st.text(max_size=70))
-GOOD_QUANTITIES = mostly(st.from_regex(r"[1-9][0-9]{0,4}(\.[0-9]{1,3})?", fullmatch=True)
-                         | st.integers(1, 10**4),
-                         st.from_regex(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,3})?", fullmatch=True))
+GOOD_QUANTITIES = mostly(
+    st.from_regex(r"[1-9][0-9]{0,4}(\.[0-9]{1,3})?", fullmatch=True) | st.integers(1, 10**4),
+    st.from_regex(r"(0|[1-9][0-9]{0,8})(\.[0-9]{1,3})?", fullmatch=True),
+)
 QUANTITIES = mostly(GOOD_QUANTITIES, st.integers(-5, 10**10) | st.text(max_size=12))
 AMOUNTS = mostly(st.integers(0, 10**6), st.integers(-1, 2 * MAX_AMOUNT))
 
@@ -49,10 +67,14 @@ AMOUNTS = mostly(st.integers(0, 10**6), st.integers(-1, 2 * MAX_AMOUNT))
 def items(draw: st.DrawFn) -> dict[str, Any]:
     price = draw(AMOUNTS)
     quantity = draw(QUANTITIES)
-    item: dict[str, Any] = {"name": draw(TEXT), "price": price, "quantity": quantity,
-                            "vat": draw(mostly(st.sampled_from(sorted(VAT_RATES)), st.text(max_size=6))),
-                            "payment_method": draw(st.sampled_from(sorted(PAYMENT_METHODS))),
-                            "payment_object": draw(st.sampled_from(sorted(PAYMENT_OBJECTS)))}
+    item: dict[str, Any] = {
+        "name": draw(TEXT),
+        "price": price,
+        "quantity": quantity,
+        "vat": draw(mostly(st.sampled_from(sorted(VAT_RATES)), st.text(max_size=6))),
+        "payment_method": draw(st.sampled_from(sorted(PAYMENT_METHODS))),
+        "payment_object": draw(st.sampled_from(sorted(PAYMENT_OBJECTS))),
+    }
     if draw(st.sampled_from([False, False, True])):
         item["measure"] = draw(mostly(st.sampled_from(sorted(MEASURES)), st.none() | st.text(max_size=8)))
     if draw(st.booleans()):
@@ -78,11 +100,12 @@ def expected_sum(item: dict[str, Any]) -> int:
 
 @st.composite
 def receipts(draw: st.DrawFn) -> dict[str, Any]:
-    body: dict[str, Any] = {"pos_id": draw(TEXT.map(lambda t: t[:34])),
-                            "operation": draw(st.sampled_from(sorted(OPERATIONS))),
-                            "taxation": draw(st.sampled_from(sorted(TAXATIONS))),
-                            "items": draw(st.lists(items(), min_size=draw(st.sampled_from([0, 1, 1, 1])),
-                                                   max_size=4))}
+    body: dict[str, Any] = {
+        "pos_id": draw(TEXT.map(lambda t: t[:34])),
+        "operation": draw(st.sampled_from(sorted(OPERATIONS))),
+        "taxation": draw(st.sampled_from(sorted(TAXATIONS))),
+        "items": draw(st.lists(items(), min_size=draw(st.sampled_from([0, 1, 1, 1])), max_size=4)),
+    }
     if draw(mostly(st.just(True), st.just(False))):
         body["idempotency_key"] = draw(KEYS)
     total = sum(expected_sum(item) for item in body["items"])
@@ -92,11 +115,19 @@ def receipts(draw: st.DrawFn) -> dict[str, Any]:
         payments = [{"type": "cash", "amount": split}, {"type": "electronic", "amount": total - split}]
     body["payments"] = payments
     if draw(st.sampled_from([False, False, True])):
-        body["customer_contact"] = draw(st.sampled_from(["buyer@example.ru", "+79991234567", "a\x08@b.ru"])
-                                        | st.emails() | TEXT)
+        body["customer_contact"] = draw(
+            st.sampled_from(["buyer@example.ru", "+79991234567", "a\x08@b.ru"]) | st.emails() | TEXT
+        )
     if draw(st.sampled_from([False, False, True])):
-        body["cashier"] = draw(st.fixed_dictionaries({}, optional={
-            "name": TEXT.map(lambda t: t[:66]), "inn": st.from_regex(r"[0-9]{12}", fullmatch=True) | TEXT}))
+        body["cashier"] = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "name": TEXT.map(lambda t: t[:66]),
+                    "inn": st.from_regex(r"[0-9]{12}", fullmatch=True) | TEXT,
+                },
+            )
+        )
     return body
 
 
@@ -128,8 +159,7 @@ def mutated(draw: st.DrawFn) -> dict[str, Any]:
 def typed_path(body: bytes, header_key: str | None) -> Receipt | None:
     """The fast path alone: None where it refuses (and the reference would answer)."""
     try:
-        return receipt_module._from_typed(receipt_module._to_typed(receipt_module.decode_json(body)),
-                                          header_key)
+        return receipt_module._from_typed(receipt_module._to_typed(receipt_module.decode_json(body)), header_key)
     except (msgspec.MsgspecError, ReceiptInvalid, UnicodeError):
         return None
 
@@ -151,7 +181,11 @@ def check_agree(data: dict[str, Any], header_key: str | None, ensure_ascii: bool
     if isinstance(expected, ReceiptInvalid):
         assert isinstance(answered, ReceiptInvalid)
         assert (type(answered), answered.code, answered.field, answered.message) == (
-            type(expected), expected.code, expected.field, expected.message)
+            type(expected),
+            expected.code,
+            expected.field,
+            expected.message,
+        )
     else:
         assert answered == expected
     return fast
@@ -166,8 +200,9 @@ def parse_receipt_outcome(body: bytes, header_key: str | None) -> Receipt | Rece
 
 @settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated(), st.sampled_from(["none", "none", "none", "same", "other"]), KEYS, st.booleans())
-def test_fast_path_accepts_only_what_the_reference_accepts(data: dict[str, Any], header: str, other: str,
-                                                           ensure_ascii: bool) -> None:
+def test_fast_path_accepts_only_what_the_reference_accepts(
+    data: dict[str, Any], header: str, other: str, ensure_ascii: bool
+) -> None:
     body_key = data.get("idempotency_key")
     same = body_key if isinstance(body_key, str) else other
     header_key = {"none": None, "same": same, "other": other}[header]
@@ -181,11 +216,13 @@ def test_fast_path_takes_every_valid_receipt(count: int, data: st.DataObject) ->
     body = sample_receipt(data.draw(st.from_regex(r"[A-Za-z0-9._:-]{1,64}", fullmatch=True)))
     body["items"] = [copy.deepcopy(body["items"][i % 2]) for i in range(count)]
     for item in body["items"]:
-        item["name"] = data.draw(st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1,
-                                         max_size=128).filter(str.strip))
+        item["name"] = data.draw(
+            st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=128).filter(str.strip)
+        )
         item.pop("sum", None)
-    total = sum((item["price"] * receipt_module._quantity(item["quantity"], "q")[0] + 500) // 1000
-                for item in body["items"])
+    total = sum(
+        (item["price"] * receipt_module._quantity(item["quantity"], "q")[0] + 500) // 1000 for item in body["items"]
+    )
     body["payments"] = [{"type": "cash", "amount": total}]
     assert check_agree(body, None, ensure_ascii=data.draw(st.booleans())) is not None
 
@@ -197,8 +234,7 @@ def test_canonical_json_is_json_dumps_for_every_character() -> None:
     encoder = receipt_module._ENCODER
     chunk = 4096
     for start in range(0, 0x110000, chunk):
-        text = "".join(chr(c) for c in range(start, min(start + chunk, 0x110000))
-                       if not 0xD800 <= c <= 0xDFFF)
+        text = "".join(chr(c) for c in range(start, min(start + chunk, 0x110000)) if not 0xD800 <= c <= 0xDFFF)
         value = {"z": text, "a": [{"name": text, "sum": MAX_AMOUNT - 1, "quantity": "1.000"}], "total": 0}
         expected = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
         assert encoder.encode(value) == expected, hex(start)

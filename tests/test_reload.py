@@ -16,14 +16,22 @@ from kktd import reload
 from tests.conftest import make_config
 from tests.support import KktdProcess, MockOfdProcess, http, post_many, receipts, wait_until
 
-
 # ---- the plan ----
+
 
 def test_live_changes_and_restart_changes(tmp_path: Path) -> None:
     old = make_config(tmp_path)
-    new = dataclasses.replace(make_config(tmp_path, ofd_url="http://ofd.example:9000", sync_interval=1.0,
-                                          pending_warn_age=7200.0, log_level="debug", batch_size=10,
-                                          listen_port=9999))
+    new = dataclasses.replace(
+        make_config(
+            tmp_path,
+            ofd_url="http://ofd.example:9000",
+            sync_interval=1.0,
+            pending_warn_age=7200.0,
+            log_level="debug",
+            batch_size=10,
+            listen_port=9999,
+        )
+    )
     plan = reload.plan(old, new)
     live = {c.key: (c.old, c.new) for c in plan.live}
     assert live["sync_interval"] == ("5", "1")
@@ -62,6 +70,7 @@ def test_embedded_mock_keeps_its_upstream(tmp_path: Path) -> None:
 
 # ---- a running kktd ----
 
+
 def metric(kktd: KktdProcess, name: str) -> float:
     import urllib.request
 
@@ -87,13 +96,20 @@ def write_config(path: Path, **values: Any) -> None:
     path.write_text("".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in values.items()))
 
 
-def test_reload_applies_live_settings_names_restart_ones_and_refuses_bad_files(tmp_path: Path,
-                                                                               kktds: list[KktdProcess]) -> None:
+def test_reload_applies_live_settings_names_restart_ones_and_refuses_bad_files(
+    tmp_path: Path, kktds: list[KktdProcess]
+) -> None:
     ofd = MockOfdProcess(tmp_path).start()
     try:
         config = tmp_path / "kktd.toml"
-        write_config(config, ofd_url="http://127.0.0.1:9", pending_warn_age="1h", sync_interval="1h",
-                     batch_size=50, breaker_threshold=100)
+        write_config(
+            config,
+            ofd_url="http://127.0.0.1:9",
+            pending_warn_age="1h",
+            sync_interval="1h",
+            batch_size=50,
+            breaker_threshold=100,
+        )
         kktd = KktdProcess(tmp_path / "buffer.db", ofd_url="", extra_args=["--config", str(config)])
         kktds.append(kktd)
         kktd.start()
@@ -102,8 +118,9 @@ def test_reload_applies_live_settings_names_restart_ones_and_refuses_bad_files(t
         assert metric(kktd, "kktd_pending_warn_age_seconds") == 3600
 
         # The upstream moves to a reachable OFD; the alarm age and the interval change; batch_size cannot.
-        write_config(config, ofd_url=ofd.url, pending_warn_age="2h", sync_interval="100ms", batch_size=10,
-                     breaker_threshold=100)
+        write_config(
+            config, ofd_url=ofd.url, pending_warn_age="2h", sync_interval="100ms", batch_size=10, breaker_threshold=100
+        )
         messages = sighup_and_wait(kktd)
         assert messages[0] == "RELOADING=1" and messages[1].startswith("MONOTONIC_USEC=")
         assert messages.index("READY=1") > messages.index("RELOADING=1")
@@ -121,8 +138,9 @@ def test_reload_applies_live_settings_names_restart_ones_and_refuses_bad_files(t
         config.write_text('pending_warn_age = "soon"\n')
         messages = sighup_and_wait(kktd)
         assert messages[0] == "RELOADING=1" and messages.index("READY=1") > 0
-        wait_until(lambda: "reload refused, the running configuration stays: pending_warn_age" in kktd.log(), 10,
-                   "the refusal")
+        wait_until(
+            lambda: "reload refused, the running configuration stays: pending_warn_age" in kktd.log(), 10, "the refusal"
+        )
         assert metric(kktd, "kktd_pending_warn_age_seconds") == 7200
         config.write_text("this is not toml [")
         sighup_and_wait(kktd)
@@ -174,8 +192,14 @@ async def test_apply_changes_the_running_parts(app_factory: Any, tmp_path: Path)
     daemon = Daemon(app.kktd.config)
     daemon.kktd = app.kktd
     old_upstream = app.kktd.sync.upstream
-    new_config = make_config(tmp_path, log_level="debug", sync_interval=0.5, max_pending=77,
-                             pending_critical_age=86400.0, ofd_url="http://127.0.0.1:9")
+    new_config = make_config(
+        tmp_path,
+        log_level="debug",
+        sync_interval=0.5,
+        max_pending=77,
+        pending_critical_age=86400.0,
+        ofd_url="http://127.0.0.1:9",
+    )
     root = logging.getLogger()
     level = root.level
     try:

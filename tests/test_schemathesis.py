@@ -10,16 +10,21 @@ reproduces on every run).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
 import schemathesis
 from schemathesis import GenerationMode
-from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                 response_headers_conformance, response_schema_conformance,
-                                 status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from kktd.openapi import spec
 from tests.fuzzing import fuzz_settings
@@ -28,8 +33,14 @@ from tests.support import KktdProcess
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 
 schema = schemathesis.openapi.from_dict(spec())
 schema.config.generation.update(modes=list(GenerationMode), allow_x00=True)

@@ -27,8 +27,13 @@ def test_unset_and_empty_are_the_same() -> None:
 
 
 def test_each_bad_value_names_its_key() -> None:
-    for key, value in (("company_inn", "5544332218"), ("company_email", "shop"), ("cashier_name", " "),
-                       ("cashier_inn", "7707083893"), ("company_payment_address", "x" * 257)):
+    for key, value in (
+        ("company_inn", "5544332218"),
+        ("company_email", "shop"),
+        ("cashier_name", " "),
+        ("cashier_inn", "7707083893"),
+        ("company_payment_address", "x" * 257),
+    ):
         with pytest.raises(ConfigError) as caught:
             parse_seller({key: value, "cashier_name": "Ivanova A. A."} if key == "cashier_inn" else {key: value})
         assert str(caught.value).startswith(f"{key} = "), caught.value
@@ -47,11 +52,18 @@ def test_required_names_the_first_missing_key() -> None:
 
 
 def test_check_config_shows_the_seller_for_every_upstream(tmp_path: Path) -> None:
-    environ = {"KKTD_CONFIG": "/dev/null", "KKTD_DB": str(tmp_path / "b.db"), "KKTD_COMPANY_INN": INN,
-               "KKTD_CASHIER_NAME": "Ivanova A. A."}
+    environ = {
+        "KKTD_CONFIG": "/dev/null",
+        "KKTD_DB": str(tmp_path / "b.db"),
+        "KKTD_COMPANY_INN": INN,
+        "KKTD_CASHIER_NAME": "Ivanova A. A.",
+    }
     described = config_module.load(None, environ=environ).describe()
-    assert (described["company_inn"], described["cashier_name"], described["cashier_inn"]) == \
-        (INN, "Ivanova A. A.", None)
+    assert (described["company_inn"], described["cashier_name"], described["cashier_inn"]) == (
+        INN,
+        "Ivanova A. A.",
+        None,
+    )
     json.dumps(described)  # printable as check-config prints it
 
 

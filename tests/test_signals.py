@@ -4,6 +4,7 @@ serving and still stops cleanly on SIGTERM afterwards."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from tests.support import KktdProcess, post_many, receipts, wait_until
 pytestmark = pytest.mark.process
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE],
-                         ids=lambda s: signal.Signals(s).name)
-def test_signal_is_handled_deliberately_and_kktd_keeps_serving(kktds: list[KktdProcess], tmp_path: Path,
-                                                               signum: int) -> None:
+@pytest.mark.parametrize(
+    "signum", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE], ids=lambda s: signal.Signals(s).name
+)
+def test_signal_is_handled_deliberately_and_kktd_keeps_serving(
+    kktds: list[KktdProcess], tmp_path: Path, signum: int
+) -> None:
     kktd = KktdProcess(tmp_path / "buffer.db", env={"KKTD_LOG_LEVEL": "info"})
     kktds.append(kktd)
     kktd.start()
@@ -26,8 +29,11 @@ def test_signal_is_handled_deliberately_and_kktd_keeps_serving(kktds: list[KktdP
     for round_number in range(3):  # not a one-off: each time
         kktd.signal(signum)
         if signum != signal.SIGPIPE:
-            wait_until(lambda: kktd.log().count(f"received {name}: not a stop signal") == round_number + 1, 10,
-                       f"the {name} status line")
+            wait_until(
+                functools.partial(_status_lines_reach, kktd, name, round_number + 1),
+                10,
+                f"the {name} status line",
+            )
         answers = asyncio.run(post_many(kktd.url, receipts(f"{name}-{round_number}", 5)))
         assert [answer.status for answer in answers] == [201] * 5
         assert kktd.proc is not None and kktd.proc.poll() is None
@@ -58,3 +64,7 @@ def test_an_undrained_notify_socket_never_blocks_serving(kktds: list[KktdProcess
     assert kktd.log().count("the notify socket is full") == 1
     kktd.signal(signal.SIGTERM)
     assert kktd.wait() == 0
+
+
+def _status_lines_reach(kktd: KktdProcess, name: str, count: int) -> bool:
+    return kktd.log().count(f"received {name}: not a stop signal") == count

@@ -55,8 +55,14 @@ print(json.dumps(timings))
 
 def probe(tmp_path: Path, name: str, env: dict[str, str]) -> dict[str, float]:
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "KKTD_SLOW_FSYNC_MS")}
-    result = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / name), str(CALLS)],
-                            env={**clean, **env}, capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path / name), str(CALLS)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     timings: dict[str, float] = json.loads(result.stdout)
     return timings
 
@@ -82,7 +88,15 @@ def test_shim_passes_every_call_through(tmp_path: Path, shim: Path) -> None:
     probe(tmp_path, "zero", {"LD_PRELOAD": str(shim), "KKTD_SLOW_FSYNC_MS": "0"})
     # The real calls happened (no timing here: with a zero delay there is nothing to bound).
     assert (tmp_path / "zero.bin").stat().st_size == CALLS * 512
-    check = subprocess.run([sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1])"
-                            ".execute('SELECT count(*) FROM t').fetchone()[0])", str(tmp_path / "zero.db")],
-                           capture_output=True, text=True, check=True)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM t').fetchone()[0])",
+            str(tmp_path / "zero.db"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert check.stdout.strip() == str(CALLS)

@@ -6,13 +6,22 @@ import asyncio
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.support import (KktdProcess, MockOfdProcess, cpu_seconds, http, post_many, receipts, sample_receipt,
-                           wait_until)
+from tests.support import (
+    KktdProcess,
+    MockOfdProcess,
+    cpu_seconds,
+    http,
+    post_many,
+    receipts,
+    sample_receipt,
+    wait_until,
+)
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
@@ -27,7 +36,6 @@ def mock(tmp_path: Path) -> Iterator[MockOfdProcess]:
         yield proc
     finally:
         proc.stop()
-
 
 
 def start_kktd(kktds: list[KktdProcess], tmp_path: Path, mock: MockOfdProcess, *args: str) -> KktdProcess:
@@ -49,13 +57,17 @@ def post(proc: KktdProcess, bodies: list[dict[str, Any]], concurrency: int = 8) 
 
 
 def wait_all_sent(proc: KktdProcess, count: int, timeout: float = 60) -> None:
-    wait_until(lambda: status(proc)["counts"] == {"pending": 0, "submitted": 0, "sent": count, "failed": 0},
-               timeout,
-               f"all {count} receipts sent", interval=0.1)
+    wait_until(
+        lambda: status(proc)["counts"] == {"pending": 0, "submitted": 0, "sent": count, "failed": 0},
+        timeout,
+        f"all {count} receipts sent",
+        interval=0.1,
+    )
 
 
-def test_offline_then_online_delivers_everything_once(tmp_path: Path, mock: MockOfdProcess,
-                                                      kktds: list[KktdProcess]) -> None:
+def test_offline_then_online_delivers_everything_once(
+    tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]
+) -> None:
     mock.set_mode("offline")
     kktd = start_kktd(kktds, tmp_path, mock)
     ids = post(kktd, receipts("off", 200))
@@ -71,8 +83,9 @@ def test_offline_then_online_delivers_everything_once(tmp_path: Path, mock: Mock
     assert re.fullmatch(r"[0-9]{10}", receipt["ofd"]["fiscal_sign"])
 
 
-def test_lost_acknowledgements_are_redelivered_without_duplicates(tmp_path: Path, mock: MockOfdProcess,
-                                                                  kktds: list[KktdProcess]) -> None:
+def test_lost_acknowledgements_are_redelivered_without_duplicates(
+    tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]
+) -> None:
     mock.set_mode("drop_ack")
     kktd = start_kktd(kktds, tmp_path, mock)
     post(kktd, receipts("drop", 60))
@@ -111,13 +124,26 @@ FAILURE_MODES: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("mode", "params"), FAILURE_MODES, ids=[mode for mode, _ in FAILURE_MODES])
-def test_failing_ofd_backoff_breaker_and_no_busy_loop(tmp_path: Path, mock: MockOfdProcess,
-                                                      kktds: list[KktdProcess], mode: str,
-                                                      params: dict[str, Any]) -> None:
+def test_failing_ofd_backoff_breaker_and_no_busy_loop(
+    tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess], mode: str, params: dict[str, Any]
+) -> None:
     mock.set_mode(mode, **params)
-    kktd = KktdProcess(db=tmp_path / "buffer.db", ofd_url=mock.url, extra_args=[
-        "--backoff-max", "30", "--breaker-threshold", "4", "--breaker-reset", "3", "--ofd-timeout", "0.3",
-        "--sync-interval", "0.2"])
+    kktd = KktdProcess(
+        db=tmp_path / "buffer.db",
+        ofd_url=mock.url,
+        extra_args=[
+            "--backoff-max",
+            "30",
+            "--breaker-threshold",
+            "4",
+            "--breaker-reset",
+            "3",
+            "--ofd-timeout",
+            "0.3",
+            "--sync-interval",
+            "0.2",
+        ],
+    )
     kktds.append(kktd.start())
     post(kktd, receipts(mode, 10))
     # Backoff: exponential from 0.5 s with up to 1 s of jitter, so the third gap (>= 2 s) always
@@ -139,12 +165,14 @@ def test_failing_ofd_backoff_breaker_and_no_busy_loop(tmp_path: Path, mock: Mock
     # While open nothing goes out but the half-open trial, and only a request that went out can fail: one
     # more consecutive failure is the trial that failed and re-opened the breaker.
     failures = status(kktd)["sync"]["consecutive_failures"]
-    wait_until(lambda: status(kktd)["sync"]["consecutive_failures"] > failures, 30, "a failed half-open trial",
-               interval=0.1)
+    wait_until(
+        lambda: status(kktd)["sync"]["consecutive_failures"] > failures, 30, "a failed half-open trial", interval=0.1
+    )
     assert "open -> half_open" in kktd.log()
     assert "half_open -> open" in kktd.log()
-    assert status(kktd)["counts"] == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, \
+    assert status(kktd)["counts"] == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, (
         "an outage dead-lettered receipts"
+    )
     mock.set_mode("online")
     wait_all_sent(kktd, 10)
     assert "half_open -> closed" in kktd.log()
@@ -166,14 +194,14 @@ def test_slow_ofd_past_the_timeout(tmp_path: Path, mock: MockOfdProcess, kktds: 
     assert mock.stats()["unique"] == 80
 
 
-def test_rejected_receipt_goes_to_dead_letters_and_requeues(tmp_path: Path, mock: MockOfdProcess,
-                                                            kktds: list[KktdProcess]) -> None:
+def test_rejected_receipt_goes_to_dead_letters_and_requeues(
+    tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]
+) -> None:
     mock.reject_pos_ids(["POS-BAD"])
     kktd = start_kktd(kktds, tmp_path, mock)
     good = post(kktd, receipts("good", 10))
     bad = post(kktd, [sample_receipt("bad-1", pos_id="POS-BAD")])[0]
-    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "submitted": 0, "sent": 10, "failed": 1}, 30,
-               "settled")
+    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "submitted": 0, "sent": 10, "failed": 1}, 30, "settled")
     code, dlq = http("GET", f"{kktd.url}/v1/kkt/dlq")
     assert [entry["receipt_id"] for entry in dlq["dead_letters"]] == [bad]
     assert "kkt_not_registered" in dlq["dead_letters"][0]["last_error"]
@@ -190,8 +218,9 @@ def test_rejected_receipt_goes_to_dead_letters_and_requeues(tmp_path: Path, mock
     assert mock.stored(bad) is not None and mock.stored(good[0]) is not None
 
 
-def test_sigkill_during_sync_loses_nothing_and_duplicates_nothing(tmp_path: Path, mock: MockOfdProcess,
-                                                                  kktds: list[KktdProcess]) -> None:
+def test_sigkill_during_sync_loses_nothing_and_duplicates_nothing(
+    tmp_path: Path, mock: MockOfdProcess, kktds: list[KktdProcess]
+) -> None:
     mock.set_mode("slow", delay_s=0.2)
     kktd = start_kktd(kktds, tmp_path, mock, "--batch-size", "20")
     ids = post(kktd, receipts("kill", 400), concurrency=16)

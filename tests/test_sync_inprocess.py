@@ -5,21 +5,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from kktd.clock import now_ms
+from kktd.delivery import FiscalData, Fiscalized, Outgoing, Refused, SubmitOutcome
 from kktd.errors import StorageUnavailable
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store, queries
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
 from kktd.sync.policy import MAX_HELD, DeliveryPolicy
-from kktd.delivery import FiscalData, Fiscalized, Outgoing, Refused, SubmitOutcome
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from tests.conftest import App, AppFactory
 from tests.support import FakeTime, async_wait_until
@@ -49,6 +48,7 @@ class RigFactory(Protocol):
 async def rig_factory(app_factory: AppFactory) -> RigFactory:
     """kktd assembled in process against the OFD at `ofd_url`, with quick retries; the loop is driven by
     the test."""
+
     async def factory(ofd_url: str, **overrides: Any) -> Rig:
         app = await app_factory(ofd_url=ofd_url, backoff_max=0.05, breaker_reset=0.05, **overrides)
         return Rig(app.store, app.kktd.sync, app.client)
@@ -84,8 +84,9 @@ async def test_retention_prunes_only_old_sent_receipts(rig_factory: RigFactory, 
     old = now_ms() - 91 * 86_400_000
 
     async def age(conn: Any) -> None:
-        await conn.execute("UPDATE receipts SET sent_ms = ? WHERE receipt_id IN (%s)" % ",".join(
-            "?" * 1000), (old, *ids[:1000]))
+        await conn.execute(
+            f"UPDATE receipts SET sent_ms = ? WHERE receipt_id IN ({','.join('?' * 1000)})", (old, *ids[:1000])
+        )
 
     await rig.store.run(age)
     assert await rig.sync.housekeeping.prune() == 1000
@@ -94,15 +95,17 @@ async def test_retention_prunes_only_old_sent_receipts(rig_factory: RigFactory, 
     assert await rig.store.get(ids[1000]) is not None
 
 
-async def test_pending_age_alarm_warns_then_goes_critical(rig_factory: RigFactory, caplog: pytest.LogCaptureFixture) -> None:
-    rig = await rig_factory("http://127.0.0.1:9", pending_warn_age=3 * 86400.0,
-                            pending_critical_age=25 * 86400.0)
+async def test_pending_age_alarm_warns_then_goes_critical(
+    rig_factory: RigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = await rig_factory("http://127.0.0.1:9", pending_warn_age=3 * 86400.0, pending_critical_age=25 * 86400.0)
     receipt_id = await accept(rig.store, "old-1")
 
     async def set_age(days: float) -> None:
         stamp = now_ms() - int(days * 86_400_000)
-        await rig.store.run(lambda conn: conn.execute(
-            "UPDATE receipts SET accepted_ms = ? WHERE receipt_id = ?", (stamp, receipt_id)))
+        await rig.store.run(
+            lambda conn: conn.execute("UPDATE receipts SET accepted_ms = ? WHERE receipt_id = ?", (stamp, receipt_id))
+        )
 
     assert await rig.sync.housekeeping.check_pending_age() == "ok"
     await set_age(4)
@@ -135,8 +138,14 @@ class ScriptedOfd:
         results = []
         for item in items:
             number = self.acked.setdefault(item["idempotency_key"], len(self.acked) + 1)
-            results.append({"receipt_id": item["receipt_id"], "fiscal_document_number": number,
-                            "fiscal_sign": f"{number:010d}", "ofd_received_at": "2026-11-24T00:00:00Z"})
+            results.append(
+                {
+                    "receipt_id": item["receipt_id"],
+                    "fiscal_document_number": number,
+                    "fiscal_sign": f"{number:010d}",
+                    "ofd_received_at": "2026-11-24T00:00:00Z",
+                }
+            )
         return web.json_response({"results": results})
 
 
@@ -165,7 +174,9 @@ async def run_loop_until(rig: Rig, predicate: Callable[[], bool], timeout: float
         await asyncio.wait_for(task, 5)
 
 
-async def test_poison_receipt_is_isolated_and_dead_lettered(rig_factory: RigFactory, scripted: tuple[ScriptedOfd, str]) -> None:
+async def test_poison_receipt_is_isolated_and_dead_lettered(
+    rig_factory: RigFactory, scripted: tuple[ScriptedOfd, str]
+) -> None:
     ofd, url = scripted
     rig = await rig_factory(url, max_attempts=3, breaker_threshold=1000, sync_interval=0.01)
     ids = [await accept(rig.store, f"p-{i}") for i in range(30)]
@@ -193,7 +204,9 @@ async def test_poison_receipt_is_isolated_and_dead_lettered(rig_factory: RigFact
     assert all(r is not None and r.status == "sent" and r.attempts == 0 for r in innocent)
 
 
-async def test_an_outage_never_dead_letters_receipts(rig_factory: RigFactory, scripted: tuple[ScriptedOfd, str]) -> None:
+async def test_an_outage_never_dead_letters_receipts(
+    rig_factory: RigFactory, scripted: tuple[ScriptedOfd, str]
+) -> None:
     ofd, url = scripted
     ofd.down = True
     rig = await rig_factory(url, max_attempts=2, breaker_threshold=1000, sync_interval=0.01)
@@ -205,20 +218,21 @@ async def test_an_outage_never_dead_letters_receipts(rig_factory: RigFactory, sc
     assert all(row is not None and row.attempts == 0 and row.last_error == "http_500" for row in rows)
     ofd.down = False
     config = rig.sync.config
-    rig.sync = SyncLoop(rig.store, rig.sync.upstream,
-                        CircuitBreaker(config.breaker_threshold, config.breaker_reset), config)
+    rig.sync = SyncLoop(
+        rig.store, rig.sync.upstream, CircuitBreaker(config.breaker_threshold, config.breaker_reset), config
+    )
     await run_loop_until(rig, lambda: rig.store.counts.sent == 10, 30)
     assert len(ofd.acked) == 10
 
 
 async def db_counts(store: Store) -> dict[str, int]:
-    rows = await store.run(lambda conn: conn.execute_fetchall(
-        "SELECT status, count(*) FROM receipts GROUP BY status"))
+    rows = await store.run(lambda conn: conn.execute_fetchall("SELECT status, count(*) FROM receipts GROUP BY status"))
     return {"pending": 0, "submitted": 0, "sent": 0, "failed": 0, **{status: n for status, n in rows}}
 
 
-async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factory: RigFactory, mock_ofd: MockOfd,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_loop_outlives_a_storage_failure_and_counters_stay_true(
+    rig_factory: RigFactory, mock_ofd: MockOfd, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A disk error while recording the OFD's answers: the loop retries (it used to end for good), the
     receipts stay pending until recorded, and the counters never drift from the database."""
     rig = await rig_factory(mock_ofd.url, sync_interval=0.01)
@@ -243,8 +257,9 @@ async def test_loop_outlives_a_storage_failure_and_counters_stay_true(rig_factor
     assert mock_ofd.stats()["unique"] == 20
 
 
-async def test_counters_follow_the_rows_when_the_second_statement_fails(rig_factory: RigFactory,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_counters_follow_the_rows_when_the_second_statement_fails(
+    rig_factory: RigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rig = await rig_factory("http://127.0.0.1:9")
     ids = [await accept(rig.store, f"cf-{i}") for i in range(3)]
     real = queries._update_from_values
@@ -256,8 +271,12 @@ async def test_counters_follow_the_rows_when_the_second_statement_fails(rig_fact
 
     monkeypatch.setattr(queries, "_update_from_values", fail_rejections)
     with pytest.raises(StorageUnavailable):
-        await rig.store.settle([Fiscalized(ids[0], FiscalData(1, "0000000001", "2026-11-24T00:00:00Z")),
-                                Refused(ids[1], "kkt_not_registered", "test")])
+        await rig.store.settle(
+            [
+                Fiscalized(ids[0], FiscalData(1, "0000000001", "2026-11-24T00:00:00Z")),
+                Refused(ids[1], "kkt_not_registered", "test"),
+            ]
+        )
     assert await db_counts(rig.store) == {"pending": 2, "submitted": 0, "sent": 1, "failed": 0}
     assert (rig.store.counts.pending, rig.store.counts.sent, rig.store.counts.failed) == (2, 1, 0)
 
@@ -294,6 +313,7 @@ async def test_sync_endpoint_reports_dead_letters(rig_factory: RigFactory, scrip
 # These took over from end-to-end tests that spent tens of seconds watching real backoff; tests/test_sync.py
 # keeps one of them (error500) as the smoke test of real backoff in a real process.
 
+
 @dataclasses.dataclass
 class FakeTimed:
     app: App
@@ -305,8 +325,7 @@ class FakeTimed:
     def sync(self) -> SyncLoop:
         return self.app.kktd.sync
 
-    async def until(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0,
-                    tick: float = 0.0) -> None:
+    async def until(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0, tick: float = 0.0) -> None:
         """Run the loop (from the first call on) until `predicate` holds. `tick` moves the fake clock on at
         every poll, for tests where time must also pass while the loop idles (holds ending)."""
         if self.task is None:
@@ -367,15 +386,15 @@ FAKE_TIME_FAILURE_MODES = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "params"), FAKE_TIME_FAILURE_MODES,
-                         ids=[mode for mode, _ in FAKE_TIME_FAILURE_MODES])
-async def test_failing_ofd_backoff_breaker_and_no_busy_loop(fake_timed: FakeTimedFactory, mock_ofd: MockOfd,
-                                                            caplog: pytest.LogCaptureFixture, mode: str,
-                                                            params: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("mode", "params"), FAKE_TIME_FAILURE_MODES, ids=[mode for mode, _ in FAKE_TIME_FAILURE_MODES])
+async def test_failing_ofd_backoff_breaker_and_no_busy_loop(
+    fake_timed: FakeTimedFactory, mock_ofd: MockOfd, caplog: pytest.LogCaptureFixture, mode: str, params: dict[str, Any]
+) -> None:
     caplog.set_level(logging.INFO, logger="kktd.app")
     await mock_ofd.set_mode(mode, **params)
-    rig = await fake_timed(mock_ofd.url, backoff_max=30.0, breaker_threshold=4, breaker_reset=3.0,
-                           ofd_timeout=0.3, sync_interval=0.2)
+    rig = await fake_timed(
+        mock_ofd.url, backoff_max=30.0, breaker_threshold=4, breaker_reset=3.0, ofd_timeout=0.3, sync_interval=0.2
+    )
     for i in range(10):
         await accept(rig.app.store, f"{mode}-{i}")
     await rig.until(lambda: len(rig.requests) >= 4, "four requests")
@@ -397,8 +416,9 @@ async def test_failing_ofd_backoff_breaker_and_no_busy_loop(fake_timed: FakeTime
     messages = [r.getMessage() for r in caplog.records]
     assert any("open -> half_open" in m for m in messages)
     assert any("half_open -> open" in m for m in messages)
-    assert await db_counts(rig.app.store) == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, \
+    assert await db_counts(rig.app.store) == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, (
         "an outage dead-lettered receipts"
+    )
     await mock_ofd.set_mode("online")
     await rig.until(lambda: rig.app.store.counts.sent == 10, "everything delivered")
     assert await db_counts(rig.app.store) == {"pending": 0, "submitted": 0, "sent": 10, "failed": 0}
@@ -408,11 +428,17 @@ async def test_failing_ofd_backoff_breaker_and_no_busy_loop(fake_timed: FakeTime
     assert mock_ofd.stats()["unique"] == 10
 
 
-async def test_flaky_ofd_still_delivers_everything_once(fake_timed: FakeTimedFactory,
-                                                        mock_ofd: MockOfd) -> None:
+async def test_flaky_ofd_still_delivers_everything_once(fake_timed: FakeTimedFactory, mock_ofd: MockOfd) -> None:
     await mock_ofd.set_mode("flaky", fail_ratio=0.5, seed=7)
-    rig = await fake_timed(mock_ofd.url, backoff_max=1.0, breaker_reset=0.5, sync_interval=0.2,
-                           ofd_timeout=2.0, batch_size=10, breaker_threshold=50)
+    rig = await fake_timed(
+        mock_ofd.url,
+        backoff_max=1.0,
+        breaker_reset=0.5,
+        sync_interval=0.2,
+        ofd_timeout=2.0,
+        batch_size=10,
+        breaker_threshold=50,
+    )
     for i in range(150):
         await accept(rig.app.store, f"flaky-{i}")
     await rig.until(lambda: rig.app.store.counts.pending == 0, "all 150 receipts sent", timeout=60, tick=0.05)

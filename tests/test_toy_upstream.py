@@ -169,9 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 '''
 
-TOY_ENTRY = '''        UpstreamSpec(toy.NAME, toy.OPTIONS, toy.settings, toy.create, toy.intake_check, toy.TRAITS,
+TOY_ENTRY = """        UpstreamSpec(toy.NAME, toy.OPTIONS, toy.settings, toy.create, toy.intake_check, toy.TRAITS,
                      mock=MockSpec("mock-toy", "kktd_mocks.toy", "run the toy register's mock")),
-'''
+"""
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -212,8 +212,15 @@ def toy_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _kktd(tree: Path, *args: str, **popen: object) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k != "NOTIFY_SOCKET"}
     env["PYTHONPATH"] = str(tree)
-    return subprocess.Popen([sys.executable, "-m", "kktd", *args], cwd=tree, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-m", "kktd", *args],
+        cwd=tree,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )  # type: ignore[call-overload]
 
 
 def _run(tree: Path, *args: str) -> tuple[int, str]:
@@ -224,20 +231,41 @@ def _run(tree: Path, *args: str) -> tuple[int, str]:
 
 def test_adding_the_toy_touches_only_its_module_its_mock_and_the_registry(toy_tree: Path) -> None:
     changed = _differing(CHECKOUT / "kktd", toy_tree / "kktd") | {
-        f"../kktd_mocks/{name}" for name in _differing(CHECKOUT / "kktd_mocks", toy_tree / "kktd_mocks")}
+        f"../kktd_mocks/{name}" for name in _differing(CHECKOUT / "kktd_mocks", toy_tree / "kktd_mocks")
+    }
     assert changed == {"upstreams/toy.py", "upstreams/__init__.py", "../kktd_mocks/toy.py"}
 
 
 def test_the_toy_settings_are_kktd_settings(toy_tree: Path, tmp_path: Path) -> None:
-    code, out = _run(toy_tree, "check-config", "--upstream", "toy", "--company-inn", "7707083893",
-                     "--toy-timeout", "3s", "--db", str(tmp_path / "b.db"))
+    code, out = _run(
+        toy_tree,
+        "check-config",
+        "--upstream",
+        "toy",
+        "--company-inn",
+        "7707083893",
+        "--toy-timeout",
+        "3s",
+        "--db",
+        str(tmp_path / "b.db"),
+    )
     assert code == 0, out
     described = json.loads(out)
     assert (described["upstream"], described["toy_timeout"], described["company_inn"]) == ("toy", 3.0, "7707083893")
     code, out = _run(toy_tree, "check-config", "--upstream", "toy", "--db", str(tmp_path / "b.db"))
     assert code == 78 and "company_inn: required when upstream = toy" in out, out
-    code, out = _run(toy_tree, "check-config", "--upstream", "toy", "--company-inn", "7707083893",
-                     "--toy-url", "gopher://x", "--db", str(tmp_path / "b.db"))
+    code, out = _run(
+        toy_tree,
+        "check-config",
+        "--upstream",
+        "toy",
+        "--company-inn",
+        "7707083893",
+        "--toy-url",
+        "gopher://x",
+        "--db",
+        str(tmp_path / "b.db"),
+    )
     assert code == 78 and "toy_url" in out, out
     code, out = _run(toy_tree, "mock-toy", "--help")
     assert code == 0 and "kktd mock-toy" in out, out
@@ -246,8 +274,21 @@ def test_the_toy_settings_are_kktd_settings(toy_tree: Path, tmp_path: Path) -> N
 @pytest.fixture
 def toy_kktd(toy_tree: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = _kktd(toy_tree, "serve", "--upstream", "toy", "--embedded-mock", "--company-inn", "7707083893",
-                 "--db", str(tmp_path / "buffer.db"), "--listen", f"127.0.0.1:{port}", "--sync-interval", "0.05")
+    proc = _kktd(
+        toy_tree,
+        "serve",
+        "--upstream",
+        "toy",
+        "--embedded-mock",
+        "--company-inn",
+        "7707083893",
+        "--db",
+        str(tmp_path / "buffer.db"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--sync-interval",
+        "0.05",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _health(url), 30, "the toy kktd to serve")
@@ -273,8 +314,11 @@ def test_receipts_are_fiscalized_through_the_toy_once(toy_kktd: str) -> None:
         ids.append(answer["receipt_id"])
     code, refused = http("POST", f"{toy_kktd}/v1/kkt/receipt", sample_receipt("toy-refused", pos_id="TOY-REFUSES"))
     assert code == 422 and refused["error"]["code"] == "toy_refuses", refused
-    wait_until(lambda: http("GET", f"{toy_kktd}/v1/kkt/buffer/status")[1]["counts"]["sent"] == 5, 30,
-               "five receipts sent through the toy")
+    wait_until(
+        lambda: http("GET", f"{toy_kktd}/v1/kkt/buffer/status")[1]["counts"]["sent"] == 5,
+        30,
+        "five receipts sent through the toy",
+    )
     code, status = http("GET", f"{toy_kktd}/v1/kkt/buffer/status")
     assert status["sync"]["upstream"] == "toy" and status["counts"]["pending"] == 0
     numbers = {http("GET", f"{toy_kktd}/v1/kkt/receipt/{rid}")[1]["ofd"]["fiscal_document_number"] for rid in ids}
@@ -301,8 +345,7 @@ def test_no_upstream_name_outside_its_modules_and_the_registry() -> None:
         if path.suffix not in (".py", ".yaml", ".json") or "__pycache__" in path.parts:
             continue
         relative = path.relative_to(CHECKOUT / "kktd").as_posix()
-        if relative == "upstreams/__init__.py" or any(
-                relative.startswith(f"upstreams/{module}") for module in owned):
+        if relative == "upstreams/__init__.py" or any(relative.startswith(f"upstreams/{module}") for module in owned):
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if pattern.search(line):

@@ -10,17 +10,31 @@ import dataclasses
 import json
 import sqlite3
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import pytest
 
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    FiscalData,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    Registered,
+    StillProcessing,
+    SubmitOutcome,
+    Undelivered,
+    UpstreamUnavailable,
+)
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import SCHEMA_VERSION, ReceiptStatus, Store
 from kktd.store.schema import MIGRATIONS
 from kktd.sync import CircuitBreaker, SyncLoop
-from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
-    PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
 from tests.conftest import App, AppFactory
 
 
@@ -83,8 +97,13 @@ class ScriptedTwoPhase:
                 continue
             doc = self.documents.get(item.external_id)
             if doc is None:
-                doc = Document(f"uuid-{len(self.documents) + 1}", item.external_id, item.receipt_id, self.waits,
-                               item.external_id in self.not_registered_once)
+                doc = Document(
+                    f"uuid-{len(self.documents) + 1}",
+                    item.external_id,
+                    item.receipt_id,
+                    self.waits,
+                    item.external_id in self.not_registered_once,
+                )
                 self.documents[item.external_id] = doc
                 self.registrations[item.external_id] += 1
             outcomes.append(Registered(item.receipt_id, doc.uuid))
@@ -107,10 +126,21 @@ class ScriptedTwoPhase:
                 outcomes.append(Refused(item.receipt_id, "2007", "INN of the seller does not match the FN"))
             else:
                 number = list(self.documents).index(item.external_id) + 1
-                outcomes.append(Fiscalized(item.receipt_id, FiscalData(
-                    number, f"{number * 7919:010d}", "12.04.2026 20:16:00", fn_number="9999078900012345",
-                    shift_number=23, receipt_number=number, kkt_registration_number="0000111118041361",
-                    ofd_receipt_url=f"https://check.example/{doc.uuid}")))
+                outcomes.append(
+                    Fiscalized(
+                        item.receipt_id,
+                        FiscalData(
+                            number,
+                            f"{number * 7919:010d}",
+                            "12.04.2026 20:16:00",
+                            fn_number="9999078900012345",
+                            shift_number=23,
+                            receipt_number=number,
+                            kkt_registration_number="0000111118041361",
+                            ofd_receipt_url=f"https://check.example/{doc.uuid}",
+                        ),
+                    )
+                )
         return outcomes
 
 
@@ -135,8 +165,9 @@ async def accept(store: Store, key: str) -> str:
     return result.receipt_id
 
 
-async def test_registered_documents_are_polled_once_a_second_until_done(app_factory: AppFactory,
-                                                                         clock: FakeClock) -> None:
+async def test_registered_documents_are_polled_once_a_second_until_done(
+    app_factory: AppFactory, clock: FakeClock
+) -> None:
     upstream = ScriptedTwoPhase(clock, waits=3)
     app = await two_phase_app(app_factory, clock, upstream)
     ids = [await accept(app.store, f"tp-{i}") for i in range(120)]
@@ -178,7 +209,8 @@ async def test_a_submitted_receipt_is_never_registered_again(app_factory: AppFac
 
 
 async def test_not_registered_is_registered_again_under_a_new_external_id_committed_first(
-        app_factory: AppFactory, clock: FakeClock, tmp_path: Path) -> None:
+    app_factory: AppFactory, clock: FakeClock, tmp_path: Path
+) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.not_registered_once = {"nr-0"}
     app = await two_phase_app(app_factory, clock, upstream)
@@ -190,8 +222,12 @@ async def test_not_registered_is_registered_again_under_a_new_external_id_commit
         conn = sqlite3.connect(tmp_path / "buffer.db")
         try:
             for item in batch:
-                committed.append(conn.execute("SELECT coalesce(external_id, idempotency_key) FROM receipts "
-                                              "WHERE receipt_id = ?", (item.receipt_id,)).fetchone()[0])
+                committed.append(
+                    conn.execute(
+                        "SELECT coalesce(external_id, idempotency_key) FROM receipts WHERE receipt_id = ?",
+                        (item.receipt_id,),
+                    ).fetchone()[0]
+                )
         finally:
             conn.close()
 
@@ -206,16 +242,19 @@ async def test_not_registered_is_registered_again_under_a_new_external_id_commit
     assert row.status == ReceiptStatus.SENT and row.registration.reference == "uuid-2"
 
 
-async def test_a_lost_registration_answer_adopts_the_original_document(app_factory: AppFactory,
-                                                                        clock: FakeClock) -> None:
+async def test_a_lost_registration_answer_adopts_the_original_document(
+    app_factory: AppFactory, clock: FakeClock
+) -> None:
     """The upstream registered the document but the answer never reached kktd (here: the loop dies before
     recording it). The retry goes out under the same external id, and the upstream's deduplication hands
     back the original document: one document, one fiscalization."""
     upstream = ScriptedTwoPhase(clock)
     app = await two_phase_app(app_factory, clock, upstream)
     await accept(app.store, "lost-0")
-    outgoing = [Outgoing(r.receipt_id, r.idempotency_key, r.external_id, r.accepted_ms, r.body)
-                for r in await app.store.pending_batch(10)]
+    outgoing = [
+        Outgoing(r.receipt_id, r.idempotency_key, r.external_id, r.accepted_ms, r.body)
+        for r in await app.store.pending_batch(10)
+    ]
     await upstream.submit(outgoing)  # registered upstream, answer "lost": nothing recorded
     assert app.store.counts.pending == 1
     while app.store.counts.sent == 0:
@@ -224,8 +263,9 @@ async def test_a_lost_registration_answer_adopts_the_original_document(app_facto
     assert upstream.registrations == Counter({"lost-0": 1})
 
 
-async def test_refused_content_is_a_dead_letter_and_undelivered_waits(app_factory: AppFactory,
-                                                                       clock: FakeClock) -> None:
+async def test_refused_content_is_a_dead_letter_and_undelivered_waits(
+    app_factory: AppFactory, clock: FakeClock
+) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.refuse = {"bad-0"}
     app = await two_phase_app(app_factory, clock, upstream)
@@ -248,11 +288,13 @@ async def test_refused_content_is_a_dead_letter_and_undelivered_waits(app_factor
     assert (await app.store.get(flaky)).status == ReceiptStatus.SENT  # type: ignore[union-attr]
 
 
-async def test_an_upstream_that_refuses_kktd_itself_warns_and_dead_letters_nothing(app_factory: AppFactory,
-                                                                                    clock: FakeClock) -> None:
+async def test_an_upstream_that_refuses_kktd_itself_warns_and_dead_letters_nothing(
+    app_factory: AppFactory, clock: FakeClock
+) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.unavailable = UpstreamUnavailable(
-        FailureKind.NOT_SENT, "auth_failed", operator_action="wrong login or password: fix atol_login")
+        FailureKind.NOT_SENT, "auth_failed", operator_action="wrong login or password: fix atol_login"
+    )
     app = await two_phase_app(app_factory, clock, upstream)
     for i in range(5):
         await accept(app.store, f"auth-{i}")
@@ -273,6 +315,7 @@ async def test_an_upstream_that_refuses_kktd_itself_warns_and_dead_letters_nothi
 
 # ---- schema v2 ----
 
+
 def make_v1_database(path: Path, pending: int, sent: int) -> None:
     """A buffer as kktd's schema v1 left it: pending receipts and sent ones with their acknowledgement."""
     conn = sqlite3.connect(path)
@@ -287,11 +330,22 @@ def make_v1_database(path: Path, pending: int, sent: int) -> None:
             "INSERT INTO receipts (receipt_id, idempotency_key, body_hash, body, pos_id, total, status, "
             "accepted_ms, updated_ms, sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (f"{n:032x}", receipt.idempotency_key, receipt.body_hash, receipt.canonical_json, receipt.pos_id,
-             receipt.total, status, 1_700_000_000_000 + n, 1_700_000_000_000 + n,
-             1_700_000_001_000 if status == "sent" else None, n + 1 if status == "sent" else None,
-             f"{n:010d}" if status == "sent" else None,
-             "2026-11-24T00:00:00.000Z" if status == "sent" else None))
+            (
+                f"{n:032x}",
+                receipt.idempotency_key,
+                receipt.body_hash,
+                receipt.canonical_json,
+                receipt.pos_id,
+                receipt.total,
+                status,
+                1_700_000_000_000 + n,
+                1_700_000_000_000 + n,
+                1_700_000_001_000 if status == "sent" else None,
+                n + 1 if status == "sent" else None,
+                f"{n:010d}" if status == "sent" else None,
+                "2026-11-24T00:00:00.000Z" if status == "sent" else None,
+            ),
+        )
     conn.commit()
     conn.close()
 
@@ -320,9 +374,9 @@ async def test_a_v1_database_migrates_to_v2_keeping_every_receipt(tmp_path: Path
     conn.close()
 
 
-async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(app_factory: AppFactory,
-                                                                         clock: FakeClock,
-                                                                         tmp_path: Path) -> None:
+async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(
+    app_factory: AppFactory, clock: FakeClock, tmp_path: Path
+) -> None:
     make_v1_database(tmp_path / "buffer.db", pending=25, sent=5)
     upstream = ScriptedTwoPhase(clock, waits=1)
     app = await two_phase_app(app_factory, clock, upstream)
@@ -336,7 +390,8 @@ async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(app_fact
 
 
 async def test_requeue_registers_a_document_the_upstream_failed_under_a_new_external_id(
-        app_factory: AppFactory, clock: FakeClock) -> None:
+    app_factory: AppFactory, clock: FakeClock
+) -> None:
     """A dead letter refused at submission was never registered: requeued, it goes out under the same
     external id. One the upstream registered and then reported failed would only adopt that failed document
     again under its old id: requeued, it goes out under a new one."""

@@ -30,11 +30,20 @@ from typing import Any, Protocol
 
 import pytest
 
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    Fiscalized,
+    Outgoing,
+    Refused,
+    Registered,
+    StillProcessing,
+    SubmitOutcome,
+    UpstreamUnavailable,
+)
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.seller import parse_seller
 from kktd.upstreams import REGISTRY
-from kktd.delivery import (AwaitingResult, FailureKind, Fiscalized, Outgoing, Refused, Registered,
-    StillProcessing, SubmitOutcome, UpstreamUnavailable)
 from kktd.upstreams.base import Upstream
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, start_mock_atol
 from kktd_mocks.ofd import start_mock_ofd
@@ -87,12 +96,15 @@ def make_adapter(name: str, values: Mapping[str, Any]) -> Upstream:
     """The adapter as kktd makes it: its registry entry's options parsed (defaults for the rest), its settings
     built, its factory called."""
     spec = REGISTRY[name]
-    parsed = {option.key: option.parse(values[option.key]) if option.key in values else option.default
-              for option in spec.options}
+    parsed = {
+        option.key: option.parse(values[option.key]) if option.key in values else option.default
+        for option in spec.options
+    }
     return spec.create(spec.settings(parsed, parse_seller(values)))
 
 
 # ---- kktd-ofd × kktd_mocks.ofd ----
+
 
 class KktdOfdMock:
     def __init__(self, mock: Any) -> None:
@@ -122,8 +134,9 @@ class KktdOfdMock:
 async def kktd_ofd_pair() -> AsyncIterator[ContractPair]:
     mock = await start_mock_ofd("127.0.0.1", 0)
     secret = "s3cret-contract-password"
-    adapter = make_adapter("kktd-ofd", {"ofd_url": f"http://kktd:{secret}@127.0.0.1:{mock.port}",
-                                        "ofd_timeout": ADAPTER_TIMEOUT_S})
+    adapter = make_adapter(
+        "kktd-ofd", {"ofd_url": f"http://kktd:{secret}@127.0.0.1:{mock.port}", "ofd_timeout": ADAPTER_TIMEOUT_S}
+    )
     try:
         await adapter.start()
         yield ContractPair(adapter, KktdOfdMock(mock), (secret,))
@@ -133,6 +146,7 @@ async def kktd_ofd_pair() -> AsyncIterator[ContractPair]:
 
 
 # ---- atol-online-v5 × kktd_mocks.atol ----
+
 
 class AtolMock:
     def __init__(self, mock: Any) -> None:
@@ -168,11 +182,19 @@ async def atol_pair() -> AsyncIterator[ContractPair]:
         password_file = f"{directory}/atol_password"
         with open(password_file, "w") as handle:
             handle.write("s3cret-contract-password\n")
-        adapter = make_adapter("atol-online-v5", {
-            "atol_url": mock.url, "atol_login": DEFAULT_LOGIN, "atol_group_code": DEFAULT_GROUP,
-            "atol_password_file": password_file, "company_inn": DEFAULT_INN, "company_email": "shop@example.ru",
-            "company_payment_address": "https://shop.example.ru", "atol_timeout": ADAPTER_TIMEOUT_S,
-        })
+        adapter = make_adapter(
+            "atol-online-v5",
+            {
+                "atol_url": mock.url,
+                "atol_login": DEFAULT_LOGIN,
+                "atol_group_code": DEFAULT_GROUP,
+                "atol_password_file": password_file,
+                "company_inn": DEFAULT_INN,
+                "company_email": "shop@example.ru",
+                "company_payment_address": "https://shop.example.ru",
+                "atol_timeout": ADAPTER_TIMEOUT_S,
+            },
+        )
         try:
             await adapter.start()
             yield ContractPair(adapter, AtolMock(mock), ("s3cret-contract-password",))
@@ -200,11 +222,17 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[ContractPair]:
 
 # ---- helpers ----
 
+
 def outgoing(key: str, pos_id: str = "POS-001", external_id: str | None = None) -> Outgoing:
     receipt = validate_receipt(sample_receipt(key, pos_id=pos_id))
     receipt_id = key.encode().hex().ljust(32, "0")[:32]
-    return Outgoing(receipt_id, receipt.idempotency_key, external_id or receipt.idempotency_key,
-                    1_796_000_000_000, receipt.canonical_json)
+    return Outgoing(
+        receipt_id,
+        receipt.idempotency_key,
+        external_id or receipt.idempotency_key,
+        1_796_000_000_000,
+        receipt.canonical_json,
+    )
 
 
 async def settle(adapter: Upstream, receipt: Outgoing, first: SubmitOutcome) -> Fiscalized | Refused:
@@ -249,6 +277,7 @@ async def failure_of(pair: ContractPair, receipt: Outgoing) -> UpstreamUnavailab
 
 
 # ---- the contract ----
+
 
 async def test_one_outcome_per_receipt_in_order(pair: ContractPair) -> None:
     batch = [outgoing("c-order-1"), outgoing("c-order-2", pos_id="POS-REFUSED"), outgoing("c-order-3")]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from kktd.receipt import ReceiptInvalid, parse_receipt, sample_receipt
 from kktd.api import api_error
+from kktd.receipt import ReceiptInvalid, parse_receipt, sample_receipt
 from tests.conftest import App
 
 Mutation = Callable[[dict[str, Any]], Any]
@@ -28,6 +29,7 @@ def with_(path: str, value: Any) -> Mutation:
         last = parts[-1]
         target[int(last) if last.isdigit() else last] = value
         return body
+
     return mutate
 
 
@@ -39,6 +41,7 @@ def without(path: str) -> Mutation:
             target = target[int(part)] if part.isdigit() else target[part]
         del target[parts[-1]]
         return body
+
     return mutate
 
 
@@ -55,6 +58,7 @@ def one_item(price: int, quantity: Any, item_sum: Any = None, pay: int | None = 
         body["items"] = [item]
         body["payments"] = [{"type": "cash", "amount": pay if pay is not None else 0}]
         return body
+
     return mutate
 
 
@@ -68,8 +72,7 @@ BAD_BODIES: list[tuple[str, Mutation, int, str, str | None]] = [
     ("missing key", without("idempotency_key"), 422, "missing_field", "idempotency_key"),
     ("empty key", with_("idempotency_key", ""), 422, "invalid_idempotency_key", "idempotency_key"),
     ("key too long", with_("idempotency_key", "k" * 65), 422, "invalid_idempotency_key", "idempotency_key"),
-    ("key bad chars", with_("idempotency_key", "key with space"), 422, "invalid_idempotency_key",
-     "idempotency_key"),
+    ("key bad chars", with_("idempotency_key", "key with space"), 422, "invalid_idempotency_key", "idempotency_key"),
     ("key cyrillic", with_("idempotency_key", "ключ"), 422, "invalid_idempotency_key", "idempotency_key"),
     ("key number", with_("idempotency_key", 12345), 422, "invalid_type", "idempotency_key"),
     ("missing pos_id", without("pos_id"), 422, "missing_field", "pos_id"),
@@ -85,8 +88,7 @@ BAD_BODIES: list[tuple[str, Mutation, int, str, str | None]] = [
     ("items object", with_("items", {"name": "x"}), 422, "invalid_type", "items"),
     ("too many items", lambda b: dict(b, items=[b["items"][1]] * 101), 422, "invalid_count", "items"),
     ("item not object", with_("items.0", "milk"), 422, "invalid_type", "items[0]"),
-    ("item unknown field", with_(f"{ITEM}.barcode", "4600000000000"), 422, "unknown_field",
-     "items[0].barcode"),
+    ("item unknown field", with_(f"{ITEM}.barcode", "4600000000000"), 422, "unknown_field", "items[0].barcode"),
     ("item missing name", without(f"{ITEM}.name"), 422, "missing_field", "items[0].name"),
     ("item empty name", with_(f"{ITEM}.name", ""), 422, "invalid_length", "items[0].name"),
     ("item blank name", with_(f"{ITEM}.name", "   "), 422, "invalid_length", "items[0].name"),
@@ -112,44 +114,58 @@ BAD_BODIES: list[tuple[str, Mutation, int, str, str | None]] = [
     ("item sum float", with_(f"{ITEM}.sum", 17980.0), 422, "invalid_type", "items[0].sum"),
     ("rounding down is wrong", one_item(333, "0.5", item_sum=166), 422, "item_sum_mismatch", "items[0].sum"),
     ("item sum over limit", one_item(10**12 - 1, "2", pay=0), 422, "amount_out_of_range", "items[0].sum"),
-    ("total over limit", lambda b: one_item(6 * 10**11, "1")(b) and dict(
-        b, items=[b["items"][0], b["items"][0]]), 422, "amount_out_of_range", "items"),
+    (
+        "total over limit",
+        lambda b: one_item(6 * 10**11, "1")(b) and dict(b, items=[b["items"][0], b["items"][0]]),
+        422,
+        "amount_out_of_range",
+        "items",
+    ),
     ("bad vat", with_(f"{ITEM}.vat", "vat18"), 422, "invalid_value", "items[0].vat"),
-    ("bad payment method", with_(f"{ITEM}.payment_method", "barter"), 422, "invalid_value",
-     "items[0].payment_method"),
-    ("bad payment object", with_(f"{ITEM}.payment_object", "goods"), 422, "invalid_value",
-     "items[0].payment_object"),
+    ("bad payment method", with_(f"{ITEM}.payment_method", "barter"), 422, "invalid_value", "items[0].payment_method"),
+    ("bad payment object", with_(f"{ITEM}.payment_object", "goods"), 422, "invalid_value", "items[0].payment_object"),
     ("missing payments", without("payments"), 422, "missing_field", "payments"),
     ("payments empty", with_("payments", []), 422, "invalid_count", "payments"),
-    ("too many payments", with_("payments", [{"type": "cash", "amount": 0}] * 11), 422, "invalid_count",
-     "payments"),
-    ("payment unknown field", with_("payments.0.currency", "RUB"), 422, "unknown_field",
-     "payments[0].currency"),
+    ("too many payments", with_("payments", [{"type": "cash", "amount": 0}] * 11), 422, "invalid_count", "payments"),
+    ("payment unknown field", with_("payments.0.currency", "RUB"), 422, "unknown_field", "payments[0].currency"),
     ("payment bad type", with_("payments.0.type", "crypto"), 422, "invalid_value", "payments[0].type"),
     ("payment amount string", with_("payments.0.amount", "24430"), 422, "invalid_type", "payments[0].amount"),
-    ("payment amount negative", with_("payments.0.amount", -24430), 422, "amount_out_of_range",
-     "payments[0].amount"),
+    ("payment amount negative", with_("payments.0.amount", -24430), 422, "amount_out_of_range", "payments[0].amount"),
     ("payments short", with_("payments.0.amount", 24429), 422, "payment_total_mismatch", "payments"),
-    ("payments over", with_("payments", [{"type": "cash", "amount": 24430}, {"type": "electronic", "amount": 1}]),
-     422, "payment_total_mismatch", "payments"),
-    ("contact not email or phone", with_("customer_contact", "call me"), 422, "invalid_contact",
-     "customer_contact"),
-    ("contact foreign phone", with_("customer_contact", "+19991234567"), 422, "invalid_contact",
-     "customer_contact"),
+    (
+        "payments over",
+        with_("payments", [{"type": "cash", "amount": 24430}, {"type": "electronic", "amount": 1}]),
+        422,
+        "payment_total_mismatch",
+        "payments",
+    ),
+    ("contact not email or phone", with_("customer_contact", "call me"), 422, "invalid_contact", "customer_contact"),
+    ("contact foreign phone", with_("customer_contact", "+19991234567"), 422, "invalid_contact", "customer_contact"),
     ("contact number", with_("customer_contact", 79991234567), 422, "invalid_type", "customer_contact"),
-    ("contact lone surrogate", with_("customer_contact", "a\ud800@example.ru"), 422, "invalid_contact",
-     "customer_contact"),
+    (
+        "contact lone surrogate",
+        with_("customer_contact", "a\ud800@example.ru"),
+        422,
+        "invalid_contact",
+        "customer_contact",
+    ),
     ("cashier string", with_("cashier", "Иванова"), 422, "invalid_type", "cashier"),
-    ("cashier unknown field", with_("cashier", {"name": "Иванова", "role": "senior"}), 422, "unknown_field",
-     "cashier.role"),
+    (
+        "cashier unknown field",
+        with_("cashier", {"name": "Иванова", "role": "senior"}),
+        422,
+        "unknown_field",
+        "cashier.role",
+    ),
     ("cashier inn short", with_("cashier", {"inn": "12345"}), 422, "invalid_inn", "cashier.inn"),
     ("cashier inn number", with_("cashier", {"inn": 123456789012}), 422, "invalid_type", "cashier.inn"),
 ]
 
 
 async def post_raw(app: App, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    response = await app.client.post("/v1/kkt/receipt", data=body,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+    response = await app.client.post(
+        "/v1/kkt/receipt", data=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     return response.status, await response.json()
 
 
@@ -157,10 +173,10 @@ def test_table_is_large_enough() -> None:
     assert len(BAD_BODIES) >= 40
 
 
-@pytest.mark.parametrize(("name", "mutate", "status", "code", "field"), BAD_BODIES,
-                         ids=[row[0] for row in BAD_BODIES])
-async def test_bad_body_is_rejected_and_not_stored(app: App, name: str, mutate: Mutation, status: int,
-                                                   code: str, field: str | None) -> None:
+@pytest.mark.parametrize(("name", "mutate", "status", "code", "field"), BAD_BODIES, ids=[row[0] for row in BAD_BODIES])
+async def test_bad_body_is_rejected_and_not_stored(
+    app: App, name: str, mutate: Mutation, status: int, code: str, field: str | None
+) -> None:
     body = mutate(copy.deepcopy(good()))
     # ASCII-escaped JSON, so that a lone surrogate travels as the "\ud800" escape a client would send.
     got_status, answer = await post_raw(app, json.dumps(body).encode())
@@ -171,17 +187,24 @@ async def test_bad_body_is_rejected_and_not_stored(app: App, name: str, mutate: 
     assert app.store.counts.pending == 0
 
 
-@pytest.mark.parametrize(("body", "headers", "status", "code"), [
-    (b"{not json", {}, 400, "invalid_json"),
-    (b"", {}, 400, "invalid_json"),
-    (b"\xff\xfe{}", {}, 400, "invalid_encoding"),  # a UTF-16 byte order mark: only UTF-8 JSON is taken
-    (b'{"a": 1', {}, 400, "invalid_json"),
-    (json.dumps(good()).encode(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
-    (json.dumps(good()).encode(), {"Content-Type": "application/x-www-form-urlencoded"}, 415,
-     "unsupported_media_type"),
-    (b"{" + b" " * (64 * 1024 + 10) + b"}", {}, 413, "body_too_large"),
-    (json.dumps(good()).encode(), {"Idempotency-Key": "other-key"}, 422, "idempotency_key_mismatch"),
-])
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        (b"{not json", {}, 400, "invalid_json"),
+        (b"", {}, 400, "invalid_json"),
+        (b"\xff\xfe{}", {}, 400, "invalid_encoding"),  # a UTF-16 byte order mark: only UTF-8 JSON is taken
+        (b'{"a": 1', {}, 400, "invalid_json"),
+        (json.dumps(good()).encode(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+        (
+            json.dumps(good()).encode(),
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            415,
+            "unsupported_media_type",
+        ),
+        (b"{" + b" " * (64 * 1024 + 10) + b"}", {}, 413, "body_too_large"),
+        (json.dumps(good()).encode(), {"Idempotency-Key": "other-key"}, 422, "idempotency_key_mismatch"),
+    ],
+)
 async def test_malformed_requests(app: App, body: bytes, headers: dict[str, str], status: int, code: str) -> None:
     got_status, answer = await post_raw(app, body, headers)
     assert (got_status, answer["error"]["code"]) == (status, code)
@@ -193,14 +216,13 @@ async def test_chunked_body_over_limit_is_413(app: App) -> None:
         for _ in range(80):
             yield b" " * 1024
 
-    response = await app.client.post("/v1/kkt/receipt", data=chunks(),
-                                     headers={"Content-Type": "application/json"})
+    response = await app.client.post("/v1/kkt/receipt", data=chunks(), headers={"Content-Type": "application/json"})
     assert response.status == 413
     assert (await response.json())["error"]["code"] == "body_too_large"
 
 
 async def test_daemon_keeps_serving_after_bad_input(app: App) -> None:
-    for name, mutate, *_ in BAD_BODIES[:10]:
+    for _name, mutate, *_ in BAD_BODIES[:10]:
         await post_raw(app, json.dumps(mutate(copy.deepcopy(good()))).encode())
     status, answer = await post_raw(app, json.dumps(good()).encode())
     assert status == 201, answer
@@ -214,6 +236,7 @@ async def test_unknown_route_and_method_are_json_errors(app: App) -> None:
 
 
 # ---- valid receipts: normalization and arithmetic ----
+
 
 def test_sum_is_computed_half_up_when_omitted() -> None:
     body = one_item(333, "0.5", pay=167)(good())  # 166.5 kopecks rounds half-up to 167
@@ -253,5 +276,6 @@ def test_optional_fields_and_zero_amounts() -> None:
 def test_api_error_shape() -> None:
     with pytest.raises(ReceiptInvalid) as caught:
         parse_receipt(b'{"idempotency_key": "k"}', None)
-    assert api_error(caught.value).body() == {"error": {"code": "missing_field", "message": "items is required",
-                                             "field": "items"}}
+    assert api_error(caught.value).body() == {
+        "error": {"code": "missing_field", "message": "items is required", "field": "items"}
+    }

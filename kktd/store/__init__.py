@@ -5,5 +5,15 @@ from kktd.store.rows import Accepted, Conflict, Counts, ReceiptRow, ReceiptStatu
 from kktd.store.schema import PRAGMAS, SCHEMA_VERSION, check_database
 from kktd.store.writer import Store
 
-__all__ = ["PRAGMAS", "SCHEMA_VERSION", "Accepted", "Conflict", "Counts", "ReceiptRow", "ReceiptStatus",
-           "Registration", "Store", "check_database"]
+__all__ = [
+    "PRAGMAS",
+    "SCHEMA_VERSION",
+    "Accepted",
+    "Conflict",
+    "Counts",
+    "ReceiptRow",
+    "ReceiptStatus",
+    "Registration",
+    "Store",
+    "check_database",
+]

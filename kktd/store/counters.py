@@ -36,8 +36,7 @@ class StoreCounters:
         if self.on_group_commit is not None:
             self.on_group_commit(inserted)
 
-    async def moved(self, conn: aiosqlite.Connection, source: ReceiptStatus, target: ReceiptStatus,
-                    count: int) -> None:
+    async def moved(self, conn: aiosqlite.Connection, source: ReceiptStatus, target: ReceiptStatus, count: int) -> None:
         """`count` rows went from `source` to `target` in the job running on `conn`."""
         self.counts.move(source, target, count)
         if count and (source in UNSENT) != (target in UNSENT):

@@ -120,11 +120,11 @@ def frames_to_checkpoint(header: bytes) -> int | None:
     bytes of the -shm file (None if they do not read as a WAL-index)."""
     if len(header) < WAL_INDEX_READ:
         return None
-    version, = struct.unpack_from("=I", header, 0)
+    (version,) = struct.unpack_from("=I", header, 0)
     if version != 3007000:
         return None
-    mx_frame, = struct.unpack_from("=I", header, WAL_INDEX_MX_FRAME)
-    backfilled, = struct.unpack_from("=I", header, WAL_INDEX_N_BACKFILL)
+    (mx_frame,) = struct.unpack_from("=I", header, WAL_INDEX_MX_FRAME)
+    (backfilled,) = struct.unpack_from("=I", header, WAL_INDEX_N_BACKFILL)
     return max(0, mx_frame - backfilled)
 
 
@@ -148,11 +148,13 @@ def read_db_header(path: Path) -> DbHeader | None:
     if len(data) < DB_HEADER_SIZE or not data.startswith(b"SQLite format 3\x00"):
         return None
     page_size = struct.unpack(">H", data[16:18])[0]
-    return DbHeader(page_size=65536 if page_size == 1 else page_size,
-                    change_counter=struct.unpack(">I", data[24:28])[0],
-                    page_count=struct.unpack(">I", data[28:32])[0],
-                    user_version=struct.unpack(">I", data[60:64])[0],
-                    application_id=struct.unpack(">i", data[68:72])[0])
+    return DbHeader(
+        page_size=65536 if page_size == 1 else page_size,
+        change_counter=struct.unpack(">I", data[24:28])[0],
+        page_count=struct.unpack(">I", data[28:32])[0],
+        user_version=struct.unpack(">I", data[60:64])[0],
+        application_id=struct.unpack(">i", data[68:72])[0],
+    )
 
 
 def wal_checksum(data: bytes, s1: int, s2: int, big_endian: bool) -> tuple[int, int]:
@@ -178,11 +180,12 @@ def committed_transactions(wal: bytes) -> list[list[bytes]] | None:
     offset = WAL_HEADER_SIZE
     while offset + frame_size <= len(wal):
         page_number, commit_size, salt1, salt2, check1, check2 = struct.unpack(
-            ">6I", wal[offset:offset + FRAME_HEADER_SIZE])
+            ">6I", wal[offset : offset + FRAME_HEADER_SIZE]
+        )
         if page_number == 0 or (salt1, salt2) != (header.salt1, header.salt2):
             break
-        page = wal[offset + FRAME_HEADER_SIZE:offset + frame_size]
-        s1, s2 = wal_checksum(wal[offset:offset + 8], s1, s2, header.big_endian)
+        page = wal[offset + FRAME_HEADER_SIZE : offset + frame_size]
+        s1, s2 = wal_checksum(wal[offset : offset + 8], s1, s2, header.big_endian)
         s1, s2 = wal_checksum(page, s1, s2, header.big_endian)
         if (s1, s2) != (check1, check2):
             break
@@ -199,7 +202,7 @@ def stamps_in(pages: list[bytes]) -> list[Stamp]:
     for page in pages:
         start = page.find(STAMP_MAGIC)
         while start != -1:
-            stamp = Stamp.decode(page[start:start + STAMP_SIZE])
+            stamp = Stamp.decode(page[start : start + STAMP_SIZE])
             if stamp is not None:
                 found.append(stamp)
             start = page.find(STAMP_MAGIC, start + 1)
@@ -233,44 +236,63 @@ def check_wal(db: Path) -> WalCheck:
         return WalCheck(WalVerdict.NO_WAL, f"no {wal_file}")
     transactions = committed_transactions(wal)
     if not transactions:
-        return WalCheck(WalVerdict.NOTHING_COMMITTED,
-                        f"{wal_file} holds no committed transaction (SQLite applies nothing from it)")
+        return WalCheck(
+            WalVerdict.NOTHING_COMMITTED, f"{wal_file} holds no committed transaction (SQLite applies nothing from it)"
+        )
     db_header = read_db_header(db)
     wal_header = parse_wal_header(wal)
     assert wal_header is not None
     if db_header is None:
-        return WalCheck(WalVerdict.FOREIGN, f"{wal_file} holds {len(transactions)} committed transactions but "
-                        f"{db} is missing or not an SQLite database: the WAL cannot be its own")
+        return WalCheck(
+            WalVerdict.FOREIGN,
+            f"{wal_file} holds {len(transactions)} committed transactions but "
+            f"{db} is missing or not an SQLite database: the WAL cannot be its own",
+        )
     if db_header.page_size != wal_header.page_size:
-        return WalCheck(WalVerdict.FOREIGN, f"{wal_file} has pages of {wal_header.page_size} bytes, {db} of "
-                        f"{db_header.page_size}: they are not one database")
+        return WalCheck(
+            WalVerdict.FOREIGN,
+            f"{wal_file} has pages of {wal_header.page_size} bytes, {db} of "
+            f"{db_header.page_size}: they are not one database",
+        )
     mine = database_stamp(db)
     ours = [[stamp for stamp in stamps_in(pages)] for pages in transactions]
     every = [stamp for stamps in ours for stamp in stamps]
     if mine is None:
         if db_header.application_id == 0:
-            return WalCheck(WalVerdict.UNSTAMPED, f"{db} carries no kktd identity (written by an older kktd, "
-                            f"or new): {wal_file} cannot be checked and is applied as SQLite does")
+            return WalCheck(
+                WalVerdict.UNSTAMPED,
+                f"{db} carries no kktd identity (written by an older kktd, "
+                f"or new): {wal_file} cannot be checked and is applied as SQLite does",
+            )
         # The file alone does not read as a database: a checkpoint was copying this WAL into it when kktd
         # stopped. Its header still names the database (application_id: the id's first 4 bytes).
         if any(id_prefix(stamp.db_id) == db_header.application_id for stamp in every):
-            return WalCheck(WalVerdict.OWN, f"{wal_file}: stamped by database {db_header.application_id:#x} "
-                            f"({db} was being checkpointed)")
+            return WalCheck(
+                WalVerdict.OWN,
+                f"{wal_file}: stamped by database {db_header.application_id:#x} ({db} was being checkpointed)",
+            )
         whose = every[0].describe() if every else "no kktd stamp"
-        return WalCheck(WalVerdict.FOREIGN, f"{wal_file} belongs to another database ({whose}; {db} is "
-                        f"database {db_header.application_id & 0xFFFFFFFF:#010x}...)")
+        return WalCheck(
+            WalVerdict.FOREIGN,
+            f"{wal_file} belongs to another database ({whose}; {db} is "
+            f"database {db_header.application_id & 0xFFFFFFFF:#010x}...)",
+        )
     # A page may still hold an older copy of the row in its free space: the newest generation is the row.
     matching = [[stamp.generation for stamp in stamps if stamp.db_id == mine.db_id] for stamps in ours]
     first = next((generations for generations in matching if generations), None)
     if first is None:
         whose = every[0].describe() if every else "no kktd stamp"
-        return WalCheck(WalVerdict.FOREIGN, f"{wal_file} belongs to another database ({whose}; {db} is "
-                        f"{mine.describe()})")
+        return WalCheck(
+            WalVerdict.FOREIGN, f"{wal_file} belongs to another database ({whose}; {db} is {mine.describe()})"
+        )
     start, last = max(first), max(g for generations in matching for g in generations)
     if not start - 1 <= mine.generation <= last:
-        return WalCheck(WalVerdict.FOREIGN, f"{wal_file} continues {db} from WAL generation {start - 1} to "
-                        f"{last}, but {db} is at generation {mine.generation}: the database file was replaced "
-                        f"(a restored backup?) and this WAL is from its other life")
+        return WalCheck(
+            WalVerdict.FOREIGN,
+            f"{wal_file} continues {db} from WAL generation {start - 1} to "
+            f"{last}, but {db} is at generation {mine.generation}: the database file was replaced "
+            f"(a restored backup?) and this WAL is from its other life",
+        )
     return WalCheck(WalVerdict.OWN, f"{wal_file}: generations {start}..{last} of {mine.describe()}")
 
 

@@ -82,8 +82,9 @@ class RecordAttemptFailure:
     name: ClassVar[str] = "record_attempt_failure"
 
     async def run(self, conn: aiosqlite.Connection, counters: StoreCounters) -> list[str]:
-        moved = await queries.record_attempt_failure(conn, now_ms(), self.receipt_ids, self.reason,
-                                                     self.max_attempts, self.strike)
+        moved = await queries.record_attempt_failure(
+            conn, now_ms(), self.receipt_ids, self.reason, self.max_attempts, self.strike
+        )
         await counters.moved(conn, ReceiptStatus.PENDING, ReceiptStatus.FAILED, len(moved))
         return moved
 

@@ -59,8 +59,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
     ),
     # Two-phase upstreams (registered first, their result polled): a `submitted` state, the upstream's own
-    # reference, the external id a registration was sent under, and the fiscal register's full answer. SQLite cannot change a CHECK
-    # constraint in place, so the table is rebuilt inside the migration's transaction.
+    # reference, the external id a registration was sent under, and the fiscal register's full answer.
+    # SQLite cannot change a CHECK constraint in place, so the table is rebuilt inside the migration's
+    # transaction.
     2: (
         """CREATE TABLE receipts_v2 (
             seq INTEGER PRIMARY KEY,
@@ -145,8 +146,12 @@ def refuses_writes(exc: sqlite3.Error) -> bool:
     """The disk (or filesystem) refuses to take writes: full, failing, or remounted read-only."""
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
-    return primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN) \
-        or "full" in str(exc) or "readonly" in str(exc) or "disk I/O" in str(exc)
+    return (
+        primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN)
+        or "full" in str(exc)
+        or "readonly" in str(exc)
+        or "disk I/O" in str(exc)
+    )
 
 
 async def configure(conn: aiosqlite.Connection, path: Path) -> None:
@@ -158,7 +163,8 @@ async def configure(conn: aiosqlite.Connection, path: Path) -> None:
             if actual != expected:
                 raise StorageUnavailable(
                     f"database {path}: PRAGMA {name} is {actual!r} after setting {value} "
-                    f"(the filesystem may not support it); refusing to run without it")
+                    f"(the filesystem may not support it); refusing to run without it"
+                )
     except sqlite3.DatabaseError as exc:
         raise classify_open_error(exc, path) from exc
 
@@ -169,8 +175,8 @@ async def migrate(conn: aiosqlite.Connection, path: Path) -> None:
         version = row[0]
         if version > SCHEMA_VERSION:
             raise StorageUnavailable(
-                f"database {path} has schema v{version}, newer than this kktd (v{SCHEMA_VERSION}); "
-                f"refusing to touch it")
+                f"database {path} has schema v{version}, newer than this kktd (v{SCHEMA_VERSION}); refusing to touch it"
+            )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             await conn.execute("BEGIN IMMEDIATE")
             for statement in MIGRATIONS[target]:

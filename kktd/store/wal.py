@@ -36,8 +36,9 @@ class WalKeeper:
     """Checkpoints and stamps of one database's WAL. `refused(reason)` is told when the disk refuses a write
     (a full disk, an I/O error), so health can say so."""
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection, stamp: identity.Stamp,
-                 refused: Callable[[str], None]) -> None:
+    def __init__(
+        self, path: Path, conn: aiosqlite.Connection, stamp: identity.Stamp, refused: Callable[[str], None]
+    ) -> None:
         self._path = path
         self._conn = conn
         self._stamp = stamp
@@ -157,6 +158,7 @@ async def name_in_header(conn: aiosqlite.Connection, stamp: identity.Stamp) -> N
 
 async def write_stamp(conn: aiosqlite.Connection, previous: identity.Stamp) -> identity.Stamp:
     stamp = identity.Stamp(previous.db_id, previous.generation + 1)
-    await conn.execute("UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1",
-                       (stamp.generation, stamp.encode()))
+    await conn.execute(
+        "UPDATE kktd_identity SET generation = ?, stamp = ? WHERE id = 1", (stamp.generation, stamp.encode())
+    )
     return stamp

@@ -27,8 +27,16 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from kktd.clock import now_ms
-from kktd.delivery import (AwaitingResult, Fiscalized, NotRegistered, Outgoing, PollOutcome, Refused, Registered,
-                           SubmitOutcome)
+from kktd.delivery import (
+    AwaitingResult,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    Registered,
+    SubmitOutcome,
+)
 from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import identity, queries, schema
@@ -54,7 +62,7 @@ def new_receipt_ids(at_ms: int, count: int) -> list[str]:
     One read of the system's randomness serves the whole group."""
     prefix = f"{at_ms:012x}"
     noise = secrets.token_hex(10 * count)
-    return [prefix + noise[i * 20:(i + 1) * 20] for i in range(count)]
+    return [prefix + noise[i * 20 : (i + 1) * 20] for i in range(count)]
 
 
 @dataclass
@@ -85,8 +93,15 @@ _WriterItem = _Intake | _Queued | _CheckpointRequest | _Stop
 
 
 class Store:
-    def __init__(self, path: Path, max_pending: int, conn: aiosqlite.Connection, counters: StoreCounters,
-                 stamp: identity.Stamp, checked_at_open: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_pending: int,
+        conn: aiosqlite.Connection,
+        counters: StoreCounters,
+        stamp: identity.Stamp,
+        checked_at_open: bool,
+    ) -> None:
         self.path = path
         # After a clean shutdown the integrity check is left to verify_in_background(), after READY.
         self.checked_at_open = checked_at_open
@@ -121,8 +136,7 @@ class Store:
     # ---- lifecycle ----
 
     @classmethod
-    async def open(cls, path: Path, max_pending: int, *,
-                   on_group_commit: Callable[[int], None] | None = None) -> Store:
+    async def open(cls, path: Path, max_pending: int, *, on_group_commit: Callable[[int], None] | None = None) -> Store:
         """Open (creating if new), verify PRAGMAs, migrate, count, start the writer. The integrity check
         runs here, before the caller may announce readiness, unless the last run closed the database
         cleanly: then verify_in_background() runs it without holding up start-up.
@@ -134,14 +148,17 @@ class Store:
         # Before SQLite sees the files: connecting would apply whatever -wal lies beside the database.
         wal = identity.check_wal(path)
         if wal.refused:
-            raise ForeignWal(f"database {path}: {wal.detail}; kktd applies neither file to the other and "
-                             f"changes neither. If {path} is the right database, move "
-                             f"{identity.wal_path(path)} aside")
+            raise ForeignWal(
+                f"database {path}: {wal.detail}; kktd applies neither file to the other and "
+                f"changes neither. If {path} is the right database, move "
+                f"{identity.wal_path(path)} aside"
+            )
         if wal.verdict is identity.WalVerdict.UNSTAMPED:
             log.warning("%s", wal.detail)
         is_new = not path.exists()
         marker = schema.damage_marker(path)
-        clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()
+        # Stat calls before the connection exists, once at start: nothing else is running yet to be blocked.
+        clean = not is_new and not Path(f"{path}-wal").exists() and not marker.exists()  # noqa: ASYNC240
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = await aiosqlite.connect(path, isolation_level=None)
@@ -175,8 +192,14 @@ class Store:
         state = "new" if is_new else ("closed cleanly last time" if clean else "recovered after an unclean stop")
         log.info(
             "buffer open: %s (schema v%d, %s, integrity %s): pending=%d submitted=%d failed=%d sent=%d",
-            path, schema.SCHEMA_VERSION, state, "checked" if not clean else "check deferred until after start-up",
-            counts.pending, counts.submitted, counts.failed, counts.sent,
+            path,
+            schema.SCHEMA_VERSION,
+            state,
+            "checked" if not clean else "check deferred until after start-up",
+            counts.pending,
+            counts.submitted,
+            counts.failed,
+            counts.sent,
         )
         return store
 
@@ -190,14 +213,14 @@ class Store:
             self._queue.put_nowait(_Stop())
             try:
                 await asyncio.wait_for(asyncio.shield(self._writer), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("database writer did not finish within %gs; abandoning queued work", timeout)
                 self._writer.cancel()
                 self._drain_after_stop()
                 await asyncio.gather(self._writer, return_exceptions=True)
         try:
             await asyncio.wait_for(self._conn.close(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("database connection did not close within %gs", timeout)
         self.wal.close()
         log.info("buffer closed: %s", self.path)
@@ -248,8 +271,14 @@ class Store:
         """Nothing queued and nobody on the connection: the writer task is parked on its empty queue (it
         takes the lock, without yielding, as soon as it takes an item). A WAL due for the writer's own
         checkpoint goes through the writer, which runs it."""
-        return (self._queue.empty() and not self._conn_lock.locked() and not self._closing
-                and self.writer_alive and not self.wal.needs_stamp and not self._gathering_pays())
+        return (
+            self._queue.empty()
+            and not self._conn_lock.locked()
+            and not self._closing
+            and self.writer_alive
+            and not self.wal.needs_stamp
+            and not self._gathering_pays()
+        )
 
     def _gathering_pays(self) -> bool:
         """The last commit was slow and shared by several tills: the next one should gather them again."""
@@ -310,8 +339,9 @@ class Store:
         stored = found.get(receipt.idempotency_key)
         return _replay(stored, receipt) if stored is not None else None
 
-    async def receipts_accepted_between(self, since_ms: int, until_ms: int | None, after_id: str | None,
-                                        limit: int) -> list[ReceiptRow]:
+    async def receipts_accepted_between(
+        self, since_ms: int, until_ms: int | None, after_id: str | None, limit: int
+    ) -> list[ReceiptRow]:
         return await self.submit(Read(queries.accepted_between, (since_ms, until_ms, after_id, limit)))
 
     async def oldest_unsent_ms(self) -> int | None:
@@ -324,10 +354,10 @@ class Store:
                 return path.stat().st_size
             except FileNotFoundError:
                 return 0
+
         return sum(size_of(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
 
-    async def pending_batch(self, limit: int, after_seq: int = 0,
-                            exclude: Sequence[str] = ()) -> list[Outgoing]:
+    async def pending_batch(self, limit: int, after_seq: int = 0, exclude: Sequence[str] = ()) -> list[Outgoing]:
         return await self.submit(Read(queries.pending_batch, (limit, after_seq, exclude)))
 
     async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[AwaitingResult]:
@@ -336,8 +366,9 @@ class Store:
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
         return await self.submit(Read(queries.dead_letters, (limit, after_seq)))
 
-    async def settle(self, outcomes: Sequence[SubmitOutcome | PollOutcome],
-                     source: ReceiptStatus = ReceiptStatus.PENDING) -> None:
+    async def settle(
+        self, outcomes: Sequence[SubmitOutcome | PollOutcome], source: ReceiptStatus = ReceiptStatus.PENDING
+    ) -> None:
         """Record the upstream's answers about receipts in status `source` (pending for a submission,
         submitted for a poll): one statement (one transaction, one round trip) per kind of outcome. The
         counters move inside the writer's job, with the rows: a failure or a cancelled caller after one
@@ -350,18 +381,23 @@ class Store:
         not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
         if registered:
             # First: the upstream's reference must be committed before anything else can go wrong.
-            await self.submit(Move(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED, queries.mark_submitted,
-                                   (stamp, registered)))
+            await self.submit(
+                Move(ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED, queries.mark_submitted, (stamp, registered))
+            )
         if fiscalized:
             await self.submit(Move(source, ReceiptStatus.SENT, queries.mark_sent, (stamp, source, fiscalized)))
         if refused:
             await self.submit(Move(source, ReceiptStatus.FAILED, queries.mark_refused, (stamp, source, refused)))
         if not_registered:
-            await self.submit(Move(ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING, queries.mark_not_registered,
-                                   (stamp, not_registered)))
+            await self.submit(
+                Move(
+                    ReceiptStatus.SUBMITTED, ReceiptStatus.PENDING, queries.mark_not_registered, (stamp, not_registered)
+                )
+            )
 
-    async def record_attempt_failure(self, receipt_ids: Sequence[str], reason: str, max_attempts: int,
-                                     strike: bool) -> list[str]:
+    async def record_attempt_failure(
+        self, receipt_ids: Sequence[str], reason: str, max_attempts: int, strike: bool
+    ) -> list[str]:
         """Note a failed delivery; with `strike`, count it and dead-letter those past max_attempts."""
         if not receipt_ids:
             return []
@@ -370,8 +406,11 @@ class Store:
     async def requeue(self, receipt_id: str) -> bool:
         """Put a dead letter back to pending with a fresh attempt count. False if it is not a dead letter.
         (It stays undelivered either way, so capacity does not change.)"""
-        return bool(await self.submit(Move(ReceiptStatus.FAILED, ReceiptStatus.PENDING, queries.requeue,
-                                           (now_ms(), receipt_id))))
+        return bool(
+            await self.submit(
+                Move(ReceiptStatus.FAILED, ReceiptStatus.PENDING, queries.requeue, (now_ms(), receipt_id))
+            )
+        )
 
     async def prune_sent(self, older_than_ms: int, limit: int) -> int:
         """Delete up to `limit` sent receipts acknowledged before `older_than_ms` (retention)."""
@@ -402,9 +441,8 @@ class Store:
         self._gathered.clear()
         if self._queue.qsize() + 1 < self._gather_target:  # the item the loop took counts too
             try:
-                await asyncio.wait_for(self._gathered.wait(),
-                                       min(GATHER_MAX_S, GATHER_SHARE * self._last_commit_s))
-            except asyncio.TimeoutError:
+                await asyncio.wait_for(self._gathered.wait(), min(GATHER_MAX_S, GATHER_SHARE * self._last_commit_s))
+            except TimeoutError:
                 pass
         self._gather_target = 0
 
@@ -437,7 +475,6 @@ class Store:
             return True
         return False
 
-
     def _drain_after_stop(self) -> None:
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -452,7 +489,7 @@ class Store:
             if schema.refuses_writes(exc):
                 self._commit_refused(schema.describe_error(exc))
             _resolve_exception(queued.future, StorageUnavailable(schema.describe_error(exc)))
-        except Exception as exc:  # noqa: BLE001 - a bug in one job must not kill the writer
+        except Exception as exc:
             log.exception("database job %s crashed", queued.job.name)
             _resolve_exception(queued.future, exc)
         else:
@@ -486,8 +523,9 @@ class Store:
     def _commit_refused(self, reason: str) -> None:
         self.commit_failure = reason
 
-    async def _insert_group(self, intakes: list[_Intake],
-                            carry_stamp: bool = False) -> list[Accepted | Conflict | Exception]:
+    async def _insert_group(
+        self, intakes: list[_Intake], carry_stamp: bool = False
+    ) -> list[Accepted | Conflict | Exception]:
         """One multi-row INSERT for the whole group (queries.insert_receipts). Keys that already exist
         (replays) and a group larger than the free capacity take extra queries."""
         stamp = now_ms()
@@ -500,18 +538,33 @@ class Store:
         ids = dict(zip(map(id, candidates), new_receipt_ids(stamp, len(candidates))))
         inserted: set[str] = set()
         if candidates:
-            rows = [(ids[id(i)], i.receipt.idempotency_key, i.receipt.body_hash, i.receipt.canonical_json,
-                     i.receipt.pos_id, i.receipt.total, stamp, stamp) for i in candidates]
+            rows = [
+                (
+                    ids[id(i)],
+                    i.receipt.idempotency_key,
+                    i.receipt.body_hash,
+                    i.receipt.canonical_json,
+                    i.receipt.pos_id,
+                    i.receipt.total,
+                    stamp,
+                    stamp,
+                )
+                for i in candidates
+            ]
             if carry_stamp:
                 inserted = await self.wal.insert_stamped(rows)
             else:
                 inserted = await queries.insert_receipts(self._conn, rows)
             self.counters.group_committed(len(inserted), stamp)
             if inserted:
-                _log_accepted_chunks([(ids[id(i)], i.receipt.idempotency_key) for i in candidates
-                                    if ids[id(i)] in inserted])
-        missing = [i.receipt.idempotency_key for i in intakes
-                   if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing]
+                _log_accepted_chunks(
+                    [(ids[id(i)], i.receipt.idempotency_key) for i in candidates if ids[id(i)] in inserted]
+                )
+        missing = [
+            i.receipt.idempotency_key
+            for i in intakes
+            if ids.get(id(i)) not in inserted and i.receipt.idempotency_key not in existing
+        ]
         lookup_failed: StorageUnavailable | None = None
         if missing:
             try:
@@ -537,13 +590,22 @@ def _log_accepted_chunks(accepted: list[tuple[str, str]]) -> None:
     of the group (journald fields may repeat): `journalctl RECEIPT_ID=<id>` finds it, at a cost per commit
     rather than per receipt."""
     for start in range(0, len(accepted), STORY_CHUNK):
-        chunk = accepted[start:start + STORY_CHUNK]
+        chunk = accepted[start : start + STORY_CHUNK]
         first, last = chunk[0][0], chunk[-1][0]
-        what = first if len(accepted) == 1 else (
-            f"{len(chunk)} receipts in one commit: {first} .. {last}" if len(chunk) == len(accepted) else
-            f"{len(chunk)} of {len(accepted)} receipts in one commit: {first} .. {last}")
-        log.info("accepted %s", what, extra={"receipt_id": [receipt_id for receipt_id, _ in chunk],
-                                            "idempotency_key": [key for _, key in chunk]})
+        what = (
+            first
+            if len(accepted) == 1
+            else (
+                f"{len(chunk)} receipts in one commit: {first} .. {last}"
+                if len(chunk) == len(accepted)
+                else f"{len(chunk)} of {len(accepted)} receipts in one commit: {first} .. {last}"
+            )
+        )
+        log.info(
+            "accepted %s",
+            what,
+            extra={"receipt_id": [receipt_id for receipt_id, _ in chunk], "idempotency_key": [key for _, key in chunk]},
+        )
 
 
 def _within_capacity(intakes: list[_Intake], existing: dict[str, tuple[Any, ...]], free: int) -> list[_Intake]:

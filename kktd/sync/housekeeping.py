@@ -64,9 +64,11 @@ class Housekeeping:
         age = pending_age_s(await self.store.oldest_unsent_ms())
         level = self._config().pending_alarm(age)
         if level is not AlarmLevel.OK and age is not None:
-            text = (f"oldest pending receipt is {age / 86400:.1f} days old "
-                    f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
-                    f"for at most 30 days")
+            text = (
+                f"oldest pending receipt is {age / 86400:.1f} days old "
+                f"(pending={self.store.counts.pending}); the fiscal storage holds unsent documents "
+                f"for at most 30 days"
+            )
             log.log(logging.ERROR if level is AlarmLevel.CRITICAL else logging.WARNING, "%s", text)
         elif self._alarm_level is not AlarmLevel.OK:
             log.info("oldest pending receipt age back under the warning threshold")

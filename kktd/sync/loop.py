@@ -22,15 +22,28 @@ from typing import TYPE_CHECKING, TypeVar
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
+from kktd.delivery import (
+    DEFAULT_TRAITS,
+    AwaitingResult,
+    DeliveryTraits,
+    FailureKind,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    Registered,
+    SubmitOutcome,
+    Undelivered,
+    UpstreamUnavailable,
+)
 from kktd.errors import StorageUnavailable
 from kktd.metrics import Metrics, RequestOutcome
-from kktd.store import ReceiptStatus, Store
 from kktd.states import BreakerState
+from kktd.store import ReceiptStatus, Store
 from kktd.sync.breaker import CircuitBreaker
 from kktd.sync.housekeeping import Housekeeping
 from kktd.sync.policy import DeliveryPolicy, PollSchedule
-from kktd.delivery import (AwaitingResult, DeliveryTraits, FailureKind, Fiscalized, NotRegistered, Outgoing,
-                           PollOutcome, Refused, Registered, SubmitOutcome, Undelivered, UpstreamUnavailable)
 from kktd.upstreams.base import Upstream
 
 if TYPE_CHECKING:
@@ -114,9 +127,18 @@ class ManualCycle:
 
 
 class SyncLoop:
-    def __init__(self, store: Store, upstream: Upstream, breaker: CircuitBreaker, config: Config, *,
-                 clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep, metrics: Metrics | None = None,
-                 traits: DeliveryTraits = DeliveryTraits()) -> None:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        breaker: CircuitBreaker,
+        config: Config,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        metrics: Metrics | None = None,
+        traits: DeliveryTraits = DEFAULT_TRAITS,
+    ) -> None:
         self.store = store
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else Metrics(process=False)
@@ -198,18 +220,27 @@ class SyncLoop:
             except StorageUnavailable as exc:
                 error = f"storage unavailable: {exc}"
                 self._note_error(error)
-        return ManualCycle(delivered=result.delivered, rejected=result.rejected,
-                           dead_lettered=self.stats.dead_lettered_total - dead_lettered_before,
-                           batches=result.batches, pending=self.store.counts.pending, error=error,
-                           breaker=self.breaker.state)
+        return ManualCycle(
+            delivered=result.delivered,
+            rejected=result.rejected,
+            dead_lettered=self.stats.dead_lettered_total - dead_lettered_before,
+            batches=result.batches,
+            pending=self.store.counts.pending,
+            error=error,
+            breaker=self.breaker.state,
+        )
 
     # ---- the loop ----
 
     async def run(self) -> None:
         """Deliver until request_stop(); the housekeeping (the pending-age alarm, retention) runs beside it as
         a task of its own, so that a long prune never holds up a delivery."""
-        log.info("sync loop started: %s, batches of %d, idle interval %gs", self.upstream.name,
-                 self.policy.batch_size, self.config.sync_interval)
+        log.info(
+            "sync loop started: %s, batches of %d, idle interval %gs",
+            self.upstream.name,
+            self.policy.batch_size,
+            self.config.sync_interval,
+        )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.housekeeping.run(), name="kktd-housekeeping")
             try:
@@ -253,8 +284,12 @@ class SyncLoop:
                     result = await self._drain()
                 self.stats.retry_at_monotonic = None
                 if result.batches:
-                    log.debug("sync cycle: %d delivered, %d rejected in %d batches", result.delivered,
-                              result.rejected, result.batches)
+                    log.debug(
+                        "sync cycle: %d delivered, %d rejected in %d batches",
+                        result.delivered,
+                        result.rejected,
+                        result.batches,
+                    )
 
     def _wait(self, state: RetryCallState) -> float:
         # While the breaker is open its reset timer sets the pace of trials; the exponential backoff
@@ -316,8 +351,9 @@ class SyncLoop:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     _collect(done, total)
                 if giving_way:
-                    await self._pause((self._clock() - started) * (1 - INTAKE_BUSY_DRAIN_SHARE)
-                                      / INTAKE_BUSY_DRAIN_SHARE)
+                    await self._pause(
+                        (self._clock() - started) * (1 - INTAKE_BUSY_DRAIN_SHARE) / INTAKE_BUSY_DRAIN_SHARE
+                    )
             while in_flight:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 _collect(done, total)
@@ -346,8 +382,7 @@ class SyncLoop:
                 batch = await self.store.pending_batch(limit, 0, probe)
         return batch
 
-    async def _call(self, ids: list[str], failed: str,
-                    call: Callable[[], Awaitable[list[OutcomeT]]]) -> list[OutcomeT]:
+    async def _call(self, ids: list[str], failed: str, call: Callable[[], Awaitable[list[OutcomeT]]]) -> list[OutcomeT]:
         """One call to the upstream with the bookkeeping every call shares: the breaker in front of it, its
         duration and outcome in the metrics, and on failure the journal entry naming every receipt (each
         attempt is part of each receipt's story: journalctl RECEIPT_ID=...), the breaker's count and the
@@ -360,8 +395,9 @@ class SyncLoop:
             outcomes = await call()
         except UpstreamUnavailable as exc:
             self.metrics.upstream_request(name, RequestOutcome.failed(exc.kind), time.perf_counter() - started)
-            log.info("%s failed: %s", failed, exc,
-                     extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason})
+            log.info(
+                "%s failed: %s", failed, exc, extra={"receipt_id": ids, "upstream": name, "upstream_status": exc.reason}
+            )
             self.breaker.record_failure()
             self._note_error(f"{name} unavailable: {exc}")
             raise
@@ -374,8 +410,8 @@ class SyncLoop:
         ids = [r.receipt_id for r in batch]
         try:
             outcomes: list[SubmitOutcome] = await self._call(
-                ids, f"delivery of {len(batch)} receipts to {self.upstream.name}",
-                lambda: self.upstream.submit(batch))
+                ids, f"delivery of {len(batch)} receipts to {self.upstream.name}", lambda: self.upstream.submit(batch)
+            )
         except UpstreamUnavailable as exc:
             await self._count_failure(ids, exc)
             raise
@@ -392,9 +428,17 @@ class SyncLoop:
             self.policy.on_answered(answered)
         for failure in undelivered:
             # The upstream answered others of this call: this receipt's own call failed, alone.
-            log.info("delivery of receipt %s to %s failed: %s", failure.receipt_id, self.upstream.name,
-                     failure.error, extra={"receipt_id": failure.receipt_id, "upstream": self.upstream.name,
-                                           "upstream_status": failure.error.reason})
+            log.info(
+                "delivery of receipt %s to %s failed: %s",
+                failure.receipt_id,
+                self.upstream.name,
+                failure.error,
+                extra={
+                    "receipt_id": failure.receipt_id,
+                    "upstream": self.upstream.name,
+                    "upstream_status": failure.error.reason,
+                },
+            )
             self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
             await self._count_failure([failure.receipt_id], failure.error)
         return self._tally(outcomes, submitted=len(registered))
@@ -413,17 +457,33 @@ class SyncLoop:
         """Each receipt's part of a call's answer, in its story (journalctl RECEIPT_ID=...): one entry per
         kind of outcome, naming every receipt; a refusal, one entry per receipt with its code."""
         name = self.upstream.name
-        for kind, status, text in ((Fiscalized, "fiscalized", "fiscalized by"),
-                                   (Registered, "registered", "registered (result pending) by")):
+        for kind, status, text in (
+            (Fiscalized, "fiscalized", "fiscalized by"),
+            (Registered, "registered", "registered (result pending) by"),
+        ):
             ids = [o.receipt_id for o in outcomes if isinstance(o, kind)]
             if ids:
-                log.info("%d receipts %s %s", len(ids), text, name,
-                         extra={"receipt_id": ids, "upstream": name, "upstream_status": status})
+                log.info(
+                    "%d receipts %s %s",
+                    len(ids),
+                    text,
+                    name,
+                    extra={"receipt_id": ids, "upstream": name, "upstream_status": status},
+                )
         for rejection in (o for o in outcomes if isinstance(o, Refused)):
-            log.warning("receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
-                        rejection.receipt_id, name, rejection.code, rejection.message,
-                        extra={"receipt_id": rejection.receipt_id, "upstream": name, "upstream_status": "refused",
-                               "error_code": rejection.code})
+            log.warning(
+                "receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
+                rejection.receipt_id,
+                name,
+                rejection.code,
+                rejection.message,
+                extra={
+                    "receipt_id": rejection.receipt_id,
+                    "upstream": name,
+                    "upstream_status": "refused",
+                    "error_code": rejection.code,
+                },
+            )
 
     # ---- two-phase upstreams: asking for the results of registered documents ----
 
@@ -447,7 +507,8 @@ class SyncLoop:
         name = self.upstream.name
         try:
             outcomes: list[PollOutcome] = await self._call(
-                ids, f"asking {name} for the result of {len(ids)} receipts", lambda: self.upstream.poll(due))
+                ids, f"asking {name} for the result of {len(ids)} receipts", lambda: self.upstream.poll(due)
+            )
         except UpstreamUnavailable as exc:
             self.polls.polled(ids)
             if exc.operator_action is not None:
@@ -458,10 +519,19 @@ class SyncLoop:
         finished = [o.receipt_id for o in outcomes if isinstance(o, (Fiscalized, Refused, NotRegistered))]
         self.polls.forget(finished)
         for failed in (o for o in outcomes if isinstance(o, NotRegistered)):
-            log.warning("receipt %s was not registered by %s (%s: %s); registering it again under a new "
-                        "external id", failed.receipt_id, self.upstream.name, failed.code, failed.message,
-                        extra={"receipt_id": failed.receipt_id, "upstream": name,
-                               "upstream_status": "not_registered", "error_code": failed.code})
+            log.warning(
+                "receipt %s was not registered by %s (%s: %s); registering it again under a new external id",
+                failed.receipt_id,
+                self.upstream.name,
+                failed.code,
+                failed.message,
+                extra={
+                    "receipt_id": failed.receipt_id,
+                    "upstream": name,
+                    "upstream_status": "not_registered",
+                    "error_code": failed.code,
+                },
+            )
         for failure in (o for o in outcomes if isinstance(o, Undelivered)):
             self._note_error(f"{self.upstream.name} unavailable for receipt {failure.receipt_id}: {failure.error}")
         return self._tally(outcomes)
@@ -475,10 +545,18 @@ class SyncLoop:
         moved = await self.store.record_attempt_failure(ids, exc.reason, self.config.max_attempts, verdict.strike)
         self.policy.forget(moved)
         for receipt_id in moved:
-            log.error("receipt %s moved to dead letters after more than %d failed deliveries (%s)",
-                      receipt_id, self.config.max_attempts, exc.reason,
-                      extra={"receipt_id": receipt_id, "upstream": self.upstream.name,
-                             "upstream_status": exc.reason, "error_code": "max_attempts"})
+            log.error(
+                "receipt %s moved to dead letters after more than %d failed deliveries (%s)",
+                receipt_id,
+                self.config.max_attempts,
+                exc.reason,
+                extra={
+                    "receipt_id": receipt_id,
+                    "upstream": self.upstream.name,
+                    "upstream_status": exc.reason,
+                    "error_code": "max_attempts",
+                },
+            )
         self.stats.dead_lettered_total += len(moved)
 
     def _needs_operator(self, action: str) -> None:

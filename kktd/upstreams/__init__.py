@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kktd.delivery import DeliveryTraits
+from kktd.delivery import DEFAULT_TRAITS, DeliveryTraits
 from kktd.options import Option
 from kktd.seller import Seller
 from kktd.upstreams import atol_v5, kktd_ofd
@@ -61,8 +61,9 @@ class MockSpec:
         return run(argv)
 
     async def start_embedded(self, settings: UpstreamSettings) -> EmbeddedMock:
-        start: Callable[[UpstreamSettings], Awaitable[EmbeddedMock]] = \
-            importlib.import_module(self.module).start_embedded
+        start: Callable[[UpstreamSettings], Awaitable[EmbeddedMock]] = importlib.import_module(
+            self.module
+        ).start_embedded
         return await start(settings)
 
 
@@ -78,18 +79,29 @@ class UpstreamSpec:
     settings: Callable[[Mapping[str, Any], Seller], UpstreamSettings]
     create: Callable[[Any], Upstream]
     intake_check: IntakeCheck | None = None
-    traits: DeliveryTraits = DeliveryTraits()
+    traits: DeliveryTraits = DEFAULT_TRAITS
     access: frozenset[Access] = frozenset({Access.NETWORK})
     mock: MockSpec | None = None
 
 
 REGISTRY: dict[str, UpstreamSpec] = {
-    spec.name: spec for spec in (
-        UpstreamSpec(kktd_ofd.NAME, kktd_ofd.OPTIONS, kktd_ofd.settings, kktd_ofd.create,
-                     mock=MockSpec("mock-ofd", "kktd_mocks.ofd", "run the mock OFD server")),
-        UpstreamSpec(atol_v5.NAME, atol_v5.OPTIONS, atol_v5.atol_settings, atol_v5.create,
-                     atol_v5.atol_intake_check,
-                     mock=MockSpec("mock-atol", "kktd_mocks.atol", "run the mock of ATOL Online v5")),
+    spec.name: spec
+    for spec in (
+        UpstreamSpec(
+            kktd_ofd.NAME,
+            kktd_ofd.OPTIONS,
+            kktd_ofd.settings,
+            kktd_ofd.create,
+            mock=MockSpec("mock-ofd", "kktd_mocks.ofd", "run the mock OFD server"),
+        ),
+        UpstreamSpec(
+            atol_v5.NAME,
+            atol_v5.OPTIONS,
+            atol_v5.atol_settings,
+            atol_v5.create,
+            atol_v5.atol_intake_check,
+            mock=MockSpec("mock-atol", "kktd_mocks.atol", "run the mock of ATOL Online v5"),
+        ),
     )
 }
 DEFAULT_UPSTREAM = kktd_ofd.NAME

@@ -28,12 +28,25 @@ import aiohttp
 import msgspec
 import yarl
 
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    FiscalData,
+    Fiscalized,
+    NotRegistered,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    Registered,
+    StillProcessing,
+    SubmitOutcome,
+    Undelivered,
+    UpstreamUnavailable,
+)
 from kktd.errors import ConfigError
 from kktd.options import Option, duration_in, int_in
 from kktd.seller import Seller
 from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
-from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, NotRegistered, Outgoing,
-    PollOutcome, Refused, Registered, StillProcessing, SubmitOutcome, Undelivered, UpstreamUnavailable)
 from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
@@ -84,13 +97,20 @@ class _AuthProblem:
 
 
 AUTH_PROBLEMS: Mapping[int, _AuthProblem] = {
-    12: _AuthProblem("auth_failed", "ATOL Online refused the login or password: check atol_login and the password "
-                                    "file (atol_password_file, or $CREDENTIALS_DIRECTORY/atol_password)"),
-    14: _AuthProblem("user_blocked", "ATOL Online has blocked this user: ask ATOL Online support to unblock "
-                                     "atol_login"),
+    12: _AuthProblem(
+        "auth_failed",
+        "ATOL Online refused the login or password: check atol_login and the password "
+        "file (atol_password_file, or $CREDENTIALS_DIRECTORY/atol_password)",
+    ),
+    14: _AuthProblem(
+        "user_blocked", "ATOL Online has blocked this user: ask ATOL Online support to unblock atol_login"
+    ),
     20: _AuthProblem("group_mismatch", "the group code does not belong to this login: check atol_group_code"),
-    21: _AuthProblem("group_not_v5", "the group is not on protocol v5 (FFD 1.2): move it to FFD 1.2 in ATOL "
-                                     "Online's cabinet, or check atol_group_code"),
+    21: _AuthProblem(
+        "group_not_v5",
+        "the group is not on protocol v5 (FFD 1.2): move it to FFD 1.2 in ATOL "
+        "Online's cabinet, or check atol_group_code",
+    ),
 }
 
 # ---- settings ----------------------------------------------------------------------------------------------
@@ -118,9 +138,13 @@ class AtolSettings:
     def describe(self) -> dict[str, Any]:
         """Safe to print or log: the password is masked."""
         return {
-            "atol_url": self.url, "atol_login": self.login, "atol_password": "***",
+            "atol_url": self.url,
+            "atol_login": self.login,
+            "atol_password": "***",
             "atol_password_file": None if self.password_file is None else str(self.password_file),
-            "atol_group_code": self.group_code, **self.company.describe(), "upstream_concurrency": self.concurrency,
+            "atol_group_code": self.group_code,
+            **self.company.describe(),
+            "upstream_concurrency": self.concurrency,
             "atol_timeout": self.timeout,
         }
 
@@ -192,14 +216,26 @@ def read_password(path: Path) -> str:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("atol_url", parse_atol_url, DEFAULT_URL,
-           "base URL of ATOL Online v5, or of Evotor's connector (upstream atol-online-v5)"),
+    Option(
+        "atol_url",
+        parse_atol_url,
+        DEFAULT_URL,
+        "base URL of ATOL Online v5, or of Evotor's connector (upstream atol-online-v5)",
+    ),
     Option("atol_login", parse_login, None, "ATOL Online login, from the integration settings (atol-online-v5)"),
     Option("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs (atol-online-v5)"),
-    Option("atol_password_file", parse_password_file, None,
-           "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)"),
-    Option("upstream_concurrency", int_in(1, 64), 4,
-           "HTTP requests to the upstream in flight at once, registrations and polls together (atol-online-v5)"),
+    Option(
+        "atol_password_file",
+        parse_password_file,
+        None,
+        "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)",
+    ),
+    Option(
+        "upstream_concurrency",
+        int_in(1, 64),
+        4,
+        "HTTP requests to the upstream in flight at once, registrations and polls together (atol-online-v5)",
+    ),
     Option("atol_timeout", duration_in(0.05, 600), 10.0, "timeout of one ATOL Online request (atol-online-v5)"),
 )
 _REQUIRED = ("atol_login", "atol_group_code")
@@ -219,8 +255,7 @@ def _setting(values: Mapping[str, Any], spec: Option) -> Any:
         raise ConfigError(f"{spec.key} = {raw!r}: {exc}") from None
 
 
-def atol_settings(values: Mapping[str, Any], seller: Seller,
-                  environ: Mapping[str, str] | None = None) -> AtolSettings:
+def atol_settings(values: Mapping[str, Any], seller: Seller, environ: Mapping[str, str] | None = None) -> AtolSettings:
     """Validate this upstream's settings (raw or already parsed values, by option key); ConfigError names the key.
 
     The password comes from ``atol_password_file`` or, when that is unset, from systemd's credential
@@ -246,9 +281,13 @@ def atol_settings(values: Mapping[str, Any], seller: Seller,
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     return AtolSettings(
-        url=parsed["atol_url"], login=parsed["atol_login"], password=password,
-        group_code=parsed["atol_group_code"], company=company,
-        concurrency=parsed["upstream_concurrency"], timeout=parsed["atol_timeout"],
+        url=parsed["atol_url"],
+        login=parsed["atol_login"],
+        password=password,
+        group_code=parsed["atol_group_code"],
+        company=company,
+        concurrency=parsed["upstream_concurrency"],
+        timeout=parsed["atol_timeout"],
         password_file=password_path,
     )
 
@@ -263,6 +302,7 @@ def create(settings: AtolSettings) -> AtolOnlineV5:
 
 
 # ---- answers -----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class AtolError:
@@ -313,8 +353,9 @@ def _auth_unavailable(error: AtolError) -> UpstreamUnavailable | None:
     problem = AUTH_PROBLEMS.get(error.code)
     if problem is None:
         return None
-    return UpstreamUnavailable(FailureKind.NOT_SENT, problem.reason, f"ATOL error {error.code}",
-                               operator_action=problem.operator_action)
+    return UpstreamUnavailable(
+        FailureKind.NOT_SENT, problem.reason, f"ATOL error {error.code}", operator_action=problem.operator_action
+    )
 
 
 def _http_failure(answer: _Answer, *, sent: bool) -> UpstreamUnavailable:
@@ -372,6 +413,7 @@ class _Call:
 
 # ---- the client --------------------------------------------------------------------------------------------
 
+
 class AtolOnlineV5(HttpUpstream):
     """The ATOL Online v5 upstream (kktd.upstreams.base.Upstream, two-phase)."""
 
@@ -423,12 +465,16 @@ class AtolOnlineV5(HttpUpstream):
         try:
             receipt = json.loads(outgoing.body)
             operation = ATOL_OPERATIONS[receipt["operation"]]
-            body = registration_body(receipt, outgoing.external_id, outgoing.accepted_ms,
-                                     self._settings.company, self._tz)
+            body = registration_body(
+                receipt, outgoing.external_id, outgoing.accepted_ms, self._settings.company, self._tz
+            )
         except (ValueError, KeyError, TypeError) as exc:
             # A stored receipt kktd cannot map (it predates a rule of this upstream): a person must look at it.
-            return Refused(outgoing.receipt_id, "atol_unmappable",
-                           f"the stored receipt cannot be mapped to ATOL Online v5: {type(exc).__name__}: {exc}")
+            return Refused(
+                outgoing.receipt_id,
+                "atol_unmappable",
+                f"the stored receipt cannot be mapped to ATOL Online v5: {type(exc).__name__}: {exc}",
+            )
         answer = await self._authorized(call, "POST", self._base / self._group / operation, body.encode())
         return self._registration_outcome(outgoing, answer)
 
@@ -506,8 +552,7 @@ class AtolOnlineV5(HttpUpstream):
                 return self._token  # another request already replaced it
             self._token = None
             try:
-                answer = await self._request("POST", self._base / "getToken", self._credentials(), None,
-                                             sent=False)
+                answer = await self._request("POST", self._base / "getToken", self._credentials(), None, sent=False)
                 token = self._token_from(answer)
             except UpstreamUnavailable as exc:
                 call.token_failure = exc
@@ -521,8 +566,9 @@ class AtolOnlineV5(HttpUpstream):
             return token
 
     def _credentials(self) -> bytes:
-        return json.dumps({"login": self._settings.login, "pass": self._settings.password,
-                           "source": INTEGRATOR}, ensure_ascii=False).encode()
+        return json.dumps(
+            {"login": self._settings.login, "pass": self._settings.password, "source": INTEGRATOR}, ensure_ascii=False
+        ).encode()
 
     def _token_from(self, answer: _Answer) -> str:
         if answer.error is not None:
@@ -534,8 +580,12 @@ class AtolOnlineV5(HttpUpstream):
                 raise auth
             raise _http_failure(answer, sent=False)
         token = answer.document.get("token")
-        if answer.status != 200 or not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LEN \
-                or not token.isprintable():
+        if (
+            answer.status != 200
+            or not isinstance(token, str)
+            or not 0 < len(token) <= MAX_TOKEN_LEN
+            or not token.isprintable()
+        ):
             raise bad_answer("invalid_token_answer", f"getToken HTTP {answer.status}")
         return token
 
@@ -553,8 +603,9 @@ class AtolOnlineV5(HttpUpstream):
                 token = await self._ensure_token(call)
                 answer = await self._request(method, url, body, token, sent=True)
             if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
-                raise UpstreamUnavailable(FailureKind.NOT_SENT, "token_rejected",
-                                          f"a new token was refused too (error {answer.error.code})")
+                raise UpstreamUnavailable(
+                    FailureKind.NOT_SENT, "token_rejected", f"a new token was refused too (error {answer.error.code})"
+                )
         if answer.error is not None:
             auth = _auth_unavailable(answer.error)
             if auth is not None:
@@ -566,8 +617,9 @@ class AtolOnlineV5(HttpUpstream):
 
     # -- HTTP --
 
-    async def _request(self, method: str, url: yarl.URL, body: bytes | None, token: str | None, *,
-                       sent: bool) -> _Answer:
+    async def _request(
+        self, method: str, url: yarl.URL, body: bytes | None, token: str | None, *, sent: bool
+    ) -> _Answer:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json; charset=utf-8"

@@ -50,22 +50,60 @@ ATOL_OPERATIONS: Mapping[str, str] = {
 SNO_VALUES: Mapping[str, str] = {name: name for name in ("osn", "usn_income", "usn_income_outcome", "esn", "patent")}
 # Tag 1199. The 2024 specification lists none, vat0, vat10, vat110, vat20, vat120; the rates of 2025-2026
 # (5 %, 7 %, 22 % and their calculated forms) keep the same naming scheme and are passed through as such.
-VAT_TYPES: Mapping[str, str] = {name: name for name in (
-    "none", "vat0", "vat5", "vat7", "vat10", "vat20", "vat22", "vat105", "vat107", "vat110", "vat120", "vat122",
-)}
+VAT_TYPES: Mapping[str, str] = {
+    name: name
+    for name in (
+        "none",
+        "vat0",
+        "vat5",
+        "vat7",
+        "vat10",
+        "vat20",
+        "vat22",
+        "vat105",
+        "vat107",
+        "vat110",
+        "vat120",
+        "vat122",
+    )
+}
 # Tag 1212: an integer in v5 (v4 used strings).
 PAYMENT_OBJECT_CODES: Mapping[str, int] = {
-    "commodity": 1, "excise": 2, "job": 3, "service": 4, "payment": 10, "another": 13,
+    "commodity": 1,
+    "excise": 2,
+    "job": 3,
+    "service": 4,
+    "payment": 10,
+    "another": 13,
 }
 # payments[].type: 0 cash, 1 cashless, 2 prepayment offset, 3 credit (postpayment), 4 other (counter-provision).
 PAYMENT_TYPE_CODES: Mapping[str, int] = {"cash": 0, "electronic": 1, "prepaid": 2, "credit": 3, "other": 4}
 # Tag 2108.
 MEASURE_CODES: Mapping[str, int] = {
-    "piece": 0, "gram": 10, "kilogram": 11, "ton": 12, "centimeter": 20, "decimeter": 21, "meter": 22,
-    "square_centimeter": 30, "square_decimeter": 31, "square_meter": 32,
-    "milliliter": 40, "liter": 41, "cubic_meter": 42, "kilowatt_hour": 50, "gigacalorie": 51,
-    "day": 70, "hour": 71, "minute": 72, "second": 73,
-    "kilobyte": 80, "megabyte": 81, "gigabyte": 82, "terabyte": 83, "other": 255,
+    "piece": 0,
+    "gram": 10,
+    "kilogram": 11,
+    "ton": 12,
+    "centimeter": 20,
+    "decimeter": 21,
+    "meter": 22,
+    "square_centimeter": 30,
+    "square_decimeter": 31,
+    "square_meter": 32,
+    "milliliter": 40,
+    "liter": 41,
+    "cubic_meter": 42,
+    "kilowatt_hour": 50,
+    "gigacalorie": 51,
+    "day": 70,
+    "hour": 71,
+    "minute": 72,
+    "second": 73,
+    "kilobyte": 80,
+    "megabyte": 81,
+    "gigabyte": 82,
+    "terabyte": 83,
+    "other": 255,
 }
 
 # ATOL's limits. price and sum of an item: at most 42,949,672.95 rubles (2**32 - 1 kopecks); the receipt total
@@ -94,8 +132,13 @@ class Company:
     cashier_inn: str | None = None
 
     def describe(self) -> dict[str, str | None]:
-        return {"company_inn": self.inn, "company_email": self.email, "company_payment_address": self.payment_address,
-                "cashier_name": self.cashier_name, "cashier_inn": self.cashier_inn}
+        return {
+            "company_inn": self.inn,
+            "company_email": self.email,
+            "company_payment_address": self.payment_address,
+            "cashier_name": self.cashier_name,
+            "cashier_inn": self.cashier_inn,
+        }
 
 
 def kopecks_to_rubles(kopecks: int) -> JsonNumber:
@@ -188,8 +231,9 @@ def _item(item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def registration_document(receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company,
-                          tz: tzinfo | None = None) -> dict[str, Any]:
+def registration_document(
+    receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company, tz: tzinfo | None = None
+) -> dict[str, Any]:
     """The registration body as a document whose amounts are JsonNumber (exact number texts); see encode_json."""
     body: dict[str, Any] = {
         "client": _client(receipt.get("customer_contact")),
@@ -201,8 +245,7 @@ def registration_document(receipt: Mapping[str, Any], external_id: str, accepted
         },
         "items": [_item(item) for item in receipt["items"]],
         "payments": [
-            {"type": PAYMENT_TYPE_CODES[p["type"]], "sum": kopecks_to_rubles(p["amount"])}
-            for p in receipt["payments"]
+            {"type": PAYMENT_TYPE_CODES[p["type"]], "sum": kopecks_to_rubles(p["amount"])} for p in receipt["payments"]
         ],
         "total": kopecks_to_rubles(receipt["total"]),
     }
@@ -219,8 +262,9 @@ def _default_cashier(company: Company) -> dict[str, str]:
     return {key: value for key, value in cashier.items() if value is not None}
 
 
-def registration_body(receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company,
-                      tz: tzinfo | None = None) -> str:
+def registration_body(
+    receipt: Mapping[str, Any], external_id: str, accepted_ms: int, company: Company, tz: tzinfo | None = None
+) -> str:
     """The JSON text POSTed to ``{group_code}/{operation}`` (operation: ATOL_OPERATIONS[receipt["operation"]])."""
     return encode_json(registration_document(receipt, external_id, accepted_ms, company, tz))
 

@@ -126,8 +126,16 @@ class HttpUpstream:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _exchange(self, method: str, url: yarl.URL, body: bytes | None, headers: Mapping[str, str], *,
-                        sent: bool = True, head_check: Callable[[int, str], None] | None = None) -> RawAnswer:
+    async def _exchange(
+        self,
+        method: str,
+        url: yarl.URL,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        *,
+        sent: bool = True,
+        head_check: Callable[[int, str], None] | None = None,
+    ) -> RawAnswer:
         """One request and its whole answer (at most `_max_answer_bytes`); every failure is an
         UpstreamUnavailable with a reason above, never chained (the cause may quote the URL or headers).
         `head_check(status, content_type)` may refuse the answer (raise UpstreamUnavailable) before its body
@@ -136,8 +144,9 @@ class HttpUpstream:
             await self.start()
         assert self._session is not None
         try:
-            async with self._session.request(method, url, data=body, headers=dict(headers),
-                                             allow_redirects=False) as response:
+            async with self._session.request(
+                method, url, data=body, headers=dict(headers), allow_redirects=False
+            ) as response:
                 if head_check is not None:
                     head_check(response.status, response.content_type)
                 raw = await read_capped(response, self._max_answer_bytes)
@@ -146,5 +155,5 @@ class HttpUpstream:
                 return RawAnswer(response.status, response.content_type, raw)
         except UpstreamUnavailable:
             raise
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise classify_transport(exc, sent=sent) from None

@@ -19,10 +19,19 @@ import msgspec
 import yarl
 
 from kktd.clock import rfc3339
+from kktd.delivery import (
+    AwaitingResult,
+    FailureKind,
+    FiscalData,
+    Fiscalized,
+    Outgoing,
+    PollOutcome,
+    Refused,
+    SubmitOutcome,
+    UpstreamUnavailable,
+)
 from kktd.options import Option, duration_in, http_url, mask_url
 from kktd.seller import Seller
-from kktd.delivery import (AwaitingResult, FailureKind, FiscalData, Fiscalized, Outgoing, PollOutcome, Refused,
-    SubmitOutcome, UpstreamUnavailable)
 from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
@@ -113,6 +122,7 @@ def _is_rfc3339(value: str) -> bool:
 # The answer, decoded by msgspec in stages, so that each way it can be wrong keeps its own reason: the
 # envelope (shape), then each result's receipt id and kind, then the acknowledgement or the rejection itself.
 # Strict types: true is not document number 1, 1.0 is not an integer, null is not a sign.
+
 
 class _Answer(msgspec.Struct):
     results: list[msgspec.Raw]
@@ -253,6 +263,7 @@ class OfdClient(HttpUpstream):
 
 
 # ---- settings ----
+
 
 @dataclass(frozen=True)
 class KktdOfdSettings:

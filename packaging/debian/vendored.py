@@ -1,15 +1,15 @@
 #!/usr/bin/python3
 """Build-time checks of the vendored venv, run by debian/rules (Debian's python3, standard library only).
 
-  check-version    the wheel built from the tree has the upstream version debian/changelog names
-  check-pins       every distribution in the venv but the project is pinned (==) in constraints.txt, at
-                   the installed version: a new transitive dependency cannot slip in unpinned
-  check-copyright  every distribution in the venv has a stanza in debian/copyright
-  fix-records      recomputes the hashes in each distribution's RECORD after debian/rules rewrote the
-                   staging path out of the console scripts (so RECORD matches the files, and two builds in
-                   different directories are identical)
-  cli-module       prints the module of the project's `kktd` console script (for argparse-manpage), so a
-                   moved CLI module needs no edit here
+check-version    the wheel built from the tree has the upstream version debian/changelog names
+check-pins       every distribution in the venv but the project is pinned (==) in constraints.txt, at
+                 the installed version: a new transitive dependency cannot slip in unpinned
+check-copyright  every distribution in the venv has a stanza in debian/copyright
+fix-records      recomputes the hashes in each distribution's RECORD after debian/rules rewrote the
+                 staging path out of the console scripts (so RECORD matches the files, and two builds in
+                 different directories are identical)
+cli-module       prints the module of the project's `kktd` console script (for argparse-manpage), so a
+                 moved CLI module needs no edit here
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def check_version(args: argparse.Namespace) -> int:
     wheels = sorted(p.name for p in Path(args.wheels).glob("kktd-*.whl"))
     expected = f"kktd-{args.version}-"
     if len(wheels) != 1 or not wheels[0].startswith(expected):
-        print(f"vendored: debian/changelog's upstream version is {args.version}, but the tree builds "
-              f"{wheels or 'no kktd wheel'}: add a debian/changelog entry for the new version",
-              file=sys.stderr)
+        print(
+            f"vendored: debian/changelog's upstream version is {args.version}, but the tree builds "
+            f"{wheels or 'no kktd wheel'}: add a debian/changelog entry for the new version",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -65,8 +67,9 @@ def check_pins(args: argparse.Namespace) -> int:
             continue
         pinned = pins.get(name)
         if pinned != dist.version:
-            problems.append(f"{dist.metadata['Name']} {dist.version} is installed but constraints.txt "
-                            f"pins {pinned or 'nothing'}")
+            problems.append(
+                f"{dist.metadata['Name']} {dist.version} is installed but constraints.txt pins {pinned or 'nothing'}"
+            )
     for problem in problems:
         print(f"vendored: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -75,8 +78,7 @@ def check_pins(args: argparse.Namespace) -> int:
 def check_copyright(args: argparse.Namespace) -> int:
     text = Path(args.copyright).read_text()
     # Each vendored distribution's stanza names its dist-info directory: <name>-<version>.dist-info.
-    listed = {normalize(m.group(1)) for m in re.finditer(r"site-packages/([A-Za-z0-9._-]+?)-\*\.dist-info",
-                                                         text)}
+    listed = {normalize(m.group(1)) for m in re.finditer(r"site-packages/([A-Za-z0-9._-]+?)-\*\.dist-info", text)}
     installed = {name for name in distributions(Path(args.site)) if name != normalize(args.project)}
     missing = sorted(installed - listed)
     stale = sorted(listed - installed)
@@ -115,8 +117,7 @@ def cli_module(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     version = commands.add_parser("check-version")
     version.add_argument("--wheels", required=True)
@@ -135,9 +136,13 @@ def main() -> int:
     module.add_argument("--site", required=True)
     module.add_argument("--project", required=True)
     args = parser.parse_args()
-    handlers = {"check-version": check_version, "check-pins": check_pins,
-                "check-copyright": check_copyright, "fix-records": fix_records,
-                "cli-module": cli_module}
+    handlers = {
+        "check-version": check_version,
+        "check-pins": check_pins,
+        "check-copyright": check_copyright,
+        "fix-records": fix_records,
+        "cli-module": cli_module,
+    }
     return handlers[args.command](args)
 
 

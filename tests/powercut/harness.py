@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from tests.support import wait_until
 
@@ -30,7 +31,7 @@ class PowerFsError(RuntimeError):
     pass
 
 
-def mount_device(path: Path) -> Optional[str]:
+def mount_device(path: Path) -> str | None:
     """The "major:minor" of the mount at `path`, from the mount table, or None when not mounted.
 
     os.path.ismount and os.stat would fail with EIO on a frozen powerfs and call it unmounted.
@@ -62,18 +63,28 @@ class PowerFsMount:
         self.mountpoint = mountpoint
         self.control_path = workdir / f"{mountpoint.name}.ctl"
         self.log_path = workdir / f"{mountpoint.name}.log"
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
-    def start(self, timeout: float = 15.0) -> "PowerFsMount":
+    def start(self, timeout: float = 15.0) -> PowerFsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         if is_mounted(self.mountpoint):
             raise PowerFsError(f"{self.mountpoint} is already a mount point")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(POWERFS), "--backing", str(self.backing),
-                 "--mount", str(self.mountpoint), "--control", str(self.control_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    sys.executable,
+                    str(POWERFS),
+                    "--backing",
+                    str(self.backing),
+                    "--mount",
+                    str(self.mountpoint),
+                    "--control",
+                    str(self.control_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
         wait_until(self._mounted_or_dead, timeout, f"powerfs to mount {self.mountpoint}", error=TimeoutError)
         return self
@@ -81,8 +92,7 @@ class PowerFsMount:
     def _mounted_or_dead(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise PowerFsError(
-                f"powerfs exited with {self.proc.returncode} before mounting: {self.log_tail()}")
+            raise PowerFsError(f"powerfs exited with {self.proc.returncode} before mounting: {self.log_tail()}")
         if not (is_mounted(self.mountpoint) and self.control_path.exists()):
             return False
         try:
@@ -160,8 +170,10 @@ class PowerFsMount:
     def cut(self, mode: str, seed: int, image: Path) -> dict[str, Any]:
         stats = self._checked({"cmd": "cut", "mode": mode, "seed": seed, "image": str(image)})
         if stats["model_errors"]:
-            raise PowerFsError(f"the durability model disagreed with the live file {stats['model_errors']} "
-                               f"times; the image cannot be trusted: {self.log_tail()}")
+            raise PowerFsError(
+                f"the durability model disagreed with the live file {stats['model_errors']} "
+                f"times; the image cannot be trusted: {self.log_tail()}"
+            )
         return stats
 
     def ignore_fsync(self, value: bool = True) -> None:
@@ -185,8 +197,8 @@ class PowerCutLab:
         self.root = root
         self.mountpoint = root / "mnt"
         self.generation = 0
-        self.current: Optional[PowerFsMount] = None
-        self.last_image: Optional[Path] = None
+        self.current: PowerFsMount | None = None
+        self.last_image: Path | None = None
         self._all: list[PowerFsMount] = []
 
     def backing_dir(self) -> Path:
@@ -194,7 +206,7 @@ class PowerCutLab:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def mount(self, backing: Optional[Path] = None) -> PowerFsMount:
+    def mount(self, backing: Path | None = None) -> PowerFsMount:
         if self.current is not None:
             raise PowerFsError("unmount the current filesystem first")
         mount = PowerFsMount(backing or self.backing_dir(), self.mountpoint, self.root)
@@ -202,8 +214,9 @@ class PowerCutLab:
         self.current = mount.start()
         return mount
 
-    def cut_and_remount(self, mode: str, seed: int, before_unmount: Callable[[], None] = lambda: None
-                        ) -> dict[str, Any]:
+    def cut_and_remount(
+        self, mode: str, seed: int, before_unmount: Callable[[], None] = lambda: None
+    ) -> dict[str, Any]:
         """Cut, let the caller kill what used the mount, unmount, mount the image in its place."""
         stats = self.cut(mode, seed, before_unmount)
         assert self.last_image is not None

@@ -6,22 +6,26 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
 from kktd.receipt import sample_receipt
-
 from tests.support import KktdProcess, MockOfdProcess, http_async
 
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
-async def start_kktd(db: Path, log_dir: Path, ofd_url: str, extra_args: Sequence[str] = (),
-                     stoppers: list[Callable[[], None]] | None = None) -> KktdProcess:
+async def start_kktd(
+    db: Path,
+    log_dir: Path,
+    ofd_url: str,
+    extra_args: Sequence[str] = (),
+    stoppers: list[Callable[[], None]] | None = None,
+) -> KktdProcess:
     """kktd with its database on the power-cut filesystem and its log outside it (what it logged survives
     the cut); ready once it sent READY=1 and its health answers 200. Its stop is registered with `stoppers`
     before it starts, so a failed start is cleaned up too."""
@@ -82,8 +86,9 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -
     return await http_async("POST", f"{url}/v1/kkt/receipt", body, session=session)
 
 
-async def load(session: aiohttp.ClientSession, url: str, ledger: Ledger, prefix: str, clients: int,
-               stop: asyncio.Event) -> None:
+async def load(
+    session: aiohttp.ClientSession, url: str, ledger: Ledger, prefix: str, clients: int, stop: asyncio.Event
+) -> None:
     """`clients` POS clients posting new receipts back to back until told to stop or kktd dies."""
 
     async def client(number: int) -> None:
@@ -94,7 +99,7 @@ async def load(session: aiohttp.ClientSession, url: str, ledger: Ledger, prefix:
             body = ledger.new_receipt(key, number)
             try:
                 status, answer = await post(session, url, body)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 return  # kktd is gone: the power is off
             if not ledger.answered(key, status, answer):
                 return  # storage errors after the cut; the key stays in doubt
@@ -117,12 +122,10 @@ async def replay_acked(session: aiohttp.ClientSession, url: str, ledger: Ledger,
     for key in keys:
         status, answer = await post(session, url, ledger.bodies[key])
         if status != 200 or answer.get("receipt_id") != ledger.acked[key]:
-            ledger.violations.append(f"replay of {key} answered {status} {answer}, "
-                                     f"expected 200 {ledger.acked[key]}")
+            ledger.violations.append(f"replay of {key} answered {status} {answer}, expected 200 {ledger.acked[key]}")
 
 
-async def missing_via_api(session: aiohttp.ClientSession, url: str, ledger: Ledger, keys: Sequence[str]
-                          ) -> list[str]:
+async def missing_via_api(session: aiohttp.ClientSession, url: str, ledger: Ledger, keys: Sequence[str]) -> list[str]:
     missing = []
     for key in keys:
         status, body = await http_async("GET", f"{url}/v1/kkt/receipt/{ledger.acked[key]}", session=session)

@@ -47,8 +47,9 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+from typing import Any, TypeVar
 
 import mfusepy
 
@@ -74,7 +75,7 @@ class Resize:
     size: int
 
 
-FileOp = Union[Write, Resize]
+FileOp = Write | Resize
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Inode:
 class EntryChange:
     dir_ino: int
     name: str
-    target: Optional[int]  # None removes the entry
+    target: int | None  # None removes the entry
 
 
 @dataclass
@@ -147,7 +148,7 @@ def sector_pieces(offset: int, data: bytes) -> Iterable[tuple[int, bytes]]:
     while pos < len(data):
         absolute = offset + pos
         step = min(SECTOR - absolute % SECTOR, len(data) - pos)
-        yield absolute, data[pos:pos + step]
+        yield absolute, data[pos : pos + step]
         pos += step
 
 
@@ -357,7 +358,7 @@ def guarded(method: F) -> F:
 
     # functools.wraps keeps the signature visible: mfusepy inspects it to decide how to call create.
     @functools.wraps(method)
-    def wrapper(self: "PowerFs", *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: PowerFs, *args: Any, **kwargs: Any) -> Any:
         with self._mutex:
             if self.frozen:
                 if method.__name__ in ("release", "releasedir"):
@@ -383,7 +384,7 @@ class PowerFs(mfusepy.Operations):
         self.mounted = threading.Event()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _inode_for(self, path: Optional[str], fh: Optional[int]) -> Inode:
+    def _inode_for(self, path: str | None, fh: int | None) -> Inode:
         if fh is not None and fh in self.handles:
             return self.model.inodes[self.handles[fh].ino]
         if path is None:
@@ -402,7 +403,7 @@ class PowerFs(mfusepy.Operations):
         except KeyError:
             raise mfusepy.FuseOSError(errno.EBADF) from None
 
-    def _close_after_freeze(self, path: Optional[str], fh: int) -> None:
+    def _close_after_freeze(self, path: str | None, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if handle is not None:
             os.close(handle.fd)
@@ -429,7 +430,7 @@ class PowerFs(mfusepy.Operations):
 
     # -- metadata ----------------------------------------------------------------------------
     @guarded
-    def getattr(self, path: Optional[str], fh: Optional[int] = None) -> dict[str, Any]:
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
         if fh is not None and fh in self.handles:
             st = os.fstat(self.handles[fh].fd)
         else:
@@ -456,18 +457,28 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def releasedir(self, path: Optional[str], fh: int) -> int:
+    def releasedir(self, path: str | None, fh: int) -> int:
         return 0
 
     @guarded
     def statfs(self, path: str) -> dict[str, int]:
         sv = os.statvfs(self.model.backing)
-        keys = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
-                "f_favail", "f_flag", "f_namemax")
+        keys = (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_flag",
+            "f_namemax",
+        )
         return {key: getattr(sv, key) for key in keys}
 
     @guarded
-    def chmod(self, path: Optional[str], mode: int) -> int:
+    def chmod(self, path: str | None, mode: int) -> int:
         if path is None:
             raise mfusepy.FuseOSError(errno.EBADF)
         inode = self.model.lookup(path)
@@ -476,7 +487,7 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def chown(self, path: Optional[str], uid: int, gid: int) -> int:
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
         if path is None:
             raise mfusepy.FuseOSError(errno.EBADF)
         self.model.lookup(path)
@@ -484,7 +495,7 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def utimens(self, path: Optional[str], times: Optional[tuple[int, int]] = None) -> int:
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
         if path is None:
             raise mfusepy.FuseOSError(errno.EBADF)
         self.model.lookup(path)
@@ -558,7 +569,7 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def fsyncdir(self, path: Optional[str], datasync: int, fh: int) -> int:
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         if path is None:
             raise mfusepy.FuseOSError(errno.EBADF)
         inode = self.model.lookup(path)
@@ -580,17 +591,17 @@ class PowerFs(mfusepy.Operations):
         return self._open_handle(fd, inode.ino)
 
     @guarded
-    def read(self, path: Optional[str], size: int, offset: int, fh: int) -> bytes:
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return os.pread(self._fd(fh), size, offset)
 
     @guarded
-    def write(self, path: Optional[str], data: bytes, offset: int, fh: int) -> int:
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         written = os.pwrite(self._fd(fh), data, offset)
         self.model.record_file_op(self.model.inodes[self.handles[fh].ino], Write(offset, data[:written]))
         return written
 
     @guarded
-    def truncate(self, path: Optional[str], length: int, fh: Optional[int] = None) -> int:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         inode = self._inode_for(path, fh)
         if fh is not None and fh in self.handles:
             os.ftruncate(self.handles[fh].fd, length)
@@ -601,7 +612,7 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def fallocate(self, path: Optional[str], mode: int, offset: int, size: int, fh: int) -> int:
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
         if mode != 0:
             # Hole punching and KEEP_SIZE are not modelled; callers fall back to plain writes.
             raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
@@ -614,18 +625,18 @@ class PowerFs(mfusepy.Operations):
         return 0
 
     @guarded
-    def flush(self, path: Optional[str], fh: int) -> int:
+    def flush(self, path: str | None, fh: int) -> int:
         return 0
 
     @guarded
-    def release(self, path: Optional[str], fh: int) -> int:
+    def release(self, path: str | None, fh: int) -> int:
         handle = self.handles.pop(fh, None)
         if handle is not None:
             os.close(handle.fd)
         return 0
 
     @guarded
-    def fsync(self, path: Optional[str], datasync: int, fh: int) -> int:
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         fd = self._fd(fh)
         if not self.ignore_fsync:
             self.model.make_durable(self.model.inodes[self.handles[fh].ino], os.fstat(fd).st_size)
@@ -638,9 +649,14 @@ class PowerFs(mfusepy.Operations):
             if cmd == "ping":
                 return {"ok": True, "pong": True, "mounted": self.mounted.is_set()}
             if cmd == "status":
-                return {"ok": True, "frozen": self.frozen, "ignore_fsync": self.ignore_fsync,
-                        "mounted": self.mounted.is_set(), "open_handles": len(self.handles),
-                        **self.model.status()}
+                return {
+                    "ok": True,
+                    "frozen": self.frozen,
+                    "ignore_fsync": self.ignore_fsync,
+                    "mounted": self.mounted.is_set(),
+                    "open_handles": len(self.handles),
+                    **self.model.status(),
+                }
             if cmd == "ignore_fsync":
                 self.ignore_fsync = bool(request["value"])
                 return {"ok": True, "ignore_fsync": self.ignore_fsync}
@@ -648,8 +664,7 @@ class PowerFs(mfusepy.Operations):
                 if self.frozen:
                     return {"ok": False, "error": "already cut"}
                 self.frozen = True
-                stats = self.model.crash_image(
-                    str(request["mode"]), int(request["seed"]), str(request["image"]))
+                stats = self.model.crash_image(str(request["mode"]), int(request["seed"]), str(request["image"]))
                 return {"ok": True, **stats.__dict__, "model_errors": self.model.counters["model_errors"]}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
@@ -658,11 +673,11 @@ class PowerFuse(mfusepy.FUSE):
     """mfusepy's libfuse3 truncate drops the file handle; an unlinked open file has no path
     (hard_remove), so ftruncate on it would fail without the handle."""
 
-    def truncate_fuse_3(self, path: Optional[bytes], length: int, fip: Any) -> int:
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         return self.operations.truncate(self._decode(path), length, fh)
 
-    def _decode(self, path: Optional[bytes]) -> Optional[str]:
+    def _decode(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
 
 
@@ -692,7 +707,7 @@ def serve_control(fs: PowerFs, sock_path: str) -> None:
     threading.Thread(target=accept_loop, daemon=True, name="control").start()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backing", required=True)
     parser.add_argument("--mount", required=True)
@@ -702,8 +717,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="powerfs: %(levelname)s %(message)s")
     fs = PowerFs(os.path.abspath(args.backing))
     serve_control(fs, args.control)
-    PowerFuse(fs, args.mount, foreground=True, nothreads=True, debug=args.debug, fsname="powerfs",
-              subtype="powerfs", default_permissions=True)
+    PowerFuse(
+        fs,
+        args.mount,
+        foreground=True,
+        nothreads=True,
+        debug=args.debug,
+        fsname="powerfs",
+        subtype="powerfs",
+        default_permissions=True,
+    )
     return 0
 
 

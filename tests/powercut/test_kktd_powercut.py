@@ -15,9 +15,10 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -25,8 +26,18 @@ import pytest
 from tests.support import KKTD_BIN, KktdProcess, async_wait_until, child_env
 
 from .harness import PowerCutLab, report
-from .kktd_helpers import (CLIENT_TIMEOUT, Ledger, buffer_counts, check_image, load, missing_via_api,
-                           replay_acked, resolve_in_doubt, start_kktd, start_mock_ofd)
+from .kktd_helpers import (
+    CLIENT_TIMEOUT,
+    Ledger,
+    buffer_counts,
+    check_image,
+    load,
+    missing_via_api,
+    replay_acked,
+    resolve_in_doubt,
+    start_kktd,
+    start_mock_ofd,
+)
 
 pytestmark = [pytest.mark.powercut, pytest.mark.slow]
 
@@ -67,8 +78,9 @@ def processes() -> Iterator[list[Callable[[], None]]]:
             stop()
 
 
-async def check_after_restart(session: aiohttp.ClientSession, kktd: KktdProcess, ledger: Ledger,
-                              rng: random.Random, figures: Figures, label: str) -> None:
+async def check_after_restart(
+    session: aiohttp.ClientSession, kktd: KktdProcess, ledger: Ledger, rng: random.Random, figures: Figures, label: str
+) -> None:
     """Through kktd's own recovery: last cycle's acknowledgements plus a sample of older ones are there
     and replay with their receipt_id; then the unanswered posts are retried."""
     recent = list(ledger.cycle_acked)
@@ -83,16 +95,28 @@ async def check_after_restart(session: aiohttp.ClientSession, kktd: KktdProcess,
     ledger.cycle_acked.clear()
 
 
-async def cut_under_load(lab: PowerCutLab, session: aiohttp.ClientSession, kktd: KktdProcess,
-                         ledger: Ledger, cycle: int, mode: str, seed: int, figures: Figures,
-                         scratch: Path) -> None:
+async def cut_under_load(
+    lab: PowerCutLab,
+    session: aiohttp.ClientSession,
+    kktd: KktdProcess,
+    ledger: Ledger,
+    cycle: int,
+    mode: str,
+    seed: int,
+    figures: Figures,
+    scratch: Path,
+) -> None:
     rng = random.Random(seed)
     target = rng.randint(5, 60)
     stop = asyncio.Event()
     clients = asyncio.create_task(load(session, kktd.url, ledger, f"k{cycle}", CLIENTS, stop))
     try:
-        await async_wait_until(lambda: len(ledger.cycle_acked) >= target or clients.done(), 60,
-                               f"{target} acknowledgements in cycle {cycle}", interval=0.01)
+        await async_wait_until(
+            lambda: len(ledger.cycle_acked) >= target or clients.done(),
+            60,
+            f"{target} acknowledgements in cycle {cycle}",
+            interval=0.01,
+        )
         assert not clients.done(), f"clients stopped before the cut in cycle {cycle}"
         # The cut lands while the clients are in flight; kktd dies right after, before the unmount.
         cut = await asyncio.to_thread(lab.cut, mode, seed, kktd.kill)
@@ -122,9 +146,15 @@ class Delivery:
     sent_before_cut: int
 
 
-async def deliver_across_a_cut(lab: PowerCutLab, http: aiohttp.ClientSession,
-                               processes: list[Callable[[], None]], ledger: Ledger, figures: Figures,
-                               rng: random.Random, tmp_path: Path) -> Delivery:
+async def deliver_across_a_cut(
+    lab: PowerCutLab,
+    http: aiohttp.ClientSession,
+    processes: list[Callable[[], None]],
+    ledger: Ledger,
+    figures: Figures,
+    rng: random.Random,
+    tmp_path: Path,
+) -> Delivery:
     """The OFD comes up (its store is outside the cut filesystem) and kktd forwards everything; one more
     cut lands in the middle of it, so some "sent" marks are lost and must be re-sent harmlessly."""
     logs, db = tmp_path / "logs", lab.mountpoint / "buffer.db"
@@ -142,18 +172,22 @@ async def deliver_across_a_cut(lab: PowerCutLab, http: aiohttp.ClientSession,
         figures.problems.append(f"delivery cut: integrity {result.integrity}")
     # kktd's own verdict on the same post-crash database (the copy check_image recovered).
     check_db = await asyncio.to_thread(
-        subprocess.run, [str(KKTD_BIN), "check-db", str(tmp_path / "check" / "buffer.db")],
-        capture_output=True, text=True, env=child_env())
+        subprocess.run,
+        [str(KKTD_BIN), "check-db", str(tmp_path / "check" / "buffer.db")],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
     if check_db.returncode != 0:
         figures.integrity_failures += 1
-        figures.problems.append(f"kktd check-db after the delivery cut: {check_db.returncode} "
-                                f"{check_db.stderr}")
+        figures.problems.append(f"kktd check-db after the delivery cut: {check_db.returncode} {check_db.stderr}")
     await asyncio.to_thread(lab.mount, lab.last_image)
     kktd = await start_kktd(db, logs, ofd.url, delivery_args, processes)
     await check_after_restart(http, kktd, ledger, rng, figures, "after delivery cut")
     counts = await wait_for_delivery(http, kktd)
-    return Delivery(counts, await asyncio.to_thread(ofd.stats), await asyncio.to_thread(ofd.stored_keys),
-                    sent_before_cut["sent"])
+    return Delivery(
+        counts, await asyncio.to_thread(ofd.stats), await asyncio.to_thread(ofd.stored_keys), sent_before_cut["sent"]
+    )
 
 
 async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
@@ -176,22 +210,26 @@ async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
         delivery = await deliver_across_a_cut(lab, http, processes, ledger, figures, rng, tmp_path)
     finally:
         # The figures so far are worth seeing when a cycle fails too.
-        report(f"kktd power-cut: cycles={figures.cycles} (clean={figures.modes['clean']} "
-               f"torn={figures.modes['torn']}, +1 torn cut during delivery) "
-               f"receipts acknowledged={len(ledger.acked)} lost={figures.lost} "
-               f"integrity failures={figures.integrity_failures} "
-               f"in-doubt retried={figures.in_doubt_retried} "
-               f"(unsynced writes at the cuts={figures.pending_writes_cut}, "
-               f"sectors dropped by torn cuts={figures.sectors_dropped}) "
-               f"in {time.monotonic() - started:.0f}s")
+        report(
+            f"kktd power-cut: cycles={figures.cycles} (clean={figures.modes['clean']} "
+            f"torn={figures.modes['torn']}, +1 torn cut during delivery) "
+            f"receipts acknowledged={len(ledger.acked)} lost={figures.lost} "
+            f"integrity failures={figures.integrity_failures} "
+            f"in-doubt retried={figures.in_doubt_retried} "
+            f"(unsynced writes at the cuts={figures.pending_writes_cut}, "
+            f"sectors dropped by torn cuts={figures.sectors_dropped}) "
+            f"in {time.monotonic() - started:.0f}s"
+        )
 
     counts, stats, stored = delivery.counts, delivery.stats, delivery.stored
     missing_at_ofd = sorted(k for k, rid in ledger.acked.items() if stored.get(k) != rid)
     unexpected_at_ofd = sorted(set(stored) - set(ledger.acked))
-    report(f"kktd exactly-once: OFD unique={stats['unique']} kktd sent={counts['sent']} "
-           f"failed={counts['failed']} missing at OFD={len(missing_at_ofd)} "
-           f"unknown at OFD={len(unexpected_at_ofd)} redeliveries={stats.get('redeliveries')} "
-           f"(sent before the delivery cut: {delivery.sent_before_cut})")
+    report(
+        f"kktd exactly-once: OFD unique={stats['unique']} kktd sent={counts['sent']} "
+        f"failed={counts['failed']} missing at OFD={len(missing_at_ofd)} "
+        f"unknown at OFD={len(unexpected_at_ofd)} redeliveries={stats.get('redeliveries')} "
+        f"(sent before the delivery cut: {delivery.sent_before_cut})"
+    )
 
     assert figures.problems == [], figures.problems[:10]
     assert ledger.violations == [], ledger.violations[:10]
@@ -202,8 +240,7 @@ async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
     assert missing_at_ofd == [] and unexpected_at_ofd == []
 
 
-async def wait_for_sent(session: aiohttp.ClientSession, kktd: KktdProcess, at_least: int, what: str
-                        ) -> dict[str, int]:
+async def wait_for_sent(session: aiohttp.ClientSession, kktd: KktdProcess, at_least: int, what: str) -> dict[str, int]:
     deadline = time.monotonic() + 90
     while True:
         counts = await buffer_counts(session, kktd.url)
@@ -249,8 +286,10 @@ async def test_control_kktd_on_a_disk_that_ignores_fsync_loses_receipts(
     assert lab.last_image is not None
     result = await asyncio.to_thread(check_image, lab.last_image, tmp_path / "check", ledger.acked)
     acked_on_lying_disk = set(ledger.acked) - acked_on_honest_disk
-    report(f"control kktd on a disk ignoring fsync: acknowledged={len(acked_on_lying_disk)} "
-           f"lost={len(result.missing)} "
-           f"(honest disk before it: acknowledged={len(acked_on_honest_disk)} lost=0)")
+    report(
+        f"control kktd on a disk ignoring fsync: acknowledged={len(acked_on_lying_disk)} "
+        f"lost={len(result.missing)} "
+        f"(honest disk before it: acknowledged={len(acked_on_honest_disk)} lost=0)"
+    )
     assert result.missing, "the proof's checks did not notice a disk that ignores fsync"
     assert set(result.missing) <= acked_on_lying_disk

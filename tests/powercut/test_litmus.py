@@ -123,7 +123,7 @@ def test_torn_mode_keeps_some_sectors_with_a_fixed_seed(lab: PowerCutLab) -> Non
     assert lab.last_image is not None
     data = (lab.last_image / "f").read_bytes()
     assert len(data) == 512 * sectors
-    chunks = [data[i * 512:(i + 1) * 512] for i in range(sectors)]
+    chunks = [data[i * 512 : (i + 1) * 512] for i in range(sectors)]
     expected_new = [bytes([i + 1]) * 512 for i in range(sectors // 2)] + [b"\xff" * 512] * (sectors // 2)
     # Every sector is either all old or all new: sectors are atomic, writes are not.
     assert all(c in (b"\0" * 512, new) for c, new in zip(chunks, expected_new))
@@ -298,8 +298,12 @@ def test_frozen_filesystem_fails_with_eio(lab: PowerCutLab) -> None:
     fd = os.open(lab.mountpoint / "f", os.O_RDWR)
     try:
         mount.cut("clean", 0, lab.root / "image")
-        for action in (lambda: os.pwrite(fd, b"y", 0), lambda: os.fsync(fd),
-                       lambda: os.stat(lab.mountpoint / "f"), lambda: os.listdir(lab.mountpoint)):
+        for action in (
+            lambda: os.pwrite(fd, b"y", 0),
+            lambda: os.fsync(fd),
+            lambda: os.stat(lab.mountpoint / "f"),
+            lambda: os.listdir(lab.mountpoint),
+        ):
             with pytest.raises(OSError) as info:
                 action()
             assert info.value.errno == 5
@@ -340,7 +344,7 @@ def test_model_matches_live_content_after_fsync(lab: PowerCutLab) -> None:
             elif size >= 4096:
                 with mmap.mmap(fd, 4096, mmap.MAP_SHARED) as mapped:
                     offset = rng.randint(0, 4000)
-                    mapped[offset:offset + 96] = rng.randbytes(96)
+                    mapped[offset : offset + 96] = rng.randbytes(96)
             if rng.random() < 0.1:
                 os.fsync(fd)
         os.fsync(fd)

@@ -13,7 +13,6 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -29,7 +28,7 @@ class ControlRun:
     acked: list[int] = field(default_factory=list)
     present: set[int] = field(default_factory=set)
     integrity: str = ""
-    writer_error: Optional[str] = None
+    writer_error: str | None = None
 
     @property
     def lost(self) -> int:
@@ -85,8 +84,9 @@ def control_run(lab: PowerCutLab, journal_mode: str, synchronous: str, mode: str
     thread = threading.Thread(target=writer, args=(db, synchronous, seed, run))
     thread.start()
     try:
-        wait_until(lambda: len(run.acked) >= target or not thread.is_alive(), 60, f"{target} commits",
-                   error=TimeoutError)
+        wait_until(
+            lambda: len(run.acked) >= target or not thread.is_alive(), 60, f"{target} commits", error=TimeoutError
+        )
         assert run.writer_error is None, f"writer failed before the cut: {run.writer_error}"
         lab.cut(mode, seed)
     finally:
@@ -110,17 +110,17 @@ def test_unsafe_settings_lose_acknowledged_commits(
         run = control_run(lab, journal_mode, synchronous, "clean", seed)
         losses.append(run.lost)
         lab.generation += 1  # the next run starts on a fresh disk
-    report(f"control {request.node.callspec.id}: clean cuts lost {losses} of the acknowledged commits "
-           f"(seeds 11-13)")
+    report(f"control {request.node.callspec.id}: clean cuts lost {losses} of the acknowledged commits (seeds 11-13)")
     assert all(lost > 0 for lost in losses), f"the harness failed to catch unsafe SQLite settings: {losses}"
 
 
-@pytest.mark.parametrize("mode,seed",
-                         [("clean", 21), ("clean", 22), ("torn", 23), ("torn", 24), ("torn", 25)])
+@pytest.mark.parametrize("mode,seed", [("clean", 21), ("clean", 22), ("torn", 23), ("torn", 24), ("torn", 25)])
 def test_wal_with_synchronous_full_loses_nothing(lab: PowerCutLab, mode: str, seed: int) -> None:
     run = control_run(lab, "WAL", "FULL", mode, seed)
-    report(f"control wal-sync-full {mode} seed={seed}: acknowledged={len(run.acked)} lost={run.lost} "
-           f"integrity={run.integrity}")
+    report(
+        f"control wal-sync-full {mode} seed={seed}: acknowledged={len(run.acked)} lost={run.lost} "
+        f"integrity={run.integrity}"
+    )
     assert run.integrity == "ok"
     assert run.lost == 0
     assert len(run.acked) > 0
@@ -151,7 +151,9 @@ def test_rollback_journal_delete_needs_a_directory_fsync(
     assert lab.last_image is not None
     run = ControlRun(acked=list(range(20)))
     read_image(lab.last_image / "db.sqlite", run)
-    report(f"control rollback-journal sync-{synchronous.lower()}: acknowledged=20 lost={run.lost} "
-           f"integrity={run.integrity}")
+    report(
+        f"control rollback-journal sync-{synchronous.lower()}: acknowledged=20 lost={run.lost} "
+        f"integrity={run.integrity}"
+    )
     assert run.integrity == "ok"
     assert run.lost == expected_lost

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -25,8 +25,12 @@ def require_prerequisites() -> None:
     missing = missing_prerequisites()
     if not (VENV / "bin" / "python").exists():
         missing.append(f"the checkout's venv at {VENV} (make test builds it)")
-    require(not missing, "systemd sandbox tests need root (unshare, mount, a disposable systemd as PID 1); "
-            "missing: " + ", ".join(missing), as_root_too=True)
+    require(
+        not missing,
+        "systemd sandbox tests need root (unshare, mount, a disposable systemd as PID 1); "
+        "missing: " + ", ".join(missing),
+        as_root_too=True,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,7 @@ class Builds:
 
 def host_run(argv: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, \
-        f"{argv} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
 
@@ -72,9 +71,11 @@ def _bump_revision(source: Path) -> str:
     previous = email.utils.parsedate_to_datetime(_changelog_field(source, "Date"))
     when = email.utils.format_datetime(previous + timedelta(hours=1))
     changelog = source / "debian" / "changelog"
-    entry = (f"kktd ({bumped}) unstable; urgency=medium\n\n"
-             "  * Same code; the example configuration gains a comment (upgrade test).\n\n"
-             f" -- {maintainer}  {when}\n\n")
+    entry = (
+        f"kktd ({bumped}) unstable; urgency=medium\n\n"
+        "  * Same code; the example configuration gains a comment (upgrade test).\n\n"
+        f" -- {maintainer}  {when}\n\n"
+    )
     changelog.write_text(entry + changelog.read_text())
     return bumped
 
@@ -140,24 +141,28 @@ class PackagedKktd(KktdUnit):
         self.sandbox.write_file(f"{DROPIN_DIR}/10-test-package.conf", self.package_dropin())
 
     def package_dropin(self) -> str:
-        return "\n".join([
-            "# Written by tests/systemd: ports of this test run, quick OFD retries, and a record of exits.",
-            "[Service]",
-            # The sandbox shares the host's network: the default port 8731 may be taken.
-            f"Environment=KKTD_LISTEN=127.0.0.1:{self.port} KKTD_OFD_URL={self.ofd_url}",
-            "Environment=KKTD_SYNC_INTERVAL=0.2 KKTD_BACKOFF_MAX=0.5 KKTD_BREAKER_RESET=0.5",
-            # Intake lines ("receipt <id> accepted") are debug level, kept out of a busy till's journal.
-            "Environment=KKTD_LOG_LEVEL=debug",
-            f"ExecStopPost=+/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {EXIT_LOG}'",
-        ]) + "\n"
+        return (
+            "\n".join(
+                [
+                    "# Written by tests/systemd: ports of this test run, quick OFD retries, and a record of exits.",
+                    "[Service]",
+                    # The sandbox shares the host's network: the default port 8731 may be taken.
+                    f"Environment=KKTD_LISTEN=127.0.0.1:{self.port} KKTD_OFD_URL={self.ofd_url}",
+                    "Environment=KKTD_SYNC_INTERVAL=0.2 KKTD_BACKOFF_MAX=0.5 KKTD_BREAKER_RESET=0.5",
+                    # Intake lines ("receipt <id> accepted") are debug level, kept out of a busy till's journal.
+                    "Environment=KKTD_LOG_LEVEL=debug",
+                    f"ExecStopPost=+/bin/sh -c 'echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >> {EXIT_LOG}'",
+                ]
+            )
+            + "\n"
+        )
 
     def operator_env(self) -> dict[str, str]:
         """What an operator's shell needs to reach this test's kktd (the drop-in sets it for the unit)."""
         return {"KKTD_LISTEN": f"127.0.0.1:{self.port}", "KKTD_OFD_URL": self.ofd_url}
 
     def apt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.sandbox.run(["apt-get", "-y", "-q", *APT_OPTIONS, *args], env=APT_ENV, timeout=300,
-                                check=check)
+        return self.sandbox.run(["apt-get", "-y", "-q", *APT_OPTIONS, *args], env=APT_ENV, timeout=300, check=check)
 
     def install_package(self, deb: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         inside = f"{PACKAGE_DIR}/{deb.name}"

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 
 from kktd.receipt import sample_receipt
-
 from tests.support import free_port, http, wait_until
 
 from .systemd_sandbox import Sandbox, SandboxError
@@ -101,11 +100,13 @@ class KktdUnit:
 
     def faults_dropin(self) -> str:
         """Drop-in lines that run kktd through the test-only entry point with fault hooks (tests.faulty_kktd)."""
-        return "\n".join([
-            "ExecStart=",
-            f"ExecStart={self.venv}/bin/python -m tests.faulty_kktd serve",
-            f"Environment=PYTHONPATH={self.venv.parent}",
-        ])
+        return "\n".join(
+            [
+                "ExecStart=",
+                f"ExecStart={self.venv}/bin/python -m tests.faulty_kktd serve",
+                f"Environment=PYTHONPATH={self.venv.parent}",
+            ]
+        )
 
     def dropin(self, name: str, text: str) -> None:
         """Adds a per-test drop-in (removed again by reset())."""
@@ -134,23 +135,47 @@ class KktdUnit:
         return done.stdout.splitlines() if done.returncode == 0 else []
 
     def wait_active_and_answering(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.show("ActiveState")["ActiveState"] == "active", timeout, "kktd to be active",
-                   interval=0.1, error=SandboxError)
-        wait_until(lambda: answers(f"{self.url}/v1/health"), timeout, "kktd to answer /v1/health",
-                   interval=0.1, error=SandboxError)
+        wait_until(
+            lambda: self.show("ActiveState")["ActiveState"] == "active",
+            timeout,
+            "kktd to be active",
+            interval=0.1,
+            error=SandboxError,
+        )
+        wait_until(
+            lambda: answers(f"{self.url}/v1/health"),
+            timeout,
+            "kktd to answer /v1/health",
+            interval=0.1,
+            error=SandboxError,
+        )
 
     # -- the mock OFD, as its own transient unit inside the sandbox ------------------------------------
     def start_mock_ofd(self, mode: str = "normal") -> None:
-        self.sandbox.run([
-            "systemd-run", f"--unit={MOCK_UNIT}", "--property=Type=exec",
-            "--property=StateDirectory=kktd-mock-ofd",
-            "--setenv=KKTD_LOG_FORMAT=journal",
-            f"{self.venv}/bin/kktd", "mock-ofd", "--listen", f"127.0.0.1:{self.ofd_port}",
-            "--admin-listen", f"127.0.0.1:{self.ofd_admin_port}",
-            "--db", "/var/lib/kktd-mock-ofd/ofd.db",
-        ])
-        wait_until(lambda: answers(f"{self.ofd_admin_url}/admin/stats"), 30, "the mock OFD admin API",
-                   interval=0.1, error=SandboxError)
+        self.sandbox.run(
+            [
+                "systemd-run",
+                f"--unit={MOCK_UNIT}",
+                "--property=Type=exec",
+                "--property=StateDirectory=kktd-mock-ofd",
+                "--setenv=KKTD_LOG_FORMAT=journal",
+                f"{self.venv}/bin/kktd",
+                "mock-ofd",
+                "--listen",
+                f"127.0.0.1:{self.ofd_port}",
+                "--admin-listen",
+                f"127.0.0.1:{self.ofd_admin_port}",
+                "--db",
+                "/var/lib/kktd-mock-ofd/ofd.db",
+            ]
+        )
+        wait_until(
+            lambda: answers(f"{self.ofd_admin_url}/admin/stats"),
+            30,
+            "the mock OFD admin API",
+            interval=0.1,
+            error=SandboxError,
+        )
         self.set_ofd_mode(mode)
 
     def set_ofd_mode(self, mode: str) -> None:
@@ -229,8 +254,13 @@ class Load:
             return len(self.result.acked)
 
     def wait_acked(self, n: int, timeout: float = 30) -> None:
-        wait_until(lambda: self.acked_count() >= n, timeout, f"{n} receipts acknowledged under load",
-                   interval=0.1, error=SandboxError)
+        wait_until(
+            lambda: self.acked_count() >= n,
+            timeout,
+            f"{n} receipts acknowledged under load",
+            interval=0.1,
+            error=SandboxError,
+        )
 
     def stop(self, finish_within: float = 30) -> LoadResult:
         """Starts no new receipts; keys in flight are retried until acknowledged or `finish_within` ends."""
@@ -277,7 +307,7 @@ class Load:
                     if 200 <= response.status < 300:
                         self._record(key, str(body["receipt_id"]))
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+            except (TimeoutError, aiohttp.ClientError, ConnectionError):
                 with self._lock:
                     self.result.connection_errors += 1
             # kktd is restarting or refused: back off briefly like a POS would, then re-send the same key.

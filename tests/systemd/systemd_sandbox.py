@@ -19,9 +19,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from tests.support import wait_until
 
@@ -183,17 +183,14 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Runs argv inside the sandbox and returns its output."""
-        done = subprocess.run(self._inside(argv, env), capture_output=True, text=True, timeout=timeout,
-                              input=input)
+        done = subprocess.run(self._inside(argv, env), capture_output=True, text=True, timeout=timeout, input=input)
         if check and done.returncode != 0:
             raise SandboxError(
                 f"{' '.join(argv)!r} exited {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
             )
         return done
 
-    def systemctl(
-        self, *args: str, check: bool = True, timeout: float = 90
-    ) -> subprocess.CompletedProcess[str]:
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
         return self.run(["systemctl", "--no-pager", "--no-ask-password", *args], check=check, timeout=timeout)
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -229,8 +226,7 @@ class Sandbox:
 
     def host_pids(self) -> list[int]:
         """Host PIDs of every process in the sandbox (its whole cgroup subtree)."""
-        return sorted(int(pid) for d in _cgroup_dirs(self.cgroup)
-                      for pid in (d / "cgroup.procs").read_text().split())
+        return sorted(int(pid) for d in _cgroup_dirs(self.cgroup) for pid in (d / "cgroup.procs").read_text().split())
 
     def console_log(self) -> str:
         return (self.hostdir / "console.log").read_text(errors="replace")
@@ -238,9 +234,7 @@ class Sandbox:
     # -- lifecycle -------------------------------------------------------------------------------------
     def _find_pid1(self) -> bool:
         if self.unshare.poll() is not None:
-            raise SandboxError(
-                f"sandbox boot script exited {self.unshare.returncode}: {self._boot_log()}"
-            )
+            raise SandboxError(f"sandbox boot script exited {self.unshare.returncode}: {self._boot_log()}")
         children_file = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
         children = children_file.read_text().split()
         if not children:
@@ -267,10 +261,9 @@ class Sandbox:
             return states[-1] in ("running", "degraded")
 
         try:
-            wait_until(booted, timeout, "the sandbox systemd to finish booting", interval=0.2,
-                       error=SandboxError)
+            wait_until(booted, timeout, "the sandbox systemd to finish booting", interval=0.2, error=SandboxError)
         except SandboxError as exc:
-            raise SandboxError(f"{exc}; last state {states[-1:]}; console: {self.console_log()[-4000:]}")
+            raise SandboxError(f"{exc}; last state {states[-1:]}; console: {self.console_log()[-4000:]}") from None
         if states[-1] == "degraded":
             # Acceptable: nothing kktd needs is among them; recorded so a report can show which.
             self.boot_notes.append(f"booted degraded, failed units: {self.failed_units()}")
@@ -380,10 +373,29 @@ def boot(checkout: Path, files: Mapping[str, str] | None = None, timeout: float 
         cgroup.mkdir()
         with open(hostdir / "boot.log", "wb") as log:
             proc = subprocess.Popen(
-                ["unshare", "--pid", "--fork", "--mount", "--uts", "--cgroup", "--kill-child",
-                 "--propagation", "private", "--", "bash", "-c", BOOT_SCRIPT, "kktd-sandbox-boot",
-                 str(hostdir), str(checkout), CONTAINER_NAME, BOOT_TARGET],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    "unshare",
+                    "--pid",
+                    "--fork",
+                    "--mount",
+                    "--uts",
+                    "--cgroup",
+                    "--kill-child",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "bash",
+                    "-c",
+                    BOOT_SCRIPT,
+                    "kktd-sandbox-boot",
+                    str(hostdir),
+                    str(checkout),
+                    CONTAINER_NAME,
+                    BOOT_TARGET,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent_and_join(cgroup),
             )
     except BaseException:

@@ -8,20 +8,28 @@ import argparse
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from kktd import __version__
 from kktd.cli import build_parser
 from kktd.receipt import sample_receipt
-
-from .conftest import CHECKOUT, SUMMARY, require_prerequisites
-from .kktd_package import (CONFFILE, CONFFILE_ADDITION, VENV_INSIDE, Builds, PackagedKktd, build_packages,
-                           control_field, host_run, package_files)
 from tests.support import http, wait_until
 
+from .conftest import CHECKOUT, SUMMARY, require_prerequisites
+from .kktd_package import (
+    CONFFILE,
+    CONFFILE_ADDITION,
+    VENV_INSIDE,
+    Builds,
+    PackagedKktd,
+    build_packages,
+    control_field,
+    host_run,
+    package_files,
+)
 from .kktd_unit import Load
 from .systemd_sandbox import Sandbox, SandboxError, boot
 
@@ -44,9 +52,11 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Builds:
     require_prerequisites()
     built = build_packages(tmp_path_factory.mktemp("deb"))
     assert re.fullmatch(rf"kktd_{re.escape(__version__)}-\d+_amd64\.deb", built.first.deb.name), built.first
-    SUMMARY.append(f"deb: {built.first.deb.name} {built.first.deb.stat().st_size / 1024:.0f} KiB, "
-                   f"Installed-Size {control_field(built.first.deb, 'Installed-Size')} KiB, "
-                   f"built in {built.first.seconds:.1f}s (second build {built.second.seconds:.1f}s)")
+    SUMMARY.append(
+        f"deb: {built.first.deb.name} {built.first.deb.stat().st_size / 1024:.0f} KiB, "
+        f"Installed-Size {control_field(built.first.deb, 'Installed-Size')} KiB, "
+        f"built in {built.first.seconds:.1f}s (second build {built.second.seconds:.1f}s)"
+    )
     return built
 
 
@@ -116,8 +126,7 @@ def test_fresh_install_serves_and_purge_keeps_pending_receipts(builds: Builds, p
 
     status, stored = package.get_receipt(str(created["receipt_id"]))
     assert (status, stored["status"], stored["idempotency_key"]) == (200, "pending", "deb-0001")
-    assert package.sqlite(DB, f"SELECT status FROM receipts WHERE receipt_id = '{created['receipt_id']}'") \
-        == "pending"
+    assert package.sqlite(DB, f"SELECT status FROM receipts WHERE receipt_id = '{created['receipt_id']}'") == "pending"
     assert f"receipt {created['receipt_id']} accepted" in package.journal_text()
 
     # Bytecode: none shipped, compiled by postinst, readable by kktd (it may not write below /usr).
@@ -151,8 +160,7 @@ def test_fresh_install_serves_and_purge_keeps_pending_receipts(builds: Builds, p
     assert package.sqlite(f"{kept}/buffer.db", "SELECT idempotency_key FROM receipts") == "deb-0001"
 
 
-def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds,
-                                                                   package: PackagedKktd) -> None:
+def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds, package: PackagedKktd) -> None:
     box = package.sandbox
     package.start_mock_ofd("offline")  # receipts pile up as pending while the package is upgraded
     package.install_package(builds.first.deb)
@@ -178,16 +186,23 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
     assert package.exits()[exits_before:] == ["success exited 0"]
     new_pid = package.main_pid()
     assert new_pid not in (0, old_pid)
-    shown = package.show("NRestarts", "ActiveState", "ActiveEnterTimestampMonotonic",
-                         "InactiveEnterTimestampMonotonic", "ActiveExitTimestampMonotonic")
+    shown = package.show(
+        "NRestarts",
+        "ActiveState",
+        "ActiveEnterTimestampMonotonic",
+        "InactiveEnterTimestampMonotonic",
+        "ActiveExitTimestampMonotonic",
+    )
     assert (shown["NRestarts"], shown["ActiveState"]) == ("0", "active"), shown
     ready = [e for e in package.journal() if "ready: listening on" in str(e.get("MESSAGE"))]
     assert len(ready) == 2, ready  # the install's start and the upgrade's one restart
     left, back = int(shown["ActiveExitTimestampMonotonic"]), int(shown["ActiveEnterTimestampMonotonic"])
     restart_s = (back - left) / 1e6
-    SUMMARY.append(f"deb: upgrade restart (active -> active) {restart_s:.2f}s; load: acknowledged "
-                   f"{upgraded_at} by the end of apt-get, {len(result.acked)} in all, "
-                   f"connection_errors={result.connection_errors}")
+    SUMMARY.append(
+        f"deb: upgrade restart (active -> active) {restart_s:.2f}s; load: acknowledged "
+        f"{upgraded_at} by the end of apt-get, {len(result.acked)} in all, "
+        f"connection_errors={result.connection_errors}"
+    )
 
     # The conffile the Debian way: the local edit is kept, the new version's file beside it.
     assert box.read_file(f"/{CONFFILE}") == local_config
@@ -200,12 +215,12 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
     for key, receipt_id in result.acked.items():
         status, body = package.get_receipt(receipt_id)
         assert (status, body["idempotency_key"], body["status"]) == (200, key, "pending"), body
-    assert package.buffer_counts() == {"pending": len(result.acked), "submitted": 0, "sent": 0,
-                                       "failed": 0}
+    assert package.buffer_counts() == {"pending": len(result.acked), "submitted": 0, "sent": 0, "failed": 0}
     package.set_ofd_mode("online")
     expected = {"pending": 0, "submitted": 0, "sent": len(result.acked), "failed": 0}
-    wait_until(lambda: package.buffer_counts() == expected, 120, "every receipt delivered", interval=0.1,
-               error=SandboxError)
+    wait_until(
+        lambda: package.buffer_counts() == expected, 120, "every receipt delivered", interval=0.1, error=SandboxError
+    )
     assert package.ofd_stats()["unique"] == len(result.acked)
 
     # Everything was delivered: purge may remove the buffer.
@@ -214,9 +229,7 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
     assert not package.exists(STATE) and package.kept_state_dirs() == []
 
 
-def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Builds,
-                                                                    package: PackagedKktd) -> None:
-    box = package.sandbox
+def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Builds, package: PackagedKktd) -> None:
     package.start_mock_ofd("online")
     status, body = http("POST", f"{package.ofd_admin_url}/admin/reject", {"pos_ids": [REJECTED_POS]})
     assert status == 200, body
@@ -225,8 +238,13 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     rejected = sample_receipt("downgrade-dead", REJECTED_POS)
     status, body = http("POST", f"{package.url}/v1/kkt/receipt", rejected)
     assert status == 201, body
-    wait_until(lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1}, 60,
-               "one receipt sent and one dead-lettered", interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1},
+        60,
+        "one receipt sent and one dead-lettered",
+        interval=0.1,
+        error=SandboxError,
+    )
 
     # A newer kktd's database: the schema version above anything this code knows.
     package.systemctl("stop", "kktd")
@@ -236,11 +254,21 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     assert control_field_installed(package) == builds.first.version
 
     # 74, and failed rather than activating/auto-restart: systemd will not start it again by itself.
-    wait_until(lambda: package.show("ActiveState")["ActiveState"] == "failed", 30, "kktd to settle as failed",
-               interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: package.show("ActiveState")["ActiveState"] == "failed",
+        30,
+        "kktd to settle as failed",
+        interval=0.1,
+        error=SandboxError,
+    )
     shown = package.show("ExecMainStatus", "Result", "NRestarts", "ActiveState", "SubState")
-    assert shown == {"ExecMainStatus": "74", "Result": "exit-code", "NRestarts": "0", "ActiveState": "failed",
-                     "SubState": "failed"}, shown
+    assert shown == {
+        "ExecMainStatus": "74",
+        "Result": "exit-code",
+        "NRestarts": "0",
+        "ActiveState": "failed",
+        "SubState": "failed",
+    }, shown
     assert package.exits()[-1] == "exit-code exited 74"
     assert f"has schema v{newer}, newer than this kktd" in package.journal_text()
     assert package.sqlite(DB, "PRAGMA user_version") == str(newer)  # untouched
@@ -250,12 +278,14 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     assert "purge keeps /var/lib/kktd" in purged and "1 dead-lettered" in purged, purged
     [kept] = package.kept_state_dirs()
     assert kept in purged and not package.exists(STATE)
-    keys = package.sqlite(f"{kept}/buffer.db", "SELECT idempotency_key || ' ' || status FROM receipts "
-                                               "ORDER BY seq").splitlines()
+    keys = package.sqlite(
+        f"{kept}/buffer.db", "SELECT idempotency_key || ' ' || status FROM receipts ORDER BY seq"
+    ).splitlines()
     assert keys == ["downgrade-sent sent", "downgrade-dead failed"], keys
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+
 
 def said(done: subprocess.CompletedProcess[str]) -> str:
     """What apt-get printed: it passes the maintainer scripts' stderr on to its stdout."""
@@ -283,7 +313,7 @@ def control_field_installed(package: PackagedKktd) -> str:
 def assert_man_page_matches_the_parser(box: Sandbox) -> None:
     """kktd(8) is generated from the argument parser: every command and option of `--help` is in it."""
     page = box.run(["sh", "-c", "zcat /usr/share/man/man8/kktd.8.gz"]).stdout
-    assert page.startswith(".TH KKTD \"8\""), page[:200]
+    assert page.startswith('.TH KKTD "8"'), page[:200]
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, subparser in subcommands.choices.items():

@@ -24,9 +24,11 @@ ACKED_BEFORE_ACTION = 150
 
 def record(test: str, result: LoadResult, extra: str = "") -> None:
     statuses = " ".join(f"{code}x{n}" for code, n in sorted(result.statuses.items()))
-    SUMMARY.append(f"{test}: acknowledged={len(result.acked)} answers=[{statuses}] "
-                   f"connection_errors={result.connection_errors} unfinished={len(result.unfinished)} "
-                   f"{extra}")
+    SUMMARY.append(
+        f"{test}: acknowledged={len(result.acked)} answers=[{statuses}] "
+        f"connection_errors={result.connection_errors} unfinished={len(result.unfinished)} "
+        f"{extra}"
+    )
 
 
 def assert_all_stored(kktd: KktdUnit, acked: dict[str, str], status: str | None = None) -> None:
@@ -44,9 +46,13 @@ def assert_all_stored(kktd: KktdUnit, acked: dict[str, str], status: str | None 
 def deliver_everything(kktd: KktdUnit, expected: int) -> None:
     """OFD back online: everything ends `sent`, and the OFD holds each receipt exactly once."""
     kktd.set_ofd_mode("online")
-    wait_until(lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0},
-               60,
-               f"{expected} receipts sent to the OFD", interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0},
+        60,
+        f"{expected} receipts sent to the OFD",
+        interval=0.1,
+        error=SandboxError,
+    )
     assert kktd.ofd_stats()["unique"] == expected
 
 
@@ -59,9 +65,13 @@ def test_start_returns_after_ready_with_status_and_leveled_journal(kktd: KktdUni
     assert status == 200 and body["status"] in ("ok", "warning"), body
     shown = kktd.show("StatusText", "Type", "NotifyAccess", "WatchdogUSec", "User", "NRestarts")
     assert re.fullmatch(r"pending=0 failed=0 sent=0 ofd=\S+", shown["StatusText"]), shown
-    assert (shown["Type"], shown["NotifyAccess"], shown["WatchdogUSec"], shown["User"]) == \
-        ("notify", "main", "30s", "kktd")
-    assert "Status: \"pending=0" in kktd.systemctl("status", "kktd", check=False).stdout
+    assert (shown["Type"], shown["NotifyAccess"], shown["WatchdogUSec"], shown["User"]) == (
+        "notify",
+        "main",
+        "30s",
+        "kktd",
+    )
+    assert 'Status: "pending=0' in kktd.systemctl("status", "kktd", check=False).stdout
     main_pid = str(kktd.main_pid())
     entries = [e for e in kktd.journal() if e.get("_PID") == main_pid]
     ready = [e for e in entries if "ready: listening on" in str(e.get("MESSAGE"))]
@@ -77,8 +87,7 @@ def test_warning_lines_reach_the_journal_as_warnings(kktd: KktdUnit) -> None:
     kktd.dropin("50-faults", kktd.faults_dropin())
     kktd.systemctl("start", "kktd")
     main_pid = str(kktd.main_pid())
-    warnings = [e for e in kktd.journal()
-                if e.get("_PID") == main_pid and "test fault hooks" in str(e["MESSAGE"])]
+    warnings = [e for e in kktd.journal() if e.get("_PID") == main_pid and "test fault hooks" in str(e["MESSAGE"])]
     assert [e["PRIORITY"] for e in warnings] == ["4"]
 
 
@@ -87,8 +96,13 @@ def test_bad_config_fails_with_78_and_no_restart_loop(kktd: KktdUnit) -> None:
     started = kktd.systemctl("start", "kktd", check=False)
     assert started.returncode != 0
     # RestartPreventExitStatus=78: the unit stays failed instead of restarting into the same error.
-    wait_until(lambda: kktd.show("ActiveState")["ActiveState"] == "failed", 20, "kktd to settle as failed",
-               interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: kktd.show("ActiveState")["ActiveState"] == "failed",
+        20,
+        "kktd to settle as failed",
+        interval=0.1,
+        error=SandboxError,
+    )
     shown = kktd.show("ExecMainStatus", "Result", "NRestarts", "ActiveState")
     assert shown == {"ExecMainStatus": "78", "Result": "exit-code", "NRestarts": "0", "ActiveState": "failed"}
     assert kktd.exits() == ["exit-code exited 78"]
@@ -98,9 +112,7 @@ def test_bad_config_fails_with_78_and_no_restart_loop(kktd: KktdUnit) -> None:
 def test_service_runs_unprivileged_and_cannot_write_outside_its_state(kktd: KktdUnit) -> None:
     kktd.systemctl("start", "kktd")
     pid = kktd.main_pid()
-    status = dict(
-        line.split(":", 1) for line in kktd.sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines()
-    )
+    status = dict(line.split(":", 1) for line in kktd.sandbox.run(["cat", f"/proc/{pid}/status"]).stdout.splitlines())
     uid = kktd.sandbox.run(["id", "-u", "kktd"]).stdout.strip()
     assert status["Uid"].split() == [uid] * 4 and uid != "0"
     assert status["NoNewPrivs"].strip() == "1"
@@ -111,8 +123,20 @@ def test_service_runs_unprivileged_and_cannot_write_outside_its_state(kktd: Kktd
     outcomes = {}
     for directory in ("/etc", "/opt", "/usr", "/var/lib", "/root", "/home", str(kktd.venv), "/var/lib/kktd"):
         done = kktd.sandbox.run(
-            ["nsenter", f"--target={pid}", "--mount", "--", "setpriv", "--reuid=kktd", "--regid=kktd",
-             "--clear-groups", "--", "sh", "-c", f'f="{directory}/.kktd-write-probe" && : > "$f" && rm "$f"'],
+            [
+                "nsenter",
+                f"--target={pid}",
+                "--mount",
+                "--",
+                "setpriv",
+                "--reuid=kktd",
+                "--regid=kktd",
+                "--clear-groups",
+                "--",
+                "sh",
+                "-c",
+                f'f="{directory}/.kktd-write-probe" && : > "$f" && rm "$f"',
+            ],
             check=False,
         )
         outcomes[directory] = done.returncode == 0
@@ -133,8 +157,7 @@ def test_stop_during_load_exits_cleanly_and_keeps_every_acknowledged_receipt(kkt
     record("stop during load", result, f"stop took {took:.2f}s")
     # success (not timeout) with exit status 0: kktd drained and exited by itself within TimeoutStopSec.
     assert kktd.exits() == ["success exited 0"]
-    assert kktd.show("ActiveState", "TimeoutStopUSec") == \
-        {"ActiveState": "inactive", "TimeoutStopUSec": "30s"}
+    assert kktd.show("ActiveState", "TimeoutStopUSec") == {"ActiveState": "inactive", "TimeoutStopUSec": "30s"}
     assert took < 30
     kktd.systemctl("start", "kktd")
     assert_all_stored(kktd, result.acked, status="pending")
@@ -186,8 +209,13 @@ def test_watchdog_restarts_a_hung_kktd_without_losing_receipts(kktd: KktdUnit, f
     code, body = http("POST", f"{kktd.url}/v1/test/fault", {"fault": fault})
     assert code == 202, body
     # WatchdogSec=3s: systemd sends SIGABRT on timeout, then Restart=on-failure starts a new process.
-    wait_until(lambda: kktd.show("NRestarts")["NRestarts"] == "1" and kktd.main_pid() not in (0, hung_pid),
-               30, "systemd to restart kktd after a watchdog timeout", interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: kktd.show("NRestarts")["NRestarts"] == "1" and kktd.main_pid() not in (0, hung_pid),
+        30,
+        "systemd to restart kktd after a watchdog timeout",
+        interval=0.1,
+        error=SandboxError,
+    )
     kktd.wait_active_and_answering()
     journal = kktd.journal_text()
     assert "Watchdog timeout" in journal, journal[-2000:]

@@ -11,8 +11,14 @@ from tests.support import http, wait_until
 
 from .kktd_unit import KktdUnit, Load
 from .systemd_sandbox import SandboxError
-from .test_systemd_kktd import ACKED_BEFORE_ACTION, LOAD_MAX, LOAD_WORKERS, assert_all_stored, \
-    deliver_everything, record
+from .test_systemd_kktd import (
+    ACKED_BEFORE_ACTION,
+    LOAD_MAX,
+    LOAD_WORKERS,
+    assert_all_stored,
+    deliver_everything,
+    record,
+)
 
 pytestmark = pytest.mark.systemd
 
@@ -33,18 +39,33 @@ def test_journalctl_receipt_id_shows_a_receipts_whole_story(kktd: KktdUnit) -> N
     assert code == 201, body
     delivered = body["receipt_id"]
     # Delivery attempts fail (HTTP 500) until the OFD recovers; each attempt is in the story.
-    wait_until(lambda: any("failed: http_500" in m for m in messages(story(kktd, delivered))), 30,
-               "a failed delivery attempt in the journal", interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: any("failed: http_500" in m for m in messages(story(kktd, delivered))),
+        30,
+        "a failed delivery attempt in the journal",
+        interval=0.1,
+        error=SandboxError,
+    )
     status, _ = http("POST", f"{kktd.ofd_admin_url}/admin/reject", {"pos_ids": ["POS-REFUSED"]})
     assert status == 200
     kktd.set_ofd_mode("online")
-    wait_until(lambda: kktd.get_receipt(delivered)[1]["status"] == "sent", 30, "the receipt sent", interval=0.1,
-               error=SandboxError)
+    wait_until(
+        lambda: kktd.get_receipt(delivered)[1]["status"] == "sent",
+        30,
+        "the receipt sent",
+        interval=0.1,
+        error=SandboxError,
+    )
     code, body = http("POST", f"{kktd.url}/v1/kkt/receipt", {**_receipt("story-refused"), "pos_id": "POS-REFUSED"})
     assert code == 201, body
     refused = body["receipt_id"]
-    wait_until(lambda: kktd.get_receipt(refused)[1]["status"] == "failed", 30, "the refused receipt dead-lettered",
-               interval=0.1, error=SandboxError)
+    wait_until(
+        lambda: kktd.get_receipt(refused)[1]["status"] == "failed",
+        30,
+        "the refused receipt dead-lettered",
+        interval=0.1,
+        error=SandboxError,
+    )
 
     told = story(kktd, delivered)
     lines = messages(told)
@@ -84,8 +105,9 @@ def test_reload_of_a_loaded_kktd_loses_nothing(kktd: KktdUnit) -> None:
     main_pid = kktd.main_pid()
     with Load(kktd.url, "reload", LOAD_WORKERS, LOAD_MAX) as load:
         load.wait_acked(ACKED_BEFORE_ACTION)
-        kktd.sandbox.write_file("/etc/kktd/kktd.toml", 'pending_warn_age = "2h"\nmax_attempts = 30\n'
-                                                       'listen = "127.0.0.1:1"\n')
+        kktd.sandbox.write_file(
+            "/etc/kktd/kktd.toml", 'pending_warn_age = "2h"\nmax_attempts = 30\nlisten = "127.0.0.1:1"\n'
+        )
         kktd.systemctl("reload", "kktd")  # returns once kktd sent READY=1 after RELOADING=1
         reloaded_at = load.acked_count()
         kktd.sandbox.write_file("/etc/kktd/kktd.toml", "max_attempts = -5\n")
@@ -95,8 +117,10 @@ def test_reload_of_a_loaded_kktd_loses_nothing(kktd: KktdUnit) -> None:
     record("reload during load", result)
     assert result.unfinished == [] and result.connection_errors == 0
     assert set(result.statuses) == {201}
-    assert kktd.main_pid() == main_pid and kktd.show("ActiveState", "NRestarts") == \
-        {"ActiveState": "active", "NRestarts": "0"}
+    assert kktd.main_pid() == main_pid and kktd.show("ActiveState", "NRestarts") == {
+        "ActiveState": "active",
+        "NRestarts": "0",
+    }
     text = kktd.journal_text()
     assert "reload: pending_warn_age: 3600 -> 7200" in text
     assert "reload: max_attempts: 20 -> 30" in text

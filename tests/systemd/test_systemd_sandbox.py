@@ -53,8 +53,12 @@ def test_trivial_notify_unit_becomes_active_only_after_ready(sandbox: Sandbox) -
     try:
         sandbox.systemctl("start", unit)
         shown = sandbox.show(unit, "ActiveState", "SubState", "StatusText", "Type")
-        assert shown == {"ActiveState": "active", "SubState": "running",
-                         "StatusText": "hello from the sandbox", "Type": "notify"}
+        assert shown == {
+            "ActiveState": "active",
+            "SubState": "running",
+            "StatusText": "hello from the sandbox",
+            "Type": "notify",
+        }
     finally:
         sandbox.systemctl("stop", unit, check=False)
         sandbox.remove(f"/run/systemd/system/{unit}")
@@ -65,8 +69,7 @@ def test_shipped_hardening_lets_a_probe_do_kktds_work_and_nothing_else(kktd: Kkt
     probe = CHECKOUT / "tests" / "systemd" / "probe_service.py"
     kktd.dropin("50-probe", f"ExecStart=\nExecStart={VENV}/bin/python {probe}")
     kktd.systemctl("start", "kktd")
-    assert kktd.show("ActiveState", "StatusText") == \
-        {"ActiveState": "active", "StatusText": "probe listening"}
+    assert kktd.show("ActiveState", "StatusText") == {"ActiveState": "active", "StatusText": "probe listening"}
     status, report = http("GET", f"{kktd.url}/probe")
     assert status == 200, report
     kktd_uid = int(kktd.sandbox.run(["id", "-u", "kktd"]).stdout)
@@ -78,13 +81,11 @@ def test_shipped_hardening_lets_a_probe_do_kktds_work_and_nothing_else(kktd: Kkt
         assert outcome in {"EROFS", "EACCES", "ENOENT"}, (directory, outcome)
     # ... but its own /tmp and /var/tmp (PrivateTmp=), which the rest of the system does not see.
     assert report["private_tmp"] == {"/tmp": "written", "/var/tmp": "written"}
-    seen = kktd.sandbox.run(
-        ["find", "/tmp", "/var/tmp", "-maxdepth", "1", "-name", "kktd-probe-private-marker"]).stdout
+    seen = kktd.sandbox.run(["find", "/tmp", "/var/tmp", "-maxdepth", "1", "-name", "kktd-probe-private-marker"]).stdout
     assert seen == "", f"PrivateTmp= leaked: {seen}"
     # MemoryDenyWriteExecute= does not break the C extensions, and aiohttp really uses its C parser.
     extensions = report["c_extensions"]
-    assert all(path.endswith(".so") for name, path in extensions.items()
-               if name != "aiohttp.HttpRequestParser")
+    assert all(path.endswith(".so") for name, path in extensions.items() if name != "aiohttp.HttpRequestParser")
     assert extensions["aiohttp.HttpRequestParser"] == "aiohttp._http_parser"
     assert report["sqlite"] == {"journal_mode": "wal", "rows": 1, "file_mode": "0o600"}
     mode = kktd.sandbox.run(["stat", "-c", "%a %U", "/var/lib/kktd"]).stdout.split()
