@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kktd.sync import BreakerState, CircuitBreaker
-from tests.support import FakeTime as FakeClock
+from tests.support import FakeTime
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
@@ -21,8 +21,8 @@ class Recorder:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> FakeTime:
+    return FakeTime()
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def changes() -> Recorder:
 
 
 @pytest.fixture
-def breaker(clock: FakeClock, changes: Recorder) -> CircuitBreaker:
+def breaker(clock: FakeTime, changes: Recorder) -> CircuitBreaker:
     return CircuitBreaker(failure_threshold=3, reset_timeout_s=10.0, on_change=changes, clock=clock)
 
 
@@ -83,7 +83,7 @@ def test_success_resets_the_failure_count(breaker: CircuitBreaker, changes: Reco
     assert changes.changes == []
 
 
-def test_open_refuses_until_reset_timeout(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_open_refuses_until_reset_timeout(breaker: CircuitBreaker, clock: FakeTime) -> None:
     trip(breaker)
     assert not breaker.allow()
     assert breaker.retry_after() == pytest.approx(10.0)
@@ -94,7 +94,7 @@ def test_open_refuses_until_reset_timeout(breaker: CircuitBreaker, clock: FakeCl
 
 
 def test_half_open_after_timeout_allows_exactly_one_trial(
-    breaker: CircuitBreaker, clock: FakeClock, changes: Recorder
+    breaker: CircuitBreaker, clock: FakeTime, changes: Recorder
 ) -> None:
     trip(breaker)
     clock.advance(10.0)
@@ -107,7 +107,7 @@ def test_half_open_after_timeout_allows_exactly_one_trial(
     assert changes.changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
 
 
-def test_successful_trial_closes(breaker: CircuitBreaker, clock: FakeClock, changes: Recorder) -> None:
+def test_successful_trial_closes(breaker: CircuitBreaker, clock: FakeTime, changes: Recorder) -> None:
     trip(breaker)
     clock.advance(10.0)
     assert breaker.allow()
@@ -122,7 +122,7 @@ def test_successful_trial_closes(breaker: CircuitBreaker, clock: FakeClock, chan
 
 
 def test_failed_trial_reopens_and_restarts_the_timer(
-    breaker: CircuitBreaker, clock: FakeClock, changes: Recorder
+    breaker: CircuitBreaker, clock: FakeTime, changes: Recorder
 ) -> None:
     trip(breaker)
     clock.advance(25.0)
@@ -139,7 +139,7 @@ def test_failed_trial_reopens_and_restarts_the_timer(
     assert changes.changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (OPEN, HALF_OPEN)]
 
 
-def test_single_failure_in_half_open_reopens_regardless_of_threshold(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_single_failure_in_half_open_reopens_regardless_of_threshold(breaker: CircuitBreaker, clock: FakeTime) -> None:
     trip(breaker)
     clock.advance(10.0)
     assert breaker.allow()
@@ -147,7 +147,7 @@ def test_single_failure_in_half_open_reopens_regardless_of_threshold(breaker: Ci
     assert breaker.state is OPEN
 
 
-def test_lost_trial_is_replaced_after_another_period(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_lost_trial_is_replaced_after_another_period(breaker: CircuitBreaker, clock: FakeTime) -> None:
     trip(breaker)
     clock.advance(10.0)
     assert breaker.allow()  # the trial's caller never reports back (e.g. it was cancelled)
@@ -161,7 +161,7 @@ def test_lost_trial_is_replaced_after_another_period(breaker: CircuitBreaker, cl
 
 
 def test_late_failure_while_open_restarts_the_timer(
-    breaker: CircuitBreaker, clock: FakeClock, changes: Recorder
+    breaker: CircuitBreaker, clock: FakeTime, changes: Recorder
 ) -> None:
     trip(breaker)
     clock.advance(6.0)
@@ -171,7 +171,7 @@ def test_late_failure_while_open_restarts_the_timer(
     assert changes.changes == [(CLOSED, OPEN)]
 
 
-def test_late_success_while_open_closes(breaker: CircuitBreaker, clock: FakeClock, changes: Recorder) -> None:
+def test_late_success_while_open_closes(breaker: CircuitBreaker, clock: FakeTime, changes: Recorder) -> None:
     trip(breaker)
     breaker.record_success()
     assert breaker.state is CLOSED
@@ -179,14 +179,14 @@ def test_late_success_while_open_closes(breaker: CircuitBreaker, clock: FakeCloc
     assert changes.changes == [(CLOSED, OPEN), (OPEN, CLOSED)]
 
 
-def test_threshold_one_opens_on_first_failure(clock: FakeClock) -> None:
+def test_threshold_one_opens_on_first_failure(clock: FakeTime) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=5.0, clock=clock)
     breaker.record_failure()
     assert breaker.state is OPEN
     assert not breaker.allow()
 
 
-def test_zero_reset_timeout_goes_half_open_at_once(clock: FakeClock) -> None:
+def test_zero_reset_timeout_goes_half_open_at_once(clock: FakeTime) -> None:
     breaker = CircuitBreaker(failure_threshold=1, reset_timeout_s=0.0, clock=clock)
     breaker.record_failure()
     assert breaker.retry_after() == 0.0
@@ -194,7 +194,7 @@ def test_zero_reset_timeout_goes_half_open_at_once(clock: FakeClock) -> None:
     assert breaker.state is HALF_OPEN
 
 
-def test_on_change_sees_the_new_state_already_applied(clock: FakeClock) -> None:
+def test_on_change_sees_the_new_state_already_applied(clock: FakeTime) -> None:
     seen: list[tuple[str, str, str]] = []
     holder: list[CircuitBreaker] = []
 
@@ -207,7 +207,7 @@ def test_on_change_sees_the_new_state_already_applied(clock: FakeClock) -> None:
     assert seen == [("closed", "open", "open")]
 
 
-def test_retry_after_never_negative(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_retry_after_never_negative(breaker: CircuitBreaker, clock: FakeTime) -> None:
     trip(breaker)
     clock.advance(1000.0)
     assert breaker.retry_after() == 0.0
@@ -219,7 +219,7 @@ def test_rejects_bad_parameters(threshold: int, reset: float) -> None:
         CircuitBreaker(failure_threshold=threshold, reset_timeout_s=reset)
 
 
-def test_long_random_walk_keeps_invariants(clock: FakeClock) -> None:
+def test_long_random_walk_keeps_invariants(clock: FakeTime) -> None:
     """Drive the breaker with a seeded random sequence and check it against a tiny reference model."""
     rng = random.Random(1234)
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout_s=5.0, clock=clock)

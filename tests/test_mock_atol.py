@@ -22,26 +22,18 @@ import aiohttp
 import pytest
 
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
-from tests.support import REPO, free_port
+from tests.support import REPO, FakeTime, free_port
 
 JSON = {"Content-Type": "application/json; charset=utf-8"}
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+async def clock() -> FakeTime:
+    return FakeTime()
 
 
 @pytest.fixture
-async def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def atol(clock: FakeClock) -> AsyncIterator[MockAtol]:
+async def atol(clock: FakeTime) -> AsyncIterator[MockAtol]:
     mock = await start_mock_atol(clock=clock, seed=7)
     try:
         yield mock
@@ -169,9 +161,7 @@ async def test_get_token_needs_json(atol: MockAtol, http: aiohttp.ClientSession)
         assert r.status == 415 and (await r.json())["error"]["code"] == 41
 
 
-async def test_a_token_expires_after_its_lifetime(
-    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
-) -> None:
+async def test_a_token_expires_after_its_lifetime(atol: MockAtol, http: aiohttp.ClientSession, clock: FakeTime) -> None:
     atol.set_behaviour(token_lifetime_s=60)
     tok = await token(atol, http)
     assert (await register(atol, http, sell_body("a"), tok))[0] == 200
@@ -385,7 +375,7 @@ async def test_sum_rounds_half_up_to_the_kopeck(atol: MockAtol, http: aiohttp.Cl
 
 
 async def test_report_waits_n_polls_then_answers_done_with_the_fiscal_data(
-    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
+    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeTime
 ) -> None:
     atol.set_behaviour(wait_polls=2)
     tok = await token(atol, http)
@@ -410,7 +400,7 @@ async def test_report_waits_n_polls_then_answers_done_with_the_fiscal_data(
 
 
 async def test_polls_less_than_a_second_apart_are_counted(
-    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeClock
+    atol: MockAtol, http: aiohttp.ClientSession, clock: FakeTime
 ) -> None:
     atol.set_behaviour(wait_polls=5)
     tok = await token(atol, http)

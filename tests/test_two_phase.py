@@ -36,14 +36,7 @@ from kktd.store import SCHEMA_VERSION, ReceiptStatus, Store
 from kktd.store.schema import MIGRATIONS
 from kktd.sync import CircuitBreaker, SyncLoop
 from tests.conftest import App, AppFactory
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeTime
 
 
 @dataclasses.dataclass
@@ -63,7 +56,7 @@ class ScriptedTwoPhase:
     two_phase: ClassVar[bool] = True
     max_batch = 50
 
-    def __init__(self, clock: FakeClock, waits: int = 0) -> None:
+    def __init__(self, clock: FakeTime, waits: int = 0) -> None:
         self.clock = clock
         self.waits = waits
         self.documents: dict[str, Document] = {}  # by external_id
@@ -145,11 +138,11 @@ class ScriptedTwoPhase:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> FakeTime:
+    return FakeTime()
 
 
-async def two_phase_app(app_factory: AppFactory, clock: FakeClock, upstream: ScriptedTwoPhase) -> App:
+async def two_phase_app(app_factory: AppFactory, clock: FakeTime, upstream: ScriptedTwoPhase) -> App:
     app = await app_factory()
     config = app.kktd.config
     # The loop is rebuilt around the scripted upstream with the fake clock (the poll schedule, the policy's
@@ -166,7 +159,7 @@ async def accept(store: Store, key: str) -> str:
 
 
 async def test_registered_documents_are_polled_once_a_second_until_done(
-    app_factory: AppFactory, clock: FakeClock
+    app_factory: AppFactory, clock: FakeTime
 ) -> None:
     upstream = ScriptedTwoPhase(clock, waits=3)
     app = await two_phase_app(app_factory, clock, upstream)
@@ -196,7 +189,7 @@ async def test_registered_documents_are_polled_once_a_second_until_done(
     assert shown["ofd"]["ofd_receipt_url"] == "https://check.example/uuid-1"
 
 
-async def test_a_submitted_receipt_is_never_registered_again(app_factory: AppFactory, clock: FakeClock) -> None:
+async def test_a_submitted_receipt_is_never_registered_again(app_factory: AppFactory, clock: FakeTime) -> None:
     upstream = ScriptedTwoPhase(clock, waits=1000)
     app = await two_phase_app(app_factory, clock, upstream)
     for i in range(10):
@@ -209,7 +202,7 @@ async def test_a_submitted_receipt_is_never_registered_again(app_factory: AppFac
 
 
 async def test_not_registered_is_registered_again_under_a_new_external_id_committed_first(
-    app_factory: AppFactory, clock: FakeClock, tmp_path: Path
+    app_factory: AppFactory, clock: FakeTime, tmp_path: Path
 ) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.not_registered_once = {"nr-0"}
@@ -243,7 +236,7 @@ async def test_not_registered_is_registered_again_under_a_new_external_id_commit
 
 
 async def test_a_lost_registration_answer_adopts_the_original_document(
-    app_factory: AppFactory, clock: FakeClock
+    app_factory: AppFactory, clock: FakeTime
 ) -> None:
     """The upstream registered the document but the answer never reached kktd (here: the loop dies before
     recording it). The retry goes out under the same external id, and the upstream's deduplication hands
@@ -263,9 +256,7 @@ async def test_a_lost_registration_answer_adopts_the_original_document(
     assert upstream.registrations == Counter({"lost-0": 1})
 
 
-async def test_refused_content_is_a_dead_letter_and_undelivered_waits(
-    app_factory: AppFactory, clock: FakeClock
-) -> None:
+async def test_refused_content_is_a_dead_letter_and_undelivered_waits(app_factory: AppFactory, clock: FakeTime) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.refuse = {"bad-0"}
     app = await two_phase_app(app_factory, clock, upstream)
@@ -289,7 +280,7 @@ async def test_refused_content_is_a_dead_letter_and_undelivered_waits(
 
 
 async def test_an_upstream_that_refuses_kktd_itself_warns_and_dead_letters_nothing(
-    app_factory: AppFactory, clock: FakeClock
+    app_factory: AppFactory, clock: FakeTime
 ) -> None:
     upstream = ScriptedTwoPhase(clock)
     upstream.unavailable = UpstreamUnavailable(
@@ -375,7 +366,7 @@ async def test_a_v1_database_migrates_to_v2_keeping_every_receipt(tmp_path: Path
 
 
 async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(
-    app_factory: AppFactory, clock: FakeClock, tmp_path: Path
+    app_factory: AppFactory, clock: FakeTime, tmp_path: Path
 ) -> None:
     make_v1_database(tmp_path / "buffer.db", pending=25, sent=5)
     upstream = ScriptedTwoPhase(clock, waits=1)
@@ -390,7 +381,7 @@ async def test_a_migrated_v1_buffer_drains_through_a_two_phase_upstream(
 
 
 async def test_requeue_registers_a_document_the_upstream_failed_under_a_new_external_id(
-    app_factory: AppFactory, clock: FakeClock
+    app_factory: AppFactory, clock: FakeTime
 ) -> None:
     """A dead letter refused at submission was never registered: requeued, it goes out under the same
     external id. One the upstream registered and then reported failed would only adopt that failed document
