@@ -237,35 +237,16 @@ def test_adding_the_toy_touches_only_its_module_its_mock_and_the_registry(toy_tr
 
 
 def test_the_toy_settings_are_kktd_settings(toy_tree: Path, tmp_path: Path) -> None:
-    code, out = _run(
-        toy_tree,
-        "check-config",
-        "--upstream",
-        "toy",
-        "--company-inn",
-        "7707083893",
-        "--toy-timeout",
-        "3s",
-        "--db",
-        str(tmp_path / "b.db"),
-    )
+    def check_config(*flags: str) -> tuple[int, str]:
+        return _run(toy_tree, "check-config", "--upstream", "toy", "--db", str(tmp_path / "b.db"), *flags)
+
+    code, out = check_config("--company-inn", "7707083893", "--toy-timeout", "3s")
     assert code == 0, out
     described = json.loads(out)
     assert (described["upstream"], described["toy_timeout"], described["company_inn"]) == ("toy", 3.0, "7707083893")
-    code, out = _run(toy_tree, "check-config", "--upstream", "toy", "--db", str(tmp_path / "b.db"))
+    code, out = check_config()
     assert code == 78 and "company_inn: required when upstream = toy" in out, out
-    code, out = _run(
-        toy_tree,
-        "check-config",
-        "--upstream",
-        "toy",
-        "--company-inn",
-        "7707083893",
-        "--toy-url",
-        "gopher://x",
-        "--db",
-        str(tmp_path / "b.db"),
-    )
+    code, out = check_config("--company-inn", "7707083893", "--toy-url", "gopher://x")
     assert code == 78 and "toy_url" in out, out
     code, out = _run(toy_tree, "mock-toy", "--help")
     assert code == 0 and "kktd mock-toy" in out, out
