@@ -22,6 +22,7 @@ from kktd.clock import Clock, Sleep
 from kktd.config import Config
 from kktd.store import Store
 from kktd.upstreams.kktd_ofd import KktdOfdSettings
+from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from tests.faulty_kktd import add_fault_routes
 from tests.support import KktdProcess
 
@@ -121,3 +122,13 @@ def kktds() -> Iterator[list[KktdProcess]]:
     finally:
         for proc in started:
             proc.stop()
+
+
+@pytest.fixture
+async def mock_ofd() -> AsyncIterator[MockOfd]:
+    """The mock OFD in this event loop (kktd_mocks/ofd.py), seeded so its flaky mode repeats; closed after."""
+    ofd = await start_mock_ofd("127.0.0.1", 0, seed=1)
+    try:
+        yield ofd
+    finally:
+        await ofd.close()

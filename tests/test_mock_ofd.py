@@ -76,39 +76,30 @@ def entry(n: int, **kwargs: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def mock() -> AsyncIterator[MockOfd]:
-    ofd = await start_mock_ofd("127.0.0.1", 0, seed=1)
-    try:
-        yield ofd
-    finally:
-        await ofd.close()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
 
 
-async def post(http: aiohttp.ClientSession, mock: MockOfd, body: Any) -> tuple[int, Any]:
+async def post(http: aiohttp.ClientSession, mock_ofd: MockOfd, body: Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with http.post(
-        f"{mock.url}/v1/receipts", data=data, headers={"Content-Type": "application/json"}
+        f"{mock_ofd.url}/v1/receipts", data=data, headers={"Content-Type": "application/json"}
     ) as response:
         return response.status, await response.json(content_type=None)
 
 
-async def send(http: aiohttp.ClientSession, mock: MockOfd, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    status, body = await post(http, mock, entries)
+async def send(http: aiohttp.ClientSession, mock_ofd: MockOfd, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    status, body = await post(http, mock_ofd, entries)
     assert status == 200, body
     assert len(body["results"]) == len(entries)
     return list(body["results"])
 
 
 async def admin(
-    http: aiohttp.ClientSession, mock: MockOfd, method: str, path: str, body: Any = None
+    http: aiohttp.ClientSession, mock_ofd: MockOfd, method: str, path: str, body: Any = None
 ) -> tuple[int, Any]:
-    async with http.request(method, f"{mock.admin_url}{path}", json=body) as response:
+    async with http.request(method, f"{mock_ofd.admin_url}{path}", json=body) as response:
         return response.status, await response.json()
 
 
@@ -124,8 +115,8 @@ def refuses_connections(port: int) -> bool:
 # --- protocol -----------------------------------------------------------------------------------------
 
 
-async def test_acknowledgement_shape(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    results = await send(http, mock, [entry(1), entry(2), entry(3)])
+async def test_acknowledgement_shape(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    results = await send(http, mock_ofd, [entry(1), entry(2), entry(3)])
     assert [r["receipt_id"] for r in results] == ["rcpt-1", "rcpt-2", "rcpt-3"]
     assert [r["fiscal_document_number"] for r in results] == [1, 2, 3]
     for result in results:
@@ -149,39 +140,41 @@ async def test_fiscal_sign_is_deterministic_per_key() -> None:
     assert signs[0] == signs[1]
 
 
-async def test_redelivery_is_acknowledged_identically_and_counted(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    first = await send(http, mock, [entry(1), entry(2)])
-    again = await send(http, mock, [entry(2), entry(3), entry(1)])
+async def test_redelivery_is_acknowledged_identically_and_counted(
+    http: aiohttp.ClientSession, mock_ofd: MockOfd
+) -> None:
+    first = await send(http, mock_ofd, [entry(1), entry(2)])
+    again = await send(http, mock_ofd, [entry(2), entry(3), entry(1)])
     assert again[0] == first[1] and again[2] == first[0]
     assert again[1]["fiscal_document_number"] == 3
-    twice_in_one = await send(http, mock, [entry(4), entry(4)])
+    twice_in_one = await send(http, mock_ofd, [entry(4), entry(4)])
     assert twice_in_one[0] == twice_in_one[1]
-    stats = mock.stats()
+    stats = mock_ofd.stats()
     assert (stats["unique"], stats["received"], stats["redeliveries"]) == (4, 7, 3)
-    stored = mock.stored("rcpt-1")
+    stored = mock_ofd.stored("rcpt-1")
     assert stored is not None and stored["deliveries"] == 2
 
 
 async def test_redelivery_is_acknowledged_even_after_the_register_is_blocked(
-    http: aiohttp.ClientSession, mock: MockOfd
+    http: aiohttp.ClientSession, mock_ofd: MockOfd
 ) -> None:
-    (first,) = await send(http, mock, [entry(1)])
-    status, _ = await admin(http, mock, "POST", "/admin/reject", {"pos_ids": ["POS-1"]})
+    (first,) = await send(http, mock_ofd, [entry(1)])
+    status, _ = await admin(http, mock_ofd, "POST", "/admin/reject", {"pos_ids": ["POS-1"]})
     assert status == 200
-    (again, fresh) = await send(http, mock, [entry(1), entry(2)])
+    (again, fresh) = await send(http, mock_ofd, [entry(1), entry(2)])
     assert again == first
     assert fresh["error"]["code"] == "kkt_not_registered"
 
 
-async def test_key_reused_by_another_receipt_is_rejected(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await send(http, mock, [entry(1)])
+async def test_key_reused_by_another_receipt_is_rejected(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await send(http, mock_ofd, [entry(1)])
     other = {**entry(1), "receipt_id": "rcpt-other"}
-    (result,) = await send(http, mock, [other])
+    (result,) = await send(http, mock_ofd, [other])
     assert result == {
         "receipt_id": "rcpt-other",
         "error": {"code": "idempotency_key_reused", "message": result["error"]["message"]},
     }
-    assert mock.stats()["unique"] == 1
+    assert mock_ofd.stats()["unique"] == 1
 
 
 def broken(path: str, value: Any) -> dict[str, Any]:
@@ -224,29 +217,31 @@ REJECTIONS: dict[str, tuple[Any, str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(REJECTIONS))
-async def test_invalid_receipts_are_rejected_not_stored(case: str, http: aiohttp.ClientSession, mock: MockOfd) -> None:
+async def test_invalid_receipts_are_rejected_not_stored(
+    case: str, http: aiohttp.ClientSession, mock_ofd: MockOfd
+) -> None:
     bad, code = REJECTIONS[case]
-    (ok_before, result, ok_after) = await send(http, mock, [entry(1), bad, entry(2)])
+    (ok_before, result, ok_after) = await send(http, mock_ofd, [entry(1), bad, entry(2)])
     assert ok_before["fiscal_document_number"] == 1 and ok_after["fiscal_document_number"] == 2
     expected_id = bad.get("receipt_id") if isinstance(bad, dict) else None
     assert result["receipt_id"] == expected_id
     assert result["error"]["code"] == code and result["error"]["message"]
-    assert mock.stored("rcpt-9") is None
-    assert mock.stats()["rejected"] == 1 and mock.stats()["unique"] == 2
+    assert mock_ofd.stored("rcpt-9") is None
+    assert mock_ofd.stats()["rejected"] == 1 and mock_ofd.stats()["unique"] == 2
 
 
-async def test_reject_list_set_and_cleared(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    status, body = await admin(http, mock, "POST", "/admin/reject", {"pos_ids": ["POS-7", "POS-8"]})
+async def test_reject_list_set_and_cleared(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    status, body = await admin(http, mock_ofd, "POST", "/admin/reject", {"pos_ids": ["POS-7", "POS-8"]})
     assert (status, body) == (200, {"pos_ids": ["POS-7", "POS-8"]})
-    results = await send(http, mock, [entry(1, pos_id="POS-7"), entry(2, pos_id="POS-1"), entry(3, pos_id="POS-8")])
+    results = await send(http, mock_ofd, [entry(1, pos_id="POS-7"), entry(2, pos_id="POS-1"), entry(3, pos_id="POS-8")])
     codes = [r.get("error", {}).get("code") for r in results]
     assert codes == ["kkt_not_registered", None, "kkt_not_registered"]
     # A rejected receipt was not stored: once the register is cleared it is acknowledged as new.
-    status, body = await admin(http, mock, "POST", "/admin/reject", {"pos_ids": []})
+    status, body = await admin(http, mock_ofd, "POST", "/admin/reject", {"pos_ids": []})
     assert (status, body) == (200, {"pos_ids": []})
-    (result,) = await send(http, mock, [entry(1, pos_id="POS-7")])
+    (result,) = await send(http, mock_ofd, [entry(1, pos_id="POS-7")])
     assert result["fiscal_document_number"] == 2
-    assert mock.stats()["rejected"] == 2 and mock.stats()["redeliveries"] == 0
+    assert mock_ofd.stats()["rejected"] == 2 and mock_ofd.stats()["redeliveries"] == 0
 
 
 @pytest.mark.parametrize(
@@ -261,11 +256,11 @@ async def test_reject_list_set_and_cleared(http: aiohttp.ClientSession, mock: Mo
     ],
     ids=["not-json", "not-utf8", "object", "string", "empty", "101-items"],
 )
-async def test_whole_request_problems_are_400(body: bytes, http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    status, answer = await post(http, mock, body)
+async def test_whole_request_problems_are_400(body: bytes, http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    status, answer = await post(http, mock_ofd, body)
     assert status == 400
     assert answer["error"]["code"] == "bad_request"
-    stats = mock.stats()
+    stats = mock_ofd.stats()
     assert (stats["unique"], stats["received"], stats["bad_requests"], stats["requests"]) == (0, 0, 1, 1)
 
 
@@ -310,30 +305,30 @@ def test_split_batch_rejects(text: str, message: str) -> None:
         split_batch(text)
 
 
-async def test_stored_copy_is_the_item_as_sent(http: aiohttp.ClientSession, mock: MockOfd) -> None:
+async def test_stored_copy_is_the_item_as_sent(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
     stored_receipt = json.dumps(receipt(), ensure_ascii=False, indent=2)
     body = (
         f'[ {{"receipt_id": "rcpt-1", "idempotency_key": "key-1", "accepted_at": "{ACCEPTED_AT}", '
         f'"receipt": {stored_receipt}}} ]'
     )
-    status, answer = await post(http, mock, body.encode())
+    status, answer = await post(http, mock_ofd, body.encode())
     assert status == 200 and answer["results"][0]["fiscal_document_number"] == 1
-    stored = mock.stored("rcpt-1")
+    stored = mock_ofd.stored("rcpt-1")
     assert stored is not None and stored["receipt"] == receipt() and stored["accepted_at"] == ACCEPTED_AT
 
 
-async def test_batch_of_100_is_accepted(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    results = await send(http, mock, [entry(n) for n in range(100)])
+async def test_batch_of_100_is_accepted(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    results = await send(http, mock_ofd, [entry(n) for n in range(100)])
     assert [r["fiscal_document_number"] for r in results] == list(range(1, 101))
 
 
 # --- admin API ----------------------------------------------------------------------------------------
 
 
-async def test_stats_and_receipt_lookup(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await send(http, mock, [entry(1), entry(2)])
-    await send(http, mock, [entry(1), broken("receipt.total", "x")])
-    status, stats = await admin(http, mock, "GET", "/admin/stats")
+async def test_stats_and_receipt_lookup(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await send(http, mock_ofd, [entry(1), entry(2)])
+    await send(http, mock_ofd, [entry(1), broken("receipt.total", "x")])
+    status, stats = await admin(http, mock_ofd, "GET", "/admin/stats")
     assert status == 200
     assert {k: stats[k] for k in ("received", "unique", "redeliveries", "rejected", "requests", "mode")} == {
         "received": 4,
@@ -343,28 +338,28 @@ async def test_stats_and_receipt_lookup(http: aiohttp.ClientSession, mock: MockO
         "requests": 2,
         "mode": "online",
     }
-    status, stored = await admin(http, mock, "GET", "/admin/receipts/rcpt-2")
+    status, stored = await admin(http, mock_ofd, "GET", "/admin/receipts/rcpt-2")
     assert status == 200
     assert stored["receipt"] == receipt() and stored["idempotency_key"] == "key-2"
     assert stored["ack"]["fiscal_document_number"] == 2 and stored["deliveries"] == 1
-    status, missing = await admin(http, mock, "GET", "/admin/receipts/rcpt-9")
+    status, missing = await admin(http, mock_ofd, "GET", "/admin/receipts/rcpt-9")
     assert status == 404 and missing["error"]["code"] == "not_found"
 
 
-async def test_receipt_listing_pages(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await send(http, mock, [entry(n) for n in range(25)])
-    status, page = await admin(http, mock, "GET", "/admin/receipts?after=10&limit=5")
+async def test_receipt_listing_pages(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await send(http, mock_ofd, [entry(n) for n in range(25)])
+    status, page = await admin(http, mock_ofd, "GET", "/admin/receipts?after=10&limit=5")
     assert status == 200 and page["count"] == 25
     assert [r["fiscal_document_number"] for r in page["receipts"]] == [11, 12, 13, 14, 15]
     assert page["receipts"][0]["receipt_id"] == "rcpt-10"
-    status, _ = await admin(http, mock, "GET", "/admin/receipts?limit=many")
+    status, _ = await admin(http, mock_ofd, "GET", "/admin/receipts?limit=many")
     assert status == 400
 
 
-async def test_admin_routes_are_also_on_the_main_listener(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    async with http.get(f"{mock.url}/admin/stats") as response:
+async def test_admin_routes_are_also_on_the_main_listener(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    async with http.get(f"{mock_ofd.url}/admin/stats") as response:
         assert response.status == 200 and (await response.json())["mode"] == "online"
-    async with http.post(f"{mock.admin_url}/v1/receipts", json=[entry(1)]) as response:
+    async with http.post(f"{mock_ofd.admin_url}/v1/receipts", json=[entry(1)]) as response:
         assert response.status == 404  # receipts only on the main listener
 
 
@@ -380,18 +375,18 @@ async def test_admin_routes_are_also_on_the_main_listener(http: aiohttp.ClientSe
         ["online"],
     ],
 )
-async def test_bad_mode_requests_are_400(body: Any, http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    status, answer = await admin(http, mock, "POST", "/admin/mode", body)
+async def test_bad_mode_requests_are_400(body: Any, http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    status, answer = await admin(http, mock_ofd, "POST", "/admin/mode", body)
     assert status == 400 and answer["error"]["code"] == "bad_request"
-    assert mock.stats()["mode"] == "online"
+    assert mock_ofd.stats()["mode"] == "online"
 
 
-async def test_reset_clears_store_and_counters(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await send(http, mock, [entry(1)])
-    status, _ = await admin(http, mock, "POST", "/admin/reset")
+async def test_reset_clears_store_and_counters(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await send(http, mock_ofd, [entry(1)])
+    status, _ = await admin(http, mock_ofd, "POST", "/admin/reset")
     assert status == 200
-    assert mock.stats()["unique"] == 0 and mock.stats()["received"] == 0
-    (result,) = await send(http, mock, [entry(1)])
+    assert mock_ofd.stats()["unique"] == 0 and mock_ofd.stats()["received"] == 0
+    (result,) = await send(http, mock_ofd, [entry(1)])
     assert result["fiscal_document_number"] == 1
 
 
@@ -399,54 +394,54 @@ async def test_reset_clears_store_and_counters(http: aiohttp.ClientSession, mock
 
 
 async def test_offline_closes_the_listener_and_comes_back_on_the_same_port(
-    http: aiohttp.ClientSession, mock: MockOfd
+    http: aiohttp.ClientSession, mock_ofd: MockOfd
 ) -> None:
-    port = mock.port
-    await send(http, mock, [entry(1)])  # leaves a keep-alive connection in the session's pool
-    status, body = await admin(http, mock, "POST", "/admin/mode", {"mode": "offline"})
+    port = mock_ofd.port
+    await send(http, mock_ofd, [entry(1)])  # leaves a keep-alive connection in the session's pool
+    status, body = await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "offline"})
     assert (status, body["mode"]) == (200, "offline")
     assert refuses_connections(port)
     with pytest.raises(aiohttp.ClientConnectionError):
-        await post(http, mock, [entry(2)])
-    status, stats = await admin(http, mock, "GET", "/admin/stats")
+        await post(http, mock_ofd, [entry(2)])
+    status, stats = await admin(http, mock_ofd, "GET", "/admin/stats")
     assert status == 200 and stats["mode"] == "offline"
-    status, _ = await admin(http, mock, "POST", "/admin/mode", {"mode": "online"})
-    assert status == 200 and mock.port == port
+    status, _ = await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "online"})
+    assert status == 200 and mock_ofd.port == port
     assert not refuses_connections(port)
-    (result,) = await send(http, mock, [entry(2)])
+    (result,) = await send(http, mock_ofd, [entry(2)])
     assert result["fiscal_document_number"] == 2
-    assert mock.stats()["unique"] == 2
+    assert mock_ofd.stats()["unique"] == 2
 
 
 async def test_going_offline_through_the_main_listener_still_answers(
-    http: aiohttp.ClientSession, mock: MockOfd
+    http: aiohttp.ClientSession, mock_ofd: MockOfd
 ) -> None:
-    async with http.post(f"{mock.url}/admin/mode", json={"mode": "offline"}) as response:
+    async with http.post(f"{mock_ofd.url}/admin/mode", json={"mode": "offline"}) as response:
         assert response.status == 200 and (await response.json())["mode"] == "offline"
-    assert refuses_connections(mock.port)
-    await mock.set_mode("online")
-    assert not refuses_connections(mock.port)
+    assert refuses_connections(mock_ofd.port)
+    await mock_ofd.set_mode("online")
+    assert not refuses_connections(mock_ofd.port)
 
 
-async def test_offline_twice_and_online_twice_are_harmless(mock: MockOfd) -> None:
-    await mock.set_mode("offline")
-    await mock.set_mode("offline")
-    assert refuses_connections(mock.port)
-    await mock.set_mode("online")
-    await mock.set_mode("error500")  # leaving offline for another mode reopens too
-    assert not refuses_connections(mock.port)
+async def test_offline_twice_and_online_twice_are_harmless(mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("offline")
+    await mock_ofd.set_mode("offline")
+    assert refuses_connections(mock_ofd.port)
+    await mock_ofd.set_mode("online")
+    await mock_ofd.set_mode("error500")  # leaving offline for another mode reopens too
+    assert not refuses_connections(mock_ofd.port)
 
 
-async def test_port_taken_while_offline_keeps_it_offline(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await mock.set_mode("offline")
+async def test_port_taken_while_offline_keeps_it_offline(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("offline")
     with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", mock.port))
+        squatter.bind(("127.0.0.1", mock_ofd.port))
         squatter.listen()
-        status, body = await admin(http, mock, "POST", "/admin/mode", {"mode": "online"})
+        status, body = await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "online"})
         assert status == 500 and body["error"]["code"] == "listener_error"
-        assert mock.stats()["mode"] == "offline"
-    await mock.set_mode("online")
-    assert not refuses_connections(mock.port)
+        assert mock_ofd.stats()["mode"] == "offline"
+    await mock_ofd.set_mode("online")
+    assert not refuses_connections(mock_ofd.port)
 
 
 async def test_close_while_offline() -> None:
@@ -458,31 +453,31 @@ async def test_close_while_offline() -> None:
     assert refuses_connections(ofd.port) and refuses_connections(ofd.admin_port)
 
 
-async def test_error500_answers_500_and_stores_nothing(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await admin(http, mock, "POST", "/admin/mode", {"mode": "error500"})
-    status, body = await post(http, mock, [entry(1)])
+async def test_error500_answers_500_and_stores_nothing(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "error500"})
+    status, body = await post(http, mock_ofd, [entry(1)])
     assert status == 500 and "error" in body
-    stats = mock.stats()
+    stats = mock_ofd.stats()
     counts = (stats["unique"], stats["requests"], stats["failed_requests"], stats["mode"])
     assert counts == (0, 1, 1, "error500")
 
 
-async def test_slow_waits_before_storing(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await admin(http, mock, "POST", "/admin/mode", {"mode": "slow", "delay_s": 0.4})
+async def test_slow_waits_before_storing(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "slow", "delay_s": 0.4})
     loop = asyncio.get_running_loop()
     started = loop.time()
-    request = asyncio.ensure_future(send(http, mock, [entry(1)]))
+    request = asyncio.ensure_future(send(http, mock_ofd, [entry(1)]))
     try:
         deadline = started + 5.0
-        while mock.stats()["requests"] == 0:
+        while mock_ofd.stats()["requests"] == 0:
             assert loop.time() < deadline, "the request never reached the mock"
             await asyncio.sleep(0.01)
-        assert mock.stats()["unique"] == 0  # in the delay: nothing stored yet
+        assert mock_ofd.stats()["unique"] == 0  # in the delay: nothing stored yet
         (result,) = await request
     finally:
         request.cancel()
     assert loop.time() - started >= 0.4
-    assert result["fiscal_document_number"] == 1 and mock.stats()["unique"] == 1
+    assert result["fiscal_document_number"] == 1 and mock_ofd.stats()["unique"] == 1
 
 
 async def test_close_does_not_wait_for_a_long_slow_request() -> None:
@@ -534,18 +529,18 @@ async def test_flaky_extremes(ratio: float, expect_ok: bool) -> None:
     assert all((o == "ok") == expect_ok for o in outcomes)
 
 
-async def test_drop_ack_stores_but_the_client_sees_an_error(http: aiohttp.ClientSession, mock: MockOfd) -> None:
-    await admin(http, mock, "POST", "/admin/mode", {"mode": "drop_ack"})
+async def test_drop_ack_stores_but_the_client_sees_an_error(http: aiohttp.ClientSession, mock_ofd: MockOfd) -> None:
+    await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "drop_ack"})
     with pytest.raises(aiohttp.ClientConnectionError):
-        await post(http, mock, [entry(1), entry(2)])
-    stats = mock.stats()
+        await post(http, mock_ofd, [entry(1), entry(2)])
+    stats = mock_ofd.stats()
     assert (stats["unique"], stats["dropped_acks"]) == (2, 1)
-    stored = mock.stored("rcpt-2")
+    stored = mock_ofd.stored("rcpt-2")
     assert stored is not None
-    await admin(http, mock, "POST", "/admin/mode", {"mode": "online"})
-    results = await send(http, mock, [entry(1), entry(2)])
+    await admin(http, mock_ofd, "POST", "/admin/mode", {"mode": "online"})
+    results = await send(http, mock_ofd, [entry(1), entry(2)])
     assert results[1] == stored["ack"]
-    assert mock.stats()["redeliveries"] == 2
+    assert mock_ofd.stats()["redeliveries"] == 2
 
 
 async def test_offline_on_a_bare_app_resets_connections() -> None:

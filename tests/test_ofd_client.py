@@ -22,7 +22,7 @@ from aiohttp import web
 from kktd.delivery import UpstreamUnavailable
 from kktd.upstreams.http import invalid_field
 from kktd.upstreams.kktd_ofd import OfdAck, OfdClient, OfdItem, OfdRejection
-from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from kktd_mocks.ofd import MockOfd
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACCEPTED_AT = "2026-11-24T03:00:00.000Z"
@@ -63,17 +63,8 @@ def ack_for(entry: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def mock() -> AsyncIterator[MockOfd]:
-    ofd = await start_mock_ofd("127.0.0.1", 0)
-    try:
-        yield ofd
-    finally:
-        await ofd.close()
-
-
-@pytest.fixture
-async def client(mock: MockOfd) -> AsyncIterator[OfdClient]:
-    ofd_client = OfdClient(mock.url, timeout_s=5.0)
+async def client(mock_ofd: MockOfd) -> AsyncIterator[OfdClient]:
+    ofd_client = OfdClient(mock_ofd.url, timeout_s=5.0)
     await ofd_client.start()
     try:
         yield ofd_client
@@ -161,16 +152,16 @@ async def test_acknowledgements_are_typed_and_in_order(client: OfdClient) -> Non
         assert datetime.fromisoformat(ack.ofd_received_at).tzinfo is not None
 
 
-async def test_redelivery_returns_the_same_acknowledgement(client: OfdClient, mock: MockOfd) -> None:
+async def test_redelivery_returns_the_same_acknowledgement(client: OfdClient, mock_ofd: MockOfd) -> None:
     first = await client.send_batch([item(1), item(2)])
     again = await client.send_batch([item(2), item(1)])
     assert again == [first[1], first[0]]
-    assert mock.stats()["unique"] == 2
-    assert mock.stats()["redeliveries"] == 2
+    assert mock_ofd.stats()["unique"] == 2
+    assert mock_ofd.stats()["redeliveries"] == 2
 
 
-async def test_rejections_come_back_in_place(client: OfdClient, mock: MockOfd) -> None:
-    mock.set_rejected_pos_ids(["POS-BAD"])
+async def test_rejections_come_back_in_place(client: OfdClient, mock_ofd: MockOfd) -> None:
+    mock_ofd.set_rejected_pos_ids(["POS-BAD"])
     results = await client.send_batch([item(1), item(2, pos_id="POS-BAD"), item(3)])
     assert isinstance(results[0], OfdAck) and isinstance(results[2], OfdAck)
     rejection = results[1]
@@ -179,24 +170,24 @@ async def test_rejections_come_back_in_place(client: OfdClient, mock: MockOfd) -
     assert "POS-BAD" in rejection.message
 
 
-async def test_pre_encoded_receipt_is_sent_verbatim(client: OfdClient, mock: MockOfd) -> None:
+async def test_pre_encoded_receipt_is_sent_verbatim(client: OfdClient, mock_ofd: MockOfd) -> None:
     canonical = json.dumps(receipt(amount=777), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     results = await client.send_batch([OfdItem("rcpt-j", "key-j", ACCEPTED_AT, receipt_json=canonical)])
     assert isinstance(results[0], OfdAck)
-    stored = mock.stored("rcpt-j")
+    stored = mock_ofd.stored("rcpt-j")
     assert stored is not None
     assert stored["receipt"] == receipt(amount=777)
     assert stored["idempotency_key"] == "key-j" and stored["accepted_at"] == ACCEPTED_AT
 
 
-async def test_full_batch_of_100(client: OfdClient, mock: MockOfd) -> None:
+async def test_full_batch_of_100(client: OfdClient, mock_ofd: MockOfd) -> None:
     results = await client.send_batch([item(n) for n in range(100)])
     assert len(results) == 100 and all(isinstance(r, OfdAck) for r in results)
-    assert mock.stats()["unique"] == 100
+    assert mock_ofd.stats()["unique"] == 100
 
 
-async def test_offline_mock_is_a_connect_error(client: OfdClient, mock: MockOfd) -> None:
-    await mock.set_mode("offline")
+async def test_offline_mock_is_a_connect_error(client: OfdClient, mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("offline")
     with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     # The first attempt may still pick the pooled connection the mock has just closed.
@@ -204,33 +195,33 @@ async def test_offline_mock_is_a_connect_error(client: OfdClient, mock: MockOfd)
     with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "connect_error"
-    await mock.set_mode("online")
+    await mock_ofd.set_mode("online")
     assert isinstance((await client.send_batch([item(1)]))[0], OfdAck)
 
 
-async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: OfdClient, mock: MockOfd) -> None:
-    await mock.set_mode("drop_ack")
+async def test_lost_acknowledgement_is_unavailable_then_deduplicated(client: OfdClient, mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("drop_ack")
     with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "connection_lost"
-    assert mock.stats()["unique"] == 1
-    await mock.set_mode("online")
+    assert mock_ofd.stats()["unique"] == 1
+    await mock_ofd.set_mode("online")
     (ack,) = await client.send_batch([item(1)])
     assert isinstance(ack, OfdAck) and ack.fiscal_document_number == 1
-    assert mock.stats()["redeliveries"] == 1
+    assert mock_ofd.stats()["redeliveries"] == 1
 
 
-async def test_error500_mode_is_http_500(client: OfdClient, mock: MockOfd) -> None:
-    await mock.set_mode("error500")
+async def test_error500_mode_is_http_500(client: OfdClient, mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("error500")
     with pytest.raises(UpstreamUnavailable) as info:
         await client.send_batch([item(1)])
     assert info.value.reason == "http_500"
-    assert mock.stats()["unique"] == 0
+    assert mock_ofd.stats()["unique"] == 0
 
 
-async def test_slow_mock_past_timeout_is_a_timeout(mock: MockOfd) -> None:
-    await mock.set_mode("slow", delay_s=1.0)
-    assert await reason_from(mock.url, timeout_s=0.2) == "timeout"
+async def test_slow_mock_past_timeout_is_a_timeout(mock_ofd: MockOfd) -> None:
+    await mock_ofd.set_mode("slow", delay_s=1.0)
+    assert await reason_from(mock_ofd.url, timeout_s=0.2) == "timeout"
 
 
 # --- against garbage ----------------------------------------------------------------------------------
@@ -575,8 +566,8 @@ def test_client_parameters_are_checked() -> None:
         OfdClient("127.0.0.1:9000", 1.0)
 
 
-async def test_close_is_idempotent_and_restartable(mock: MockOfd) -> None:
-    ofd_client = OfdClient(mock.url, 5.0)
+async def test_close_is_idempotent_and_restartable(mock_ofd: MockOfd) -> None:
+    ofd_client = OfdClient(mock_ofd.url, 5.0)
     await ofd_client.close()
     assert isinstance((await ofd_client.send_batch([item(1)]))[0], OfdAck)  # starts lazily
     await ofd_client.close()
