@@ -22,6 +22,7 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, N
 DAY = 86400.0
 
 Parser = Callable[[Any], Any]
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,13 @@ def http_url(raw: Any) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError("must be an http:// or https:// URL with a host")
     return text.rstrip("/")
+
+
+def string(raw: Any) -> str:
+    """A value that must be a string as given (a TOML string, or any environment or flag value)."""
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw
 
 
 def file_path(raw: Any) -> Path:

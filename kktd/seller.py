@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kktd.errors import ConfigError
-from kktd.options import Option
+from kktd.options import CONTROL_CHARS_RE, Option, string
 
 __all__ = ["OPTIONS", "Seller", "inn_is_valid", "parse_seller"]
 
@@ -23,13 +23,6 @@ INN_10_WEIGHTS = (2, 4, 10, 3, 5, 9, 4, 6, 8)
 INN_11_WEIGHTS = (7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
 INN_12_WEIGHTS = (3, 7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s.]+(?:\.[^@\s.]+)+")
-CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _text(raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise ValueError("must be a string")
-    return raw
 
 
 def _check_digit(digits: str, weights: tuple[int, ...]) -> int:
@@ -48,7 +41,7 @@ def inn_is_valid(inn: str) -> bool:
 
 
 def parse_company_inn(raw: Any) -> str:
-    text = _text(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
+    text = string(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
     if not text.isascii() or not text.isdigit() or len(text) not in (10, 12):
         raise ValueError("must be the seller's INN: 10 or 12 digits")
     if not inn_is_valid(text):
@@ -57,14 +50,14 @@ def parse_company_inn(raw: Any) -> str:
 
 
 def parse_company_email(raw: Any) -> str:
-    text = _text(raw)
+    text = string(raw)
     if len(text) > 64 or not EMAIL_RE.fullmatch(text):
         raise ValueError("must be an e-mail address of at most 64 characters")
     return text
 
 
 def parse_payment_address(raw: Any) -> str:
-    text = _text(raw)
+    text = string(raw)
     if not text.strip() or len(text) > 256:
         raise ValueError("must be 1..256 characters (the shop's site or the place of settlement)")
     if CONTROL_CHARS_RE.search(text):
@@ -73,14 +66,14 @@ def parse_payment_address(raw: Any) -> str:
 
 
 def parse_cashier_name(raw: Any) -> str:
-    text = _text(raw)
+    text = string(raw)
     if not text.strip() or len(text) > 64 or CONTROL_CHARS_RE.search(text):
         raise ValueError("must be 1..64 characters without control characters")
     return text
 
 
 def parse_cashier_inn(raw: Any) -> str:
-    text = _text(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
+    text = string(raw) if not isinstance(raw, int) or isinstance(raw, bool) else str(raw)
     if len(text) != 12 or not inn_is_valid(text):
         raise ValueError("must be the cashier's personal INN: 12 digits with valid check digits")
     return text

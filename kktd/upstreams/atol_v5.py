@@ -44,7 +44,7 @@ from kktd.delivery import (
     UpstreamUnavailable,
 )
 from kktd.errors import ConfigError
-from kktd.options import Option, duration_in, int_in
+from kktd.options import CONTROL_CHARS_RE, Option, duration_in, int_in, string
 from kktd.seller import Seller
 from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
 from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
@@ -117,7 +117,6 @@ AUTH_PROBLEMS: Mapping[int, _AuthProblem] = {
 
 LOGIN_RE = re.compile(r"\S{1,100}")
 GROUP_CODE_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
-CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +148,8 @@ class AtolSettings:
         }
 
 
-def _text(raw: Any) -> str:
-    if not isinstance(raw, str):
-        raise ValueError("must be a string")
-    return raw
-
-
 def parse_atol_url(raw: Any) -> str:
-    text = _text(raw).strip()
+    text = string(raw).strip()
     try:
         url = yarl.URL(text)
     except (ValueError, TypeError):
@@ -171,14 +164,14 @@ def parse_atol_url(raw: Any) -> str:
 
 
 def parse_login(raw: Any) -> str:
-    text = _text(raw)
+    text = string(raw)
     if not LOGIN_RE.fullmatch(text):
         raise ValueError("must be 1..100 characters without spaces")
     return text
 
 
 def parse_group_code(raw: Any) -> str:
-    text = _text(raw)
+    text = string(raw)
     if not GROUP_CODE_RE.fullmatch(text):
         raise ValueError("must be 1..100 characters of A-Z a-z 0-9 . _ -")
     return text
@@ -186,7 +179,7 @@ def parse_group_code(raw: Any) -> str:
 
 def parse_password_file(raw: Any) -> Path:
     """The path only: the file is read (and must be readable) when the upstream is atol-online-v5."""
-    text = _text(raw) if not isinstance(raw, Path) else str(raw)
+    text = string(raw) if not isinstance(raw, Path) else str(raw)
     if not text or "\x00" in text:
         raise ValueError("must be the path of a file holding the password")
     return Path(text)
