@@ -37,8 +37,7 @@ from typing import Any
 
 import dataset
 import wrkrun
-from notify import NotifySocket
-from proc import BenchError, Server, cpu_seconds, free_port, http_json, peak_rss_mb
+from proc import BenchError, NotifySocket, Server, cpu_seconds, free_port, http_json, peak_rss_mb
 
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
@@ -487,7 +486,7 @@ def wait_drained(kktd: Server, timeout_s: float = 600.0) -> float:
         if pending_of(kktd) == 0:
             return time.monotonic()
         time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
-    raise BenchError(f"kktd did not drain within {timeout_s:.0f}s; log: {kktd.log}")
+    raise BenchError(f"kktd did not drain within {timeout_s:.0f}s; log: {kktd.log_path}")
 
 
 def section_drain(ctx: Context) -> None:
@@ -580,7 +579,7 @@ def section_atol(ctx: Context) -> None:
             deadline = first_at + 600
             while undelivered_of(kktd) > 0:
                 if time.monotonic() > deadline:
-                    raise BenchError(f"kktd did not drain through ATOL within 600s; log: {kktd.log}")
+                    raise BenchError(f"kktd did not drain through ATOL within 600s; log: {kktd.log_path}")
                 time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
             drained_s = time.monotonic() - first_at
             cpu = cpu_seconds(kktd.pid) - cpu_before
@@ -654,10 +653,10 @@ def section_restart(ctx: Context) -> None:
 
 def timed_start(ctx: Context, db: Path, label: str) -> dict[str, Any]:
     """Start kktd with our own NOTIFY_SOCKET; seconds from exec to READY=1; then a clean SIGTERM stop."""
-    with NotifySocket(ctx.path("notify.sock")) as notify:
+    with NotifySocket(str(ctx.path("notify.sock"))) as notify:
         kktd = kktd_server(ctx, "kktd", db, env={"NOTIFY_SOCKET": str(notify.path)})
         with kktd:
-            ready_s = notify.wait_for("READY=1", since=kktd.started_at, process=kktd.process)
+            ready_s = notify.wait_for("READY=1", 120.0, since=kktd.started_at, child=kktd)
             rss, cpu = peak_rss_mb(kktd.pid), cpu_seconds(kktd.pid)
             stop_started = time.monotonic()
             exit_code = kktd.stop()

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import KKTD_BIN, free_port, terminate, wait_until
+from tests.runner import Child, free_port
+from tests.support import KKTD_BIN, child_env
 
 MOCK_LOGIN = "kktd-mock"
 MOCK_GROUP = "kktd-mock-group"
@@ -25,7 +26,11 @@ class MockAtolProcess:
     seed: int | None = 1
     port: int = field(default_factory=free_port)
     password: str = "mock-atol-password-e2e"
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc if self.child is not None else None
 
     @property
     def url(self) -> str:
@@ -62,19 +67,14 @@ class MockAtolProcess:
         ]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
-        log = open(self.workdir / f"mock-atol-{self.port}.log", "ab")
-        try:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
-        wait_until(self._answers, 15, "the ATOL mock to answer")
+        log_path = self.workdir / f"mock-atol-{self.port}.log"
+        self.child = Child("the ATOL mock", args, log_path, env=child_env()).start()
+        self.child.wait_until(self._answers, 15, "its admin API to answer")
         if behaviour:
             self.set_behaviour(**behaviour)
         return self
 
     def _answers(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"the ATOL mock exited with {self.proc.returncode}")
         try:
             self._admin("GET", "/behaviour")
         except OSError:
@@ -124,8 +124,9 @@ class MockAtolProcess:
         ]
 
     def stop(self) -> None:
-        terminate(self.proc)
-        self.proc = None
+        if self.child is not None:
+            self.child.stop(10)
+        self.child = None
 
 
 def fiscalized_once(documents: list[dict[str, Any]], external_ids: dict[str, str]) -> list[str]:

@@ -22,9 +22,11 @@ from kktd.clock import Clock, Sleep
 from kktd.config import Config
 from kktd.store import Store
 from kktd.upstreams.kktd_ofd import KktdOfdSettings
+from kktd_mocks.atol import MockAtol, start_mock_atol
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from tests.atol_support import MockAtolProcess
 from tests.faulty_kktd import add_fault_routes
-from tests.support import KktdProcess
+from tests.support import KktdProcess, MockOfdProcess
 
 UPSTREAM_FIELDS = {"ofd_url": "url", "ofd_timeout": "timeout"}
 
@@ -132,3 +134,51 @@ async def mock_ofd() -> AsyncIterator[MockOfd]:
         yield ofd
     finally:
         await ofd.close()
+
+
+class MockAtols:
+    """Starts ATOL mocks in the test's event loop (kktd_mocks/atol.py; `options` as start_mock_atol's) and
+    remembers them: the fixture closes every one, and `tokens()` is every token they issued, which the
+    adapter's tests look for in the logs."""
+
+    def __init__(self) -> None:
+        self.started: list[MockAtol] = []
+
+    async def __call__(self, **options: Any) -> MockAtol:
+        mock = await start_mock_atol("127.0.0.1", 0, **options)
+        self.started.append(mock)
+        return mock
+
+    def tokens(self) -> set[str]:
+        return {token for mock in self.started for token in mock.state.tokens}
+
+
+@pytest.fixture
+async def mock_atols() -> AsyncIterator[MockAtols]:
+    mocks = MockAtols()
+    try:
+        yield mocks
+    finally:
+        for mock in mocks.started:
+            await mock.close()
+
+
+@pytest.fixture
+def ofd_process(tmp_path: Path) -> Iterator[MockOfdProcess]:
+    """`kktd mock-ofd` as its own process, its store in tmp_path/ofd.db (it outlives any kktd crash)."""
+    ofd = MockOfdProcess(workdir=tmp_path, db=tmp_path / "ofd.db").start()
+    try:
+        yield ofd
+    finally:
+        ofd.stop()
+
+
+@pytest.fixture
+def atol_process(tmp_path: Path) -> Iterator[MockAtolProcess]:
+    """`kktd mock-atol` as its own process, not started yet: the test starts it with the behaviour it needs
+    (`atol_process.start(**behaviour)`); stopped after the test whatever its state."""
+    atol = MockAtolProcess(tmp_path)
+    try:
+        yield atol
+    finally:
+        atol.stop()

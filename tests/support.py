@@ -1,30 +1,27 @@
 """The test harness, one of each for the whole suite (tests/, tests/systemd/, tests/powercut/):
 
 - CI detection and `require` (skip on a developer's machine, fail under CI=true, and as root where asked);
-- `free_port`; `wait_until` (sync) and `async_wait_until` (in an event loop), with a deadline, never a bare
-  sleep; `FakeTime`, an injected clock and sleep;
+- from tests/runner.py (shared with the benchmark): `Child`, `NotifySocket`, `free_port`, `wait_until`,
+  `cpu_seconds`; here `async_wait_until` (in an event loop), with a deadline, never a bare sleep; `FakeTime`,
+  an injected clock and sleep;
 - `http` (sync, urllib: usable from threads and from code that has no event loop) and `http_async`
   (aiohttp, with or without a session of the caller's): one JSON request, answering (status, body);
-- `KktdProcess` and `MockOfdProcess`: kktd and the mock OFD as child processes (notify socket, logs where
+- `KktdProcess` and `MockOfdProcess`: kktd and the mock OFD as `Child` processes (notify socket, logs where
   the caller wants them, a custom database), stopped by the fixtures that started them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from kktd.receipt import sample_receipt
+from tests.runner import Child, NotifySocket, cpu_seconds, free_port, wait_until
 
 __all__ = [
     "sample_receipt",
@@ -49,7 +47,7 @@ __all__ = [
     "IN_CI",
     "require",
     "MockOfdProcess",
-    "terminate",
+    "Child",
     "cpu_seconds",
     "receipts",
     "http",
@@ -74,31 +72,6 @@ def require(condition: bool, reason: str, *, as_root_too: bool = False) -> None:
         where = f"CI={os.environ.get('CI', '')!r}, uid {os.geteuid()}"
         pytest.fail(f"a prerequisite is missing ({where}): {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    interval: float = 0.02,
-    error: type[Exception] = AssertionError,
-) -> Any:
-    """Poll `predicate` until it returns something truthy and return that; at the deadline raise `error`
-    (AssertionError, or the caller's own error type) naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise error(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
 
 
 async def async_wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -164,40 +137,6 @@ class FakeTime:
         await asyncio.sleep(0)
 
 
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; records every message with its time."""
-
-    def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="kktd-notify-")
-        self.path = os.path.join(self._dir, "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-        self.messages: list[tuple[float, str]] = []
-
-    def collect(self) -> list[str]:
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
-            for line in data.decode().splitlines():
-                self.messages.append((time.monotonic(), line))
-        return [line for _, line in self.messages]
-
-    def wait_for(self, line: str, timeout: float) -> None:
-        wait_until(lambda: line in self.collect(), timeout, f"notify message {line!r}")
-
-    def close(self) -> None:
-        self.sock.close()
-        for path in (self.path,):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        os.rmdir(self._dir)
-
-
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child kktd: no stray KKTD_* settings from the caller's shell and no systemd
     variables of the caller's own (the harness sets its own NOTIFY_SOCKET)."""
@@ -205,13 +144,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k not in drop}
     env.update(extra or {})
     return env
-
-
-def _tail(path: Path | None, limit: int) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:] if path is not None else "(not started)"
-    except OSError:
-        return "(no log)"
 
 
 @dataclass
@@ -226,9 +158,8 @@ class KktdProcess:
     env: dict[str, str] = field(default_factory=dict)
     watchdog_usec: int | None = None
     port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     notify: NotifySocket | None = None
-    log_path: Path | None = None
     log_dir: Path | None = None  # default: beside the database
     log_level: str = "debug"
     faults: bool = False  # run tests.faulty_kktd: kktd plus the /v1/test/ fault hooks
@@ -237,9 +168,16 @@ class KktdProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc if self.child is not None else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.child.log_path if self.child is not None else None
+
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> KktdProcess:
         self.notify = NotifySocket()
-        self.log_path = (self.log_dir or self.db.parent) / f"kktd-{self.port}-{int(time.time() * 1000)}.log"
         env = child_env({"NOTIFY_SOCKET": self.notify.path, "KKTD_LOG_LEVEL": self.log_level, **self.env})
         if self.watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(self.watchdog_usec)
@@ -258,44 +196,24 @@ class KktdProcess:
             os.devnull,
             *self.extra_args,
         ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        log_path = (self.log_dir or self.db.parent) / f"kktd-{self.port}-{int(time.time() * 1000)}.log"
+        self.child = Child("kktd", args, log_path, env=env).start()
         if wait_ready:
             self.wait_ready(timeout)
         return self
 
+    def _child(self) -> Child:
+        assert self.child is not None, "kktd was not started"
+        return self.child
+
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Until kktd sent READY=1 (database open and recovered, socket bound); fails if it exits first."""
         assert self.notify is not None
-        notify = self.notify
-        with self._log_on_timeout():
-            wait_until(
-                lambda: "READY=1" in notify.collect() or self._exited("before READY"),
-                timeout,
-                "kktd to send READY=1",
-                interval=0.01,
-            )
+        self.notify.wait_for("READY=1", timeout, child=self._child())
 
     def wait_healthy(self, timeout: float = 20.0) -> None:
         """Until GET /v1/health answers 200."""
-        with self._log_on_timeout():
-            wait_until(
-                lambda: self._health() == 200 or self._exited("before it was healthy"),
-                timeout,
-                f"kktd health 200 at {self.url}",
-                interval=0.05,
-            )
-
-    @contextlib.contextmanager
-    def _log_on_timeout(self) -> Iterator[None]:
-        try:
-            yield
-        except AssertionError as exc:
-            if self.proc is not None and self.proc.poll() is None:
-                raise AssertionError(f"{exc}:\n{self.log_tail()}") from None
-            raise
+        self._child().wait_until(lambda: self._health() == 200, timeout, f"health 200 at {self.url}", 0.05)
 
     def _health(self) -> int | None:
         try:
@@ -303,41 +221,27 @@ class KktdProcess:
         except OSError:
             return None
 
-    def _exited(self, when: str) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"kktd exited with {self.proc.returncode} {when}:\n{self.log_tail()}")
-        return False
-
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return self.child.log() if self.child is not None else ""
 
     def log_tail(self, limit: int = 3000) -> str:
-        return _tail(self.log_path, limit)
+        return self.child.log_tail(limit) if self.child is not None else "(not started)"
 
     def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
+        self._child().signal(signum)
 
     def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
+        return self._child().wait(timeout)
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush or finish anything."""
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
+        if self.child is not None:
+            self.child.kill()
 
     def stop(self) -> None:
         """Make sure nothing is left behind, whatever state the test left the process in."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.child is not None:
+            self.child.stop()
         if self.notify is not None:
             self.notify.close()
             self.notify = None
@@ -393,8 +297,7 @@ class MockOfdProcess:
     seed: int | None = 1
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    child: Child | None = None
 
     @property
     def url(self) -> str:
@@ -403,6 +306,10 @@ class MockOfdProcess:
     @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc if self.child is not None else None
 
     def start(self, timeout: float = 20.0) -> MockOfdProcess:
         args = [
@@ -419,23 +326,12 @@ class MockOfdProcess:
             args += ["--db", str(self.db)]
         if self.seed is not None:
             args += ["--seed", str(self.seed)]
-        self.log_path = self.workdir / f"mock-ofd-{self.port}.log"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=child_env(),
-                start_new_session=True,
-            )
-        wait_until(self._answers, timeout, "the mock OFD to answer")
+        log_path = self.workdir / f"mock-ofd-{self.port}.log"
+        self.child = Child("the mock OFD", args, log_path, env=child_env()).start()
+        self.child.wait_until(self._answers, timeout, "its admin API to answer")
         return self
 
     def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"mock OFD exited with {self.proc.returncode}: {_tail(self.log_path, 3000)}")
         try:
             self.stats()
             return True
@@ -479,23 +375,5 @@ class MockOfdProcess:
                 stored[record["idempotency_key"]] = record["receipt_id"]
 
     def stop(self) -> None:
-        terminate(self.proc)
-
-
-def terminate(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    """SIGTERM a helper process (a mock) and reap it; SIGKILL if it does not go within `timeout`."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (clock ticks to seconds)."""
-    fields_after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields_after_name[11]) + int(fields_after_name[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        if self.child is not None:
+            self.child.stop(10)

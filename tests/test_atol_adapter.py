@@ -39,7 +39,8 @@ from kktd.upstreams.atol_v5 import (
     AtolSettings,
 )
 from kktd.upstreams.atol_v5_mapping import Company
-from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
+from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol
+from tests.conftest import MockAtols
 from tests.support import free_port
 
 MSK = timezone(timedelta(hours=3))
@@ -62,13 +63,8 @@ def settings_for(url: str, **changes: Any) -> AtolSettings:
 
 
 @pytest.fixture
-async def atol() -> AsyncIterator[MockAtol]:
-    mock = await start_mock_atol(seed=11)
-    _MOCKS.append(mock)  # its tokens are checked against every log record
-    try:
-        yield mock
-    finally:
-        await mock.close()
+async def atol(mock_atols: MockAtols) -> MockAtol:
+    return await mock_atols(seed=11)  # its tokens are checked against every log record
 
 
 @pytest.fixture
@@ -78,24 +74,20 @@ async def upstream(atol: MockAtol) -> AsyncIterator[AtolOnlineV5]:
 
 
 @pytest.fixture(autouse=True)
-def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+def no_secret_in_logs(caplog: pytest.LogCaptureFixture, mock_atols: MockAtols) -> Iterator[None]:
     """Every test: whatever was logged (any logger, any level) holds neither the password nor a token."""
     caplog.set_level(logging.DEBUG)
     yield
-    tokens = _issued_tokens()
+    tokens = issued_tokens(mock_atols)
     for record in caplog.records:
         text = record.getMessage() + repr(record.args) + str(record.exc_text or "")
         assert PASSWORD not in text, record
         for token in tokens:
             assert token not in text, record
-    _MOCKS.clear()
 
 
-_MOCKS: list[MockAtol] = []
-
-
-def _issued_tokens() -> set[str]:
-    return {t for mock in _MOCKS for t in mock.state.tokens} | {"garbage-token"}
+def issued_tokens(mocks: MockAtols) -> set[str]:
+    return mocks.tokens() | {"garbage-token"}
 
 
 def outgoing(key: str, *, external_id: str | None = None, **changes: Any) -> Outgoing:
@@ -106,13 +98,13 @@ def outgoing(key: str, *, external_id: str | None = None, **changes: Any) -> Out
     return Outgoing(f"r-{key}", key, external_id or key, 1_764_579_600_000, receipt.canonical_json)
 
 
-def assert_no_secret(*things: Any) -> None:
+def assert_no_secret(atol: MockAtol, *things: Any) -> None:
     for thing in things:
         text = repr(thing) + str(thing)
         if isinstance(thing, BaseException):
             text += repr(thing.args) + str(getattr(thing, "detail", "")) + str(getattr(thing, "operator_action", ""))
         assert PASSWORD not in text
-        for token in _issued_tokens():
+        for token in {*atol.state.tokens, "garbage-token"}:
             assert token not in text
 
 
@@ -203,7 +195,7 @@ async def test_a_lost_registration_answer_is_retried_and_adopts_the_uuid_from_33
     with pytest.raises(UpstreamUnavailable) as caught:
         await upstream.submit([outgoing("lost")])
     assert caught.value.kind is FailureKind.MAYBE_SENT and caught.value.reason == "connection_lost"
-    assert_no_secret(caught.value)
+    assert_no_secret(atol, caught.value)
     atol.set_behaviour(drop_ratio=0.0)
     [reg] = await registered(upstream, outgoing("lost"))
     assert reg.reference == atol.state.by_external_id["lost"].uuid
@@ -313,7 +305,7 @@ async def test_a_slow_registration_is_a_maybe_sent_timeout(atol: MockAtol) -> No
         with pytest.raises(UpstreamUnavailable) as caught:
             await upstream.submit([outgoing("slow")])
         assert (caught.value.kind, caught.value.reason) == (FailureKind.MAYBE_SENT, "timeout")
-        assert_no_secret(caught.value)
+        assert_no_secret(atol, caught.value)
 
 
 async def test_a_slow_get_token_is_not_sent(atol: MockAtol) -> None:
@@ -389,7 +381,7 @@ async def test_auth_failures_are_not_sent_with_an_operator_action(
             error = caught.value
             assert (error.kind, error.reason) == (FailureKind.NOT_SENT, reason)
             assert error.operator_action and hint in error.operator_action
-            assert_no_secret(error)
+            assert_no_secret(atol, error)
     assert atol.stats()["registered"] == 0
     told = [r for r in caplog.records if r.levelno >= logging.ERROR and reason in r.getMessage()]
     assert len(told) == 1 and hint in told[0].getMessage()

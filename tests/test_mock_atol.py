@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol, start_mock_atol
+from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol
+from tests.conftest import MockAtols
 from tests.support import REPO, FakeTime, free_port
 
 JSON = {"Content-Type": "application/json; charset=utf-8"}
@@ -33,12 +34,8 @@ async def clock() -> FakeTime:
 
 
 @pytest.fixture
-async def atol(clock: FakeTime) -> AsyncIterator[MockAtol]:
-    mock = await start_mock_atol(clock=clock, seed=7)
-    try:
-        yield mock
-    finally:
-        await mock.close()
+async def atol(clock: FakeTime, mock_atols: MockAtols) -> MockAtol:
+    return await mock_atols(clock=clock, seed=7)
 
 
 @pytest.fixture
@@ -423,12 +420,12 @@ async def test_fail_ratio_fails_documents_with_a_queue_timeout(atol: MockAtol, h
     assert atol.stats()["fiscalized"] == 0 and atol.stats()["failed"] == 1
 
 
-async def test_fail_ratio_is_a_share(http: aiohttp.ClientSession) -> None:
-    async with await start_mock_atol(fail_ratio=0.5, seed=3) as atol:
-        tok = await token(atol, http)
-        for n in range(40):
-            assert (await register(atol, http, sell_body(f"e{n}"), tok))[0] == 200
-        assert 5 <= atol.stats()["failed"] <= 35 and atol.stats()["fiscalized"] == 40 - atol.stats()["failed"]
+async def test_fail_ratio_is_a_share(http: aiohttp.ClientSession, mock_atols: MockAtols) -> None:
+    atol = await mock_atols(fail_ratio=0.5, seed=3)
+    tok = await token(atol, http)
+    for n in range(40):
+        assert (await register(atol, http, sell_body(f"e{n}"), tok))[0] == 200
+    assert 5 <= atol.stats()["failed"] <= 35 and atol.stats()["fiscalized"] == 40 - atol.stats()["failed"]
 
 
 async def test_a_company_inn_other_than_the_kkts_fails_with_agent_error_2009(

@@ -132,14 +132,13 @@ def fill(mount_point: Path, leave_bytes: int) -> None:
 
 
 def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
-    tmp_path: Path, kktds: list[KktdProcess], nearly_full_disk: Path
+    tmp_path: Path, kktds: list[KktdProcess], nearly_full_disk: Path, ofd_process: MockOfdProcess
 ) -> None:
     require(os.path.exists(PROMETHEUS), "Debian's prometheus is missing (`make test` installs it)")
-    ofd = MockOfdProcess(tmp_path).start()
     prometheus: Prometheus | None = None
     try:
-        ofd.reject_pos_ids(["POS-REFUSED"])
-        healthy = KktdProcess(tmp_path / "healthy.db", ofd_url=ofd.url, env={"KKTD_LOG_LEVEL": "info"})
+        ofd_process.reject_pos_ids(["POS-REFUSED"])
+        healthy = KktdProcess(tmp_path / "healthy.db", ofd_url=ofd_process.url, env={"KKTD_LOG_LEVEL": "info"})
         stuck = KktdProcess(
             nearly_full_disk / "stuck.db",
             env={"KKTD_LOG_LEVEL": "info"},
@@ -220,4 +219,3 @@ def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
     finally:
         if prometheus is not None:
             prometheus.stop()
-        ofd.stop()

@@ -97,87 +97,84 @@ def write_config(path: Path, **values: Any) -> None:
 
 
 def test_reload_applies_live_settings_names_restart_ones_and_refuses_bad_files(
-    tmp_path: Path, kktds: list[KktdProcess]
+    tmp_path: Path, kktds: list[KktdProcess], ofd_process: MockOfdProcess
 ) -> None:
-    ofd = MockOfdProcess(tmp_path).start()
-    try:
-        config = tmp_path / "kktd.toml"
-        write_config(
-            config,
-            ofd_url="http://127.0.0.1:9",
-            pending_warn_age="1h",
-            sync_interval="1h",
-            batch_size=50,
-            breaker_threshold=100,
-        )
-        kktd = KktdProcess(tmp_path / "buffer.db", ofd_url="", extra_args=["--config", str(config)])
-        kktds.append(kktd)
-        kktd.start()
-        posted = asyncio.run(post_many(kktd.url, receipts("reload", 5)))
-        assert [p.status for p in posted] == [201] * 5
-        assert metric(kktd, "kktd_pending_warn_age_seconds") == 3600
+    config = tmp_path / "kktd.toml"
+    write_config(
+        config,
+        ofd_url="http://127.0.0.1:9",
+        pending_warn_age="1h",
+        sync_interval="1h",
+        batch_size=50,
+        breaker_threshold=100,
+    )
+    kktd = KktdProcess(tmp_path / "buffer.db", ofd_url="", extra_args=["--config", str(config)])
+    kktds.append(kktd)
+    kktd.start()
+    posted = asyncio.run(post_many(kktd.url, receipts("reload", 5)))
+    assert [p.status for p in posted] == [201] * 5
+    assert metric(kktd, "kktd_pending_warn_age_seconds") == 3600
 
-        # The upstream moves to a reachable OFD; the alarm age and the interval change; batch_size cannot.
-        write_config(
-            config, ofd_url=ofd.url, pending_warn_age="2h", sync_interval="100ms", batch_size=10, breaker_threshold=100
-        )
-        messages = sighup_and_wait(kktd)
-        assert messages[0] == "RELOADING=1" and messages[1].startswith("MONOTONIC_USEC=")
-        assert messages.index("READY=1") > messages.index("RELOADING=1")
-        wait_until(lambda: "configuration reloaded: 3 applied, 1 need a restart" in kktd.log(), 10, "the summary")
-        log = kktd.log()
-        assert "reload: pending_warn_age: 3600 -> 7200" in log
-        assert "reload: sync_interval: 3600 -> 0.1" in log
-        assert f"reload: ofd_url: http://127.0.0.1:9 -> {ofd.url}" in log
-        assert "reload: batch_size: 50 -> 10 needs a restart (systemctl restart kktd); still 50" in log
-        assert metric(kktd, "kktd_pending_warn_age_seconds") == 7200
-        # The new upstream delivers what was waiting, without a restart.
-        wait_until(lambda: ofd.stats()["unique"] == 5, 30, "the receipts at the new OFD")
+    # The upstream moves to a reachable OFD; the alarm age and the interval change; batch_size cannot.
+    write_config(
+        config,
+        ofd_url=ofd_process.url,
+        pending_warn_age="2h",
+        sync_interval="100ms",
+        batch_size=10,
+        breaker_threshold=100,
+    )
+    messages = sighup_and_wait(kktd)
+    assert messages[0] == "RELOADING=1" and messages[1].startswith("MONOTONIC_USEC=")
+    assert messages.index("READY=1") > messages.index("RELOADING=1")
+    wait_until(lambda: "configuration reloaded: 3 applied, 1 need a restart" in kktd.log(), 10, "the summary")
+    log = kktd.log()
+    assert "reload: pending_warn_age: 3600 -> 7200" in log
+    assert "reload: sync_interval: 3600 -> 0.1" in log
+    assert f"reload: ofd_url: http://127.0.0.1:9 -> {ofd_process.url}" in log
+    assert "reload: batch_size: 50 -> 10 needs a restart (systemctl restart kktd); still 50" in log
+    assert metric(kktd, "kktd_pending_warn_age_seconds") == 7200
+    # The new upstream delivers what was waiting, without a restart.
+    wait_until(lambda: ofd_process.stats()["unique"] == 5, 30, "the receipts at the new OFD")
 
-        # An invalid file is refused with the reason; the running configuration stays.
-        config.write_text('pending_warn_age = "soon"\n')
-        messages = sighup_and_wait(kktd)
-        assert messages[0] == "RELOADING=1" and messages.index("READY=1") > 0
-        wait_until(
-            lambda: "reload refused, the running configuration stays: pending_warn_age" in kktd.log(), 10, "the refusal"
-        )
-        assert metric(kktd, "kktd_pending_warn_age_seconds") == 7200
-        config.write_text("this is not toml [")
-        sighup_and_wait(kktd)
-        wait_until(lambda: "not valid TOML" in kktd.log(), 10, "the second refusal")
-        status, health = http("GET", f"{kktd.url}/v1/health")
-        assert status == 200 and health["status"] == "ok"
-        assert kktd.proc is not None and kktd.proc.poll() is None
-    finally:
-        ofd.stop()
+    # An invalid file is refused with the reason; the running configuration stays.
+    config.write_text('pending_warn_age = "soon"\n')
+    messages = sighup_and_wait(kktd)
+    assert messages[0] == "RELOADING=1" and messages.index("READY=1") > 0
+    wait_until(
+        lambda: "reload refused, the running configuration stays: pending_warn_age" in kktd.log(), 10, "the refusal"
+    )
+    assert metric(kktd, "kktd_pending_warn_age_seconds") == 7200
+    config.write_text("this is not toml [")
+    sighup_and_wait(kktd)
+    wait_until(lambda: "not valid TOML" in kktd.log(), 10, "the second refusal")
+    status, health = http("GET", f"{kktd.url}/v1/health")
+    assert status == 200 and health["status"] == "ok"
+    assert kktd.proc is not None and kktd.proc.poll() is None
 
 
-def test_reload_under_load_loses_nothing(tmp_path: Path, kktds: list[KktdProcess]) -> None:
-    ofd = MockOfdProcess(tmp_path).start()
-    try:
-        config = tmp_path / "kktd.toml"
-        write_config(config, ofd_url=ofd.url, sync_interval="1s")
-        kktd = KktdProcess(tmp_path / "buffer.db", ofd_url="", extra_args=["--config", str(config)])
-        kktds.append(kktd)
-        kktd.start()
+def test_reload_under_load_loses_nothing(tmp_path: Path, kktds: list[KktdProcess], ofd_process: MockOfdProcess) -> None:
+    config = tmp_path / "kktd.toml"
+    write_config(config, ofd_url=ofd_process.url, sync_interval="1s")
+    kktd = KktdProcess(tmp_path / "buffer.db", ofd_url="", extra_args=["--config", str(config)])
+    kktds.append(kktd)
+    kktd.start()
 
-        async def load_and_reload() -> list[Any]:
-            loading = asyncio.create_task(post_many(kktd.url, receipts("hup", 1500), concurrency=16))
-            for interval in ("200ms", "2s", "500ms"):
-                write_config(config, ofd_url=ofd.url, sync_interval=interval)
-                await asyncio.to_thread(sighup_and_wait, kktd)
-            return await loading
+    async def load_and_reload() -> list[Any]:
+        loading = asyncio.create_task(post_many(kktd.url, receipts("hup", 1500), concurrency=16))
+        for interval in ("200ms", "2s", "500ms"):
+            write_config(config, ofd_url=ofd_process.url, sync_interval=interval)
+            await asyncio.to_thread(sighup_and_wait, kktd)
+        return await loading
 
-        posted = asyncio.run(load_and_reload())
-        assert len(posted) == 1500 and all(p.status == 201 for p in posted), {p.status for p in posted}
-        assert kktd.log().count("configuration reloaded: 1 applied") == 3
-        wait_until(lambda: ofd.stats()["unique"] == 1500, 60, "every receipt at the OFD")
-        _, status = http("GET", f"{kktd.url}/v1/kkt/buffer/status")
-        assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 1500, "failed": 0}
-        kktd.signal(signal.SIGTERM)
-        assert kktd.wait() == 0
-    finally:
-        ofd.stop()
+    posted = asyncio.run(load_and_reload())
+    assert len(posted) == 1500 and all(p.status == 201 for p in posted), {p.status for p in posted}
+    assert kktd.log().count("configuration reloaded: 1 applied") == 3
+    wait_until(lambda: ofd_process.stats()["unique"] == 1500, 60, "every receipt at the OFD")
+    _, status = http("GET", f"{kktd.url}/v1/kkt/buffer/status")
+    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 1500, "failed": 0}
+    kktd.signal(signal.SIGTERM)
+    assert kktd.wait() == 0
     assert os.path.exists(tmp_path / "buffer.db")
 
 

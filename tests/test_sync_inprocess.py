@@ -19,7 +19,7 @@ from kktd.receipt import sample_receipt, validate_receipt
 from kktd.store import ReceiptStatus, Store, queries
 from kktd.sync import BreakerState, CircuitBreaker, SyncLoop
 from kktd.sync.policy import MAX_HELD, DeliveryPolicy
-from kktd_mocks.ofd import MockOfd, start_mock_ofd
+from kktd_mocks.ofd import MockOfd
 from tests.conftest import App, AppFactory
 from tests.support import FakeTime, async_wait_until
 
@@ -29,15 +29,6 @@ class Rig:
     store: Store
     sync: SyncLoop
     http: TestClient
-
-
-@pytest.fixture
-async def mock_ofd() -> AsyncIterator[MockOfd]:
-    mock = await start_mock_ofd("127.0.0.1", 0)
-    try:
-        yield mock
-    finally:
-        await mock.close()
 
 
 class RigFactory(Protocol):
@@ -311,7 +302,7 @@ async def test_sync_endpoint_reports_dead_letters(rig_factory: RigFactory, scrip
 
 # ---- retries and the breaker against the real mock and the real kktd-ofd client, in fake time ----
 # These took over from end-to-end tests that spent tens of seconds watching real backoff; tests/test_sync.py
-# keeps one of them (error500) as the smoke test of real backoff in a real process.
+# keeps the breaker's part of one (error500) as a smoke test in a real process.
 
 
 @dataclasses.dataclass
@@ -381,6 +372,7 @@ async def http_json(app: App, method: str, path: str) -> tuple[int, Any]:
 
 
 FAKE_TIME_FAILURE_MODES = [
+    ("error500", {}),  # also the real-time smoke test in tests/test_sync.py
     ("slow", {"delay_s": 5.0}),  # beyond kktd's ofd_timeout 0.3
     ("flaky", {"fail_ratio": 1.0, "seed": 3}),  # half 500s, half connection resets
 ]

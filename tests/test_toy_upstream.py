@@ -25,7 +25,8 @@ import pytest
 
 from kktd.receipt import sample_receipt
 from kktd.upstreams import REGISTRY
-from tests.support import free_port, http, terminate, wait_until
+from tests.runner import Child
+from tests.support import free_port, http, wait_until
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
@@ -255,8 +256,7 @@ def test_the_toy_settings_are_kktd_settings(toy_tree: Path, tmp_path: Path) -> N
 @pytest.fixture
 def toy_kktd(toy_tree: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = _kktd(
-        toy_tree,
+    args = [
         "serve",
         "--upstream",
         "toy",
@@ -269,15 +269,16 @@ def toy_kktd(toy_tree: Path, tmp_path: Path) -> Iterator[str]:
         f"127.0.0.1:{port}",
         "--sync-interval",
         "0.05",
-    )
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KKTD_") and k != "NOTIFY_SOCKET"}
+    env["PYTHONPATH"] = str(toy_tree)
+    kktd = Child("the toy kktd", [sys.executable, "-m", "kktd", *args], tmp_path / "toy-kktd.log", env, toy_tree)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _health(url), 30, "the toy kktd to serve")
+        kktd.start().wait_until(lambda: _health(url), 30, "to serve")
         yield url
     finally:
-        terminate(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        kktd.stop(10)
 
 
 def _health(url: str) -> bool:
