@@ -188,12 +188,7 @@ async def post_receipt(request: web.Request) -> web.Response:
     started = time.perf_counter()
     services = request.app[SERVICES]
     if not services.intake_open:
-        raise ApiError(
-            503,
-            ErrorCode.SHUTTING_DOWN,
-            "kktd is stopping; retry in a moment",
-            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
-        )
+        raise _retry_later(ErrorCode.SHUTTING_DOWN, "kktd is stopping; retry in a moment", STORAGE_RETRY_AFTER_S)
     if services.store.damage is not None:
         raise ApiError(
             503, ErrorCode.STORAGE_UNAVAILABLE, f"the database is damaged, nothing is accepted: {services.store.damage}"
@@ -241,19 +236,18 @@ async def _accept(services: Services, receipt: Receipt) -> Accepted | Conflict:
     try:
         return await services.store.accept(receipt)
     except BufferFull as exc:
-        raise ApiError(
-            503,
-            ErrorCode.BUFFER_FULL,
-            f"{exc}; nothing was stored, retry later",
-            headers={"Retry-After": str(BUFFER_FULL_RETRY_AFTER_S)},
+        raise _retry_later(
+            ErrorCode.BUFFER_FULL, f"{exc}; nothing was stored, retry later", BUFFER_FULL_RETRY_AFTER_S
         ) from None
     except StorageUnavailable as exc:
-        raise ApiError(
-            503,
-            ErrorCode.STORAGE_UNAVAILABLE,
-            f"the receipt was not stored: {exc}",
-            headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+        raise _retry_later(
+            ErrorCode.STORAGE_UNAVAILABLE, f"the receipt was not stored: {exc}", STORAGE_RETRY_AFTER_S
         ) from None
+
+
+def _retry_later(code: ErrorCode, message: str, after_s: int) -> ApiError:
+    """A 503 that tells the till when to retry with the same idempotency key."""
+    return ApiError(503, code, message, headers={"Retry-After": str(after_s)})
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
@@ -345,9 +339,7 @@ async def _storage(awaitable: Awaitable[Any]) -> Any:
     try:
         return await awaitable
     except StorageUnavailable as exc:
-        raise ApiError(
-            503, ErrorCode.STORAGE_UNAVAILABLE, str(exc), headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)}
-        ) from None
+        raise _retry_later(ErrorCode.STORAGE_UNAVAILABLE, str(exc), STORAGE_RETRY_AFTER_S) from None
 
 
 # ---- buffer, sync, dead letters ----

@@ -126,6 +126,16 @@ def kktds() -> Iterator[list[KktdProcess]]:
             proc.stop()
 
 
+@pytest.fixture(scope="module")
+def module_kktd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KktdProcess]:
+    """One kktd process (embedded mock) shared by a module's tests: the live fuzzers post thousands to it."""
+    kktd = KktdProcess(tmp_path_factory.mktemp("kktd") / "buffer.db", env={"KKTD_LOG_LEVEL": "info"}).start()
+    try:
+        yield kktd
+    finally:
+        kktd.stop()
+
+
 @pytest.fixture
 async def mock_ofd() -> AsyncIterator[MockOfd]:
     """The mock OFD in this event loop (kktd_mocks/ofd.py), seeded so its flaky mode repeats; closed after."""

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from kktd.receipt import sample_receipt
 from kktd.upstreams.atol_v5 import AtolOnlineV5, AtolSettings
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, start_mock_atol
 from tests.conftest import close_app, open_app
-from tests.support import KKTD_BIN, free_port
+from tests.support import KKTD_BIN, Child, free_port
 
 PASSWORD = "S3cret-of-the-shop"
 
@@ -296,23 +295,16 @@ async def test_intake_without_atol_takes_a_receipt_without_contact(app: Any) -> 
 # ---- the command ----
 
 
-def test_kktd_mock_atol_serves_until_sigterm() -> None:
+def test_kktd_mock_atol_serves_until_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    argv = [str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{port}"]
+    mock = Child("kktd mock-atol", argv, tmp_path / "mock-atol.log").start()
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert f"http://127.0.0.1:{port}/possystem/v5" in line
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        mock.wait_until(lambda: f"http://127.0.0.1:{port}/possystem/v5" in mock.log(), 30, "its URL printed")
+        mock.signal(signal.SIGTERM)
+        assert mock.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        mock.stop()
 
 
 def test_kktd_help_lists_mock_atol(capsys: pytest.CaptureFixture[str]) -> None:

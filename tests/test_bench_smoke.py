@@ -59,7 +59,12 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory, wrk: str) -> Iterator[d
         "--json",
         str(out),
     ]
-    # Its own session: whatever happens here, the servers and wrk it started go with its process group.
+    yield run_bench(argv, out)
+
+
+def run_bench(argv: list[str], out: Path) -> Any:
+    """Run bench/run.py to its end and return its JSON; whatever happens, nothing it started outlives it."""
+    # Its own session: the servers and wrk it started go with its process group.
     process = subprocess.Popen(
         argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -72,7 +77,7 @@ def bench_json(tmp_path_factory: pytest.TempPathFactory, wrk: str) -> Iterator[d
             pass
         process.wait()
     assert process.returncode == 0, output
-    yield json.loads(out.read_text())
+    return json.loads(out.read_text())
 
 
 def test_intake_runs_complete_and_rows_match(bench_json: dict[str, Any]) -> None:
@@ -109,19 +114,7 @@ def test_scrape_section_runs_and_scrapes(tmp_path: Path, wrk: str) -> None:
     """`bench/run.py --only scrape`: both arms complete with rows = 2xx, and the scraped arm did scrape."""
     out = tmp_path / "scrape.json"
     argv = [sys.executable, str(RUN), "--quick", "--only", "scrape", "--json", str(out)]
-    process = subprocess.Popen(
-        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-    assert process.returncode == 0, output
-    results = json.loads(out.read_text())
+    results = run_bench(argv, out)
     assert results["integrity_failures"] == []
     runs = results["scrape"]["runs"]
     assert sorted(r["scraped"] for r in runs) == [False, True]

@@ -5,8 +5,6 @@ tracebacks, one short line per refused request."""
 from __future__ import annotations
 
 import http.client
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -51,13 +49,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    workdir: Path = tmp_path_factory.mktemp("fuzz-live")
-    kktd = KktdProcess(workdir / "buffer.db", env={"KKTD_LOG_LEVEL": "info"}).start()
-    try:
-        yield Live(kktd)
-    finally:
-        kktd.stop()
+def live(module_kktd: KktdProcess) -> Live:
+    return Live(module_kktd)
 
 
 @fuzz_settings(1000)

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,7 @@ import pytest
 
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, DEFAULT_PASSWORD, MockAtol
 from tests.conftest import MockAtols
-from tests.support import REPO, FakeTime, free_port
+from tests.support import REPO, Child, FakeTime, free_port
 
 JSON = {"Content-Type": "application/json; charset=utf-8"}
 
@@ -531,19 +532,13 @@ async def test_max_in_flight_counts_concurrent_requests(atol: MockAtol, http: ai
 # ---- the command ----
 
 
-def test_main_serves_until_sigterm() -> None:
+def test_main_serves_until_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kktd_mocks.atol", "--listen", f"127.0.0.1:{port}", "--wait-polls", "1"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    argv = [sys.executable, "-m", "kktd_mocks.atol", "--listen", f"127.0.0.1:{port}", "--wait-polls", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    mock = Child("mock atol", argv, tmp_path / "mock-atol.log", env=env, cwd=REPO).start()
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert f"http://127.0.0.1:{port}/possystem/v5" in line
+        mock.wait_until(lambda: f"http://127.0.0.1:{port}/possystem/v5" in mock.log(), 30, "its URL printed")
 
         async def probe() -> int:
             async with aiohttp.ClientSession() as session:
@@ -551,12 +546,10 @@ def test_main_serves_until_sigterm() -> None:
                     return (await response.json())["wait_polls"]
 
         assert asyncio.run(probe()) == 1
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        mock.signal(signal.SIGTERM)
+        assert mock.wait(10) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        mock.stop()
 
 
 def test_main_refuses_a_bad_listen_address() -> None:

@@ -33,7 +33,14 @@ from tests.support import (
     sample_receipt,
     wait_until,
 )
-from tests.test_monitoring import ALERTS, GRAFANA_VARIABLES, alert_expressions, alert_names, dashboard_expressions
+from tests.test_monitoring import (
+    ALERTS,
+    CORE_ALERTS,
+    GRAFANA_VARIABLES,
+    alert_expressions,
+    alert_names,
+    dashboard_expressions,
+)
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
@@ -197,16 +204,7 @@ def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
             assert prometheus is not None
             return {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}
 
-        expected = {
-            "KktdDown",
-            "KktdPendingOldWarning",
-            "KktdPendingOldCritical",
-            "KktdUpstreamBreakerOpen",
-            "KktdDeadLetters",
-            "KktdBufferAlmostFull",
-            "KktdDiskAlmostFull",
-        }
-        wait_until(lambda: expected <= active(), 30, "every alert pending or firing")
+        wait_until(lambda: CORE_ALERTS <= active(), 30, "every alert pending or firing")
         by_instance = {
             (a["labels"]["alertname"], a["labels"].get("instance")) for a in prometheus.api("alerts")["alerts"]
         }

@@ -10,9 +10,6 @@ reproduces on every run).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import requests
 import schemathesis
@@ -57,13 +54,8 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    workdir: Path = tmp_path_factory.mktemp("schemathesis")
-    kktd = KktdProcess(workdir / "buffer.db", env={"KKTD_LOG_LEVEL": "info"}).start()
-    try:
-        yield Live(kktd)
-    finally:
-        kktd.stop()
+def live(module_kktd: KktdProcess) -> Live:
+    return Live(module_kktd)
 
 
 @schema.parametrize()

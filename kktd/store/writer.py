@@ -26,17 +26,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from kktd import delivery
 from kktd.clock import now_ms
-from kktd.delivery import (
-    AwaitingResult,
-    Fiscalized,
-    NotRegistered,
-    Outgoing,
-    PollOutcome,
-    Refused,
-    Registered,
-    SubmitOutcome,
-)
 from kktd.errors import BufferFull, CorruptDatabase, ForeignWal, StorageUnavailable
 from kktd.receipt import Receipt
 from kktd.store import identity, queries, schema
@@ -357,17 +348,21 @@ class Store:
 
         return sum(size_of(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
 
-    async def pending_batch(self, limit: int, after_seq: int = 0, exclude: Sequence[str] = ()) -> list[Outgoing]:
+    async def pending_batch(
+        self, limit: int, after_seq: int = 0, exclude: Sequence[str] = ()
+    ) -> list[delivery.Outgoing]:
         return await self.submit(Read(queries.pending_batch, (limit, after_seq, exclude)))
 
-    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[AwaitingResult]:
+    async def submitted_batch(self, limit: int, after_seq: int = 0) -> list[delivery.AwaitingResult]:
         return await self.submit(Read(queries.submitted_batch, (limit, after_seq)))
 
     async def dead_letters(self, limit: int, after_seq: int = 0) -> list[ReceiptRow]:
         return await self.submit(Read(queries.dead_letters, (limit, after_seq)))
 
     async def settle(
-        self, outcomes: Sequence[SubmitOutcome | PollOutcome], source: ReceiptStatus = ReceiptStatus.PENDING
+        self,
+        outcomes: Sequence[delivery.SubmitOutcome | delivery.PollOutcome],
+        source: ReceiptStatus = ReceiptStatus.PENDING,
     ) -> None:
         """Record the upstream's answers about receipts in status `source` (pending for a submission,
         submitted for a poll): one statement (one transaction, one round trip) per kind of outcome. The
@@ -375,10 +370,10 @@ class Store:
         statement cannot leave them apart. Outcomes that change nothing (still processing, undelivered) are
         the caller's."""
         stamp = now_ms()
-        fiscalized = [o for o in outcomes if isinstance(o, Fiscalized)]
-        refused = [o for o in outcomes if isinstance(o, Refused)]
-        registered = [o for o in outcomes if isinstance(o, Registered)]
-        not_registered = [o for o in outcomes if isinstance(o, NotRegistered)]
+        fiscalized = [o for o in outcomes if isinstance(o, delivery.Fiscalized)]
+        refused = [o for o in outcomes if isinstance(o, delivery.Refused)]
+        registered = [o for o in outcomes if isinstance(o, delivery.Registered)]
+        not_registered = [o for o in outcomes if isinstance(o, delivery.NotRegistered)]
         if registered:
             # First: the upstream's reference must be committed before anything else can go wrong.
             await self.submit(

@@ -21,18 +21,13 @@ from typing import TYPE_CHECKING, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from kktd import delivery
 from kktd.clock import Clock, Sleep, now_ms, rfc3339
 from kktd.delivery import (
     DEFAULT_TRAITS,
-    AwaitingResult,
     DeliveryTraits,
     FailureKind,
-    Fiscalized,
-    NotRegistered,
-    Outgoing,
     PollOutcome,
-    Refused,
-    Registered,
     SubmitOutcome,
     Undelivered,
     UpstreamUnavailable,
@@ -82,11 +77,13 @@ class CycleResult:
 
 @dataclass
 class SyncStats:
+    """What the loop has done since start, for status (the counters proper live in Metrics)."""
+
+    last_success_ms: int | None = None
     cycles: int = 0
     delivered_total: int = 0
     rejected_total: int = 0
     dead_lettered_total: int = 0
-    last_success_ms: int | None = None
     last_error: str | None = None
     last_error_ms: int | None = None
     retry_at_monotonic: float | None = None
@@ -373,7 +370,7 @@ class SyncLoop:
             self._intake_commits_seen, self._intake_seen_at = commits, self._clock()
         return self._clock() - self._intake_seen_at < INTAKE_BUSY_WINDOW_S
 
-    async def _next_batch(self, after_seq: int) -> list[Outgoing]:
+    async def _next_batch(self, after_seq: int) -> list[delivery.Outgoing]:
         limit = self.policy.batch_limit
         batch = await self.store.pending_batch(limit, after_seq, self.policy.exclusions())
         if not batch and after_seq == 0:
@@ -406,7 +403,7 @@ class SyncLoop:
         self.breaker.record_success()
         return outcomes
 
-    async def _deliver(self, batch: list[Outgoing], generation: int) -> CycleResult:
+    async def _deliver(self, batch: list[delivery.Outgoing], generation: int) -> CycleResult:
         ids = [r.receipt_id for r in batch]
         try:
             outcomes: list[SubmitOutcome] = await self._call(
@@ -420,7 +417,7 @@ class SyncLoop:
 
     async def _record(self, outcomes: Sequence[SubmitOutcome]) -> CycleResult:
         await self.store.settle(outcomes, ReceiptStatus.PENDING)
-        registered = [o.receipt_id for o in outcomes if isinstance(o, Registered)]
+        registered = [o.receipt_id for o in outcomes if isinstance(o, delivery.Registered)]
         self.polls.polled(registered)  # just registered: its result is asked for a second from now
         undelivered = [o for o in outcomes if isinstance(o, Undelivered)]
         answered = [o.receipt_id for o in outcomes if not isinstance(o, Undelivered)]
@@ -444,9 +441,9 @@ class SyncLoop:
         return self._tally(outcomes, submitted=len(registered))
 
     def _tally(self, outcomes: Sequence[SubmitOutcome | PollOutcome], submitted: int = 0) -> CycleResult:
-        refused = [o for o in outcomes if isinstance(o, Refused)]
+        refused = [o for o in outcomes if isinstance(o, delivery.Refused)]
         self._tell(outcomes)
-        delivered = sum(1 for o in outcomes if isinstance(o, Fiscalized))
+        delivered = sum(1 for o in outcomes if isinstance(o, delivery.Fiscalized))
         self._clear_operator_action()
         self.stats.last_success_ms = now_ms()
         self.stats.delivered_total += delivered
@@ -458,8 +455,8 @@ class SyncLoop:
         kind of outcome, naming every receipt; a refusal, one entry per receipt with its code."""
         name = self.upstream.name
         for kind, status, text in (
-            (Fiscalized, "fiscalized", "fiscalized by"),
-            (Registered, "registered", "registered (result pending) by"),
+            (delivery.Fiscalized, "fiscalized", "fiscalized by"),
+            (delivery.Registered, "registered", "registered (result pending) by"),
         ):
             ids = [o.receipt_id for o in outcomes if isinstance(o, kind)]
             if ids:
@@ -470,7 +467,7 @@ class SyncLoop:
                     name,
                     extra={"receipt_id": ids, "upstream": name, "upstream_status": status},
                 )
-        for rejection in (o for o in outcomes if isinstance(o, Refused)):
+        for rejection in (o for o in outcomes if isinstance(o, delivery.Refused)):
             log.warning(
                 "receipt %s rejected by the upstream (%s), moved to dead letters: %s: %s",
                 rejection.receipt_id,
@@ -502,7 +499,7 @@ class SyncLoop:
                 total.add(await self._poll(due))
         return total
 
-    async def _poll(self, due: list[AwaitingResult]) -> CycleResult:
+    async def _poll(self, due: list[delivery.AwaitingResult]) -> CycleResult:
         ids = [r.receipt_id for r in due]
         name = self.upstream.name
         try:
@@ -516,9 +513,13 @@ class SyncLoop:
             raise
         self.polls.polled(ids)
         await self.store.settle(outcomes, ReceiptStatus.SUBMITTED)
-        finished = [o.receipt_id for o in outcomes if isinstance(o, (Fiscalized, Refused, NotRegistered))]
+        finished = [
+            o.receipt_id
+            for o in outcomes
+            if isinstance(o, (delivery.Fiscalized, delivery.Refused, delivery.NotRegistered))
+        ]
         self.polls.forget(finished)
-        for failed in (o for o in outcomes if isinstance(o, NotRegistered)):
+        for failed in (o for o in outcomes if isinstance(o, delivery.NotRegistered)):
             log.warning(
                 "receipt %s was not registered by %s (%s: %s); registering it again under a new external id",
                 failed.receipt_id,

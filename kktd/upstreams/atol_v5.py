@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
@@ -438,19 +438,18 @@ class AtolOnlineV5(HttpUpstream):
 
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
         """Register each receipt (one request each, at most ``concurrency`` at once)."""
-        self._check_batch(batch)
-        call = _Call()
-        await self._ensure_token(call)
-        results = await asyncio.gather(*(self._guard(o.receipt_id, self._register(call, o)) for o in batch))
-        return self._settle(results)
+        return await self._each(batch, self._register)
 
     async def poll(self, awaiting: Sequence[AwaitingResult]) -> list[PollOutcome]:
         """Ask for the result of each registered document (one ``report/{uuid}`` request each)."""
-        self._check_batch(awaiting)
+        return await self._each(awaiting, self._report)
+
+    async def _each(self, items: Sequence[Any], one: Callable[[_Call, Any], Awaitable[Any]]) -> list[Any]:
+        """One request per receipt under one token; a transport failure answers for its receipt only."""
+        self._check_batch(items)
         call = _Call()
         await self._ensure_token(call)
-        results = await asyncio.gather(*(self._guard(a.receipt_id, self._report(call, a)) for a in awaiting))
-        return self._settle(results)
+        return self._settle(await asyncio.gather(*(self._guard(i.receipt_id, one(call, i)) for i in items)))
 
     # -- one document --
 
@@ -567,10 +566,7 @@ class AtolOnlineV5(HttpUpstream):
         if answer.error is not None:
             auth = _auth_unavailable(answer.error)
             if auth is not None:
-                if self._auth_failure is None or self._auth_failure.reason != auth.reason:
-                    log.error("atol: %s: %s", auth.reason, auth.operator_action)
-                self._auth_failure = auth
-                raise auth
+                raise self._remember_auth_failure(auth)
             raise _http_failure(answer, sent=False)
         token = answer.document.get("token")
         if (
@@ -585,16 +581,12 @@ class AtolOnlineV5(HttpUpstream):
     async def _authorized(self, call: _Call, method: str, url: yarl.URL, body: bytes | None) -> _Answer:
         # The token is read once a slot is ours: a request that waited for one uses the token of its time.
         # getToken takes no slot (it is rare, and a slot held while waiting for it must not starve it).
-        async with self._slots:
-            token = await self._ensure_token(call)
-            answer = await self._request(method, url, body, token, sent=True)
+        token, answer = await self._in_slot(call, method, url, body)
         if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
             # ATOL asks for a new token only after it said the old one is no good; then the call is retried once.
             log.info("atol: the token was refused (error %d); getting a new one", answer.error.code)
             await self._new_token(call, token)
-            async with self._slots:
-                token = await self._ensure_token(call)
-                answer = await self._request(method, url, body, token, sent=True)
+            token, answer = await self._in_slot(call, method, url, body)
             if answer.error is not None and answer.error.code in (CODE_TOKEN_MISSING, CODE_TOKEN_EXPIRED):
                 raise UpstreamUnavailable(
                     FailureKind.NOT_SENT, "token_rejected", f"a new token was refused too (error {answer.error.code})"
@@ -602,11 +594,20 @@ class AtolOnlineV5(HttpUpstream):
         if answer.error is not None:
             auth = _auth_unavailable(answer.error)
             if auth is not None:
-                if self._auth_failure is None or self._auth_failure.reason != auth.reason:
-                    log.error("atol: %s: %s", auth.reason, auth.operator_action)
-                self._auth_failure = auth
-                raise auth
+                raise self._remember_auth_failure(auth)
         return answer
+
+    async def _in_slot(self, call: _Call, method: str, url: yarl.URL, body: bytes | None) -> tuple[str, _Answer]:
+        async with self._slots:
+            token = await self._ensure_token(call)
+            return token, await self._request(method, url, body, token, sent=True)
+
+    def _remember_auth_failure(self, auth: UpstreamUnavailable) -> UpstreamUnavailable:
+        """Keep the refusal for status; log it once per reason, not once per receipt."""
+        if self._auth_failure is None or self._auth_failure.reason != auth.reason:
+            log.error("atol: %s: %s", auth.reason, auth.operator_action)
+        self._auth_failure = auth
+        return auth
 
     # -- HTTP --
 
