@@ -26,7 +26,7 @@ CHECK_PYTEST   := -m "not process and not systemd and not powercut and not slow"
 DEB_PACKAGES   := dpkg-dev debhelper python3 python3-venv python3-pip python3-setuptools python3-wheel lintian
 
 .PHONY: slowsync
-.PHONY: run check lint test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run \
+.PHONY: run ctl check lint test fuzz typecheck bench powercut verify-units deb clean distclean prereqs-run \
         prereqs-test prereqs-bench prereqs-deb
 
 define ensure_packages
@@ -67,6 +67,11 @@ $(OPENAPI_JSON): kktd/openapi.yaml packaging/openapi_json.py | prereqs-run
 run: $(STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock --db $(STATE_DIR)/buffer.db
+
+# The CLI against the daemon `make run` started (the same KKTD_LISTEN): make ctl ARGS='receipt ID'.
+ARGS ?= status
+ctl: $(STAMP)
+	$(VENV)/bin/kktd $(ARGS)
 
 # The fast tier a developer runs on every change: lint and format check, types, unit and in-process tests.
 check: $(STAMP) prereqs-test lint typecheck

@@ -35,6 +35,7 @@ EX_CONFIG = 78
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kktd", description="Fiscal receipt buffer and upstream forwarder.")
     parser.add_argument("--version", action="version", version=f"kktd {__version__}")
+    ctl.add_config_arguments(parser, unset=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     config_module.add_arguments(serve)
@@ -64,7 +65,8 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
     try:
         config = config_module.load(args)
     except ConfigError as exc:
-        print(f"kktd: configuration error: {exc}", file=sys.stderr)
+        for problem in exc.problems:  # every problem at once, one line each
+            print(f"kktd: configuration error: {problem}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":
         print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
@@ -76,10 +78,10 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
 def serve(config: config_module.Config, extension: Extension | None = None, reloader: Reloader | None = None) -> int:
     from kktd.daemon import Daemon  # imports aiohttp & co. only for the command that needs them
 
-    if config.embedded_mock:
-        _print_welcome(config)
+    # The welcome and its sample curl only once the port is ours: with the port taken, nothing misleads.
+    welcome = (lambda: _print_welcome(config)) if config.embedded_mock else None
     try:
-        return asyncio.run(Daemon(config, extension, reloader).run())
+        return asyncio.run(Daemon(config, extension, reloader, on_ready=welcome).run())
     except CorruptDatabase as exc:
         log.critical(
             "%s; kktd will not start on it and will not replace it. Inspect it with "
@@ -116,6 +118,10 @@ def _print_welcome(config: config_module.Config) -> None:
 
     sample = json.dumps(sample_receipt("demo-KEY"), ensure_ascii=False).replace("demo-KEY", "demo-'$(date +%s%N)'")
     url = f"http://{config.listen}"
+    program = Path(sys.argv[0]).absolute() if sys.argv else Path("kktd")
+    cli = str(program) if program.name == "kktd" else "kktd"  # .venv/bin/kktd is not on PATH after make run
+    if config.listen != config_module.DEFAULT_LISTEN:
+        cli += f" --listen {config.listen}"
     print(
         f"""
 kktd {__version__} (development mode: embedded mock of {config.upstream}, database {config.db})
@@ -124,6 +130,7 @@ Listening on {url}. Post a sample receipt:
   curl -sS -H 'Content-Type: application/json' -d '{sample}' {url}/v1/kkt/receipt
 
 Then: curl -sS {url}/v1/kkt/buffer/status    (Ctrl-C stops kktd)
+The CLI, from another terminal: {cli} status    (or: make ctl ARGS='status'; also receipt ID, dlq, export)
 """,
         file=sys.stderr,
         flush=True,

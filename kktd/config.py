@@ -91,8 +91,13 @@ class Config:
         return shown
 
 
+DEFAULT_LISTEN = "127.0.0.1:8731"
+
+
 def _listen(raw: Any) -> tuple[str, int]:
     text = str(raw)
+    if "/" in text:
+        raise ValueError("expected HOST:PORT, not a URL (e.g. 127.0.0.1:8731, no http:// and no path)")
     host, sep, port_text = text.rpartition(":")
     if not sep or not host:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8731")
@@ -112,7 +117,7 @@ def _default_db() -> str:
 
 
 COMMON_OPTIONS: tuple[Option, ...] = (
-    Option("listen", _listen, "127.0.0.1:8731", "HOST:PORT to listen on (default 127.0.0.1:8731)"),
+    Option("listen", _listen, DEFAULT_LISTEN, "HOST:PORT to listen on (default 127.0.0.1:8731)"),
     Option("db", file_path, None, "buffer database (default $STATE_DIRECTORY/buffer.db or /var/lib/kktd/buffer.db)"),
     Option(
         "upstream",
@@ -166,13 +171,22 @@ UPSTREAM_KEYS = frozenset(option.key for option in upstream_options())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per option; defaults stay None so only explicit flags override."""
-    parser.add_argument("--config", help=f"TOML config file (default {DEFAULT_CONFIG_PATH} if it exists)")
+    """Add --config and one flag per option; an unset flag leaves no value, so only explicit flags override.
+
+    SUPPRESS rather than None: a subcommand's unset flag must not erase the same flag given before the
+    subcommand (`kktd --listen 127.0.0.1:9 check-config`).
+    """
+    unset = argparse.SUPPRESS
+    parser.add_argument(
+        "--config", default=unset, help=f"TOML config file (default {DEFAULT_CONFIG_PATH} if it exists)"
+    )
     for option in OPTIONS:
         if option.parse is boolean:
-            parser.add_argument(option.flag, dest=option.key, action="store_const", const=True, help=option.help)
+            parser.add_argument(
+                option.flag, dest=option.key, action="store_const", const=True, default=unset, help=option.help
+            )
         else:
-            parser.add_argument(option.flag, dest=option.key, help=option.help)
+            parser.add_argument(option.flag, dest=option.key, default=unset, help=option.help)
 
 
 def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -188,8 +202,35 @@ def load(args: argparse.Namespace | None = None, environ: Mapping[str, str] | No
             raw[option.key] = (environ[option.env], option.env)
         if flag_values.get(option.key) is not None:
             raw[option.key] = (flag_values[option.key], option.flag)
-    values = {key: _parse(key, value, source) for key, (value, source) in raw.items()}
-    return _build(values, environ)
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, (value, source) in raw.items():
+        try:
+            values[key] = _parse(key, value, source)
+        except ConfigError as exc:
+            # Reported, and the default stands in so that the checks after it still run.
+            problems.extend(exc.problems)
+            values[key] = _default_value(key)
+    config = ConfigError.collect(problems, lambda: _build(values, environ))
+    if problems or config is None:
+        raise ConfigError(*_first_per_key(problems))
+    return config
+
+
+def _first_per_key(problems: list[str]) -> list[str]:
+    """A wrong value's default may fail a later check of the same key ("required"): report the value only."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    for problem in problems:
+        key = problem.split(" ", 1)[0].rstrip(":")
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept
+
+
+def _default_value(key: str) -> Any:
+    return _default_db() if key == "db" else _parse(key, OPTIONS_BY_KEY[key].default, "default")
 
 
 def _read_file(explicit: str | None, raw: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
@@ -223,26 +264,31 @@ def _parse(key: str, value: Any, source: str) -> Any:
 
 
 def _build(values: dict[str, Any], environ: Mapping[str, str]) -> Config:
+    problems: list[str] = []
     if values["pending_critical_age"] <= values["pending_warn_age"]:
-        raise ConfigError(
+        problems.append(
             "pending_critical_age: must be greater than pending_warn_age "
             f"({values['pending_critical_age']:g}s <= {values['pending_warn_age']:g}s)"
         )
     spec = REGISTRY[values["upstream"]]
     if values["embedded_mock"] and spec.mock is None:
         with_mocks = ", ".join(name for name, other in REGISTRY.items() if other.mock is not None)
-        raise ConfigError(f"embedded_mock: upstream {spec.name} has no mock (upstreams with one: {with_mocks})")
+        problems.append(f"embedded_mock: upstream {spec.name} has no mock (upstreams with one: {with_mocks})")
     host, port = values.pop("listen")
-    token_file, token = _api_token(values["api_token_file"], environ)
+    token_answer = ConfigError.collect(problems, lambda: _api_token(values["api_token_file"], environ))
+    token_file, token = token_answer if token_answer is not None else (None, None)
     values["api_token_file"] = token_file
-    if token is None and not is_loopback(host):
-        raise ConfigError(
+    if token_answer is not None and token is None and not is_loopback(host):
+        problems.append(
             f"listen = {host}:{port}: beyond loopback the API would be open to the network without "
             f"authentication; set api_token_file (or the systemd credential api_token) or listen on 127.0.0.1"
         )
     upstream_values = {key: values.pop(key) for key in UPSTREAM_KEYS}
-    seller = parse_seller({key: values.pop(key) for key in seller_module.KEYS})
-    settings = spec.settings(upstream_values, seller)
+    seller_values = {key: values.pop(key) for key in seller_module.KEYS}
+    seller = ConfigError.collect(problems, lambda: parse_seller(seller_values))
+    settings = ConfigError.collect(problems, lambda: spec.settings(upstream_values, seller or Seller()))
+    if problems or seller is None or settings is None:
+        raise ConfigError(*problems)
     return Config(
         listen_host=host, listen_port=port, upstream_settings=settings, seller=seller, api_token=token, **values
     )

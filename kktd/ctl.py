@@ -428,14 +428,21 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     exporting.add_argument("--until", type=parse_moment, help="accepted before (date or RFC 3339)")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the daemon is: the same config file and KKTD_LISTEN it reads, or --listen."""
-    parser.add_argument("--config", help="kktd's TOML config file (default /etc/kktd/kktd.toml if it exists)")
-    parser.add_argument("--listen", help="HOST:PORT of the daemon (default: `listen` from the config)")
+def add_config_arguments(parser: argparse.ArgumentParser, unset: Any = argparse.SUPPRESS) -> None:
+    """Where the daemon is: the same config file and KKTD_LISTEN it reads, or --listen.
+
+    Given before the command (`kktd --listen … status`) or after it; an unset flag after it leaves the
+    one before it standing (SUPPRESS), the top-level parser's own default is None.
+    """
+    parser.add_argument(
+        "--config", default=unset, help="kktd's TOML config file (default /etc/kktd/kktd.toml if it exists)"
+    )
+    parser.add_argument("--listen", default=unset, help="HOST:PORT of the daemon (default: `listen` from the config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kktd", description="Operate a running kktd.")
+    add_config_arguments(parser, unset=None)
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), add_config_arguments)
     return parser
 

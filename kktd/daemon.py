@@ -115,8 +115,15 @@ def watchdog_interval() -> float | None:
 
 
 class Daemon:
-    def __init__(self, config: Config, extension: Extension | None = None, reloader: Reloader | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        extension: Extension | None = None,
+        reloader: Reloader | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
+        self.on_ready = on_ready  # called once the port is bound and READY=1 sent (make run's welcome)
         self.extension = extension
         self.reloader = reloader
         self._reloading: asyncio.Task[None] | None = None
@@ -165,6 +172,8 @@ class Daemon:
             self._supervise("event-loop-lag", kktd.services.metrics.watch_event_loop)
             settle_heap()
             self.notifier.send(f"READY=1\nSTATUS={self._status_line()}")
+            if self.on_ready is not None:
+                self.on_ready()
             log.info(
                 "kktd %s ready: listening on http://%s, upstream %s, database %s, pending=%d",
                 __version__,

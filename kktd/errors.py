@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class ErrorCode(enum.StrEnum):
@@ -99,4 +102,24 @@ class ForeignWal(CorruptDatabase):
 
 
 class ConfigError(Exception):
-    """A configuration value is wrong; the message names the key."""
+    """One or more configuration values are wrong; each problem names its key.
+
+    Every check runs before one ConfigError carries all the problems found: configuring an upstream
+    takes one run of `kktd check-config`, not one per missing key.
+    """
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__(*problems)
+        self.problems: tuple[str, ...] = problems
+
+    def __str__(self) -> str:
+        return "; ".join(self.problems)
+
+    @classmethod
+    def collect(cls, problems: list[str], check: Callable[[], T]) -> T | None:
+        """Run `check`; on ConfigError add its problems to `problems` and return None."""
+        try:
+            return check()
+        except cls as exc:
+            problems.extend(exc.problems)
+            return None

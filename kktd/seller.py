@@ -116,14 +116,11 @@ class Seller:
     cashier_inn: str | None = None
 
     def required(self, upstream: str, keys: Iterable[str]) -> tuple[str, ...]:
-        """The values of `keys`, in order; ConfigError naming the first that is unset."""
-        values: list[str] = []
-        for key in keys:
-            value = getattr(self, key)
-            if value is None:
-                raise ConfigError(f"{key}: required when upstream = {upstream}")
-            values.append(value)
-        return tuple(values)
+        """The values of `keys`, in order; ConfigError naming each that is unset."""
+        missing = [key for key in keys if getattr(self, key) is None]
+        if missing:
+            raise ConfigError(*(f"{key}: required when upstream = {upstream}" for key in missing))
+        return tuple(getattr(self, key) for key in keys)
 
     def describe(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in KEYS}
@@ -132,6 +129,7 @@ class Seller:
 def parse_seller(values: Mapping[str, Any]) -> Seller:
     """The seller from raw or already parsed values by key (others ignored); ConfigError names the key."""
     parsed: dict[str, Any] = {}
+    problems: list[str] = []
     for option in OPTIONS:
         raw = values.get(option.key)
         if raw is None:
@@ -139,7 +137,9 @@ def parse_seller(values: Mapping[str, Any]) -> Seller:
         try:
             parsed[option.key] = option.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{option.key} = {raw!r}: {exc}") from None
+            problems.append(f"{option.key} = {raw!r}: {exc}")
     if parsed.get("cashier_inn") is not None and parsed.get("cashier_name") is None:
-        raise ConfigError("cashier_inn: set only with cashier_name (the INN is the named cashier's)")
+        problems.append("cashier_inn: set only with cashier_name (the INN is the named cashier's)")
+    if problems:
+        raise ConfigError(*problems)
     return Seller(**parsed)

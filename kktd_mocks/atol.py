@@ -1007,8 +1007,11 @@ async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
     mock = await start_mock_atol(host, port, **options)
     try:
         print(
-            f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, group {mock.state.group_code}, "
-            f"INN {mock.state.inn}), admin {mock.admin_url}/stats",
+            f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, password {mock.state.password}, "
+            f"group {mock.state.group_code}, INN {mock.state.inn}), admin {mock.admin_url}/stats\n"
+            f"kktd settings for it: atol_url = {mock.url}, atol_login = {mock.state.login}, "
+            f"atol_group_code = {mock.state.group_code}, company_inn = {mock.state.inn}, and a file holding "
+            f"{mock.state.password} as atol_password_file",
             flush=True,
         )
         await stop.wait()

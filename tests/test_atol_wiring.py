@@ -152,6 +152,35 @@ def test_check_config_exits_78_with_one_line_naming_the_key(
     assert PASSWORD not in err
 
 
+def test_check_config_reports_every_problem_in_one_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Configuring ATOL from nothing takes one run: each missing key and each wrong value, one line each."""
+    for name in [n for n in os.environ if n.startswith("KKTD_") or n == "CREDENTIALS_DIRECTORY"]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("KKTD_UPSTREAM", "atol-online-v5")
+    monkeypatch.setenv("KKTD_ATOL_TIMEOUT", "never")
+    monkeypatch.setenv("KKTD_LISTEN", "http://127.0.0.1:1")
+    assert cli.main(["check-config", "--config", os.devnull]) == cli.EX_CONFIG
+    lines = capsys.readouterr().err.splitlines()
+    keys = [line.removeprefix("kktd: configuration error: ").split(" ")[0].rstrip(":") for line in lines]
+    assert all(line.startswith("kktd: configuration error: ") for line in lines), lines
+    assert sorted(keys) == sorted(
+        [
+            "listen",
+            "atol_timeout",
+            "atol_login",
+            "atol_group_code",
+            "company_inn",
+            "company_email",
+            "company_payment_address",
+            "atol_password_file",
+        ]
+    ), lines
+    listen = lines[keys.index("listen")]
+    assert "expected HOST:PORT, not a URL" in listen and "beyond loopback" not in listen
+
+
 def test_check_config_shows_the_settings_but_never_the_password(
     password_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -300,7 +329,11 @@ def test_kktd_mock_atol_serves_until_sigterm(tmp_path: Path) -> None:
     argv = [str(KKTD_BIN), "mock-atol", "--listen", f"127.0.0.1:{port}"]
     mock = Child("kktd mock-atol", argv, tmp_path / "mock-atol.log").start()
     try:
-        mock.wait_until(lambda: f"http://127.0.0.1:{port}/possystem/v5" in mock.log(), 30, "its URL printed")
+        mock.wait_until(lambda: "atol_password_file" in mock.log(), 30, "its settings printed")
+        # Everything kktd needs to talk to it, the password too (a mock's, printed so nobody reads the source).
+        assert f"atol_url = http://127.0.0.1:{port}/possystem/v5," in mock.log()
+        assert f"password {DEFAULT_PASSWORD}" in mock.log() and f"atol_login = {DEFAULT_LOGIN}" in mock.log()
+        assert f"atol_group_code = {DEFAULT_GROUP}" in mock.log() and f"company_inn = {DEFAULT_INN}" in mock.log()
         mock.signal(signal.SIGTERM)
         assert mock.wait(10) == 0
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import KKTD_BIN, KktdProcess, Posted, http, http_async, post_many, receipts, wait_until
+from tests.support import KKTD_BIN, KktdProcess, Posted, child_env, http, http_async, post_many, receipts, wait_until
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
 pytestmark = pytest.mark.process
@@ -219,6 +219,29 @@ def test_port_in_use_exits_nonzero_before_ready(tmp_path: Path, kktds: list[Kktd
     second.start(wait_ready=False)
     assert second.wait(20) == 69
     assert "cannot listen" in second.log()
+
+
+def test_the_welcome_of_make_run_comes_only_once_the_port_is_bound(tmp_path: Path, kktds: list[KktdProcess]) -> None:
+    """`make run`'s sample curl must not be printed by a kktd that then fails to bind (it would post elsewhere)."""
+    first = start(kktds, tmp_path / "a.db")
+    second = KktdProcess(db=tmp_path / "b.db", port=first.port, ofd_url="", extra_args=["--embedded-mock"])
+    kktds.append(second)
+    second.start(wait_ready=False)
+    assert second.wait(20) == 69
+    assert "cannot listen" in second.log() and "Listening on" not in second.log()
+
+
+def test_the_welcome_says_how_to_call_the_cli(tmp_path: Path, kktds: list[KktdProcess]) -> None:
+    kktd = KktdProcess(db=tmp_path / "a.db", ofd_url="", extra_args=["--embedded-mock"])
+    kktds.append(kktd)
+    kktd.start()
+    wait_until(lambda: "The CLI" in kktd.log(), 10, "the welcome")
+    line = next(line for line in kktd.log().splitlines() if line.startswith("The CLI"))
+    command = line.split(": ", 1)[1].split("    ", 1)[0]  # ".../.venv/bin/kktd --listen 127.0.0.1:PORT status"
+    assert command.startswith(f"{KKTD_BIN} --listen 127.0.0.1:{kktd.port}"), line
+    assert f"Listening on {kktd.url}" in kktd.log()
+    result = subprocess.run(command.split(), capture_output=True, text=True, timeout=30, env=child_env())
+    assert result.stdout.startswith("KKTD OK"), result.stdout + result.stderr
 
 
 # ---- the integrity check: before READY after an unclean stop, right after it after a clean one ----

@@ -255,34 +255,48 @@ def atol_settings(values: Mapping[str, Any], seller: Seller, environ: Mapping[st
     ``$CREDENTIALS_DIRECTORY/atol_password``: never from the TOML file or the environment.
     """
     environ = os.environ if environ is None else environ
-    parsed = {spec.key: _setting(values, spec) for spec in OPTIONS}
-    company = _company(seller)
-    password_path: Path | None = parsed["atol_password_file"]
-    if password_path is None:
-        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
-        if not credentials:
-            raise ConfigError(
-                f"atol_password_file: required when upstream = {NAME} (or a systemd credential "
-                f"{PASSWORD_CREDENTIAL}: LoadCredential={PASSWORD_CREDENTIAL}:/path)"
-            )
-        password_path = Path(credentials) / PASSWORD_CREDENTIAL
-        key = f"atol_password_file (default $CREDENTIALS_DIRECTORY/{PASSWORD_CREDENTIAL})"
-    else:
-        key = "atol_password_file"
-    try:
-        password = read_password(password_path)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+    problems: list[str] = []
+    parsed: dict[str, Any] = {}
+    for spec in OPTIONS:
+        try:
+            parsed[spec.key] = _setting(values, spec)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            parsed[spec.key] = None
+    company = ConfigError.collect(problems, lambda: _company(seller))
+    password = ConfigError.collect(problems, lambda: _password(parsed["atol_password_file"], environ))
+    if problems or company is None or password is None:
+        raise ConfigError(*problems)
+    password_path = password[0]
     return AtolSettings(
         url=parsed["atol_url"],
         login=parsed["atol_login"],
-        password=password,
+        password=password[1],
         group_code=parsed["atol_group_code"],
         company=company,
         concurrency=parsed["upstream_concurrency"],
         timeout=parsed["atol_timeout"],
         password_file=password_path,
     )
+
+
+def _password(explicit: Path | None, environ: Mapping[str, str]) -> tuple[Path, str]:
+    """The password file (``atol_password_file`` or the systemd credential) and the password in it."""
+    if explicit is None:
+        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+        if not credentials:
+            raise ConfigError(
+                f"atol_password_file: required when upstream = {NAME} (or a systemd credential "
+                f"{PASSWORD_CREDENTIAL}: LoadCredential={PASSWORD_CREDENTIAL}:/path)"
+            )
+        path = Path(credentials) / PASSWORD_CREDENTIAL
+        key = f"atol_password_file (default $CREDENTIALS_DIRECTORY/{PASSWORD_CREDENTIAL})"
+    else:
+        path, key = explicit, "atol_password_file"
+    try:
+        return path, read_password(path)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _company(seller: Seller) -> Company:
