@@ -13,6 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kktd.receipt import validate_receipt
+from kktd.states import BreakerState
+from kktd.upstreams import REGISTRY
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from tests.conftest import App, AppFactory
 from tests.faulty_kktd import wedge_writer
@@ -250,3 +252,69 @@ async def test_a_large_group_commit_is_told_in_chunks(app: App, caplog: pytest.L
     assert sorted(named) == sorted(r.receipt_id for r in results)
     assert max(len(getattr(r, "receipt_id")) for r in entries) <= STORY_CHUNK
     assert any(" of " in r.getMessage() for r in entries)  # 450 in commits of up to 512: split
+
+
+# ---- the operator's actions: sync-now and a reload of the upstream's settings ----
+
+
+async def open_breaker(app_factory: AppFactory, mock_ofd: MockOfd, key: str) -> App:
+    """A kktd whose breaker opened on the upstream's failure, with an hour before its own next trial."""
+    app = await app_factory(ofd_url=mock_ofd.url, breaker_threshold=1, breaker_reset=3600.0, backoff_max=0.05)
+    await mock_ofd.set_mode("error500")
+    await app.store.accept(validate_receipt(sample_receipt(key)))
+    failed = await app.kktd.sync.run_once_now()
+    assert failed.error is not None and failed.breaker is BreakerState.OPEN
+    await mock_ofd.set_mode("online")
+    return app
+
+
+async def test_sync_now_makes_the_trial_call_at_once_when_the_breaker_is_open(
+    app_factory: AppFactory, mock_ofd: MockOfd
+) -> None:
+    app = await open_breaker(app_factory, mock_ofd, "trial-1")
+    manual = await app.kktd.sync.run_once_now()  # the operator's request: no "next trial in 3599s"
+    assert manual.error is None and manual.delivered == 1 and manual.breaker is BreakerState.CLOSED
+    assert app.store.counts.sent == 1
+
+
+async def test_sync_now_against_a_still_failing_upstream_reopens_the_breaker(
+    app_factory: AppFactory, mock_ofd: MockOfd
+) -> None:
+    app = await open_breaker(app_factory, mock_ofd, "trial-2")
+    await mock_ofd.set_mode("error500")
+    manual = await app.kktd.sync.run_once_now()
+    assert manual.error is not None and "http_500" in manual.error and manual.breaker is BreakerState.OPEN
+    assert app.store.counts.pending == 1
+
+
+async def test_new_upstream_settings_reset_the_breaker_and_the_remembered_error(
+    app_factory: AppFactory, mock_ofd: MockOfd
+) -> None:
+    """The runbook's "fix the setting, systemctl reload": delivery resumes at once, status forgets the old error."""
+    app = await open_breaker(app_factory, mock_ofd, "reload-1")
+    sync = app.kktd.sync
+    loop_task = asyncio.create_task(sync.run())
+    try:
+        # The running loop waits out the open breaker (an hour): only the reload may cut that short.
+        await wait_for(lambda: (sync.status().retry_in_s or 0.0) > 60, 10)
+        assert sync.status().last_error is not None
+        spec = REGISTRY[app.kktd.config.upstream]
+        upstream = spec.create(app.kktd.config.upstream_settings)
+        await upstream.start()
+        previous = sync.replace_upstream(upstream)
+        status = sync.status()
+        assert status.breaker is BreakerState.CLOSED and status.consecutive_failures == 0
+        assert status.last_error is None and status.retry_in_s is None
+        await wait_for(lambda: app.store.counts.sent == 1, 10)
+    finally:
+        sync.request_stop()
+        await loop_task
+    await sync.idle()
+    await previous.close()
+
+
+async def wait_for(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

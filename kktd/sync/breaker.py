@@ -79,6 +79,22 @@ class CircuitBreaker:
         if self._state is not BreakerState.OPEN:
             self._transition(BreakerState.OPEN)
 
+    def trial_now(self) -> None:
+        """An operator asked for delivery now (`kktd sync-now`): the next allow() hands out the half-open
+        trial at once instead of after the reset timer; its outcome closes or re-opens as any trial's."""
+        if self._state is BreakerState.CLOSED:
+            return
+        self._trial_started_at = None
+        if self._state is BreakerState.OPEN:
+            self._transition(BreakerState.HALF_OPEN)
+
+    def reset(self) -> None:
+        """Forget every failure: the upstream's settings changed, and the old failures say nothing of the new."""
+        self._failures = 0
+        self._trial_started_at = None
+        if self._state is not BreakerState.CLOSED:
+            self._transition(BreakerState.CLOSED)
+
     def retry_after(self) -> float:
         """Seconds until allow() would return True (0.0 when it would now)."""
         if self._state is BreakerState.CLOSED:

@@ -150,6 +150,7 @@ class SyncLoop:
         self._clock = clock
         self._sleep = sleep
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()  # cuts a retry's wait short: the upstream was replaced
         self._stop = asyncio.Event()
         self._cycle_lock = asyncio.Lock()
         self._intake_commits_seen = store.counters.commits
@@ -167,6 +168,14 @@ class SyncLoop:
         `idle()`."""
         previous, self.upstream = self.upstream, upstream
         self.metrics.prepare_upstream(upstream.name)
+        # New settings (a fixed password, another URL): the old failures and refusal no longer tell anything,
+        # and the retry waiting out the breaker goes now rather than in up to breaker_reset seconds.
+        self.breaker.reset()
+        self.stats.last_error = None
+        self.stats.last_error_ms = None
+        self.stats.retry_at_monotonic = None
+        self._clear_operator_action()
+        self._retry_now.set()
         return previous
 
     async def idle(self) -> None:
@@ -207,6 +216,8 @@ class SyncLoop:
         # Dead-lettering happens on the failure path, which raises: count it from the running total.
         dead_lettered_before = self.stats.dead_lettered_total
         async with self._cycle_lock:
+            # The operator's explicit request is the half-open trial, now, not after the breaker's timer.
+            self.breaker.trial_now()
             try:
                 result = await self._drain()
             except CircuitOpen as exc:
@@ -306,7 +317,8 @@ class SyncLoop:
         log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
 
     async def _interruptible_sleep(self, seconds: float) -> None:
-        await self._pause(seconds)
+        await self._pause(seconds, self._retry_now)
+        self._retry_now.clear()
         if self._stop.is_set():
             raise Stopping()
 
