@@ -20,7 +20,7 @@ from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kktd.metrics import Metrics
 from kktd.openapi import spec_json
-from kktd.receipt import MalformedBody, Receipt, ReceiptInvalid, parse_receipt
+from kktd.receipt import IDEMPOTENCY_KEY_RE, MalformedBody, Receipt, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, quoted
 from kktd.server import EventSummary
 from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s
@@ -294,6 +294,25 @@ async def get_receipt(request: web.Request) -> web.Response:
     row = await _storage(request.app[SERVICES].store.get(receipt_id))
     if row is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
+    return json_response(present_receipt(row, mask_contact=contacts_masked(request)))
+
+
+async def find_receipt(request: web.Request) -> web.Response:
+    """`GET /v1/kkt/receipt?idempotency_key=K`: after a timeout the till knows its key, not kktd's id."""
+    key = request.query.get("idempotency_key")
+    if key is None:
+        raise ApiError(400, ErrorCode.INVALID_QUERY, "idempotency_key is required", "idempotency_key")
+    if not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        # A query parameter like any other (400 invalid_query): invalid_idempotency_key is the body's 422.
+        raise ApiError(
+            400,
+            ErrorCode.INVALID_QUERY,
+            "idempotency_key must be 1..64 characters of A-Z a-z 0-9 . _ : -",
+            "idempotency_key",
+        )
+    row = await _storage(request.app[SERVICES].store.get_by_key(key))
+    if row is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt with idempotency_key {key}")
     return json_response(present_receipt(row, mask_contact=contacts_masked(request)))
 
 
@@ -574,6 +593,7 @@ def create_app(services: Services) -> web.Application:
     app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
     app[SERVICES] = services
     app.router.add_post("/v1/kkt/receipt", post_receipt)
+    app.router.add_get("/v1/kkt/receipt", find_receipt)
     app.router.add_get("/v1/kkt/receipt/{receipt_id}", get_receipt)
     app.router.add_get("/v1/kkt/buffer/status", buffer_status)
     app.router.add_post("/v1/kkt/buffer/sync", sync_now)

@@ -292,10 +292,15 @@ def _alarm_state(alarm: str) -> State:
     return states.get(alarm, State.CRITICAL)
 
 
-def receipt(client: Client, receipt_id: str) -> Report:
-    answer = client.call("GET", f"/v1/kkt/receipt/{urllib.parse.quote(receipt_id, safe='')}")
+def receipt(client: Client, receipt_id: str | None, idempotency_key: str | None = None) -> Report:
+    if idempotency_key is not None:
+        path, wanted = f"/v1/kkt/receipt?{urllib.parse.urlencode({'idempotency_key': idempotency_key})}", "key "
+    else:
+        path, wanted = f"/v1/kkt/receipt/{urllib.parse.quote(receipt_id or '', safe='')}", ""
+    answer = client.call("GET", path)
     if answer.status == 404:
-        return Report(State.CRITICAL, [f"no receipt {receipt_id}"], answer.body, {0: State.CRITICAL})
+        shown = idempotency_key if idempotency_key is not None else receipt_id
+        return Report(State.CRITICAL, [f"no receipt {wanted}{shown}"], answer.body, {0: State.CRITICAL})
     body = _need(answer, 200)
     status_name = body.get("status", "?")
     state = {"sent": State.OK, "failed": State.CRITICAL}.get(status_name, State.WARNING)
@@ -414,7 +419,9 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
         return options(commands.add_parser(name, help=help_text))
 
     command("status", "summary of the running daemon (a monitoring-plugin check: exit 0/1/2/3)")
-    command("receipt", "one receipt: status, attempts, last error, fiscal data").add_argument("receipt_id")
+    one = command("receipt", "one receipt: status, attempts, last error, fiscal data")
+    one.add_argument("receipt_id", nargs="?", help="kktd's receipt id (or --key)")
+    one.add_argument("--key", dest="idempotency_key", help="the till's idempotency key instead of the id")
     # The options go on the leaves: argparse lets a subcommand's defaults overwrite its parent's values.
     dlq = commands.add_parser("dlq", help="dead letters: list, requeue")
     actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
@@ -448,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "receipt" and (args.receipt_id is None) == (args.idempotency_key is None):
+        parser.error("receipt: give a receipt ID or --key IDEMPOTENCY_KEY (one of them)")
     if args.command == "dlq" and args.dlq_command == "requeue" and bool(args.all) == bool(args.receipt_ids):
         parser.error("dlq requeue: give receipt IDs or --all (not both)")
 
@@ -513,7 +522,7 @@ def _report(args: argparse.Namespace, client: Client) -> Report:
     if args.command == "status":
         return status(client)
     if args.command == "receipt":
-        return receipt(client, args.receipt_id)
+        return receipt(client, args.receipt_id, args.idempotency_key)
     if args.command == "sync-now":
         return sync_now(client)
     if args.command == "dlq" and args.dlq_command == "list":

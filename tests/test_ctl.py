@@ -496,6 +496,9 @@ def test_against_a_real_kktd(tmp_path: Path, kktds: list[KktdProcess]) -> None:
     receipt_id = posted[0].body["receipt_id"]
     ran = kktd_ctl(kktd.port, "receipt", receipt_id)
     assert ran.returncode == 1 and ran.stdout.startswith(f"receipt {receipt_id}: pending"), ran.stdout
+    by_key = kktd_ctl(kktd.port, "receipt", "--key", "ctl-0")
+    assert by_key.returncode == 1 and by_key.stdout == ran.stdout, by_key.stdout + by_key.stderr
+    assert kktd_ctl(kktd.port, "receipt", "--key", "never-posted").stdout.startswith("no receipt key never-posted")
 
     ran = kktd_ctl(kktd.port, "sync-now", "--json")
     assert ran.returncode in (0, 1)

@@ -144,6 +144,33 @@ async def test_get_receipt_and_not_found(app: App) -> None:
     assert (await response.json())["error"]["code"] == "not_found"
 
 
+async def test_get_receipt_by_its_idempotency_key(app: App) -> None:
+    """After a timeout the till knows its key, not kktd's id: the same answer as GET by id, contact masked."""
+    _, created = await post(app, {**sample_receipt("key:lookup-1"), "customer_contact": "buyer@example.ru"})
+    response = await app.client.get("/v1/kkt/receipt", params={"idempotency_key": "key:lookup-1"})
+    assert response.status == 200
+    by_key = await response.json()
+    by_id = await (await app.client.get(f"/v1/kkt/receipt/{created['receipt_id']}")).json()
+    assert by_key == by_id and by_key["receipt_id"] == created["receipt_id"]
+    assert by_key["receipt"]["customer_contact"] == "b***@example.ru"
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code"),
+    [
+        ("", 400, "invalid_query"),
+        ("?idempotency_key=", 400, "invalid_query"),
+        ("?idempotency_key=a%20b", 400, "invalid_query"),
+        ("?idempotency_key=" + "k" * 65, 400, "invalid_query"),
+        ("?idempotency_key=never-posted", 404, "not_found"),
+    ],
+)
+async def test_get_receipt_by_key_refuses_what_is_no_key(app: App, query: str, status: int, code: str) -> None:
+    response = await app.client.get(f"/v1/kkt/receipt{query}")
+    assert response.status == status
+    assert (await response.json())["error"]["code"] == code
+
+
 async def test_buffer_status(app: App) -> None:
     for i in range(3):
         await post(app, sample_receipt(f"st-{i}"))

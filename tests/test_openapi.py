@@ -118,6 +118,9 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     receipt_id = accepted["receipt_id"]
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
     await call("GET", "/v1/kkt/receipt/nothing-here", 404)
+    await call("GET", "/v1/kkt/receipt?idempotency_key=contract-1", 200)
+    await call("GET", "/v1/kkt/receipt?idempotency_key=nothing-here", 404)
+    await call("GET", "/v1/kkt/receipt", 400)
     await call("GET", "/v1/kkt/buffer/status", 200)
     await call("POST", "/v1/kkt/buffer/sync", 200)
     await call("GET", "/v1/kkt/dlq", 200)
@@ -145,6 +148,7 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     rigged.services.intake_open = True
     await call("POST", "/v1/kkt/receipt", 503, sample_receipt("contract-3"))
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 503)
+    await call("GET", "/v1/kkt/receipt?idempotency_key=contract-1", 503)
     await call("GET", "/v1/kkt/buffer/status", 503)
     await call("GET", "/v1/kkt/dlq", 503)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 503)

@@ -100,6 +100,11 @@ async def receipt(conn: aiosqlite.Connection, receipt_id: str) -> ReceiptRow | N
     return _receipt_row(row) if row is not None else None
 
 
+async def receipt_by_key(conn: aiosqlite.Connection, idempotency_key: str) -> ReceiptRow | None:
+    row = await fetch_one(conn, f"SELECT {_ROW_COLUMNS} FROM receipts WHERE idempotency_key = ?", (idempotency_key,))
+    return _receipt_row(row) if row is not None else None
+
+
 async def dead_letters(conn: aiosqlite.Connection, limit: int, after_seq: int) -> list[ReceiptRow]:
     rows = await fetch_all(
         conn,

@@ -323,6 +323,10 @@ class Store:
     async def get(self, receipt_id: str) -> ReceiptRow | None:
         return await self.submit(Read(queries.receipt, (receipt_id,)))
 
+    async def get_by_key(self, idempotency_key: str) -> ReceiptRow | None:
+        """The receipt stored under the till's idempotency key (after a timeout the till knows only that)."""
+        return await self.submit(Read(queries.receipt_by_key, (idempotency_key,)))
+
     async def replay(self, receipt: Receipt) -> Accepted | Conflict | None:
         """What accept() would answer for a receipt whose key is stored already (its replay, or the key's
         conflict), without storing anything; None for a key not stored."""
