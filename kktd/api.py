@@ -17,6 +17,7 @@ from aiohttp import web
 
 from kktd.clock import rfc3339
 from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
+from kktd.fiscal import fiscalized_at, qr_string, rfc3339_local
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kktd.metrics import Metrics
 from kktd.openapi import spec_json
@@ -340,16 +341,21 @@ def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, An
     }
     fiscal = row.fiscal
     if fiscal is not None:
+        moment = fiscalized_at(fiscal.registered_at)
         result["ofd"] = {
             "fiscal_document_number": fiscal.fiscal_document_number,
             "fiscal_sign": fiscal.fiscal_sign,
-            "ofd_received_at": fiscal.registered_at,
+            # One RFC 3339 time with the terminal's offset for every upstream, whatever form the upstream used.
+            "fiscalized_at": rfc3339_local(moment) if moment is not None else fiscal.registered_at,
             "sent_at": rfc3339(row.sent_ms) if row.sent_ms is not None else None,
             "fn_number": fiscal.fn_number,
             "shift_number": fiscal.shift_number,
             "receipt_number": fiscal.receipt_number,
             "kkt_registration_number": fiscal.kkt_registration_number,
             "ofd_receipt_url": fiscal.ofd_receipt_url,
+            "fns_url": fiscal.fns_url,
+            "ofd_inn": fiscal.ofd_inn,
+            "qr": qr_string(fiscal, stored.get("operation", ""), row.total),
         }
     return result
 

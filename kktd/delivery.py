@@ -76,6 +76,8 @@ class FiscalData:
     receipt_number: int | None = None  # 1042, number of the receipt in its shift
     kkt_registration_number: str | None = None  # 1037
     ofd_receipt_url: str | None = None
+    fns_url: str | None = None  # 1060, the FNS site where a buyer checks the receipt
+    ofd_inn: str | None = None  # 1017, the INN of the OFD the register sends to
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,10 @@ class Mode:
         return {"mode": self.name, "delay_s": self.delay_s, "fail_ratio": self.fail_ratio}
 
 
+MOCK_FN_NUMBER = "9999078900004312"
+MOCK_KKT_REGISTRATION_NUMBER = "0000000001002292"
+
+
 @dataclass(slots=True)
 class StoredReceipt:
     """An acknowledged receipt. The item is kept as the UTF-8 JSON text it arrived in and parsed only when
@@ -123,6 +127,11 @@ class StoredReceipt:
             "fiscal_document_number": self.fiscal_document_number,
             "fiscal_sign": self.fiscal_sign,
             "ofd_received_at": self.ofd_received_at,
+            # The mock's one register (made-up numbers of the real form): enough for a POS to print a QR code.
+            "fn_number": MOCK_FN_NUMBER,
+            "kkt_registration_number": MOCK_KKT_REGISTRATION_NUMBER,
+            "shift_number": 1,
+            "receipt_number": self.fiscal_document_number,
         }
 
     def as_dict(self) -> dict[str, Any]:

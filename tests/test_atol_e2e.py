@@ -14,6 +14,7 @@ import random
 import signal
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,10 @@ def wait_all_sent(kktd: KktdProcess, expected: int, timeout: float = DRAIN_TIMEO
         raise AssertionError(f"{counts(kktd)}\n{kktd.log()[-4000:]}") from None
 
 
+# The FNS check string's n= (tag 1054), written out here rather than imported from kktd.
+FNS_OPERATION_TYPE = {"sale": 1, "sale_refund": 2, "purchase": 3, "purchase_refund": 4}
+
+
 def assert_exactly_once(kktd: KktdProcess, atol_process: MockAtolProcess, receipt_ids: dict[str, str]) -> list[Any]:
     """Every receipt sent with the fiscal data of its one fiscalized document; nothing fiscalized twice."""
     documents = {d["external_id"]: d for d in atol_process.documents()}
@@ -96,7 +101,15 @@ def assert_exactly_once(kktd: KktdProcess, atol_process: MockAtolProcess, receip
         assert document["fiscalized"] and shown is not None, (view, document)
         assert shown["fiscal_document_number"] == fiscal["fiscal_document_number"]
         assert shown["fiscal_sign"] == str(fiscal["fiscal_document_attribute"])
-        assert shown["ofd_received_at"] == fiscal["receipt_datetime"]
+        # ATOL's "dd.mm.yyyy HH:MM:SS" is the register's local time: shown as RFC 3339 with the zone's offset.
+        at = datetime.fromisoformat(shown["fiscalized_at"])
+        assert at.tzinfo is not None and f"{at.astimezone():%d.%m.%Y %H:%M:%S}" == fiscal["receipt_datetime"]
+        assert shown["fns_url"] == fiscal["fns_site"] and shown["ofd_inn"] == fiscal["ofd_inn"]
+        total, kind = view["total"], FNS_OPERATION_TYPE[view["receipt"]["operation"]]
+        assert shown["qr"] == (
+            f"t={at.astimezone():%Y%m%dT%H%M}&s={total // 100}.{total % 100:02d}&fn={fiscal['fn_number']}"
+            f"&i={fiscal['fiscal_document_number']}&fp={fiscal['fiscal_document_attribute']}&n={kind}"
+        )
         assert shown["fn_number"] == fiscal["fn_number"]
         assert shown["shift_number"] == fiscal["shift_number"]
         assert shown["receipt_number"] == fiscal["fiscal_receipt_number"]

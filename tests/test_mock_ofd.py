@@ -120,7 +120,19 @@ async def test_acknowledgement_shape(http: aiohttp.ClientSession, mock_ofd: Mock
     assert [r["receipt_id"] for r in results] == ["rcpt-1", "rcpt-2", "rcpt-3"]
     assert [r["fiscal_document_number"] for r in results] == [1, 2, 3]
     for result in results:
-        assert set(result) == {"receipt_id", "fiscal_document_number", "fiscal_sign", "ofd_received_at"}
+        assert set(result) == {
+            "receipt_id",
+            "fiscal_document_number",
+            "fiscal_sign",
+            "ofd_received_at",
+            # The protocol's optional register identity (docs/contract.md): the mock gives all of it.
+            "fn_number",
+            "kkt_registration_number",
+            "shift_number",
+            "receipt_number",
+        }
+        assert len(result["fn_number"]) == 16 and result["fn_number"].isdigit()
+        assert result["receipt_number"] == result["fiscal_document_number"] and result["shift_number"] >= 1
         assert len(result["fiscal_sign"]) == 10 and result["fiscal_sign"].isdigit()
         assert datetime.fromisoformat(result["ofd_received_at"]).tzinfo is not None
     assert len({r["fiscal_sign"] for r in results}) == 3

@@ -285,6 +285,12 @@ GARBAGE: dict[str, tuple[Handler, str]] = {
     "time not a date": (acks_with(ofd_received_at="yesterday"), "bad_answer: invalid_ack"),
     "time without zone": (acks_with(ofd_received_at="2026-11-24T03:00:01"), "bad_answer: invalid_ack"),
     "date only": (acks_with(ofd_received_at="2026-11-24"), "bad_answer: invalid_ack"),
+    "fn number not digits": (acks_with(fn_number="99990789X0004312"), "bad_answer: invalid_ack"),
+    "fn number as number": (acks_with(fn_number=9999078900004312), "bad_answer: invalid_ack"),
+    "fn number too long": (acks_with(fn_number="9" * 33), "bad_answer: invalid_ack"),
+    "registration number empty": (acks_with(kkt_registration_number=""), "bad_answer: invalid_ack"),
+    "shift negative": (acks_with(shift_number=-1), "bad_answer: invalid_ack"),
+    "receipt number as string": (acks_with(receipt_number="1"), "bad_answer: invalid_ack"),
     "empty result object": (
         results_of(lambda entries: {"results": [{"receipt_id": e["receipt_id"]} for e in entries]}),
         "bad_answer: invalid_ack",

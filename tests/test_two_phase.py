@@ -356,7 +356,9 @@ async def test_a_v1_database_migrates_to_v2_keeping_every_receipt(tmp_path: Path
     finally:
         await store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3  # v3: the WAL identity (issue 13)
+    assert (
+        conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    )  # v3: the WAL identity; v4: FNS site and OFD INN
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"receipts_pending", "receipts_submitted", "receipts_failed", "receipts_sent_age"} <= indexes

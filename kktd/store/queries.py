@@ -26,7 +26,8 @@ SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 _ROW_COLUMNS = (
     "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
     "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at, fn_number, shift_number, receipt_number, "
-    "kkt_registration_number, ofd_receipt_url, external_id, registrations, upstream_ref, submitted_ms, seq"
+    "kkt_registration_number, ofd_receipt_url, fns_url, ofd_inn, external_id, registrations, upstream_ref, "
+    "submitted_ms, seq"
 )
 # A receipt is registered under its idempotency key until the upstream says a document was not registered;
 # then under this derived id ('~' never occurs in a key, so it can never be another receipt's key).
@@ -53,6 +54,8 @@ def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
         receipt_number,
         kkt_number,
         receipt_url,
+        fns_url,
+        ofd_inn,
         external_id,
         registrations,
         reference,
@@ -61,7 +64,9 @@ def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
     ) = row
     fiscal = None
     if status == ReceiptStatus.SENT:
-        fiscal = FiscalData(fdn, sign, received, fn_number, shift, receipt_number, kkt_number, receipt_url)
+        fiscal = FiscalData(
+            fdn, sign, received, fn_number, shift, receipt_number, kkt_number, receipt_url, fns_url, ofd_inn
+        )
     registration = Registration(external_id or key, registrations, reference, submitted_ms)
     return ReceiptRow(
         receipt_id,
@@ -215,6 +220,8 @@ async def mark_sent(
             f.fiscal.receipt_number,
             f.fiscal.kkt_registration_number,
             f.fiscal.ofd_receipt_url,
+            f.fiscal.fns_url,
+            f.fiscal.ofd_inn,
         )
         for f in fiscalized
     ]
@@ -223,7 +230,7 @@ async def mark_sent(
         f"status = '{SENT}', last_error = NULL, sent_ms = ?1, updated_ms = ?1, "
         "fiscal_document_number = v.column2, fiscal_sign = v.column3, ofd_received_at = v.column4, "
         "fn_number = v.column5, shift_number = v.column6, receipt_number = v.column7, "
-        "kkt_registration_number = v.column8, ofd_receipt_url = v.column9",
+        "kkt_registration_number = v.column8, ofd_receipt_url = v.column9, fns_url = v.column10, ofd_inn = v.column11",
         stamp,
         source,
         rows,

@@ -20,7 +20,7 @@ from kktd.errors import CorruptDatabase, StorageUnavailable
 
 log = logging.getLogger("kktd.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 PRAGMAS: tuple[tuple[str, str, Any], ...] = (
     # (pragma, value set, value expected when read back)
@@ -113,6 +113,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             stamp BLOB NOT NULL
         )""",
         "INSERT INTO kktd_identity (id, db_id, generation, stamp) VALUES (1, randomblob(16), 0, zeroblob(32))",
+    ),
+    # What the register says a buyer checks the receipt with: the FNS site and the OFD's INN (tags 1060, 1017).
+    4: (
+        "ALTER TABLE receipts ADD COLUMN fns_url TEXT",
+        "ALTER TABLE receipts ADD COLUMN ofd_inn TEXT",
     ),
 }
 

@@ -389,6 +389,8 @@ class _Payload(msgspec.Struct):
     fiscal_receipt_number: Annotated[int, msgspec.Meta(ge=0)]
     ecr_registration_number: Annotated[_Text, msgspec.Meta(max_length=32)]
     ofd_receipt_url: Annotated[_Text, msgspec.Meta(max_length=2048)] | None = None
+    fns_site: Annotated[_Text, msgspec.Meta(max_length=256)] | None = None
+    ofd_inn: Annotated[str, msgspec.Meta(pattern="^[0-9]{10}$|^[0-9]{12}$")] | None = None
 
 
 def parse_fiscal_data(payload: object) -> FiscalData:
@@ -408,6 +410,8 @@ def parse_fiscal_data(payload: object) -> FiscalData:
         receipt_number=done.fiscal_receipt_number,
         kkt_registration_number=done.ecr_registration_number,
         ofd_receipt_url=done.ofd_receipt_url,
+        fns_url=done.fns_site,
+        ofd_inn=done.ofd_inn,
     )
 
 

@@ -95,6 +95,11 @@ class OfdAck:
     fiscal_document_number: int
     fiscal_sign: str
     ofd_received_at: str
+    # Optional in the protocol (docs/contract.md): the register's identity, which the receipt's QR code needs.
+    fn_number: str | None = None
+    kkt_registration_number: str | None = None
+    shift_number: int | None = None
+    receipt_number: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +142,17 @@ class _Result(msgspec.Struct):
     fiscal_sign: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
+_Digits = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern="^[0-9]+$")]
+
+
 class _Ack(msgspec.Struct):
     fiscal_document_number: Annotated[int, msgspec.Meta(gt=0)]
     fiscal_sign: Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_SIGN_LEN)]
     ofd_received_at: str
+    fn_number: _Digits | None = None
+    kkt_registration_number: _Digits | None = None
+    shift_number: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    receipt_number: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class _Error(msgspec.Struct):
@@ -161,7 +173,16 @@ def _parse_ack(index: int, receipt_id: str, raw: msgspec.Raw) -> OfdAck:
         raise bad_answer("invalid_ack", f"result {index}: {invalid_field(exc)}") from None
     if not _is_rfc3339(ack.ofd_received_at):
         raise bad_answer("invalid_ack", f"result {index}: ofd_received_at")
-    return OfdAck(receipt_id, ack.fiscal_document_number, ack.fiscal_sign, ack.ofd_received_at)
+    return OfdAck(
+        receipt_id,
+        ack.fiscal_document_number,
+        ack.fiscal_sign,
+        ack.ofd_received_at,
+        ack.fn_number,
+        ack.kkt_registration_number,
+        ack.shift_number,
+        ack.receipt_number,
+    )
 
 
 def _parse_rejection(index: int, receipt_id: str, result: _Result) -> OfdRejection:
@@ -252,7 +273,15 @@ class OfdClient(HttpUpstream):
         outcomes: list[SubmitOutcome] = []
         for result in await self.send_batch(items):
             if isinstance(result, OfdAck):
-                fiscal = FiscalData(result.fiscal_document_number, result.fiscal_sign, result.ofd_received_at)
+                fiscal = FiscalData(
+                    result.fiscal_document_number,
+                    result.fiscal_sign,
+                    result.ofd_received_at,
+                    fn_number=result.fn_number,
+                    shift_number=result.shift_number,
+                    receipt_number=result.receipt_number,
+                    kkt_registration_number=result.kkt_registration_number,
+                )
                 outcomes.append(Fiscalized(result.receipt_id, fiscal))
             else:
                 outcomes.append(Refused(result.receipt_id, result.code, result.message))
