@@ -538,10 +538,12 @@ def _time_query(request: web.Request, name: str) -> int | None:
     except ValueError:
         moment = None
     if moment is None or moment.tzinfo is None:
+        # An unencoded "+03:00" arrives as " 03:00" (a query's + is a space): say so, it is the usual slip.
+        hint = "; encode + as %2B (a bare + in a query means a space)" if " " in raw else ""
         raise ApiError(
             400,
             ErrorCode.INVALID_QUERY,
-            f"{name} must be an RFC 3339 time with a zone, e.g. 2026-11-01T00:00:00Z",
+            f"{name} must be an RFC 3339 time with a zone, e.g. 2026-11-01T00:00:00Z{hint}",
             name,
         )
     return int(moment.timestamp() * 1000)

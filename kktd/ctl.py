@@ -23,7 +23,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 from typing import IO, Any
 
 from kktd.states import AlarmLevel, HealthStatus
@@ -382,16 +383,27 @@ def sync_now(client: Client) -> Report:
 
 
 def parse_moment(text: str) -> str:
-    """--since / --until: an RFC 3339 time or a date (midnight UTC), as RFC 3339 UTC for the API."""
+    """--since / --until: a date is the terminal's local midnight (its zone, as a till's day is); a time
+    must carry its zone (a bare 10:00 would be a guess). As RFC 3339 UTC for the API."""
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        day = date.fromisoformat(text) if len(text) == 10 else None
+        moment = datetime.combine(day, dt_time()).astimezone() if day else datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a date or an RFC 3339 time (e.g. 2026-11-01 or 2026-11-01T00:00:00Z)"
+            f"{text!r} is not a date or an RFC 3339 time (e.g. 2026-11-01 or 2026-11-01T00:00:00+03:00)"
         ) from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no zone: give one (2026-11-01T10:00:00+03:00, ...Z) or a date alone for local midnight"
+        )
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def local_zone() -> str:
+    """The terminal's zone as the help names it: "MSK, UTC+03:00"."""
+    now = datetime.now().astimezone()
+    offset = f"{now:%z}"
+    return f"{now.tzname()}, UTC{offset[:3]}:{offset[3:]}"
 
 
 def export(client: Client, since_at: str | None, until_at: str | None, out: IO[bytes]) -> State:
@@ -431,8 +443,9 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     requeue.add_argument("--all", action="store_true", help="every dead letter there is now")
     command("sync-now", "run one delivery cycle now and say what it did")
     exporting = command("export", "receipts as JSON lines, for audits (streamed, any size)")
-    exporting.add_argument("--since", type=parse_moment, help="accepted at or after (date or RFC 3339)")
-    exporting.add_argument("--until", type=parse_moment, help="accepted before (date or RFC 3339)")
+    moments = f"a date (midnight in the terminal's zone, {local_zone()}) or an RFC 3339 time with its zone"
+    exporting.add_argument("--since", type=parse_moment, help=f"accepted at or after: {moments}")
+    exporting.add_argument("--until", type=parse_moment, help=f"accepted before: {moments}")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, unset: Any = argparse.SUPPRESS) -> None:

@@ -8,7 +8,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -438,12 +439,31 @@ async def test_export_error_is_reported(daemon: FakeDaemon) -> None:
     assert ran.code == 3 and "not reachable" in ran.out
 
 
-def test_parse_moment() -> None:
-    assert ctl.parse_moment("2027-01-01") == "2027-01-01T00:00:00.000Z"
+@pytest.fixture
+def in_moscow(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The terminal's zone is UTC+3 (a POSIX TZ string: no tzdata needed)."""
+    monkeypatch.setenv("TZ", "MSK-3")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_parse_moment(in_moscow: None) -> None:
+    # A date is the terminal's local midnight: a till's day, not UTC's.
+    assert ctl.parse_moment("2027-01-01") == "2026-12-31T21:00:00.000Z"
     assert ctl.parse_moment("2027-01-01T03:00:00+03:00") == "2027-01-01T00:00:00.000Z"
     assert ctl.parse_moment("2027-01-01T00:00:00.5Z") == "2027-01-01T00:00:00.500Z"
     with pytest.raises(Exception, match="not a date"):
         ctl.parse_moment("yesterday")
+    with pytest.raises(Exception, match="has no zone"):
+        ctl.parse_moment("2027-01-01T10:00:00")
+
+
+def test_export_help_names_the_zone_dates_are_in(in_moscow: None, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ctl.main(["export", "--help"])
+    assert "midnight in the terminal's zone, MSK, UTC+03:00" in " ".join(capsys.readouterr().out.split())
 
 
 def test_wildcard_listen_is_reached_on_loopback() -> None:

@@ -175,6 +175,14 @@ async def test_export_refuses_bad_times(app: App, query: str, field: str) -> Non
     assert body["error"]["code"] == "invalid_query" and body["error"]["field"] == field
 
 
+async def test_an_unencoded_plus_gets_the_hint_to_encode_it(app: App) -> None:
+    status, [body] = await export(app, "?since=2027-01-01T00:00:00+03:00")  # the + arrives as a space
+    assert status == 400 and body["error"]["field"] == "since"
+    assert "encode + as %2B" in body["error"]["message"]
+    status, _ = await export(app, "?since=2027-01-01T00:00:00%2B03:00")
+    assert status == 200
+
+
 # ---- dead letters page on ----
 
 
