@@ -4,6 +4,7 @@
 PYTHON      ?= /usr/bin/python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
+RUN_STAMP   := $(VENV)/.installed-run
 STAMP       := $(VENV)/.installed
 STATE_DIR   ?= $(CURDIR)/state
 PYTEST_ARGS ?=
@@ -55,8 +56,13 @@ prereqs-bench:
 prereqs-deb:
 	$(call ensure_packages,$(DEB_PACKAGES))
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt $(OPENAPI_JSON) | prereqs-run
+# `make run` installs what the daemon needs; the test and benchmark tools come with the targets that use them.
+$(RUN_STAMP): setup.cfg pyproject.toml constraints.txt $(OPENAPI_JSON) | prereqs-run
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e .
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(VPY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 	touch $@
 
@@ -64,13 +70,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt $(OPENAPI_JSON) | prereqs-run
 $(OPENAPI_JSON): kktd/openapi.yaml packaging/openapi_json.py | prereqs-run
 	$(PYTHON) packaging/openapi_json.py kktd/openapi.yaml $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	mkdir -p $(STATE_DIR)
 	$(VENV)/bin/kktd serve --embedded-mock --db $(STATE_DIR)/buffer.db
 
 # The CLI against the daemon `make run` started (the same KKTD_LISTEN): make ctl ARGS='receipt ID'.
 ARGS ?= status
-ctl: $(STAMP)
+ctl: $(RUN_STAMP)
 	$(VENV)/bin/kktd $(ARGS)
 
 # The fast tier a developer runs on every change: lint and format check, types, unit and in-process tests.

@@ -65,6 +65,9 @@ async def assemble(
 async def _upstream_settings(config: Config, stack: AsyncExitStack) -> UpstreamSettings:
     mock = config.spec.mock
     if not config.embedded_mock or mock is None:
+        warning = config.spec.start_warning(config.upstream_settings) if config.spec.start_warning else None
+        if warning is not None:
+            log.warning("%s", warning, extra={"error_code": "default_upstream"})
         return config.upstream_settings  # config.load() allows embedded_mock only for an upstream with a mock
     # Development only (`make run`): the mock is a tool of its own, imported only here.
     embedded = await mock.start_embedded(config.upstream_settings)

@@ -14,7 +14,7 @@ from kktd.delivery import FiscalData
 
 # Tag 1054, by kktd's operation names (kktd/receipt.py).
 OPERATION_TYPES = {"sale": 1, "sale_refund": 2, "purchase": 3, "purchase_refund": 4}
-# How a register writes its local time (ATOL Online's `receipt_datetime`, driver v10's answers).
+# How a register writes its local time (a cloud register's report, a local register's answers): dd.mm.yyyy.
 REGISTER_TIME_FORMAT = "%d.%m.%Y %H:%M:%S"
 
 

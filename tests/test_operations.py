@@ -326,3 +326,19 @@ async def wait_for(predicate: Any, timeout: float) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.01)
+
+
+# ---- the package's default upstream is a placeholder, and kktd says so ----
+
+
+async def test_the_default_upstream_warns_at_start_naming_what_to_set(
+    app_factory: AppFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    await app_factory()  # the packaged default: kktd-ofd at 127.0.0.1:9000
+    [warning] = [r for r in caplog.records if getattr(r, "error_code", None) == "default_upstream"]
+    assert warning.levelno == logging.WARNING
+    assert "ofd_url" in warning.getMessage() and "/etc/kktd/kktd.toml" in warning.getMessage()
+    caplog.clear()
+    await app_factory(ofd_url="http://ofd.example:9000")
+    assert not [r for r in caplog.records if getattr(r, "error_code", None) == "default_upstream"]

@@ -82,6 +82,9 @@ class UpstreamSpec:
     traits: DeliveryTraits = DEFAULT_TRAITS
     access: frozenset[Access] = frozenset({Access.NETWORK})
     mock: MockSpec | None = None
+    # A warning logged at start for settings that run but cannot be what the operator meant (a packaged
+    # default pointing at nothing real); None when the settings look deliberate.
+    start_warning: Callable[[Any], str | None] | None = None
 
 
 REGISTRY: dict[str, UpstreamSpec] = {
@@ -93,6 +96,7 @@ REGISTRY: dict[str, UpstreamSpec] = {
             kktd_ofd.settings,
             kktd_ofd.create,
             mock=MockSpec("mock-ofd", "kktd_mocks.ofd", "run the mock OFD server"),
+            start_warning=kktd_ofd.start_warning,
         ),
         UpstreamSpec(
             atol_v5.NAME,

@@ -303,10 +303,23 @@ class KktdOfdSettings:
         return {"ofd_url": mask_url(self.url), "ofd_timeout": self.timeout}
 
 
+DEFAULT_URL = "http://127.0.0.1:9000"
+
 OPTIONS: tuple[Option, ...] = (
-    Option("ofd_url", http_url, "http://127.0.0.1:9000", "base URL of the OFD (upstream kktd-ofd)"),
+    Option("ofd_url", http_url, DEFAULT_URL, "base URL of the OFD (upstream kktd-ofd)"),
     Option("ofd_timeout", duration_in(0.05, 600), 10.0, "timeout of one OFD request (upstream kktd-ofd)"),
 )
+
+
+def start_warning(settings: KktdOfdSettings) -> str | None:
+    """The package's default (kktd's own protocol on a local port) is a placeholder: no real OFD speaks it."""
+    if settings.url != DEFAULT_URL:
+        return None
+    return (
+        f"upstream {NAME} at the default ofd_url {DEFAULT_URL}: receipts are stored but go nowhere unless an "
+        "OFD speaking kktd's protocol listens there; set upstream (e.g. atol-online-v5) and its settings in "
+        "/etc/kktd/kktd.toml, then systemctl restart kktd"
+    )
 
 
 def settings(values: Mapping[str, Any], seller: Seller) -> KktdOfdSettings:
