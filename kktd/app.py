@@ -44,6 +44,7 @@ async def assemble(
     config: Config, stack: AsyncExitStack, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
 ) -> Assembled:
     metrics = Metrics()
+    metrics.prepare_rejections(config.spec.intake_codes)
     store = await Store.open(config.db, config.max_pending, on_group_commit=metrics.group_committed)
     stack.push_async_callback(store.close, config.drain_timeout)
     settings = await _upstream_settings(config, stack)

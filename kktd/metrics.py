@@ -269,7 +269,7 @@ class Metrics:
         )
         self._rejected = Counter("kktd_receipts_rejected", "Receipts refused, by error code", ["code"], registry=r)
         # Every code of kktd's own from the start: the dashboard's panels show 0, not "No data", on a till that
-        # has refused nothing yet (an upstream's own intake codes appear when first used).
+        # has refused nothing yet (an upstream's own intake codes: prepare_rejections).
         for code in ErrorCode:
             self._rejected.labels(code.value)
         self._intake = Histogram(
@@ -348,6 +348,11 @@ class Metrics:
 
     def upstream_retry(self, upstream: str) -> None:
         self._retries.labels(_label(upstream)).inc()
+
+    def prepare_rejections(self, codes: Iterable[str]) -> None:
+        """The upstream's own intake codes from the start too (its registry entry names them)."""
+        for code in codes:
+            self._rejected.labels(code)
 
     def prepare_upstream(self, upstream: str) -> None:
         """Create the upstream's series at zero, so rates and alerts see them before the first event."""

@@ -79,6 +79,7 @@ class UpstreamSpec:
     settings: Callable[[Mapping[str, Any], Seller], UpstreamSettings]
     create: Callable[[Any], Upstream]
     intake_check: IntakeCheck | None = None
+    intake_codes: frozenset[str] = frozenset()  # the error codes of its own that intake_check refuses with
     traits: DeliveryTraits = DEFAULT_TRAITS
     access: frozenset[Access] = frozenset({Access.NETWORK})
     mock: MockSpec | None = None
@@ -104,6 +105,7 @@ REGISTRY: dict[str, UpstreamSpec] = {
             atol_v5.atol_settings,
             atol_v5.create,
             atol_v5.atol_intake_check,
+            intake_codes=atol_v5.INTAKE_CODES,
             mock=MockSpec("mock-atol", "kktd_mocks.atol", "run the mock of ATOL Online v5"),
         ),
     )

@@ -46,7 +46,13 @@ from kktd.delivery import (
 from kktd.errors import ConfigError
 from kktd.options import CONTROL_CHARS_RE, Option, duration_in, int_in, string
 from kktd.seller import Seller
-from kktd.upstreams.atol_v5_mapping import ATOL_OPERATIONS, Company, atol_intake_check, registration_body
+from kktd.upstreams.atol_v5_mapping import (
+    ATOL_OPERATIONS,
+    INTAKE_CODES,
+    Company,
+    atol_intake_check,
+    registration_body,
+)
 from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
@@ -55,6 +61,7 @@ __all__ = [
     "OPTIONS",
     "AtolOnlineV5",
     "AtolSettings",
+    "INTAKE_CODES",
     "atol_intake_check",
     "atol_settings",
     "create",

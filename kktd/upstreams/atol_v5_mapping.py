@@ -172,6 +172,10 @@ def atol_timestamp(accepted_ms: int, tz: tzinfo | None = None) -> str:
     return moment.strftime(TIMESTAMP_FORMAT)
 
 
+# The codes atol_intake_check refuses with beyond kktd's own (the API reference tabulates them).
+INTAKE_CODES = frozenset({"customer_contact_required", "quantity_out_of_range"})
+
+
 def atol_intake_check(receipt: Mapping[str, Any]) -> None:
     """Refuse at intake what ATOL is certain to refuse, with a stable code the till can act on.
 
