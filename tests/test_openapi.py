@@ -19,7 +19,7 @@ from kktd.delivery import Refused
 from kktd.openapi import spec, spec_json
 from kktd.receipt import sample_receipt
 from tests.conftest import App, close_app, open_app
-from tests.openapi_contract import Contract
+from tests.openapi_contract import Contract, Operation
 
 # aiohttp adds a HEAD route beside every GET; the test-only fault hook exists only with KKTD_TEST_FAULTS=1.
 UNDESCRIBED = {("POST", "/v1/test/fault")}
@@ -236,3 +236,24 @@ def test_the_receipt_schema_names_exactly_the_models_fields_and_values() -> None
         ("Measure", receipt.MEASURES),
     ]:
         assert set(schemas[name]["enum"]) == values, name
+
+
+def test_every_example_matches_its_schema(contract: Contract) -> None:
+    """The examples of the served spec (a receipt as posted, its answers) are answers kktd could give."""
+    examples = 0
+    for template, item in contract.document["paths"].items():
+        for method, operation in item.items():
+            media_types = [operation.get("requestBody", {}).get("content", {})]
+            media_types += [contract._resolve(r).get("content", {}) for r in operation.get("responses", {}).values()]
+            for content in media_types:
+                media = content.get("application/json", {})
+                if "example" in media:
+                    examples += 1
+                    contract._validate(media["schema"], media["example"], Operation(method.upper(), template), 0)
+    assert examples >= 3
+
+
+async def test_the_example_receipt_is_one_kktd_takes(app: App, contract: Contract) -> None:
+    example = contract.document["paths"]["/v1/kkt/receipt"]["post"]["requestBody"]["content"]["application/json"]
+    response = await app.client.post("/v1/kkt/receipt", json=example["example"])
+    assert response.status == 201
