@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 
 from kktd.clock import rfc3339
@@ -22,7 +23,7 @@ from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kktd.metrics import Metrics
 from kktd.openapi import spec_json
 from kktd.receipt import IDEMPOTENCY_KEY_RE, MalformedBody, Receipt, ReceiptInvalid, parse_receipt
-from kktd.safetext import escape, quoted
+from kktd.safetext import escape, forbidden_character, quoted
 from kktd.server import EventSummary
 from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s
 from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
@@ -331,6 +332,7 @@ def present_receipt(row: ReceiptRow, mask_contact: bool = False) -> dict[str, An
         "accepted_at": rfc3339(row.accepted_ms),
         "updated_at": rfc3339(row.updated_ms),
         "receipt": stored,
+        "resolution": row.resolution,
         "upstream": {
             "external_id": row.registration.external_id,
             "registrations": row.registration.registrations,
@@ -386,6 +388,7 @@ async def collect_status(services: Services) -> dict[str, Any]:
             "submitted": counts.submitted,
             "sent": counts.sent,
             "failed": counts.failed,
+            "resolved": counts.resolved,
         },
         "capacity": store.max_pending,
         "fill_ratio": round(counts.undelivered / store.max_pending, 6),
@@ -457,6 +460,76 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
     if services.sync is not None:
         services.sync.wake()
     return json_response({"receipt_id": receipt_id, "status": "pending"})
+
+
+MAX_REASON_LEN = 500
+
+
+async def resolve_dead_letter(request: web.Request) -> web.Response:
+    """Close a dead letter that will never be sent (refused for its content, fiscalized by hand on another
+    register...): kept for audit and the export as `resolved` with the reason; it leaves the dead-letter
+    warning, the alert and the pending count. Body: {"reason": "..."}."""
+    services = request.app[SERVICES]
+    receipt_id = request.match_info["receipt_id"]
+    reason = await _resolution_reason(request)
+    changed = await _storage(services.store.resolve(receipt_id, reason))
+    if not changed:
+        row = await _storage(services.store.get(receipt_id))
+        if row is None:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
+        raise ApiError(
+            409, ErrorCode.NOT_DEAD_LETTER, f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}"
+        )
+    peer = request.remote or "?"
+    log.warning(
+        "receipt %s resolved by the operator (from %s): %s",
+        receipt_id,
+        peer,
+        quoted(reason, 200),
+        extra={"receipt_id": receipt_id, "error_code": "resolved"},
+    )
+    return json_response({"receipt_id": receipt_id, "status": ReceiptStatus.RESOLVED, "resolution": reason})
+
+
+class _ResolutionIn(msgspec.Struct, forbid_unknown_fields=True):
+    reason: str
+
+
+async def _resolution_reason(request: web.Request) -> str:
+    """The body {"reason": "..."}, decoded into a typed struct: msgspec refuses a wrong type where it meets
+    it, so no nesting depth or unknown field reaches a recursive decoder."""
+    body = await read_body(request, request.app[SERVICES].config.body_timeout)
+    try:
+        reason = msgspec.json.decode(body, type=_ResolutionIn).reason
+    except msgspec.ValidationError as error:
+        raise _resolution_refusal(str(error)) from None
+    except msgspec.DecodeError:
+        raise ApiError(400, ErrorCode.INVALID_JSON, 'the body is not JSON: {"reason": "..."} expected') from None
+    if not reason.strip():
+        raise ApiError(
+            422, ErrorCode.MISSING_FIELD, "reason is required: why this receipt will never be sent", "reason"
+        )
+    if len(reason) > MAX_REASON_LEN or forbidden_character(reason) is not None:
+        raise ApiError(
+            422,
+            ErrorCode.INVALID_VALUE,
+            f"reason must be at most {MAX_REASON_LEN} characters of printable text",
+            "reason",
+        )
+    return reason.strip()
+
+
+def _resolution_refusal(problem: str) -> ApiError:
+    """msgspec's account of a body that is JSON but not {"reason": "..."}, as kktd's codes."""
+    if "- at `$" not in problem and problem.startswith("Expected `object`"):
+        return ApiError(400, ErrorCode.INVALID_JSON, 'the body must be a JSON object: {"reason": "..."}')
+    if problem.startswith("Object missing required field"):
+        return ApiError(
+            422, ErrorCode.MISSING_FIELD, "reason is required: why this receipt will never be sent", "reason"
+        )
+    if problem.startswith("Object contains unknown field"):
+        return ApiError(422, ErrorCode.UNKNOWN_FIELD, f'{escape(problem, 100)}: only "reason" is known', "reason")
+    return ApiError(422, ErrorCode.INVALID_TYPE, "reason must be a string", "reason")
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -607,6 +680,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_post("/v1/kkt/buffer/sync", sync_now)
     app.router.add_get("/v1/kkt/dlq", list_dead_letters)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
+    app.router.add_post("/v1/kkt/dlq/{receipt_id}/resolve", resolve_dead_letter)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi_description)
     app.router.add_get("/v1/kkt/receipts", export_receipts)

@@ -1,4 +1,4 @@
-"""The operator CLI: `kktd status`, `kktd receipt ID`, `kktd dlq list|requeue`, `kktd sync-now`, `kktd export`.
+"""The operator CLI: `kktd status`, `kktd receipt ID`, `kktd dlq list|requeue|resolve`, `kktd sync-now`, `kktd export`.
 
 Each command talks to the running daemon over its HTTP API, at the address of the same configuration the
 daemon reads (`listen`). Exit codes follow the monitoring-plugin convention, so `kktd status` works as a
@@ -368,6 +368,22 @@ def dlq_requeue(client: Client, receipt_ids: Sequence[str] | None) -> Report:
     return Report(state, lines, {"requeued": done, "failed": problems}, {0: state})
 
 
+def dlq_resolve(client: Client, receipt_ids: Sequence[str], reason: str) -> Report:
+    """Close the given dead letters with the operator's reason (kept for audit; never sent)."""
+    done: list[str] = []
+    problems: list[str] = []
+    for receipt_id in receipt_ids:
+        path = f"/v1/kkt/dlq/{urllib.parse.quote(receipt_id, safe='')}/resolve"
+        answer = client.call("POST", path, {"reason": reason})
+        if answer.status == 200:
+            done.append(receipt_id)
+        else:
+            problems.append(f"{receipt_id}: {_error_of(answer)}")
+    state = State.OK if not problems else State.CRITICAL if not done else State.WARNING
+    lines = [f"resolved {len(done)} of {len(receipt_ids)}"] + [f"  {p}" for p in problems]
+    return Report(state, lines, {"resolved": done, "failed": problems}, {0: state})
+
+
 def sync_now(client: Client) -> Report:
     body = _need(client.call("POST", "/v1/kkt/buffer/sync", {}), 200)
     error = body.get("error")
@@ -435,12 +451,15 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     one.add_argument("receipt_id", nargs="?", help="kktd's receipt id (or --key)")
     one.add_argument("--key", dest="idempotency_key", help="the till's idempotency key instead of the id")
     # The options go on the leaves: argparse lets a subcommand's defaults overwrite its parent's values.
-    dlq = commands.add_parser("dlq", help="dead letters: list, requeue")
+    dlq = commands.add_parser("dlq", help="dead letters: list, requeue, resolve")
     actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     options(actions.add_parser("list", help="list the dead letters"))
     requeue = options(actions.add_parser("requeue", help="put dead letters back in the queue"))
     requeue.add_argument("receipt_ids", nargs="*", default=[], metavar="ID")
     requeue.add_argument("--all", action="store_true", help="every dead letter there is now")
+    resolve = options(actions.add_parser("resolve", help="close dead letters that will never be sent (kept)"))
+    resolve.add_argument("receipt_ids", nargs="+", metavar="ID")
+    resolve.add_argument("--reason", required=True, help="why (kept with the receipt and in the journal)")
     command("sync-now", "run one delivery cycle now and say what it did")
     exporting = command("export", "receipts as JSON lines, for audits (streamed, any size)")
     moments = f"a date (midnight in the terminal's zone, {local_zone()}) or an RFC 3339 time with its zone"
@@ -540,6 +559,8 @@ def _report(args: argparse.Namespace, client: Client) -> Report:
         return sync_now(client)
     if args.command == "dlq" and args.dlq_command == "list":
         return dlq_list(client)
+    if args.command == "dlq" and args.dlq_command == "resolve":
+        return dlq_resolve(client, args.receipt_ids, args.reason)
     if args.command == "dlq" and args.dlq_command == "requeue":
         return dlq_requeue(client, None if args.all else args.receipt_ids)
     raise ValueError(f"not an operator command: {args.command}")

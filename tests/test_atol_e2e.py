@@ -137,7 +137,7 @@ def test_offline_for_a_while_then_every_receipt_is_fiscalized_once(
     kktd = start_kktd(tmp_path, atol_process, kktds)  # the mock is not running yet: connection refused
     ids = post(kktd, receipts_with_contact("offline", 60))
     wait_until(lambda: get(kktd, "/v1/kkt/buffer/status")["sync"]["last_error"], 20, "a failed attempt")
-    assert counts(kktd) == {"pending": 60, "submitted": 0, "sent": 0, "failed": 0}
+    assert counts(kktd) == {"pending": 60, "submitted": 0, "sent": 0, "failed": 0, "resolved": 0}
     atol_process.start(wait_polls=1)
     wait_all_sent(kktd, 60)
     assert_exactly_once(kktd, atol_process, ids)
@@ -268,7 +268,7 @@ def test_a_wrong_password_dead_letters_nothing_warns_and_says_what_to_fix(
 
     shown = wait_until(warned, 30, "health warning naming what to fix")
     assert "not-the-password" not in json.dumps(shown)
-    assert counts(kktd) == {"pending": 20, "submitted": 0, "sent": 0, "failed": 0}
+    assert counts(kktd) == {"pending": 20, "submitted": 0, "sent": 0, "failed": 0, "resolved": 0}
     assert "atol_login" in kktd.log() and "not-the-password" not in kktd.log()
     kktd.stop()
     kktd = start_kktd(tmp_path, atol_process, kktds)  # fixed: the right password file

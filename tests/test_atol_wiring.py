@@ -289,7 +289,7 @@ async def test_intake_refuses_what_atol_is_certain_to_refuse(
     error = (await response.json())["error"]
     assert (error["code"], error["field"]) == (code, field)
     status = await (await atol_kktd.get("/v1/kkt/buffer/status")).json()
-    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 0, "failed": 0}  # nothing stored
+    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 0, "failed": 0, "resolved": 0}  # nothing stored
 
 
 async def test_a_replay_after_the_switch_to_atol_answers_as_the_stored_receipt(tmp_path: Path) -> None:

@@ -44,9 +44,13 @@ def test_the_readme_names_no_internal_issue_numbers() -> None:
 
 def test_the_docs_point_only_at_files_that_exist() -> None:
     """Paths in backquotes that look like the repository's own files (kktd/…, tests/…, docs/…) exist."""
+    # What the build or the benchmark writes (gitignored) is named in the docs but absent from a fresh clone.
+    generated = [line.strip("/") for line in (REPO / ".gitignore").read_text().split() if line.startswith("/")]
     missing = []
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for path in re.findall(r"`((?:kktd|kktd_mocks|tests|docs|systemd|packaging|bench)/[\w./-]+)`", doc.read_text()):
+            if any(path.startswith(prefix) for prefix in generated):
+                continue
             if not (REPO / path.rstrip(".")).exists() and "*" not in path:
                 missing.append(f"{doc.name}: {path}")
         assert "../shared" not in doc.read_text(), f"{doc.name} points outside the repository"

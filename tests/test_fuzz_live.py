@@ -70,6 +70,17 @@ def test_any_body_gets_a_described_answer_and_a_refusal_stores_nothing(
         assert FORBIDDEN_TEXT_RE.search(decoded["error"]["message"]) is None
 
 
+@fuzz_settings(300)
+@given(body=hostile_bodies)
+def test_any_resolution_body_gets_a_described_refusal(live: Live, body: bytes) -> None:
+    """The operator's resolve route decodes a body of its own: the same hostile bodies (deep nesting, odd
+    encodings, unknown fields) are refused by it with a described 4xx, never a 5xx."""
+    path = "/v1/kkt/dlq/no-such-receipt/resolve"
+    status, content_type, answer = live.request("POST", path, body, {"Content-Type": "application/json"})
+    live.contract.check("POST", path, status, content_type, answer)
+    assert 400 <= status < 500, (status, answer[:200])
+
+
 def test_log_after_fuzzing_holds_no_error_and_only_short_lines(live: Live) -> None:
     log = live.kktd.log()
     assert "Traceback" not in log

@@ -176,7 +176,7 @@ async def test_buffer_status(app: App) -> None:
         await post(app, sample_receipt(f"st-{i}"))
     response = await app.client.get("/v1/kkt/buffer/status")
     status = await response.json()
-    assert status["counts"] == {"pending": 3, "submitted": 0, "sent": 0, "failed": 0}
+    assert status["counts"] == {"pending": 3, "submitted": 0, "sent": 0, "failed": 0, "resolved": 0}
     assert status["capacity"] == 200_000
     assert status["fill_ratio"] == pytest.approx(3 / 200_000)
     assert 0 <= status["oldest_pending_age_s"] < 60

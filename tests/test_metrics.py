@@ -152,7 +152,7 @@ def test_state_is_read_from_the_snapshot_at_each_scrape(tmp_path: Path) -> None:
     assert len(calls) == 1
     for status, count in {"pending": 7, "submitted": 2, "sent": 40, "failed": 1}.items():
         assert found[("kktd_receipts", (("status", status),))] == count
-    assert set(RECEIPT_STATUSES) == {"pending", "submitted", "sent", "failed"}
+    assert set(RECEIPT_STATUSES) == {"pending", "submitted", "sent", "failed", "resolved"}
     assert found[("kktd_buffer_capacity", ())] == 1000
     assert found[("kktd_oldest_pending_age_seconds", ())] == 90
     assert found[("kktd_pending_warn_age_seconds", ())] == 3600

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -132,6 +133,18 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     assert listing["count"] == 1
     await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 200)
+    reason = {"reason": "fiscalized by hand on register 2"}
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 409, reason)  # pending again: not a dead letter
+    await call("POST", "/v1/kkt/dlq/nothing-here/resolve", 404, reason)
+    await rigged.store.settle([Refused(receipt_id, "test_refusal", "refused again")])
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 400, raw=b"[1]")
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 422, {"reason": ""})
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 413, raw=b" " * (65 * 1024))
+    resolved = await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 200, reason)
+    assert (
+        resolved["status"] == "resolved"
+        and (await call("GET", f"/v1/kkt/receipt/{receipt_id}", 200))["resolution"] == reason["reason"]
+    )
     await call("GET", "/v1/health", 200)
     exported = await call("GET", "/v1/kkt/receipts?since=2020-01-01T00:00:00Z", 200)
     assert [line["receipt_id"] for line in exported] == [receipt_id]
@@ -152,12 +165,15 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("GET", "/v1/kkt/buffer/status", 503)
     await call("GET", "/v1/kkt/dlq", 503)
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/requeue", 503)
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 503, {"reason": "x"})
     await call("GET", "/v1/kkt/receipts", 503)
     rigged.services.sync = None
     await call("POST", "/v1/kkt/buffer/sync", 503)
 
     # A body that never arrives: 408 after body_timeout (raw socket: the head, then nothing).
     answer = await slow_body(rigged, contract)
+    assert answer["error"]["code"] == "body_timeout"
+    answer = await slow_body(rigged, contract, f"/v1/kkt/dlq/{receipt_id}/resolve")
     assert answer["error"]["code"] == "body_timeout"
     await call("GET", "/v1/openapi.json", 200)
 
@@ -166,6 +182,11 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
 
 
 TOKEN = "contract-test-token-0123456789"
+
+
+def template(path: str) -> str:
+    """The spec's path for a concrete one: the receipt id in a dead-letter route back to its parameter."""
+    return re.sub(r"^/v1/kkt/dlq/[^/]+/", "/v1/kkt/dlq/{receipt_id}/", path)
 
 
 async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
@@ -185,13 +206,13 @@ async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
         await close_app(guarded)
 
 
-async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
+async def slow_body(app: App, contract: Contract, path: str = "/v1/kkt/receipt") -> dict[str, Any]:
     server = app.client.server
     reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
         writer.write(
-            b"POST /v1/kkt/receipt HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n{"
+            f"POST {path} HTTP/1.1\r\nHost: kktd\r\nContent-Type: application/json\r\n".encode()
+            + b"Content-Length: 1000\r\n\r\n{"
         )
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")
@@ -200,7 +221,7 @@ async def slow_body(app: App, contract: Contract) -> dict[str, Any]:
             next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
         )
         body = await reader.readexactly(length)
-        answer: dict[str, Any] = contract.check("POST", "/v1/kkt/receipt", status, "application/json", body)
+        answer: dict[str, Any] = contract.check("POST", template(path), status, "application/json", body)
         return answer
     finally:
         writer.close()

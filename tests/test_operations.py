@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kktd import ctl
+from kktd.delivery import Refused
 from kktd.receipt import validate_receipt
 from kktd.states import BreakerState
+from kktd.store import Store
 from kktd.upstreams import REGISTRY
 from kktd_mocks.ofd import MockOfd, start_mock_ofd
 from tests.conftest import App, AppFactory
@@ -198,6 +203,71 @@ async def test_dead_letter_pages_say_where_the_next_starts(app_factory: AppFacto
     assert second["count"] == 1 and second["next_after_seq"] is None
     ids = [r["receipt_id"] for r in first["dead_letters"] + second["dead_letters"]]
     assert len(set(ids)) == 3
+
+
+async def kktd_cli(app: App, *argv: str) -> tuple[int, str]:
+    """The operator CLI against the in-process kktd (in a thread: it is synchronous, the app must keep serving)."""
+    parser = ctl.build_parser()
+    args = parser.parse_args(list(argv))
+    ctl.check_arguments(parser, args)
+    out = io.StringIO()
+    url = str(app.client.make_url("")).rstrip("/")
+    code = await asyncio.to_thread(ctl.run, args, url, out, io.StringIO())
+    return code, out.getvalue()
+
+
+async def test_a_resolved_dead_letter_leaves_the_warning_the_alert_and_the_pending_count(
+    app_factory: AppFactory, mock_ofd: MockOfd, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receipt refused for its content is refused again on requeue: the operator closes it with a reason."""
+    caplog.set_level(logging.INFO)
+    app = await app_factory(ofd_url=mock_ofd.url, max_pending=10)
+    mock_ofd.set_rejected_pos_ids(["POS-BAD"])
+    accepted = await app.store.accept(validate_receipt(sample_receipt("bad-1", pos_id="POS-BAD")))
+    await app.kktd.sync.run_once_now()
+    assert (await kktd_cli(app, "status"))[0] == 1  # WARNING: 1 dead letter
+    assert (await scrape(app))[("kktd_receipts", (("status", "failed"),))] == 1  # KktdDeadLetters' expression
+    before = (await (await app.client.get("/v1/kkt/buffer/status")).json())["fill_ratio"]
+    path = f"/v1/kkt/dlq/{accepted.receipt_id}/resolve"
+    response = await app.client.post(path, json={"reason": "sold on register 2 by hand\nFAKE=entry"})
+    assert response.status == 422  # no control characters in what goes to the journal
+    code, out = await kktd_cli(
+        app, "dlq", "resolve", accepted.receipt_id, "--reason", "fiscalized by hand on register 2"
+    )
+    assert code == 0 and out.startswith("resolved 1 of 1"), out
+    code, out = await kktd_cli(app, "status")
+    assert code == 0 and out.startswith("KKTD OK"), out
+    metrics = await scrape(app)
+    assert metrics[("kktd_receipts", (("status", "failed"),))] == 0
+    assert metrics[("kktd_receipts", (("status", "resolved"),))] == 1
+    status = await (await app.client.get("/v1/kkt/buffer/status")).json()
+    assert status["counts"]["failed"] == 0 and status["counts"]["resolved"] == 1 and status["fill_ratio"] < before
+    assert (await (await app.client.get("/v1/kkt/dlq")).json())["count"] == 0
+    _, rows = await export(app, "")
+    [row] = [r for r in rows if r["receipt_id"] == accepted.receipt_id]  # kept for audit, with its refusal
+    assert row["status"] == "resolved" and row["resolution"] == "fiscalized by hand on register 2"
+    assert row["last_error"] and row["ofd"] is None
+    [told] = [r for r in story(caplog, accepted.receipt_id) if "resolved by the operator" in r.getMessage()]
+    assert "fiscalized by hand on register 2" in told.getMessage() and getattr(told, "error_code") == "resolved"
+    again = await app.client.post(path, json={"reason": "twice"})
+    assert again.status == 409 and (await again.json())["error"]["code"] == "not_dead_letter"
+    assert app.store.counts.resolved == 1
+
+
+async def test_the_store_counts_resolved_receipts_after_a_restart(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "buffer.db", 100)
+    accepted = await store.accept(validate_receipt(sample_receipt("bad-2")))
+    await store.settle([Refused(accepted.receipt_id, "refused", "by the test")])
+    assert await store.resolve(accepted.receipt_id, "a test")
+    assert not await store.requeue(accepted.receipt_id)  # resolved is final: never back in the queue
+    await store.close()
+    reopened = await Store.open(tmp_path / "buffer.db", 100)
+    try:
+        assert reopened.counts.resolved == 1 and reopened.counts.failed == 0 and reopened.counts.undelivered == 0
+        row = await reopened.get(accepted.receipt_id)
+        assert row is not None and row.status == "resolved" and row.resolution == "a test"
+    finally:
+        await reopened.close()
 
 
 # ---- a receipt's story, as log records with their journal fields ----

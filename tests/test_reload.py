@@ -172,7 +172,7 @@ def test_reload_under_load_loses_nothing(tmp_path: Path, kktds: list[KktdProcess
     assert kktd.log().count("configuration reloaded: 1 applied") == 3
     wait_until(lambda: ofd_process.stats()["unique"] == 1500, 60, "every receipt at the OFD")
     _, status = http("GET", f"{kktd.url}/v1/kkt/buffer/status")
-    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 1500, "failed": 0}
+    assert status["counts"] == {"pending": 0, "submitted": 0, "sent": 1500, "failed": 0, "resolved": 0}
     kktd.signal(signal.SIGTERM)
     assert kktd.wait() == 0
     assert os.path.exists(tmp_path / "buffer.db")

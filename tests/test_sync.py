@@ -48,7 +48,7 @@ def post(proc: KktdProcess, bodies: list[dict[str, Any]], concurrency: int = 8) 
 
 def wait_all_sent(proc: KktdProcess, count: int, timeout: float = 60) -> None:
     wait_until(
-        lambda: status(proc)["counts"] == {"pending": 0, "submitted": 0, "sent": count, "failed": 0},
+        lambda: status(proc)["counts"] == {"pending": 0, "submitted": 0, "sent": count, "failed": 0, "resolved": 0},
         timeout,
         f"all {count} receipts sent",
         interval=0.1,
@@ -140,7 +140,7 @@ def test_failing_ofd_backoff_breaker_and_no_busy_loop(
     )
     assert "open -> half_open" in kktd.log()
     assert "half_open -> open" in kktd.log()
-    assert status(kktd)["counts"] == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0}, (
+    assert status(kktd)["counts"] == {"pending": 10, "submitted": 0, "sent": 0, "failed": 0, "resolved": 0}, (
         "an outage dead-lettered receipts"
     )
     ofd_process.set_mode("online")

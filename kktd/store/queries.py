@@ -17,9 +17,15 @@ from kktd.store.schema import fetch_all, fetch_one, rollback
 
 # Status literals in SQL come from the enum (inlined, not bound: SQLite uses a partial index only for a
 # literal that matches its WHERE clause).
-PENDING, SUBMITTED, SENT, FAILED = (
+PENDING, SUBMITTED, SENT, FAILED, RESOLVED = (
     status.value
-    for status in (ReceiptStatus.PENDING, ReceiptStatus.SUBMITTED, ReceiptStatus.SENT, ReceiptStatus.FAILED)
+    for status in (
+        ReceiptStatus.PENDING,
+        ReceiptStatus.SUBMITTED,
+        ReceiptStatus.SENT,
+        ReceiptStatus.FAILED,
+        ReceiptStatus.RESOLVED,
+    )
 )
 SQL_PARAM_CHUNK = 500  # stays well under SQLite's bound-parameter limit
 
@@ -27,7 +33,7 @@ _ROW_COLUMNS = (
     "receipt_id, idempotency_key, body, total, status, attempts, last_error, accepted_ms, updated_ms, "
     "sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at, fn_number, shift_number, receipt_number, "
     "kkt_registration_number, ofd_receipt_url, fns_url, ofd_inn, external_id, registrations, upstream_ref, "
-    "submitted_ms, seq"
+    "submitted_ms, seq, resolution"
 )
 # A receipt is registered under its idempotency key until the upstream says a document was not registered;
 # then under this derived id ('~' never occurs in a key, so it can never be another receipt's key).
@@ -61,6 +67,7 @@ def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
         reference,
         submitted_ms,
         seq,
+        resolution,
     ) = row
     fiscal = None
     if status == ReceiptStatus.SENT:
@@ -82,6 +89,7 @@ def _receipt_row(row: Sequence[Any]) -> ReceiptRow:
         sent_ms,
         registration,
         seq,
+        resolution,
     )
 
 
@@ -306,6 +314,16 @@ async def record_attempt_failure(
         await rollback(conn)
         raise
     return moved
+
+
+async def resolve(conn: aiosqlite.Connection, stamp: int, receipt_id: str, reason: str) -> int:
+    """A dead letter closed by the operator: kept with its refusal (last_error) and the reason, never sent."""
+    cursor = await conn.execute(
+        f"UPDATE receipts SET status = '{RESOLVED}', resolution = ?, updated_ms = ? "
+        f"WHERE receipt_id = ? AND status = '{FAILED}'",
+        (reason, stamp, receipt_id),
+    )
+    return cursor.rowcount
 
 
 async def requeue(conn: aiosqlite.Connection, stamp: int, receipt_id: str) -> int:

@@ -13,6 +13,7 @@ class ReceiptStatus(enum.StrEnum):
     SUBMITTED = "submitted"  # a two-phase upstream registered it; its result is polled, never resubmitted
     SENT = "sent"  # fiscalized: the upstream acknowledged it
     FAILED = "failed"  # a dead letter: refused, or given up after max_attempts
+    RESOLVED = "resolved"  # a dead letter the operator closed with a reason: kept for audit, never sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class ReceiptRow:
     sent_ms: int | None  # when kktd recorded it as sent
     registration: Registration
     seq: int = 0  # position in the store: what paging (after_seq) continues from
+    resolution: str | None = None  # status resolved: why the operator closed the dead letter
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,7 @@ class Counts:
     submitted: int = 0
     sent: int = 0
     failed: int = 0
+    resolved: int = 0
 
     @property
     def undelivered(self) -> int:

@@ -114,10 +114,57 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "INSERT INTO kktd_identity (id, db_id, generation, stamp) VALUES (1, randomblob(16), 0, zeroblob(32))",
     ),
-    # What the register says a buyer checks the receipt with: the FNS site and the OFD's INN (tags 1060, 1017).
+    # What the register says a buyer checks the receipt with (the FNS site and the OFD's INN, tags 1060 and
+    # 1017), and a dead letter the operator resolved (status 'resolved' and the reason): the CHECK changes, so
+    # the table is rebuilt as in v2.
     4: (
-        "ALTER TABLE receipts ADD COLUMN fns_url TEXT",
-        "ALTER TABLE receipts ADD COLUMN ofd_inn TEXT",
+        """CREATE TABLE receipts_v4 (
+            seq INTEGER PRIMARY KEY,
+            receipt_id TEXT NOT NULL UNIQUE,
+            idempotency_key TEXT NOT NULL UNIQUE,
+            body_hash TEXT NOT NULL,
+            body TEXT NOT NULL,
+            pos_id TEXT NOT NULL,
+            total INTEGER NOT NULL,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'submitted', 'sent', 'failed', 'resolved')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            accepted_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL,
+            sent_ms INTEGER,
+            fiscal_document_number INTEGER,
+            fiscal_sign TEXT,
+            ofd_received_at TEXT,
+            external_id TEXT,
+            registrations INTEGER NOT NULL DEFAULT 0,
+            upstream_ref TEXT,
+            submitted_ms INTEGER,
+            fn_number TEXT,
+            shift_number INTEGER,
+            receipt_number INTEGER,
+            kkt_registration_number TEXT,
+            ofd_receipt_url TEXT,
+            fns_url TEXT,
+            ofd_inn TEXT,
+            resolution TEXT
+        )""",
+        """INSERT INTO receipts_v4 (seq, receipt_id, idempotency_key, body_hash, body, pos_id, total, status,
+            attempts, last_error, accepted_ms, updated_ms, sent_ms, fiscal_document_number, fiscal_sign,
+            ofd_received_at, external_id, registrations, upstream_ref, submitted_ms, fn_number, shift_number,
+            receipt_number, kkt_registration_number, ofd_receipt_url)
+           SELECT seq, receipt_id, idempotency_key, body_hash, body, pos_id, total, status, attempts,
+            last_error, accepted_ms, updated_ms, sent_ms, fiscal_document_number, fiscal_sign, ofd_received_at,
+            external_id, registrations, upstream_ref, submitted_ms, fn_number, shift_number, receipt_number,
+            kkt_registration_number, ofd_receipt_url
+           FROM receipts""",
+        "DROP TABLE receipts",
+        "ALTER TABLE receipts_v4 RENAME TO receipts",
+        "CREATE INDEX receipts_pending ON receipts(seq) WHERE status = 'pending'",
+        "CREATE INDEX receipts_submitted ON receipts(seq) WHERE status = 'submitted'",
+        "CREATE INDEX receipts_failed ON receipts(seq) WHERE status = 'failed'",
+        "CREATE INDEX receipts_sent_age ON receipts(sent_ms) WHERE status = 'sent'",
+        "CREATE INDEX receipts_resolved ON receipts(seq) WHERE status = 'resolved'",
     ),
 }
 

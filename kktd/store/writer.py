@@ -411,6 +411,15 @@ class Store:
             )
         )
 
+    async def resolve(self, receipt_id: str, reason: str) -> bool:
+        """Close a dead letter for good with the operator's reason (kept for audit and the export; no longer
+        undelivered, so it frees its place under max_pending). False if it is not a dead letter."""
+        return bool(
+            await self.submit(
+                Move(ReceiptStatus.FAILED, ReceiptStatus.RESOLVED, queries.resolve, (now_ms(), receipt_id, reason))
+            )
+        )
+
     async def prune_sent(self, older_than_ms: int, limit: int) -> int:
         """Delete up to `limit` sent receipts acknowledged before `older_than_ms` (retention)."""
         return await self.submit(PruneSent(older_than_ms, limit))

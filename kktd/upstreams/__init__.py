@@ -79,10 +79,10 @@ class UpstreamSpec:
     settings: Callable[[Mapping[str, Any], Seller], UpstreamSettings]
     create: Callable[[Any], Upstream]
     intake_check: IntakeCheck | None = None
-    intake_codes: frozenset[str] = frozenset()  # the error codes of its own that intake_check refuses with
     traits: DeliveryTraits = DEFAULT_TRAITS
     access: frozenset[Access] = frozenset({Access.NETWORK})
     mock: MockSpec | None = None
+    intake_codes: frozenset[str] = frozenset()  # the error codes of its own that intake_check refuses with
     # A warning logged at start for settings that run but cannot be what the operator meant (a packaged
     # default pointing at nothing real); None when the settings look deliberate.
     start_warning: Callable[[Any], str | None] | None = None
