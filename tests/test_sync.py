@@ -171,7 +171,11 @@ def test_rejected_receipt_goes_to_dead_letters_and_requeues(
     kktd = start_kktd(kktds, tmp_path, ofd_process)
     good = post(kktd, receipts("good", 10))
     bad = post(kktd, [sample_receipt("bad-1", pos_id="POS-BAD")])[0]
-    wait_until(lambda: status(kktd)["counts"] == {"pending": 0, "submitted": 0, "sent": 10, "failed": 1}, 30, "settled")
+    wait_until(
+        lambda: status(kktd)["counts"] == {"pending": 0, "submitted": 0, "sent": 10, "failed": 1, "resolved": 0},
+        30,
+        "settled",
+    )
     code, dlq = http("GET", f"{kktd.url}/v1/kkt/dlq")
     assert [entry["receipt_id"] for entry in dlq["dead_letters"]] == [bad]
     assert "kkt_not_registered" in dlq["dead_letters"][0]["last_error"]

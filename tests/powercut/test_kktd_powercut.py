@@ -235,7 +235,7 @@ async def test_kktd_survives_power_cuts_and_delivers_exactly_once(
     assert ledger.violations == [], ledger.violations[:10]
     assert figures.lost == 0 and figures.integrity_failures == 0
     assert ledger.in_doubt == set()
-    assert counts == {"pending": 0, "submitted": 0, "sent": len(ledger.acked), "failed": 0}
+    assert counts == {"pending": 0, "submitted": 0, "sent": len(ledger.acked), "failed": 0, "resolved": 0}
     assert stats["unique"] == len(ledger.acked), "the OFD stored a receipt twice or missed one"
     assert missing_at_ofd == [] and unexpected_at_ofd == []
 

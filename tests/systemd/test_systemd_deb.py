@@ -215,9 +215,15 @@ def test_upgrade_under_load_restarts_once_and_keeps_every_receipt(builds: Builds
     for key, receipt_id in result.acked.items():
         status, body = package.get_receipt(receipt_id)
         assert (status, body["idempotency_key"], body["status"]) == (200, key, "pending"), body
-    assert package.buffer_counts() == {"pending": len(result.acked), "submitted": 0, "sent": 0, "failed": 0}
+    assert package.buffer_counts() == {
+        "pending": len(result.acked),
+        "submitted": 0,
+        "sent": 0,
+        "failed": 0,
+        "resolved": 0,
+    }
     package.set_ofd_mode("online")
-    expected = {"pending": 0, "submitted": 0, "sent": len(result.acked), "failed": 0}
+    expected = {"pending": 0, "submitted": 0, "sent": len(result.acked), "failed": 0, "resolved": 0}
     wait_until(
         lambda: package.buffer_counts() == expected, 120, "every receipt delivered", interval=0.1, error=SandboxError
     )
@@ -239,7 +245,7 @@ def test_downgrade_onto_a_newer_schema_refuses_without_a_restart_loop(builds: Bu
     status, body = http("POST", f"{package.url}/v1/kkt/receipt", rejected)
     assert status == 201, body
     wait_until(
-        lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1},
+        lambda: package.buffer_counts() == {"pending": 0, "submitted": 0, "sent": 1, "failed": 1, "resolved": 0},
         60,
         "one receipt sent and one dead-lettered",
         interval=0.1,

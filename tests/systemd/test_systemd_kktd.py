@@ -47,7 +47,7 @@ def deliver_everything(kktd: KktdUnit, expected: int) -> None:
     """OFD back online: everything ends `sent`, and the OFD holds each receipt exactly once."""
     kktd.set_ofd_mode("online")
     wait_until(
-        lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0},
+        lambda: kktd.buffer_counts() == {"pending": 0, "submitted": 0, "sent": expected, "failed": 0, "resolved": 0},
         60,
         f"{expected} receipts sent to the OFD",
         interval=0.1,
