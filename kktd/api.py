@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from kktd.clock import rfc3339
+from kktd.delivery import RegisterUnavailable
 from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
 from kktd.fiscal import fiscalized_at, qr_string, rfc3339_local
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -25,8 +26,10 @@ from kktd.openapi import spec_json
 from kktd.receipt import IDEMPOTENCY_KEY_RE, MalformedBody, Receipt, ReceiptInvalid, parse_receipt
 from kktd.safetext import escape, forbidden_character, quoted
 from kktd.server import EventSummary
-from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s
+from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s, register_alarms
 from kktd.store import Accepted, Conflict, ReceiptRow, ReceiptStatus, Store
+from kktd.sync.housekeeping import RegisterWatch
+from kktd.upstreams.base import Register
 
 if TYPE_CHECKING:
     from kktd.config import Config
@@ -399,7 +402,41 @@ async def collect_status(services: Services) -> dict[str, Any]:
     }
     if services.sync is not None:
         status["sync"] = dataclasses.asdict(services.sync.status())
+        if isinstance(services.sync.upstream, Register):
+            status["register"] = present_register(services.sync.housekeeping.register)
     return status
+
+
+def present_register(watch: RegisterWatch) -> dict[str, Any]:
+    """A register upstream's own report as the housekeeping last read it (every minute)."""
+    report = watch.report
+    view: dict[str, Any] = {
+        "read_at": rfc3339(watch.read_ms) if watch.read_ms is not None else None,
+        "error": watch.error,
+        "shift": None,
+        "unsent_documents": None,
+        "oldest_unsent_at": None,
+        "fn_valid_until": None,
+        "paper_present": None,
+        "cover_open": None,
+        "fn_warnings": [],
+        "alarms": [],
+    }
+    if report is not None:
+        view.update(
+            shift={"state": report.shift.state, "number": report.shift.number, "expires_at": report.shift.expires_at},
+            unsent_documents=report.unsent_documents,
+            oldest_unsent_at=rfc3339(report.oldest_unsent_ms) if report.oldest_unsent_ms is not None else None,
+            fn_valid_until=rfc3339(report.fn_valid_until_ms) if report.fn_valid_until_ms is not None else None,
+            paper_present=report.paper_present,
+            cover_open=report.cover_open,
+            fn_warnings=list(report.fn_warnings),
+            alarms=[
+                {"text": a.text, "critical": a.critical, "action": a.action}
+                for a in register_alarms(report, watch.read_ms or 0)
+            ],
+        )
+    return view
 
 
 async def sync_now(request: web.Request) -> web.Response:
@@ -460,6 +497,52 @@ async def requeue_dead_letter(request: web.Request) -> web.Response:
     if services.sync is not None:
         services.sync.wake()
     return json_response({"receipt_id": receipt_id, "status": "pending"})
+
+
+# ---- a register kktd drives itself: its shift ----
+
+
+def _register(services: Services) -> Register:
+    upstream = services.sync.upstream if services.sync is not None else None
+    if not isinstance(upstream, Register):
+        name = upstream.name if upstream is not None else services.config.upstream
+        raise ApiError(
+            409, ErrorCode.NO_REGISTER, f"upstream {name} is not a register kktd drives: it has no shift of its own"
+        )
+    return upstream
+
+
+async def _shift_command(request: web.Request, command: str) -> web.Response:
+    """`GET /v1/kkt/shift`, `POST /v1/kkt/shift/open`, `POST /v1/kkt/shift/close` (the Z report): through the
+    register's single queue, after the receipts already in it."""
+    register = _register(request.app[SERVICES])
+    peer = request.remote or "?"
+    if command != "status":
+        log.warning("shift %s requested by the operator (from %s)", command, peer, extra={"error_code": "shift"})
+    try:
+        if command == "open":
+            shift = await register.open_shift()
+        elif command == "close":
+            shift = await register.close_shift()
+        else:
+            shift = await register.shift()
+    except RegisterUnavailable as exc:
+        if exc.reason in ("shift_closed", "shift_not_closed"):
+            raise ApiError(409, ErrorCode.SHIFT_STATE, exc.detail) from None
+        raise ApiError(503, ErrorCode.REGISTER_UNAVAILABLE, f"the register did not do it: {exc}") from None
+    return json_response({"state": shift.state, "number": shift.number, "expires_at": shift.expires_at})
+
+
+async def shift_status(request: web.Request) -> web.Response:
+    return await _shift_command(request, "status")
+
+
+async def open_shift(request: web.Request) -> web.Response:
+    return await _shift_command(request, "open")
+
+
+async def close_shift(request: web.Request) -> web.Response:
+    return await _shift_command(request, "close")
 
 
 MAX_REASON_LEN = 500
@@ -581,6 +664,8 @@ async def health(request: web.Request) -> web.Response:
                 warnings.append(f"{status['sync']['upstream']} refuses kktd: {status['sync']['operator_action']}")
             if status["sync"]["breaker"] != BreakerState.CLOSED:
                 warnings.append(f"upstream circuit breaker is {status['sync']['breaker']}")
+        for alarm in status.get("register", {}).get("alarms", []):
+            (problems if alarm["critical"] else warnings).append(f"register: {alarm['text']}: {alarm['action']}")
     if problems:
         body.update(status=HealthStatus.ERROR, problems=problems, warnings=warnings)
         return json_response(body, 503)
@@ -681,6 +766,9 @@ def create_app(services: Services) -> web.Application:
     app.router.add_get("/v1/kkt/dlq", list_dead_letters)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/requeue", requeue_dead_letter)
     app.router.add_post("/v1/kkt/dlq/{receipt_id}/resolve", resolve_dead_letter)
+    app.router.add_get("/v1/kkt/shift", shift_status)
+    app.router.add_post("/v1/kkt/shift/open", open_shift)
+    app.router.add_post("/v1/kkt/shift/close", close_shift)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi_description)
     app.router.add_get("/v1/kkt/receipts", export_receipts)

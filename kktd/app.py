@@ -99,4 +99,5 @@ def state_snapshot(services: Services) -> StateSnapshot:
         pending_critical_age_s=config.pending_critical_age,
         version=__version__,
         journal_fallbacks=logs.journal_fallbacks(),
+        register=sync.housekeeping.register.report if sync is not None else None,
     )

@@ -1,4 +1,5 @@
-"""The operator CLI: `kktd status`, `kktd receipt ID`, `kktd dlq list|requeue|resolve`, `kktd sync-now`, `kktd export`.
+"""The operator CLI: `kktd status`, `kktd receipt ID`, `kktd dlq list|requeue|resolve`, `kktd shift status|open|close`,
+`kktd sync-now`, `kktd export`.
 
 Each command talks to the running daemon over its HTTP API, at the address of the same configuration the
 daemon reads (`listen`). Exit codes follow the monitoring-plugin convention, so `kktd status` works as a
@@ -32,7 +33,7 @@ from kktd.states import AlarmLevel, HealthStatus
 DEFAULT_TIMEOUT_S = 10.0
 EXPORT_CHUNK = 64 * 1024
 DLQ_PAGE = 500
-COMMANDS = ("status", "receipt", "dlq", "sync-now", "export")
+COMMANDS = ("status", "receipt", "dlq", "shift", "sync-now", "export")
 
 
 class State(enum.IntEnum):
@@ -266,6 +267,9 @@ def status(client: Client, now: float | None = None) -> Report:
         f"  sent           {counts.get('sent', 0)}",
         f"  database       {human_bytes(buffer.get('db_size_bytes'))}",
     ]
+    register = buffer.get("register")
+    if isinstance(register, dict):
+        lines.append(f"  register       {_register_line(register)}")
     colour_lines = {
         0: state,
         2: _alarm_state(alarm),
@@ -273,6 +277,22 @@ def status(client: Client, now: float | None = None) -> Report:
         6: State.WARNING if failed else State.OK,
     }
     return Report(state, lines, {"state": state.name, "status": buffer, "health": health}, colour_lines)
+
+
+def _register_line(register: dict[str, Any]) -> str:
+    """A register upstream's own report: shift, OFD backlog, FN expiry, paper."""
+    if register.get("shift") is None:
+        return f"no report yet{': ' + str(register['error']) if register.get('error') else ''}"
+    shift = register["shift"]
+    parts = [f"shift {shift.get('state')} (number {shift.get('number')})"]
+    unsent = register.get("unsent_documents") or 0
+    parts.append(
+        f"{unsent} documents not sent to the OFD (oldest {register.get('oldest_unsent_at')})" if unsent else "OFD sent"
+    )
+    if register.get("fn_valid_until"):
+        parts.append(f"FN valid until {register['fn_valid_until'][:10]}")
+    parts.append("paper ok" if register.get("paper_present") else "NO PAPER")
+    return ", ".join(parts)
 
 
 def _reachability(sync: dict[str, Any]) -> str:
@@ -398,6 +418,24 @@ def sync_now(client: Client) -> Report:
     return Report(state, lines, body, {0: state})
 
 
+def shift(client: Client, command: str) -> Report:
+    """The register's shift: its state, or open it, or close it (the Z report). Only for a register upstream."""
+    if command == "status":
+        answer = client.call("GET", "/v1/kkt/shift", None)
+    else:
+        answer = client.call("POST", f"/v1/kkt/shift/{command}", {})
+    if answer.status != 200:
+        error = _error_of(answer)
+        return Report(State.CRITICAL, [f"shift {command}: {error}"], {"error": error}, {0: State.CRITICAL})
+    body = answer.body if isinstance(answer.body, dict) else {}
+    state = State.WARNING if body.get("state") == "expired" else State.OK
+    done = {"status": "", "open": "opened; ", "close": "closed (Z report printed); "}[command]
+    line = f"shift {done}now {body.get('state')}, number {body.get('number')}"
+    if body.get("expires_at"):
+        line += f", its 24 hours end at {body['expires_at']}"
+    return Report(state, [line], body, {0: state})
+
+
 def parse_moment(text: str) -> str:
     """--since / --until: a date is the terminal's local midnight (its zone, as a till's day is); a time
     must carry its zone (a bare 10:00 would be a guess). As RFC 3339 UTC for the API."""
@@ -460,6 +498,13 @@ def add_commands(commands: Any, add_config_arguments: Callable[[argparse.Argumen
     resolve = options(actions.add_parser("resolve", help="close dead letters that will never be sent (kept)"))
     resolve.add_argument("receipt_ids", nargs="+", metavar="ID")
     resolve.add_argument("--reason", required=True, help="why (kept with the receipt and in the journal)")
+    shifts = commands.add_parser("shift", help="the register's shift: status, open, close (Z report)")
+    shift_actions = shifts.add_subparsers(dest="shift_command", required=True, metavar="ACTION")
+    options(shift_actions.add_parser("status", help="the register's shift: open, closed or expired"))
+    options(shift_actions.add_parser("open", help="open the register's shift"))
+    closing = options(shift_actions.add_parser("close", help="close the register's shift (prints the Z report)"))
+    # A Z report is printed, and the queue may hold receipts before it.
+    closing.set_defaults(timeout=60.0)
     command("sync-now", "run one delivery cycle now and say what it did")
     exporting = command("export", "receipts as JSON lines, for audits (streamed, any size)")
     moments = f"a date (midnight in the terminal's zone, {local_zone()}) or an RFC 3339 time with its zone"
@@ -557,6 +602,8 @@ def _report(args: argparse.Namespace, client: Client) -> Report:
         return receipt(client, args.receipt_id, args.idempotency_key)
     if args.command == "sync-now":
         return sync_now(client)
+    if args.command == "shift":
+        return shift(client, args.shift_command)
     if args.command == "dlq" and args.dlq_command == "list":
         return dlq_list(client)
     if args.command == "dlq" and args.dlq_command == "resolve":

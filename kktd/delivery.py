@@ -145,3 +145,45 @@ class DeliveryTraits:
 
 
 DEFAULT_TRAITS = DeliveryTraits()  # what an upstream's registry entry gets unless it declares its own
+
+
+# ---- a register kktd drives itself (a local device behind its driver) ------------------------------------
+
+
+class ShiftState(enum.StrEnum):
+    """A fiscal register's shift: receipts need an open one, and one lasts at most 24 hours."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    EXPIRED = "expired"  # open for more than 24 hours: it must be closed (Z report) before the next receipt
+
+
+@dataclass(frozen=True, slots=True)
+class Shift:
+    state: ShiftState
+    number: int | None = None
+    expires_at: str | None = None  # when its 24 hours run out, the register's local time (RFC 3339)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterReport:
+    """What a local register says of itself: its shift, the documents its FN has not yet got to the OFD (the
+    FN stops after 30 days of an unsent one), when the FN expires, its paper."""
+
+    shift: Shift
+    unsent_documents: int
+    oldest_unsent_ms: int | None  # epoch milliseconds of the oldest unsent document, None when none
+    fn_valid_until_ms: int | None  # epoch milliseconds; None when the register does not say
+    paper_present: bool
+    cover_open: bool
+    fn_warnings: tuple[str, ...] = ()  # the FN's own warnings by name (needReplacement, memoryOverflow …)
+
+
+class RegisterUnavailable(Exception):
+    """A shift command could not be carried out: the register or its driver did not answer, or refused it
+    (``reason`` is stable, ``detail`` for people; neither holds the driver's text unescaped)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -36,7 +36,17 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kktd.delivery import FailureKind, Fiscalized, NotRegistered, Refused, Registered, StillProcessing, Undelivered
+from kktd.delivery import (
+    FailureKind,
+    Fiscalized,
+    NotRegistered,
+    Refused,
+    Registered,
+    RegisterReport,
+    ShiftState,
+    StillProcessing,
+    Undelivered,
+)
 from kktd.errors import ErrorCode
 from kktd.states import BreakerState, pending_age_s
 from kktd.store.rows import ReceiptStatus
@@ -158,6 +168,7 @@ class StateSnapshot:
     pending_critical_age_s: float
     version: str = ""
     journal_fallbacks: int = 0  # log records that reached the journal without their fields
+    register: RegisterReport | None = None  # a register upstream's last report (None for other upstreams)
 
 
 def _file_size(path: Path) -> int:
@@ -207,6 +218,7 @@ class StateCollector(Collector):
             "kktd_journal_fallbacks",
             "Log records written to stderr because the journal's socket could not take them (no structured fields)",
         )
+        register = _RegisterFamilies()
         families: list[Metric] = [
             receipts,
             capacity,
@@ -221,6 +233,7 @@ class StateCollector(Collector):
             disk_size,
             info,
             fallbacks,
+            *register.families(),
         ]
         if s is None:
             yield from families
@@ -248,7 +261,41 @@ class StateCollector(Collector):
             disk_size.add_metric([], fs.f_blocks * fs.f_frsize)
         info.add_metric([], {"version": s.version, "upstream": upstream})
         fallbacks.add_metric([], s.journal_fallbacks)
+        if s.register is not None:
+            register.add(s.register, now)
         yield from families
+
+
+class _RegisterFamilies:
+    """A local register's own truth (present only when the upstream is a register and it has reported)."""
+
+    def __init__(self) -> None:
+        self.unsent = GaugeMetricFamily(
+            "kktd_register_unsent_documents", "Documents the register's FN has not yet got to the OFD"
+        )
+        self.oldest = GaugeMetricFamily(
+            "kktd_register_oldest_unsent_age_seconds",
+            "Age of the oldest document the register has not sent to the OFD (0 when none; the FN stops at 30 days)",
+        )
+        self.fn_valid = GaugeMetricFamily(
+            "kktd_register_fn_valid_until_timestamp_seconds", "When the register's FN expires"
+        )
+        self.paper = GaugeMetricFamily("kktd_register_paper_present", "1 when the register has paper")
+        self.shift_open = GaugeMetricFamily(
+            "kktd_register_shift_state", "The register's shift (1 for the current state)", labels=["state"]
+        )
+
+    def families(self) -> list[Metric]:
+        return [self.unsent, self.oldest, self.fn_valid, self.paper, self.shift_open]
+
+    def add(self, report: RegisterReport, now: int) -> None:
+        self.unsent.add_metric([], report.unsent_documents)
+        self.oldest.add_metric([], pending_age_s(report.oldest_unsent_ms, now) or 0.0)
+        if report.fn_valid_until_ms is not None:
+            self.fn_valid.add_metric([], report.fn_valid_until_ms / 1000)
+        self.paper.add_metric([], 1.0 if report.paper_present else 0.0)
+        for state in ShiftState:
+            self.shift_open.add_metric([state.value], 1.0 if report.shift.state is state else 0.0)
 
 
 class Metrics:

@@ -33,14 +33,14 @@ UPSTREAM_FIELDS = {"ofd_url": "url", "ofd_timeout": "timeout"}
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     """The default configuration on a database under tmp_path; `ofd_url` / `ofd_timeout` set the kktd-ofd
-    upstream's own settings, every other keyword a Config field."""
+    upstream's own settings, every other keyword a Config field (`upstream` with its `upstream_settings`
+    chooses another upstream)."""
     base = config_module.load(None, environ={"KKTD_CONFIG": os.devnull})
     upstream = {UPSTREAM_FIELDS[key]: overrides.pop(key) for key in list(overrides) if key in UPSTREAM_FIELDS}
     settings = base.upstream_settings
     assert isinstance(settings, KktdOfdSettings)
-    return dataclasses.replace(
-        base, db=tmp_path / "buffer.db", upstream_settings=dataclasses.replace(settings, **upstream), **overrides
-    )
+    chosen = overrides.pop("upstream_settings", None) or dataclasses.replace(settings, **upstream)
+    return dataclasses.replace(base, db=tmp_path / "buffer.db", upstream_settings=chosen, **overrides)
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
-"""kktd/openapi.yaml is true: it describes every route of the app and no other, and every answer of every
-documented status, provoked here one by one, matches its schema."""
+"""kktd/openapi.yaml is true: it describes every route of the app and no other, every answer of every
+documented status, provoked here one by one, matches its schema, and every request body and answer carries an
+example that fits its schema and that kktd answers as shown."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from kktd.delivery import Refused
+from kktd.errors import ErrorCode
 from kktd.openapi import spec, spec_json
 from kktd.receipt import sample_receipt
+from kktd.upstreams import REGISTRY
+from kktd.upstreams.atol_driver import DriverSettings
+from kktd_mocks.atol_driver import start_mock_register
 from tests.conftest import App, close_app, open_app
 from tests.openapi_contract import Contract, Operation
+from tests.support import REPO
 
 # aiohttp adds a HEAD route beside every GET; the test-only fault hook exists only with KKTD_TEST_FAULTS=1.
 UNDESCRIBED = {("POST", "/v1/test/fault")}
@@ -178,6 +185,7 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("GET", "/v1/openapi.json", 200)
 
     await provoke_unauthorized(tmp_path, contract)
+    await provoke_shift_answers(tmp_path, contract)
     assert contract.never_seen() == set(), "documented answers no test provokes"
 
 
@@ -187,6 +195,38 @@ TOKEN = "contract-test-token-0123456789"
 def template(path: str) -> str:
     """The spec's path for a concrete one: the receipt id in a dead-letter route back to its parameter."""
     return re.sub(r"^/v1/kkt/dlq/[^/]+/", "/v1/kkt/dlq/{receipt_id}/", path)
+
+
+async def provoke_shift_answers(tmp_path: Path, contract: Contract) -> None:
+    """The shift routes: 409 no_register on an upstream that is not a register; on the register's upstream
+    every answer, the register's report in the buffer status, and 503 once its web server is gone."""
+    plain = await open_app(tmp_path / "plain")
+    try:
+        call = Caller(plain, contract)
+        for method, path in (("GET", "/v1/kkt/shift"), ("POST", "/v1/kkt/shift/open"), ("POST", "/v1/kkt/shift/close")):
+            assert (await call(method, path, 409))["error"]["code"] == "no_register"
+    finally:
+        await close_app(plain)
+    mock = await start_mock_register()
+    register = await open_app(
+        tmp_path / "register", upstream="atol-driver", upstream_settings=DriverSettings(url=mock.url, timeout=2.0)
+    )
+    try:
+        call = Caller(register, contract)
+        assert (await call("GET", "/v1/kkt/shift", 200))["state"] == "closed"
+        assert (await call("POST", "/v1/kkt/shift/close", 409))["error"]["code"] == "shift_state"
+        assert (await call("POST", "/v1/kkt/shift/open", 200))["state"] == "open"
+        assert (await call("POST", "/v1/kkt/shift/open", 409))["error"]["code"] == "shift_state"
+        await register.kktd.sync.housekeeping.check_register()
+        status = await call("GET", "/v1/kkt/buffer/status", 200)
+        assert status["register"]["shift"]["state"] == "open" and status["register"]["paper_present"] is True
+        assert (await call("POST", "/v1/kkt/shift/close", 200))["state"] == "closed"
+        await mock.go_offline()
+        for method, path in (("GET", "/v1/kkt/shift"), ("POST", "/v1/kkt/shift/open"), ("POST", "/v1/kkt/shift/close")):
+            assert (await call(method, path, 503))["error"]["code"] == "register_unavailable"
+    finally:
+        await close_app(register)
+        await mock.close()
 
 
 async def provoke_unauthorized(tmp_path: Path, contract: Contract) -> None:
@@ -259,22 +299,156 @@ def test_the_receipt_schema_names_exactly_the_models_fields_and_values() -> None
         assert set(schemas[name]["enum"]) == values, name
 
 
+# What differs from one run to the next: left out where an answer is compared with its example.
+VOLATILE = {"receipt_id", "accepted_at", "updated_at"}
+
+
+def examples_of(contract: Contract, media: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(name, value) of a media type's `example` and each of its `examples` (a named one may be a $ref)."""
+    found = [("example", media["example"])] if "example" in media else []
+    found += [(name, contract._resolve(item)["value"]) for name, item in media.get("examples", {}).items()]
+    return found
+
+
+def described_media(contract: Contract) -> list[tuple[Operation, str, str, dict[str, Any]]]:
+    """(operation, "request" or the status, media type, media object) for every request body and answer."""
+    found = []
+    for op in contract.operations():
+        operation = contract.document["paths"][op.template][op.method.lower()]
+        for media_type, media in contract._resolve(operation.get("requestBody", {})).get("content", {}).items():
+            found.append((op, "request", media_type, media))
+        for status, response in operation["responses"].items():
+            for media_type, media in contract._resolve(response).get("content", {}).items():
+                found.append((op, status, media_type, media))
+    return found
+
+
+def single_example(contract: Contract, template: str, method: str, status: str = "request") -> Any:
+    operation = contract.document["paths"][template][method]
+    holder = operation["requestBody"] if status == "request" else contract._resolve(operation["responses"][status])
+    [(_, value)] = examples_of(contract, holder["content"]["application/json"])
+    return value
+
+
+def code_statuses(code: str) -> set[int]:
+    """The statuses the table of errors gives a code (kktd.errors.ErrorCode, or an upstream's intake code)."""
+    members = {c.value: c for c in ErrorCode}
+    if code in members:
+        return set(members[code].statuses)
+    assert code in {c for spec in REGISTRY.values() for c in spec.intake_codes}, f"{code} is in no table"
+    return {422}
+
+
+def test_every_request_body_and_answer_has_an_example(contract: Contract) -> None:
+    """Each operation's request body, its success answers and each error answer (the shared responses too)
+    carry an example a client can read."""
+    missing = [
+        f"{op.method} {op.template} {where} {media_type}"
+        for op, where, media_type, media in described_media(contract)
+        if not examples_of(contract, media)
+    ]
+    assert not missing, missing
+    for op in contract.operations():
+        statuses = contract.documented_statuses(op)
+        assert any(200 <= status < 300 for status in statuses), op
+
+
 def test_every_example_matches_its_schema(contract: Contract) -> None:
-    """The examples of the served spec (a receipt as posted, its answers) are answers kktd could give."""
-    examples = 0
-    for template, item in contract.document["paths"].items():
-        for method, operation in item.items():
-            media_types = [operation.get("requestBody", {}).get("content", {})]
-            media_types += [contract._resolve(r).get("content", {}) for r in operation.get("responses", {}).values()]
-            for content in media_types:
-                media = content.get("application/json", {})
-                if "example" in media:
-                    examples += 1
-                    contract._validate(media["schema"], media["example"], Operation(method.upper(), template), 0)
-    assert examples >= 3
+    """The examples of the served spec are answers kktd could give: each fits its schema, an error example's
+    code is one kktd answers with that status (the table of errors), a header's example fits the header."""
+    checked = 0
+    for op, where, media_type, media in described_media(contract):
+        status = 0 if where == "request" else int(where)
+        for name, value in examples_of(contract, media):
+            checked += 1
+            if media_type == "application/json":
+                contract._validate(media["schema"], value, op, status)
+                if media["schema"] == {"$ref": "#/components/schemas/Error"}:
+                    code = value["error"]["code"]
+                    assert status in code_statuses(code), f"{op.method} {op.template} {status} example {name}: {code}"
+            elif media_type == "application/x-ndjson":
+                lines = [json.loads(line) for line in value.splitlines()]
+                assert lines, (op, name)
+                for line in lines:
+                    contract._validate({"$ref": "#/components/schemas/ReceiptView"}, line, op, status)
+            else:
+                assert media_type == "text/plain" and isinstance(value, str), (op, media_type)
+                assert list(text_string_to_metric_families(value)), (op, name)
+    for op in contract.operations():
+        for response in contract.document["paths"][op.template][op.method.lower()]["responses"].values():
+            for header in contract._resolve(response).get("headers", {}).values():
+                if "example" in header:
+                    contract._validate(header["schema"], header["example"], op, 0)
+    assert checked >= len(contract.operations())
 
 
-async def test_the_example_receipt_is_one_kktd_takes(app: App, contract: Contract) -> None:
-    example = contract.document["paths"]["/v1/kkt/receipt"]["post"]["requestBody"]["content"]["application/json"]
-    response = await app.client.post("/v1/kkt/receipt", json=example["example"])
+def test_the_examples_tell_the_docs_story(contract: Contract) -> None:
+    """The spec's examples and docs/api.md show the same receipts: the posted receipt is the one in the docs,
+    and every receipt id in an example is one the docs show."""
+    docs = (REPO / "docs" / "api.md").read_text()
+    section = docs[docs.index("## `POST /v1/kkt/receipt`") :]
+    block = section[section.index("```json\n") + len("```json\n") : section.index("\n```", section.index("```json"))]
+    assert json.loads(block) == single_example(contract, "/v1/kkt/receipt", "post")
+    ids = set(
+        re.findall(
+            r"\b[0-9a-f]{32}\b",
+            json.dumps([v for *_, m in described_media(contract) for v in examples_of(contract, m)]),
+        )
+    )
+    assert ids and not {receipt_id for receipt_id in ids if receipt_id not in docs}, ids
+
+
+def without(value: Any, keys: set[str]) -> Any:
+    """`value` with `keys` left out at every depth (what differs from one run to the next)."""
+    if isinstance(value, dict):
+        return {k: without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [without(v, keys) for v in value]
+    return value
+
+
+async def test_kktd_answers_the_examples_requests_as_the_examples_show(app: App, contract: Contract) -> None:
+    """kktd takes the example receipt and answers as the examples show (ids and times aside): its 201 and
+    200, the receipt as stored, found by its key; the example dead letter listed, requeued, then resolved
+    with the example reason."""
+    posted = single_example(contract, "/v1/kkt/receipt", "post")
+    response = await app.client.post("/v1/kkt/receipt", json=posted)
     assert response.status == 201
+    accepted = await response.json()
+    assert without(accepted, VOLATILE) == without(single_example(contract, "/v1/kkt/receipt", "post", "201"), VOLATILE)
+    replayed = await (await app.client.post("/v1/kkt/receipt", json=posted)).json()
+    assert replayed == accepted
+    shown = single_example(contract, "/v1/kkt/receipt/{receipt_id}", "get", "200")
+    for path in (
+        f"/v1/kkt/receipt/{accepted['receipt_id']}",
+        f"/v1/kkt/receipt?idempotency_key={posted['idempotency_key']}",
+    ):
+        view = await (await app.client.get(path)).json()
+        # The example is the receipt once sent; here nothing delivers it: the stored receipt is compared.
+        assert (view["idempotency_key"], view["total"], view["receipt"]) == (
+            shown["idempotency_key"],
+            shown["total"],
+            shown["receipt"],
+        )
+
+    listing = single_example(contract, "/v1/kkt/dlq", "get", "200")
+    [dead] = listing["dead_letters"]
+    response = await app.client.post(
+        "/v1/kkt/receipt", json=dict(posted, idempotency_key=dead["idempotency_key"], pos_id=dead["receipt"]["pos_id"])
+    )
+    receipt_id = (await response.json())["receipt_id"]
+    code, _, message = dead["last_error"].partition(": ")
+    await app.store.settle([Refused(receipt_id, code, message)])
+    answer = await (await app.client.get("/v1/kkt/dlq")).json()
+    assert without(answer, VOLATILE) == without(listing, VOLATILE)
+
+    requeued = await (await app.client.post(f"/v1/kkt/dlq/{receipt_id}/requeue")).json()
+    assert requeued == dict(
+        single_example(contract, "/v1/kkt/dlq/{receipt_id}/requeue", "post", "200"), receipt_id=receipt_id
+    )
+    await app.store.settle([Refused(receipt_id, code, message)])
+    reason = single_example(contract, "/v1/kkt/dlq/{receipt_id}/resolve", "post")
+    response = await app.client.post(f"/v1/kkt/dlq/{receipt_id}/resolve", json=reason)
+    assert response.status == 200
+    resolved = single_example(contract, "/v1/kkt/dlq/{receipt_id}/resolve", "post", "200")
+    assert await response.json() == dict(resolved, receipt_id=receipt_id)

@@ -44,8 +44,10 @@ from kktd.delivery import (
 from kktd.receipt import sample_receipt, validate_receipt
 from kktd.seller import parse_seller
 from kktd.upstreams import REGISTRY
+from kktd.upstreams.atol_driver_mapping import task_uuid
 from kktd.upstreams.base import Upstream
 from kktd_mocks.atol import DEFAULT_GROUP, DEFAULT_INN, DEFAULT_LOGIN, start_mock_atol
+from kktd_mocks.atol_driver import start_mock_register
 from kktd_mocks.ofd import start_mock_ofd
 from tests.support import async_wait_until
 
@@ -203,10 +205,66 @@ async def atol_pair() -> AsyncIterator[ContractPair]:
             await mock.close()
 
 
+# ---- atol-driver × kktd_mocks.atol_driver ----
+
+
+class RegisterMock:
+    def __init__(self, mock: Any) -> None:
+        self._mock = mock
+
+    def documents(self) -> int:
+        return sum(1 for d in self._mock.documents() if d["type"] in ("sell", "sellReturn", "buy", "buyReturn"))
+
+    async def refuse(self, receipt: Outgoing) -> None:
+        # The register refuses the task's content (error 501 by default).
+        refused = self._mock.state.behaviour.refuse_uuids
+        self._mock.set_behaviour(refuse_uuids=[*refused, task_uuid(receipt.external_id)])
+
+    async def unreachable(self) -> None:
+        await self._mock.go_offline()  # the web server's socket really closes
+
+    async def lose_answers(self) -> None:
+        self._mock.set_behaviour(lose_receipt_answers=1000)  # queued (it will print), then the connection reset
+
+    async def answer_late(self) -> None:
+        self._mock.set_behaviour(receipt_answer_delay_s=ADAPTER_TIMEOUT_S * 10)
+
+    async def recover(self) -> None:
+        await self._mock.go_online()
+        self._mock.set_behaviour(lose_receipt_answers=0, receipt_answer_delay_s=0.0)
+
+
+@asynccontextmanager
+async def register_pair() -> AsyncIterator[ContractPair]:
+    secret = "s3cret-contract-password"
+    mock = await start_mock_register("127.0.0.1", 0, login="kktd", password=secret)
+    with tempfile.TemporaryDirectory() as directory:
+        password_file = f"{directory}/atol_driver_password"
+        with open(password_file, "w") as handle:
+            handle.write(secret + "\n")
+        adapter = make_adapter(
+            "atol-driver",
+            {
+                "atol_driver_url": mock.url,
+                "atol_driver_login": "kktd",
+                "atol_driver_password_file": password_file,
+                "atol_driver_timeout": ADAPTER_TIMEOUT_S,
+                "cashier_name": "Иванова",
+            },
+        )
+        try:
+            await adapter.start()
+            yield ContractPair(adapter, RegisterMock(mock), (secret,))
+        finally:
+            await adapter.close()
+            await mock.close()
+
+
 # One entry per adapter × its mock.
 PAIRS: dict[str, PairFactory] = {
     "kktd-ofd": kktd_ofd_pair,
     "atol-online-v5": atol_pair,
+    "atol-driver": register_pair,
 }
 
 

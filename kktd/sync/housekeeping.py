@@ -1,6 +1,7 @@
 """The sync loop's housekeeping, a task of its own beside the deliveries: the alarm on the age of the oldest
-pending receipt (the fiscal storage holds unsent documents for at most 30 days) and the retention of sent
-receipts. The delivery loop nudges it on each of its turns; what is due is decided by the injected clock, so
+pending receipt (the fiscal storage holds unsent documents for at most 30 days), the retention of sent
+receipts, and, when the upstream is a register kktd drives itself, that register's own report (its OFD backlog,
+FN expiry, paper). The delivery loop nudges it on each of its turns; what is due is decided by the injected clock, so
 the housekeeping never sleeps on a clock of its own.
 """
 
@@ -9,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kktd.clock import Clock, now_ms
+from kktd.delivery import RegisterReport, RegisterUnavailable, UpstreamUnavailable
 from kktd.errors import StorageUnavailable
-from kktd.states import AlarmLevel, pending_age_s
+from kktd.states import AlarmLevel, pending_age_s, register_alarms
 from kktd.store import Store
+from kktd.upstreams.base import Register, Upstream
 
 if TYPE_CHECKING:
     from kktd.config import Config
@@ -24,12 +28,33 @@ log = logging.getLogger("kktd.sync")
 RETENTION_EVERY_S = 3600.0
 RETENTION_BATCH = 500
 ALARM_EVERY_S = 60.0
+REGISTER_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterWatch:
+    """The register's last report (None until one was read) and when; the error of the last try if it failed."""
+
+    report: RegisterReport | None = None
+    read_ms: int | None = None
+    error: str | None = None
 
 
 class Housekeeping:
-    def __init__(self, store: Store, config: Callable[[], Config], clock: Clock, stop: asyncio.Event) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Callable[[], Config],
+        clock: Clock,
+        stop: asyncio.Event,
+        upstream: Callable[[], Upstream] | None = None,
+    ) -> None:
         self.store = store
         self._config = config  # the configuration in force (a reload replaces it)
+        self._upstream = upstream  # the upstream in force (a reload may replace it)
+        self.register = RegisterWatch()
+        self._next_register = 0.0
+        self._register_alarms: frozenset[str] = frozenset()
         self._clock = clock
         self._stop = stop
         self._due = asyncio.Event()
@@ -57,6 +82,9 @@ class Housekeeping:
             if now >= self._next_retention:
                 self._next_retention = now + RETENTION_EVERY_S
                 await self.prune()
+            if now >= self._next_register:
+                self._next_register = now + REGISTER_EVERY_S
+                await self.check_register()
         except StorageUnavailable as exc:
             log.warning("housekeeping skipped, storage unavailable: %s", exc)
 
@@ -74,6 +102,28 @@ class Housekeeping:
             log.info("oldest pending receipt age back under the warning threshold")
         self._alarm_level = level
         return level
+
+    async def check_register(self) -> RegisterWatch:
+        """Ask a register upstream for its report (through its single queue); log each alarm when it starts."""
+        upstream = self._upstream() if self._upstream is not None else None
+        if not isinstance(upstream, Register):
+            return self.register
+        try:
+            report = await upstream.report()
+        except (RegisterUnavailable, UpstreamUnavailable) as exc:
+            if self.register.error is None:
+                log.warning("the register's report could not be read: %s", exc)
+            self.register = RegisterWatch(self.register.report, self.register.read_ms, str(exc))
+            return self.register
+        self.register = RegisterWatch(report, now_ms())
+        alarms = register_alarms(report, now_ms())
+        for alarm in alarms:
+            if alarm.text not in self._register_alarms:
+                log.log(logging.ERROR if alarm.critical else logging.WARNING, "register: %s", alarm.text)
+        if self._register_alarms and not alarms:
+            log.info("register: no alarm any more")
+        self._register_alarms = frozenset(a.text for a in alarms)
+        return self.register
 
     async def prune(self) -> int:
         retention_days = self._config().retention_days

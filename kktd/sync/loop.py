@@ -155,7 +155,7 @@ class SyncLoop:
         self._cycle_lock = asyncio.Lock()
         self._intake_commits_seen = store.counters.commits
         self._intake_seen_at = float("-inf")
-        self.housekeeping = Housekeeping(store, lambda: self.config, clock, self._stop)
+        self.housekeeping = Housekeeping(store, lambda: self.config, clock, self._stop, lambda: self.upstream)
 
     # ---- control ----
 

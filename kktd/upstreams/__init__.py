@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from kktd.delivery import DEFAULT_TRAITS, DeliveryTraits
 from kktd.options import Option
 from kktd.seller import Seller
-from kktd.upstreams import atol_v5, kktd_ofd
+from kktd.upstreams import atol_driver, atol_v5, kktd_ofd
 from kktd.upstreams.base import Upstream
 
 # Refuses at intake (kktd.receipt.ReceiptInvalid, a 422) a canonical receipt this upstream is certain to refuse.
@@ -107,6 +107,18 @@ REGISTRY: dict[str, UpstreamSpec] = {
             atol_v5.atol_intake_check,
             intake_codes=atol_v5.INTAKE_CODES,
             mock=MockSpec("mock-atol", "kktd_mocks.atol", "run the mock of ATOL Online v5"),
+        ),
+        UpstreamSpec(
+            atol_driver.NAME,
+            atol_driver.OPTIONS,
+            atol_driver.driver_settings,
+            atol_driver.create,
+            atol_driver.driver_intake_check,
+            # A register prints one receipt at a time (about one a second): one call on the wire, results asked
+            # for often, since each takes the queue's next turn.
+            traits=DeliveryTraits(max_in_flight=1, poll_interval_s=0.2),
+            mock=MockSpec("mock-atol-driver", "kktd_mocks.atol_driver", "run the mock ATOL driver v10 register"),
+            intake_codes=atol_driver.INTAKE_CODES,
         ),
     )
 }

@@ -28,6 +28,7 @@ import aiohttp
 import msgspec
 import yarl
 
+from kktd.credentials import read_secret
 from kktd.delivery import (
     AwaitingResult,
     FailureKind,
@@ -44,7 +45,7 @@ from kktd.delivery import (
     UpstreamUnavailable,
 )
 from kktd.errors import ConfigError
-from kktd.options import CONTROL_CHARS_RE, Option, duration_in, int_in, string
+from kktd.options import Option, duration_in, int_in, string
 from kktd.seller import Seller
 from kktd.upstreams.atol_v5_mapping import (
     ATOL_OPERATIONS,
@@ -194,25 +195,7 @@ def parse_password_file(raw: Any) -> Path:
 
 def read_password(path: Path) -> str:
     """The password in ``path`` (one trailing newline ignored). ValueError never quotes the file's content."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot be read: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: the password is not UTF-8 text") from None
-    text = text[:-1] if text.endswith("\n") else text
-    text = text[:-1] if text.endswith("\r") else text
-    if not text:
-        raise ValueError(f"{path}: the file is empty")
-    if len(text) > 100 or CONTROL_CHARS_RE.search(text):
-        raise ValueError(f"{path}: the password must be one line of at most 100 characters")
-    return text
+    return read_secret(path, "password")
 
 
 OPTIONS: tuple[Option, ...] = (

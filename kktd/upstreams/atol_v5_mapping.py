@@ -10,13 +10,20 @@ What ATOL is certain to refuse (limits of its schema, a receipt without a custom
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
 from kktd.receipt import DEFAULT_MEASURE, ReceiptInvalid
+from kktd.upstreams.ffd import (
+    MEASURE_CODES,
+    JsonNumber,
+    encode_json,
+    kopecks_to_rubles,
+    quantity_milli,
+    quantity_number,
+)
 
 __all__ = [
     "ATOL_OPERATIONS",
@@ -78,46 +85,12 @@ PAYMENT_OBJECT_CODES: Mapping[str, int] = {
 }
 # payments[].type: 0 cash, 1 cashless, 2 prepayment offset, 3 credit (postpayment), 4 other (counter-provision).
 PAYMENT_TYPE_CODES: Mapping[str, int] = {"cash": 0, "electronic": 1, "prepaid": 2, "credit": 3, "other": 4}
-# Tag 2108.
-MEASURE_CODES: Mapping[str, int] = {
-    "piece": 0,
-    "gram": 10,
-    "kilogram": 11,
-    "ton": 12,
-    "centimeter": 20,
-    "decimeter": 21,
-    "meter": 22,
-    "square_centimeter": 30,
-    "square_decimeter": 31,
-    "square_meter": 32,
-    "milliliter": 40,
-    "liter": 41,
-    "cubic_meter": 42,
-    "kilowatt_hour": 50,
-    "gigacalorie": 51,
-    "day": 70,
-    "hour": 71,
-    "minute": 72,
-    "second": 73,
-    "kilobyte": 80,
-    "megabyte": 81,
-    "gigabyte": 82,
-    "terabyte": 83,
-    "other": 255,
-}
-
 # ATOL's limits. price and sum of an item: at most 42,949,672.95 rubles (2**32 - 1 kopecks); the receipt total
 # and each payment: at most 8 digits before the decimal point; quantity: at most 99,999.999.
 MAX_ITEM_KOPECKS = 4_294_967_295
 MAX_TOTAL_KOPECKS = 9_999_999_999
 MAX_QUANTITY_MILLI = 99_999_999
 TIMESTAMP_FORMAT = "%d.%m.%Y %H:%M:%S"
-
-
-class JsonNumber(str):
-    """The exact text of a JSON number (``244.3``), written into the JSON as is (see encode_json)."""
-
-    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,30 +112,6 @@ class Company:
             "cashier_name": self.cashier_name,
             "cashier_inn": self.cashier_inn,
         }
-
-
-def kopecks_to_rubles(kopecks: int) -> JsonNumber:
-    """24430 -> '244.3', 24400 -> '244', 5 -> '0.05': the shortest decimal text equal to kopecks / 100."""
-    if type(kopecks) is not int or kopecks < 0:
-        raise ValueError("an amount must be a non-negative integer number of kopecks")
-    rubles, cents = divmod(kopecks, 100)
-    if cents == 0:
-        return JsonNumber(str(rubles))
-    return JsonNumber(f"{rubles}.{cents:02d}".rstrip("0"))
-
-
-def _quantity_milli(text: str) -> int:
-    whole, _, fraction = text.partition(".")
-    return int(whole) * 1000 + int(fraction.ljust(3, "0"))
-
-
-def quantity_number(text: str) -> JsonNumber:
-    """kktd's normalized quantity ("2.000", "0.250") -> the shortest JSON number text ("2", "0.25")."""
-    milli = _quantity_milli(text)
-    whole, fraction = divmod(milli, 1000)
-    if fraction == 0:
-        return JsonNumber(str(whole))
-    return JsonNumber(f"{whole}.{fraction:03d}".rstrip("0"))
 
 
 def atol_timestamp(accepted_ms: int, tz: tzinfo | None = None) -> str:
@@ -197,7 +146,7 @@ def atol_intake_check(receipt: Mapping[str, Any]) -> None:
                     f"{path}.{name} must be at most {MAX_ITEM_KOPECKS} kopecks (ATOL Online's limit)",
                     f"{path}.{name}",
                 )
-        if _quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
+        if quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
             raise ReceiptInvalid(
                 "quantity_out_of_range",
                 f"{path}.quantity must be at most 99999.999 (ATOL Online's limit)",
@@ -271,31 +220,3 @@ def registration_body(
 ) -> str:
     """The JSON text POSTed to ``{group_code}/{operation}`` (operation: ATOL_OPERATIONS[receipt["operation"]])."""
     return encode_json(registration_document(receipt, external_id, accepted_ms, company, tz))
-
-
-_encode_string = json.JSONEncoder(ensure_ascii=False).encode
-
-
-def encode_json(value: Any) -> str:
-    """Compact JSON text in which a JsonNumber value is written as the number it spells, verbatim.
-
-    Only what registration_document builds is supported: dict, list, str, JsonNumber, int, bool, None.
-    """
-    if isinstance(value, JsonNumber):
-        return str.__str__(value)
-    if isinstance(value, str):
-        return _encode_string(value)
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if type(value) is int:
-        return str(value)
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{_encode_string(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ",".join(encode_json(v) for v in value) + "]"
-    # A float here would be exactly the imprecision this encoder exists to keep out.
-    raise TypeError(f"cannot encode {type(value).__name__} as ATOL JSON")

@@ -8,9 +8,9 @@ sync loop owns those, and records every outcome in the store before it asks for 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
-from kktd.delivery import AwaitingResult, Outgoing, PollOutcome, SubmitOutcome
+from kktd.delivery import AwaitingResult, Outgoing, PollOutcome, RegisterReport, Shift, SubmitOutcome
 
 
 class Upstream(Protocol):
@@ -28,3 +28,18 @@ class Upstream(Protocol):
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]: ...
 
     async def poll(self, awaiting: Sequence[AwaitingResult]) -> list[PollOutcome]: ...
+
+
+@runtime_checkable
+class Register(Protocol):
+    """An upstream that is a fiscal register kktd drives itself (a local device): the operator's shift commands
+    and the register's own state go through the same single queue as the receipts. Other upstreams (a cloud
+    register, an OFD) do not implement it and kktd answers that they have no shift of their own."""
+
+    async def shift(self) -> Shift: ...
+
+    async def open_shift(self) -> Shift: ...
+
+    async def close_shift(self) -> Shift: ...  # the Z report
+
+    async def report(self) -> RegisterReport: ...
