@@ -81,7 +81,7 @@ ctl: $(RUN_STAMP)
 
 # The fast tier a developer runs on every change: lint and format check, types, unit and in-process tests.
 check: $(STAMP) prereqs-test lint typecheck
-	KKTD_FUZZ_QUICK=1 $(VPY) -m pytest -q $(CHECK_PYTEST) $(PYTEST_ARGS)
+	KKTD_FUZZ_QUICK=1 $(VPY) -m pytest -q -n auto $(CHECK_PYTEST) $(PYTEST_ARGS)
 
 # ruff (ruff.toml): lint, then the format check (`.venv/bin/ruff format` applies it).
 lint: $(STAMP)
