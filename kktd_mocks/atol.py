@@ -48,7 +48,6 @@ import logging
 import random
 import re
 import secrets
-import signal
 import socket
 import struct
 import sys
@@ -64,6 +63,7 @@ from aiohttp import web
 
 from kktd.upstreams import EmbeddedMock
 from kktd.upstreams.atol_v5 import AtolSettings
+from kktd_mocks.server import MockServer, parse_listen, serve_until_signalled
 
 __all__ = [
     "Behaviour",
@@ -87,7 +87,6 @@ CORRECTION_OPERATIONS = frozenset(
     {"sell_correction", "buy_correction", "sell_refund_correction", "buy_refund_correction"}
 )
 MAX_REQUEST_BYTES = 1 << 20
-SHUTDOWN_TIMEOUT_S = 1.0
 EX_OK, EX_CONFIG, EX_IOERR = 0, 78, 74
 
 TIMESTAMP_RE = re.compile(r"(0[1-9]|[12]\d|3[01])\.(0[1-9]|1[0-2])\.(19|20)\d\d ([01]\d|2[0-3]):[0-5]\d:[0-5]\d")
@@ -890,44 +889,20 @@ def create_app(state: MockAtolState | None = None) -> web.Application:
 # ---- running it --------------------------------------------------------------------------------------------
 
 
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-class MockAtol:
+class MockAtol(MockServer):
     """A running mock: ``url`` is the protocol's base (``…/possystem/v5``), ``admin_url`` the admin API's."""
 
     def __init__(self, state: MockAtolState, runner: web.AppRunner, site: web.TCPSite, host: str, port: int) -> None:
+        super().__init__(runner, site, host, port)
         self.state = state
-        self._runner = runner
-        self._site: web.TCPSite | None = site
-        self.host = host
-        self.port = port
-
-    async def go_offline(self) -> None:
-        """Close the listening socket: new connections are refused, pooled ones are dropped."""
-        if self._site is None:
-            return
-        site, self._site = self._site, None
-        await site.stop()
-        server = self._runner.server
-        for connection in list(server.connections) if server is not None else ():
-            connection.force_close()
-
-    async def go_online(self) -> None:
-        """Listen on the same port again."""
-        if self._site is None:
-            site = web.TCPSite(self._runner, self.host, self.port)
-            await site.start()
-            self._site = site
 
     @property
     def url(self) -> str:
-        return f"http://{_format_host(self.host)}:{self.port}{PREFIX}"
+        return self.origin + PREFIX
 
     @property
     def admin_url(self) -> str:
-        return f"http://{_format_host(self.host)}:{self.port}/admin"
+        return f"{self.origin}/admin"
 
     def set_behaviour(self, **changes: Any) -> None:
         seed = changes.pop("seed", None)
@@ -941,31 +916,12 @@ class MockAtol:
     def documents(self) -> list[dict[str, Any]]:
         return [d.summary() for d in self.state.documents.values()]
 
-    async def close(self) -> None:
-        await self._runner.cleanup()
-
-    async def __aenter__(self) -> MockAtol:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
 
 async def start_mock_atol(host: str = "127.0.0.1", port: int = 0, **options: Any) -> MockAtol:
     """Start a mock in this event loop (port 0: a free one). ``options``: login, password, group_code, inn,
     seed, clock and any Behaviour field."""
     state = MockAtolState(**options)
-    runner = web.AppRunner(
-        create_app(state), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = int(runner.addresses[0][1]) if port == 0 else port
+    runner, site, bound = await MockServer.serve(create_app(state), host, port)
     mock = MockAtol(state, runner, site, host, bound)
     log.info("mock ATOL Online v5 listening on %s (admin %s)", mock.url, mock.admin_url)
     return mock
@@ -989,34 +945,16 @@ async def start_embedded(settings: AtolSettings) -> EmbeddedMock:
     )
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen address must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
-
-
 async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     mock = await start_mock_atol(host, port, **options)
-    try:
-        print(
-            f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, password {mock.state.password}, "
-            f"group {mock.state.group_code}, INN {mock.state.inn}), admin {mock.admin_url}/stats\n"
-            f"kktd settings for it: atol_url = {mock.url}, atol_login = {mock.state.login}, "
-            f"atol_group_code = {mock.state.group_code}, company_inn = {mock.state.inn}, and a file holding "
-            f"{mock.state.password} as atol_password_file",
-            flush=True,
-        )
-        await stop.wait()
-    finally:
-        await mock.close()
+    banner = (
+        f"mock ATOL Online v5: {mock.url} (login {mock.state.login}, password {mock.state.password}, "
+        f"group {mock.state.group_code}, INN {mock.state.inn}), admin {mock.admin_url}/stats\n"
+        f"kktd settings for it: atol_url = {mock.url}, atol_login = {mock.state.login}, "
+        f"atol_group_code = {mock.state.group_code}, company_inn = {mock.state.inn}, and a file holding "
+        f"{mock.state.password} as atol_password_file"
+    )
+    await serve_until_signalled(mock, banner)
 
 
 def build_parser() -> argparse.ArgumentParser:

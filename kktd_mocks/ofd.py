@@ -56,6 +56,7 @@ from aiohttp import web
 
 from kktd.upstreams import EmbeddedMock
 from kktd.upstreams.kktd_ofd import KktdOfdSettings
+from kktd_mocks.server import parse_listen
 
 __all__ = [
     "MODES",
@@ -874,19 +875,6 @@ async def start_embedded(settings: KktdOfdSettings) -> EmbeddedMock:
     return EmbeddedMock(
         dataclasses.replace(settings, url=str(mock.url)), f"mock OFD on {mock.url} (admin {mock.admin_url})", mock.close
     )
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port); ValueError names what is wrong."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"listen address must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be 0..65535, got {port}")
-    return host, port
 
 
 async def _serve(host: str, port: int, admin: tuple[str, int] | None, db_path: str | None, seed: int | None) -> None:

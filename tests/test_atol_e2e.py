@@ -8,12 +8,9 @@ registered again after "not registered" gets a new external id; a second fiscali
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,8 @@ import pytest
 
 from kktd.receipt import sample_receipt
 from tests.atol_support import MockAtolProcess, fiscalized_once
-from tests.support import KktdProcess, post_many, wait_until
+from tests.e2e_support import counts, get, health, post, wait_all_sent
+from tests.support import KktdProcess, wait_until
 from tests.test_two_phase import make_v1_database
 
 # Starts kktd, a mock or another program as a process: the rest of `make test`, not the fast tier.
@@ -30,7 +28,6 @@ pytestmark = pytest.mark.process
 
 # Quick retries: these tests are about what happens, not about waiting for production back-offs.
 SYNC_FLAGS = ("--sync-interval", "0.2", "--backoff-max", "0.5", "--breaker-reset", "0.5", "--atol-timeout", "3")
-DRAIN_TIMEOUT_S = 90.0
 
 
 def start_kktd(tmp_path: Path, atol_process: MockAtolProcess, kktds: list[KktdProcess], *extra: str) -> KktdProcess:
@@ -46,44 +43,6 @@ def receipts_with_contact(prefix: str, count: int) -> list[dict[str, Any]]:
         body["customer_contact"] = f"buyer{n}@example.ru" if n % 2 else f"+7999{n:07d}"
         bodies.append(body)
     return bodies
-
-
-def post(kktd: KktdProcess, bodies: list[dict[str, Any]]) -> dict[str, str]:
-    """Post the receipts; every one must be acknowledged. Returns idempotency key -> receipt id."""
-    answers = asyncio.run(post_many(kktd.url, bodies, concurrency=8))
-    assert sorted(a.status for a in answers) == [201] * len(bodies), [a for a in answers if a.status != 201][:3]
-    return {a.key: a.body["receipt_id"] for a in answers}
-
-
-def get(kktd: KktdProcess, path: str) -> Any:
-    if kktd.notify is not None:
-        # Read what kktd told "systemd": a full notify queue blocks kktd's sd_notify, and with it kktd.
-        kktd.notify.collect()
-    with urllib.request.urlopen(kktd.url + path, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def health(kktd: KktdProcess) -> Any:
-    try:
-        return get(kktd, "/v1/health")
-    except urllib.error.HTTPError as error:  # 503 answers carry the body too
-        return json.loads(error.read())
-
-
-def counts(kktd: KktdProcess) -> dict[str, int]:
-    return dict(get(kktd, "/v1/kkt/buffer/status")["counts"])
-
-
-def wait_all_sent(kktd: KktdProcess, expected: int, timeout: float = DRAIN_TIMEOUT_S) -> None:
-    def done() -> bool:
-        now = counts(kktd)
-        assert now["failed"] == 0, (now, kktd.log()[-3000:])
-        return now["sent"] == expected and now["pending"] == 0 and now["submitted"] == 0
-
-    try:
-        wait_until(done, timeout, f"{expected} receipts sent", interval=0.1)
-    except AssertionError:
-        raise AssertionError(f"{counts(kktd)}\n{kktd.log()[-4000:]}") from None
 
 
 # The FNS check string's n= (tag 1054), written out here rather than imported from kktd.
