@@ -8,11 +8,13 @@ is included); nothing is sampled, so reading them costs the server nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,19 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from tests.runner import Child, NotifySocket, cpu_seconds, free_port, peak_rss_mb
 
-__all__ = ["BenchError", "Server", "NotifySocket", "cpu_seconds", "free_port", "peak_rss_mb", "http_json"]
+__all__ = [
+    "BenchError",
+    "CpuSplit",
+    "NotifySocket",
+    "Server",
+    "cpu_seconds",
+    "cpu_split",
+    "free_port",
+    "http_json",
+    "peak_rss_mb",
+]
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
@@ -39,6 +52,45 @@ def http_json(url: str, method: str = "GET", timeout_s: float = 5.0) -> tuple[in
     except urllib.error.HTTPError as exc:
         body = exc.read()
         return exc.code, json.loads(body) if body else None
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """A process's CPU seconds by thread and mode: the main thread (kktd's event loop) and every other thread
+    (aiosqlite's), each user and system time, from /proc/PID/task/*/stat."""
+
+    loop_user: float
+    loop_system: float
+    threads_user: float
+    threads_system: float
+
+    def __sub__(self, other: CpuSplit) -> CpuSplit:
+        return CpuSplit(
+            self.loop_user - other.loop_user,
+            self.loop_system - other.loop_system,
+            self.threads_user - other.threads_user,
+            self.threads_system - other.threads_system,
+        )
+
+    @property
+    def total(self) -> float:
+        return self.loop_user + self.loop_system + self.threads_user + self.threads_system
+
+
+def cpu_split(pid: int) -> CpuSplit:
+    """The split of cpu_seconds(pid) by thread (a thread that ended meanwhile drops out of the others)."""
+    loop = [0.0, 0.0]
+    threads = [0.0, 0.0]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended between the listing and the read
+        fields = text[text.rindex(")") + 2 :].split()
+        into = loop if int(task.name) == pid else threads
+        into[0] += int(fields[11]) / CLOCK_TICKS
+        into[1] += int(fields[12]) / CLOCK_TICKS
+    return CpuSplit(loop[0], loop[1], threads[0], threads[1])
 
 
 class Server(Child):

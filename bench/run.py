@@ -3,11 +3,14 @@ restart, memory and intake-while-draining.
 
     .venv/bin/python bench/run.py [--quick] [--rounds N] [--only SECTION]... [--requests N] [--json PATH]
 
-SECTION is intake, sdcard, drain, restart, memory, concurrent, scrape or atol (all eight by default), or
+SECTION is intake, sdcard, drain, restart, memory, concurrent, scrape, atol or register (all nine by default), or
 luacount (only on request: does counting 2xx answers in wrk's Lua response() hook slow wrk down?). sdcard:
 naive vs kktd with every fsync/fdatasync of the server delayed (bench/slowsync.c). scrape: intake with and
 without a Prometheus-style GET /metrics every 100 ms, side by side, and what one scrape costs kktd. atol:
 10,000 pending receipts drained through the ATOL Online v5 mock (`kktd mock-atol`), two HTTP calls each.
+register: 2,000 pending receipts drained to the till's own register through the ATOL driver v10 mock
+(`kktd mock-atol-driver --print-time 0`): kktd's own cost per receipt; then intake at 16 connections while
+that drain runs against intake with the register unreachable, interleaved.
 
 A benchmark, not a test: it prints figures and which targets they meet. Exit status: 0 when it ran to the end
 (targets met or not), 2 when a run lost or invented receipts (database rows != 2xx answers, a drain that did
@@ -18,6 +21,7 @@ every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -37,14 +41,14 @@ from typing import Any
 
 import dataset
 import wrkrun
-from proc import BenchError, NotifySocket, Server, cpu_seconds, free_port, http_json, peak_rss_mb
+from proc import BenchError, NotifySocket, Server, cpu_seconds, cpu_split, free_port, http_json, peak_rss_mb
 
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 ARMS = ("minimal", "bare", "naive", "kktd")
 STORING_ARMS = ("naive", "kktd")
 CONNECTIONS = (1, 16, 64)
-DEFAULT_SECTIONS = ("intake", "sdcard", "drain", "restart", "memory", "concurrent", "scrape", "atol")
+DEFAULT_SECTIONS = ("intake", "sdcard", "drain", "restart", "memory", "concurrent", "scrape", "atol", "register")
 SECTIONS = DEFAULT_SECTIONS + ("luacount",)
 STATUS_POLL_S = 0.05  # drain progress is read this often; one status GET costs kktd well under a millisecond
 SCRAPE_EVERY_S = 0.1  # far more often than any Prometheus (15 s to 1 min): an upper bound on the cost
@@ -75,6 +79,9 @@ class Plan:
     scrape_requests: int
     quick: bool
     atol_pending: int = 10_000
+    register_pending: int = 2000
+    register_drain_rounds: int = 3
+    register_printing_pending: int = 50
 
     @classmethod
     def full(cls) -> Plan:
@@ -114,6 +121,9 @@ class Plan:
             scrape_requests=1000,
             quick=True,
             atol_pending=2000,
+            register_pending=200,
+            register_drain_rounds=1,
+            register_printing_pending=10,
         )
 
 
@@ -614,6 +624,293 @@ def section_atol(ctx: Context) -> None:
     ctx.results["atol"] = result
 
 
+# ---- register: the till's own register (ATOL driver v10's web server) through its mock, print time 0 ----
+
+REGISTER_CONNECTIONS = 16
+REGISTER_PRINT_TIME_S = 0.2  # the mock's default; a real register takes about a second
+REGISTER_RECEIPT_TASKS = frozenset({"sell", "sellReturn", "buy", "buyReturn"})
+STATUS_COST_SAMPLES = 100  # status GETs on the idle daemon that price the harness's own drain polling
+
+
+def mock_register(ctx: Context, label: str, print_time_s: float = 0.0) -> Server:
+    """`kktd mock-atol-driver` as its own process, by default printing in no time: what is left is kktd's own
+    cost, the mock's and the HTTP between them. Its base URL serves the protocol (/api/v2) and the admin API
+    (/admin)."""
+    port = free_port()
+    argv = [
+        str(VENV_BIN / "kktd"),
+        "mock-atol-driver",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--print-time",
+        f"{print_time_s:g}",
+        "--log-level",
+        "warning",
+    ]
+    log = ctx.path(f"mock-register-{label}.log")
+    return Server("mock-atol-driver", argv, f"http://127.0.0.1:{port}", log, env=server_env())
+
+
+def register_flags(url: str) -> list[str]:
+    return ["--upstream", "atol-driver", "--atol-driver-url", url]
+
+
+def status_counts(server: Server) -> dict[str, int]:
+    status, body = http_json(server.base_url + "/v1/kkt/buffer/status")
+    if status != 200:
+        raise BenchError(f"{server.name}: GET /v1/kkt/buffer/status answered {status}: {body}")
+    return {key: int(value) for key, value in body["counts"].items()}
+
+
+def status_counts_in(db: Path) -> dict[str, int]:
+    """The receipts by status in a stopped kktd's database (exact: nothing moves any more)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {str(s): int(n) for s, n in conn.execute("SELECT status, count(*) FROM receipts GROUP BY status")}
+    finally:
+        conn.close()
+
+
+def register_receipts(mock: Server) -> tuple[int, int]:
+    """The mock register's fiscal documents that are receipts (a shift opening is a document too): how many,
+    and how many distinct task uuids among them (fewer would be a receipt fiscalized twice)."""
+    status, body = http_json(mock.base_url + "/admin/documents", timeout_s=30.0)
+    if status != 200:
+        raise BenchError(f"mock-atol-driver: GET /admin/documents answered {status}")
+    receipts = [d for d in body["documents"] if d["type"] in REGISTER_RECEIPT_TASKS]
+    return len(receipts), len({d["uuid"] for d in receipts})
+
+
+def register_drain_once(ctx: Context, source: Path, label: str, print_time_s: float = 0.0) -> dict[str, Any]:
+    """kktd on a copy of the pending database with the mock register up: from the first status read until
+    nothing is pending or awaiting its result; kktd's CPU and the mock's over that span, separately."""
+    db = ctx.path(f"register-{label}.db")
+    dataset.copy_to(source, db)
+    total = count_rows(db)
+    mock = mock_register(ctx, label, print_time_s)
+    kktd = kktd_server(ctx, "kktd-register", db, extra=register_flags(mock.base_url))
+    with mock:
+        mock.wait_ready("/admin/stats")
+        with kktd:
+            ready_s = kktd.wait_ready()
+            # The sync loop starts before the server answers: time from the first status read and count what
+            # was undelivered then, like the other drains.
+            first_at = time.monotonic()
+            kktd_before, mock_before = cpu_split(kktd.pid), cpu_seconds(mock.pid)
+            at_first = undelivered_of(kktd)
+            polls = 1
+            deadline = first_at + 600
+            while undelivered_of(kktd) > 0:
+                polls += 1
+                if time.monotonic() > deadline:
+                    raise BenchError(f"kktd did not drain to the register within 600s; log: {kktd.log_path}")
+                time.sleep(STATUS_POLL_S)  # polling interval of a deadline-bounded wait
+            drained_s = time.monotonic() - first_at
+            split, mock_cpu = cpu_split(kktd.pid) - kktd_before, cpu_seconds(mock.pid) - mock_before
+            # What the harness's own status reads cost kktd: the same GET on the drained, idle daemon.
+            idle_before = cpu_seconds(kktd.pid)
+            for _ in range(STATUS_COST_SAMPLES):
+                status_counts(kktd)
+            status_cpu_ms = 1000 * (cpu_seconds(kktd.pid) - idle_before) / STATUS_COST_SAMPLES
+            counts = status_counts(kktd)
+            rss = peak_rss_mb(kktd.pid)
+            _, stats = http_json(mock.base_url + "/admin/stats")
+            documents, unique = register_receipts(mock)
+    remove_db(db)
+    where = f"register drain {label}"
+    ctx.check(
+        counts["sent"] == total and counts["failed"] == 0,
+        f"{where}: kktd marked {counts['sent']} of {total} sent, {counts['failed']} dead letters",
+    )
+    ctx.check(documents == total, f"{where}: the register holds {documents} receipts for {total}")
+    ctx.check(unique == documents, f"{where}: {documents - unique} receipts fiscalized twice")
+    done = at_first or 1
+    polls_cpu_ms = polls * status_cpu_ms
+    kktd_cpu = split.total
+    return {
+        "receipts": total,
+        "print_time_s": print_time_s,
+        "undelivered_at_first_status": at_first,
+        "ready_s": ready_s,
+        "drain_s": drained_s,
+        "receipts_per_s": at_first / drained_s,
+        "kktd_cpu_s": kktd_cpu,
+        "kktd_cpu_ms_per_1000": 1e6 * kktd_cpu / done,
+        "kktd_cpu_share": kktd_cpu / drained_s,
+        # Where kktd's CPU goes: its event loop (the main thread) in user and kernel mode (HTTP, polling),
+        # and the other threads: aiosqlite's (SQLite, the commits), and any of the default executor.
+        "kktd_cpu_ms_per_1000_by_thread": {
+            "loop_user": 1e6 * split.loop_user / done,
+            "loop_system": 1e6 * split.loop_system / done,
+            "other_threads": 1e6 * (split.threads_user + split.threads_system) / done,
+        },
+        "mock_cpu_s": mock_cpu,
+        "mock_cpu_ms_per_1000": 1e6 * mock_cpu / done,
+        "mock_cpu_share": mock_cpu / drained_s,
+        "status_polls": polls,
+        "status_get_cpu_ms": status_cpu_ms,
+        "status_polls_cpu_ms_per_1000": 1000 * polls_cpu_ms / done,
+        "register_receipts": documents,
+        "register_unique_uuids": unique,
+        "register_documents": int(stats["documents"]),
+        "posts": int(stats["posts"]),
+        "duplicate_posts": int(stats["duplicate_posts"]),
+        "gets": int(stats["gets"]),
+        "requests_per_receipt": (int(stats["posts"]) + int(stats["gets"])) / total,
+        "gets_per_receipt": int(stats["gets"]) / total,
+        "peak_rss_mb": rss,
+    }
+
+
+def register_intake_once(ctx: Context, source: Path, draining: bool, requests: int, label: str) -> dict[str, Any]:
+    """Intake at 16 connections into a copy of the pending database, with the register unreachable (alone:
+    nothing drains) or the mock register up (the backlog drains meanwhile). The draining kktd is stopped
+    right after the load, mid-drain: what it sent must be on the register once, and no more than it had on
+    the wire."""
+    db = ctx.path(f"register-intake-{label}.db")
+    dataset.copy_to(source, db)
+    rows_before = count_rows(db)
+    mock = mock_register(ctx, label) if draining else None
+    url = mock.base_url if mock is not None else f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    kktd = kktd_server(ctx, "kktd-register", db, extra=register_flags(url))
+    extra: dict[str, Any] = {}
+    with mock if mock is not None else contextlib.nullcontext():
+        if mock is not None:
+            mock.wait_ready("/admin/stats")
+        with kktd:
+            kktd.wait_ready()
+            before = status_counts(kktd)
+            cpu_before = cpu_seconds(kktd.pid)
+            result = wrkrun.run(kktd.base_url + "/v1/kkt/receipt", REGISTER_CONNECTIONS, requests)
+            cpu = cpu_seconds(kktd.pid) - cpu_before
+            after = status_counts(kktd)
+            kktd.stop()
+        if mock is not None:
+            documents, unique = register_receipts(mock)
+            extra = {"register_receipts": documents, "register_unique_uuids": unique}
+    rows = count_rows(db)
+    where = f"register intake {label}"
+    ctx.check(result.finished, f"{where}: wrk stopped by its time cap, not its request count")
+    ctx.check(result.ok2xx == result.completed, f"{where}: {result.completed - result.ok2xx} non-2xx {result.errors}")
+    ctx.check(rows == rows_before + result.ok2xx, f"{where}: {rows - rows_before} rows added, {result.ok2xx} 2xx")
+    by_status = status_counts_in(db)
+    sent, submitted = by_status.get("sent", 0), by_status.get("submitted", 0)
+    if mock is not None:
+        documents, unique = extra["register_receipts"], extra["register_unique_uuids"]
+        ctx.check(unique == documents, f"{where}: {documents - unique} receipts fiscalized twice")
+        # Every sent receipt is on the register; besides them only those registered (awaiting their result)
+        # and at most the one call on the wire when kktd stopped (max_in_flight 1).
+        ctx.check(
+            sent <= documents <= sent + submitted + 1,
+            f"{where}: the register holds {documents} receipts, kktd has {sent} sent and {submitted} awaiting",
+        )
+    else:
+        ctx.check(sent == 0, f"{where}: {sent} receipts sent with the register unreachable")
+    remove_db(db)
+    undelivered_after = after["pending"] + after["submitted"]
+    row = {
+        "draining": draining,
+        **result.as_dict(),
+        "kktd_cpu_s": cpu,
+        "kktd_cpu_ms_per_1000": 1e6 * cpu / result.completed if result.completed else 0.0,
+        "sent_during_load": after["sent"] - before["sent"],
+        "undelivered_at_load_end": undelivered_after,
+        "sent_at_stop": sent,
+        **extra,
+    }
+    if draining:
+        # The comparison is only fair if the drain was still running when the last receipt was answered.
+        row["overlap"] = "yes" if undelivered_after > result.ok2xx else "NO"
+        # What the register printed meanwhile (and in the moment to the stop): the drain's share of the loop.
+        # kktd marks them sent only once it asks for their results, after the pending ones are all registered.
+        row["printed_per_s_during_load"] = row["register_receipts"] / result.seconds if result.seconds else 0.0
+    return row
+
+
+def section_register(ctx: Context) -> None:
+    reproduce(f"--only register --rounds {ctx.plan.rounds}" + (" --quick" if ctx.plan.quick else ""))
+    source = prepared(ctx, ctx.plan.register_pending, 0)
+    drains = []
+    for round_no in range(1, ctx.plan.register_drain_rounds + 1):
+        d = register_drain_once(ctx, source, f"drain-{round_no}")
+        d["round"] = round_no
+        drains.append(d)
+        t = d["kktd_cpu_ms_per_1000_by_thread"]
+        print(
+            f"  drain {round_no}: {d['undelivered_at_first_status']} receipts to the register in {d['drain_s']:.2f}s "
+            f"= {d['receipts_per_s']:.0f}/s; kktd cpu {d['kktd_cpu_ms_per_1000']:.0f} ms/1k "
+            f"({100 * d['kktd_cpu_share']:.0f} % of a core: event loop {t['loop_user']:.0f} user + "
+            f"{t['loop_system']:.0f} system, other threads (aiosqlite) {t['other_threads']:.0f}; "
+            "the harness's status reads "
+            f"{d['status_polls_cpu_ms_per_1000']:.0f} of it), mock cpu {d['mock_cpu_ms_per_1000']:.0f} ms/1k "
+            f"({100 * d['mock_cpu_share']:.0f} %); {d['posts']} POST + {d['gets']} GET "
+            f"= {d['requests_per_receipt']:.2f} per receipt; register receipts {d['register_receipts']} "
+            f"({d['register_unique_uuids']} distinct)",
+            flush=True,
+        )
+    # A register that takes time to print: kktd asks for the result of every registered receipt every
+    # poll interval until it is printed, so the GETs per receipt grow with the backlog (not a target; tracked).
+    printing = register_drain_once(
+        ctx, prepared(ctx, ctx.plan.register_printing_pending, 0), "printing", REGISTER_PRINT_TIME_S
+    )
+    print(
+        f"  printing {REGISTER_PRINT_TIME_S:g} s per receipt: {printing['receipts']} receipts in "
+        f"{printing['drain_s']:.1f}s = {printing['receipts_per_s']:.1f}/s; {printing['gets']} GET = "
+        f"{printing['gets_per_receipt']:.1f} per receipt; kktd cpu {printing['kktd_cpu_ms_per_1000'] / 1000:.1f} ms "
+        f"per receipt ({100 * printing['kktd_cpu_share']:.0f} % of a core; the harness's status reads "
+        f"{printing['status_polls_cpu_ms_per_1000'] / 1000:.1f} of it), mock "
+        f"{printing['mock_cpu_ms_per_1000'] / 1000:.1f} ms",
+        flush=True,
+    )
+    requests = ctx.plan.intake_requests[REGISTER_CONNECTIONS]
+    runs = []
+    for round_no in range(1, ctx.plan.rounds + 1):
+        for draining in (False, True):  # alone, draining, alone, draining...
+            row = register_intake_once(ctx, source, draining, requests, f"r{round_no}-{int(draining)}")
+            row["round"] = round_no
+            runs.append(row)
+            extra = (
+                f"; the register printed {row['printed_per_s_during_load']:.0f}/s meanwhile "
+                f"({row['register_receipts']}, {row['sent_at_stop']} of them marked sent), drain still running "
+                f"at the end: {row['overlap']}"
+                if draining
+                else ""
+            )
+            print(
+                f"  round {round_no} c{REGISTER_CONNECTIONS} {'draining' if draining else 'alone':<8} "
+                f"{row['receipts_per_s']:8.0f}/s  p50 {ms(row['latency_us']['p50']):6.2f} ms  "
+                f"p99 {ms(row['latency_us']['p99']):7.2f} ms  cpu {row['kktd_cpu_ms_per_1000']:4.0f} ms/1k{extra}",
+                flush=True,
+            )
+    alone = [r for r in runs if not r["draining"]]
+    busy = [r for r in runs if r["draining"]]
+    result: dict[str, Any] = {
+        "pending": ctx.plan.register_pending,
+        "drains": drains,
+        "receipts_per_s": median(d["receipts_per_s"] for d in drains),
+        "kktd_cpu_ms_per_1000": median(d["kktd_cpu_ms_per_1000"] for d in drains),
+        "mock_cpu_ms_per_1000": median(d["mock_cpu_ms_per_1000"] for d in drains),
+        "kktd_cpu_share": median(d["kktd_cpu_share"] for d in drains),
+        "kktd_cpu_ms_per_1000_by_thread": {
+            key: median(d["kktd_cpu_ms_per_1000_by_thread"][key] for d in drains)
+            for key in ("loop_user", "loop_system", "other_threads")
+        },
+        "mock_cpu_share": median(d["mock_cpu_share"] for d in drains),
+        "status_polls_cpu_ms_per_1000": median(d["status_polls_cpu_ms_per_1000"] for d in drains),
+        "requests_per_receipt": median(d["requests_per_receipt"] for d in drains),
+        "printing": printing,
+        "intake_runs": runs,
+        "alone_receipts_per_s": median(r["receipts_per_s"] for r in alone),
+        "draining_receipts_per_s": median(r["receipts_per_s"] for r in busy),
+        "alone_p99_ms": median(ms(r["latency_us"]["p99"]) for r in alone),
+        "draining_p99_ms": median(ms(r["latency_us"]["p99"]) for r in busy),
+        "printed_per_s_during_load": median(r["printed_per_s_during_load"] for r in busy),
+        "overlap_every_round": all(r["overlap"] == "yes" for r in busy),
+    }
+    result["intake_ratio"] = result["draining_receipts_per_s"] / result["alone_receipts_per_s"]
+    ctx.results["register"] = result
+
+
 # ---- restart: READY with 1,000,000 rows ----
 
 
@@ -981,6 +1278,14 @@ TARGETS = (
     Target("intake while draining >= 0.8 x alone", "concurrent", lambda r: r["ratio"], lambda x: x >= 0.8),
     Target("intake scraped every 100 ms >= 0.95 x alone", "scrape", lambda r: r["ratio"], lambda x: x >= 0.95),
     Target("drain through ATOL >= 500 receipts/s", "atol", lambda r: r["receipts_per_s"], lambda x: x >= 500),
+    # the till's own register (ATOL driver v10) through its mock, print time 0: kktd never the slower side
+    Target("drain to the register >= 200 receipts/s", "register", lambda r: r["receipts_per_s"], lambda x: x >= 200),
+    Target(
+        "c16 intake draining to the register >= 0.9 x alone",
+        "register",
+        lambda r: r["intake_ratio"],
+        lambda x: x >= 0.9,
+    ),
 )
 
 
@@ -1014,6 +1319,30 @@ def report(ctx: Context) -> None:
         print(
             f"drain through ATOL: {a['undelivered_at_first_status']} receipts in {a['drain_s']:.2f}s "
             f"= {a['receipts_per_s']:.0f}/s; kktd cpu {a['kktd_cpu_ms_per_1000']:.0f} ms per 1,000"
+        )
+    if "register" in results:
+        g = results["register"]
+        t = g["kktd_cpu_ms_per_1000_by_thread"]
+        print(
+            f"drain to the register (ATOL driver mock, print time 0): {g['pending']} receipts at "
+            f"{g['receipts_per_s']:.0f}/s; kktd cpu {g['kktd_cpu_ms_per_1000']:.0f} ms per 1,000 "
+            f"({100 * g['kktd_cpu_share']:.0f} % of a core; event loop {t['loop_user']:.0f} user + "
+            f"{t['loop_system']:.0f} system, other threads (aiosqlite) {t['other_threads']:.0f}), "
+            f"mock cpu {g['mock_cpu_ms_per_1000']:.0f} ms per 1,000 "
+            f"({100 * g['mock_cpu_share']:.0f} %); {g['requests_per_receipt']:.2f} HTTP requests per receipt"
+        )
+        print(
+            f"intake c{REGISTER_CONNECTIONS} while draining to the register: {g['draining_receipts_per_s']:.0f}/s "
+            f"(p99 {g['draining_p99_ms']:.2f} ms) vs alone {g['alone_receipts_per_s']:.0f}/s "
+            f"(p99 {g['alone_p99_ms']:.2f} ms) = {g['intake_ratio']:.2f}; the register printed "
+            f"{g['printed_per_s_during_load']:.0f}/s meanwhile, the drain still running at every load's end: "
+            f"{'yes' if g['overlap_every_round'] else 'NO'}"
+        )
+        p = g["printing"]
+        print(
+            f"to a register printing {p['print_time_s']:g} s per receipt, {p['receipts']} pending: "
+            f"{p['gets_per_receipt']:.1f} GET per receipt, kktd cpu {p['kktd_cpu_ms_per_1000'] / 1000:.1f} ms "
+            f"per receipt"
         )
     if "restart" in results:
         r = results["restart"]
@@ -1114,7 +1443,9 @@ def loadavg() -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="kktd benchmark (see docs/performance.md)")
     parser.add_argument("--quick", action="store_true", help="one round, small counts and databases: a smoke run")
-    parser.add_argument("--rounds", type=int, help="intake and luacount rounds (default 5, --quick 1)")
+    parser.add_argument(
+        "--rounds", type=int, help="intake, scrape, register intake and luacount rounds (default 5, --quick 1)"
+    )
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     parser.add_argument("--requests", type=int, help="receipts per intake run, at every concurrency")
     parser.add_argument("--json", type=Path, help="also write every figure as JSON to this path")
@@ -1147,6 +1478,7 @@ SECTION_RUNNERS: dict[str, Callable[[Context], None]] = {
     "concurrent": section_concurrent,
     "scrape": section_scrape,
     "atol": section_atol,
+    "register": section_register,
     "luacount": section_luacount,
 }
 

@@ -69,7 +69,10 @@ def main(argv: Sequence[str] | None = None, extension: Extension | None = None) 
             print(f"kktd: configuration error: {problem}", file=sys.stderr)
         return EX_CONFIG
     if args.command == "check-config":
-        print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
+        try:
+            print(json.dumps(config.describe(), indent=2, ensure_ascii=False))
+        except BrokenPipeError:  # `kktd check-config | head`: the reader went away, the config is valid
+            sys.stderr.close()
         return EX_OK
     logs.setup(config.log_level)
     return serve(config, extension, reloader=lambda: config_module.load(args))

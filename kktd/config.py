@@ -182,8 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for option in OPTIONS:
         if option.parse is boolean:
+            # --x / --no-x: an option that defaults to true must be switchable off by a flag too.
             parser.add_argument(
-                option.flag, dest=option.key, action="store_const", const=True, default=unset, help=option.help
+                option.flag, dest=option.key, action=argparse.BooleanOptionalAction, default=unset, help=option.help
             )
         else:
             parser.add_argument(option.flag, dest=option.key, default=unset, help=option.help)

@@ -113,7 +113,6 @@ import json
 import logging
 import re
 import secrets
-import signal
 import socket
 import struct
 import sys
@@ -128,6 +127,7 @@ from typing import Any
 from aiohttp import web
 
 from kktd.upstreams import EmbeddedMock
+from kktd_mocks.server import MockServer, parse_listen, serve_until_signalled
 
 __all__ = [
     "Behaviour",
@@ -153,7 +153,6 @@ FN_NUMBER = "9999078900004312"
 REGISTRATION_NUMBER = "0000000001002292"
 FNS_URL = "www.nalog.gov.ru"
 MAX_REQUEST_BYTES = 1 << 20
-SHUTDOWN_TIMEOUT_S = 1.0
 SHIFT_LENGTH_S = 24 * 3600.0
 OFD_TIMEOUT_S = 30 * 86400.0
 FN_REPLACEMENT_WARNING_S = 30 * 86400.0
@@ -1517,41 +1516,17 @@ def create_app(state: RegisterState | None = None) -> web.Application:
 # ---- running it --------------------------------------------------------------------------------------------
 
 
-def _format_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-class MockRegister:
+class MockRegister(MockServer):
     """A running mock: ``url`` is the web server's base (``http://HOST:PORT``, kktd appends ``/api/v2``),
     ``api_url`` that with ``/api/v2``, ``admin_url`` the admin API's; ``state`` the register itself."""
 
     def __init__(self, state: RegisterState, runner: web.AppRunner, site: web.TCPSite, host: str, port: int) -> None:
+        super().__init__(runner, site, host, port)
         self.state = state
-        self._runner = runner
-        self._site: web.TCPSite | None = site
-        self.host = host
-        self.port = port
-
-    async def go_offline(self) -> None:
-        """Close the listening socket: new connections are refused, pooled ones are dropped."""
-        if self._site is None:
-            return
-        site, self._site = self._site, None
-        await site.stop()
-        server = self._runner.server
-        for connection in list(server.connections) if server is not None else ():
-            connection.force_close()
-
-    async def go_online(self) -> None:
-        """Listen on the same port again."""
-        if self._site is None:
-            site = web.TCPSite(self._runner, self.host, self.port)
-            await site.start()
-            self._site = site
 
     @property
     def url(self) -> str:
-        return f"http://{_format_host(self.host)}:{self.port}"
+        return self.origin
 
     @property
     def api_url(self) -> str:
@@ -1574,32 +1549,13 @@ class MockRegister:
     def stats(self) -> dict[str, Any]:
         return self.state.stats()
 
-    async def close(self) -> None:
-        await self._runner.cleanup()
-
-    async def __aenter__(self) -> MockRegister:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
 
 async def start_mock_register(host: str = "127.0.0.1", port: int = 0, **options: Any) -> MockRegister:
     """Start a mock in this event loop (port 0: a free one). ``options``: login and password (HTTP Basic on
     the protocol routes), clock (epoch seconds, the register's clock before /admin/clock moves it) and any
     Behaviour field."""
     state = RegisterState(**options)
-    runner = web.AppRunner(
-        create_app(state), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    bound = int(runner.addresses[0][1]) if port == 0 else port
+    runner, site, bound = await MockServer.serve(create_app(state), host, port)
     mock = MockRegister(state, runner, site, host, bound)
     log.info("mock ATOL driver v10 register listening on %s (admin %s)", mock.url, mock.admin_url)
     return mock
@@ -1619,38 +1575,20 @@ async def start_embedded(settings: Any) -> EmbeddedMock:
     )
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """'HOST:PORT' or '[V6HOST]:PORT' -> (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen address must be HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
-
-
 async def _serve(host: str, port: int, options: dict[str, Any]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     mock = await start_mock_register(host, port, **options)
-    try:
-        auth = ""
-        if mock.state.login is not None:
-            auth = (
-                f"\nHTTP Basic: login {mock.state.login}, password {mock.state.password} "
-                f'(atol_driver_login = "{mock.state.login}" and a file holding the password as '
-                "atol_driver_password_file)"
-            )
-        print(
-            f"mock ATOL driver v10 register: {mock.api_url}, admin {mock.admin_url}/stats\n"
-            f'kktd settings for it: upstream = "atol-driver", atol_driver_url = "{mock.url}"{auth}',
-            flush=True,
+    auth = ""
+    if mock.state.login is not None:
+        auth = (
+            f"\nHTTP Basic: login {mock.state.login}, password {mock.state.password} "
+            f'(atol_driver_login = "{mock.state.login}" and a file holding the password as '
+            "atol_driver_password_file)"
         )
-        await stop.wait()
-    finally:
-        await mock.close()
+    banner = (
+        f"mock ATOL driver v10 register: {mock.api_url}, admin {mock.admin_url}/stats\n"
+        f'kktd settings for it: upstream = "atol-driver", atol_driver_url = "{mock.url}"{auth}'
+    )
+    await serve_until_signalled(mock, banner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1662,6 +1600,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-time", type=float, default=0.2, help="seconds a fiscal document takes (0.2)")
     parser.add_argument("--login", default=None, help="require HTTP Basic with this login (and --password)")
     parser.add_argument("--password", default=None, help="the password of --login (a mock's)")
+    parser.add_argument(
+        "--clock-offset",
+        type=float,
+        default=0.0,
+        help="seconds added to the register's clock at start, negative for the past (its documents dated then)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 
@@ -1678,6 +1622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (args.login is None) != (args.password is None):
             raise ValueError("--login and --password go together")
         options: dict[str, Any] = {"print_time_s": args.print_time}
+        if args.clock_offset:
+            offset = args.clock_offset
+            options["clock"] = lambda: time.time() + offset
         if args.login is not None:
             options.update(login=args.login, password=args.password)
         Behaviour().update({"print_time_s": args.print_time})

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kktd import receipt as receipt_module
@@ -25,6 +25,7 @@ from kktd.upstreams.atol_driver_mapping import (
 )
 from kktd_mocks.atol_driver import Refusal
 from kktd_mocks.atol_driver import validate_receipt as register_accepts
+from tests.fuzzing import fuzz_settings
 
 texts = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cf", "Zl", "Zp")), min_size=1, max_size=128).filter(
     str.strip
@@ -82,7 +83,7 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(value)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(receipts())
 def test_every_stored_receipt_maps_to_a_task_the_register_accepts_exact_to_the_kopeck(raw: dict[str, Any]) -> None:
     try:

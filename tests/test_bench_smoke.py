@@ -121,3 +121,18 @@ def test_scrape_section_runs_and_scrapes(tmp_path: Path, wrk: str) -> None:
     scraped = next(r for r in runs if r["scraped"])
     assert scraped["scrapes"] > 0 and scraped["scrape_bytes"] > 0
     assert all(r["ok2xx"] == r["completed"] for r in runs)
+
+
+def test_register_section_runs_and_prints_each_receipt_once(tmp_path: Path, wrk: str) -> None:
+    """`bench/run.py --only register`: every drain fiscalizes each receipt once on the mock register, and both
+    intake arms complete with rows = 2xx (the section's own checks, else integrity_failures)."""
+    out = tmp_path / "register.json"
+    argv = [sys.executable, str(RUN), "--quick", "--only", "register", "--requests", str(REQUESTS), "--json", str(out)]
+    results = run_bench(argv, out)
+    assert results["integrity_failures"] == []
+    register = results["register"]
+    for drain in [*register["drains"], register["printing"]]:
+        assert drain["register_receipts"] == drain["register_unique_uuids"] == drain["receipts"], drain
+    runs = register["intake_runs"]
+    assert sorted(r["draining"] for r in runs) == [False, True]
+    assert all(r["finished"] and r["ok2xx"] == r["completed"] == REQUESTS for r in runs)

@@ -13,15 +13,16 @@ from typing import Any
 
 import pytest
 
+from kktd.delivery import RegisterReport, Shift, ShiftState
 from kktd.metrics import Metrics, ReceiptOutcome, RequestOutcome, StateSnapshot
-from kktd.states import BreakerState
+from kktd.states import FN_EXPIRY_WARN_S, REGISTER_BACKLOG_CRITICAL_S, REGISTER_BACKLOG_WARN_S, BreakerState
 from tests.support import REPO, require
 
 MONITORING = REPO / "packaging" / "monitoring"
 ALERTS = MONITORING / "kktd-alerts.yml"
 ALERT_TESTS = MONITORING / "kktd-alerts.test.yml"
 DASHBOARD = MONITORING / "kktd-dashboard.json"
-ROWS = ["Intake", "Buffer", "Upstream", "Process"]
+ROWS = ["Intake", "Buffer", "Upstream", "Register", "Process"]
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # What Grafana puts in place of its variables when the dashboard shows every terminal.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".*", "$instance": ".*"}
@@ -255,6 +256,15 @@ def exported_sample_names(tmp_path: Path) -> set[str]:
             60.0,
             120.0,
             "test",
+            # A register upstream's report: the kktd_register_* gauges are exported only with one.
+            register=RegisterReport(
+                shift=Shift(ShiftState.OPEN, 12),
+                unsent_documents=3,
+                oldest_unsent_ms=1_799_999_000_000,
+                fn_valid_until_ms=1_830_000_000_000,
+                paper_present=True,
+                cover_open=False,
+            ),
         )
     )
     families = text_string_to_metric_families(metrics.exposition().decode())
@@ -279,3 +289,67 @@ def test_every_metric_used_is_exported_by_kktd(tmp_path: Path, source: str) -> N
     exported = exported_sample_names(tmp_path) | {"up"}  # `up` is Prometheus's own
     missing = sorted(used - exported)
     assert not missing, f"{source} uses metrics kktd does not export: {missing}"
+
+
+# ---- a register upstream's alerts and panels ----
+
+
+def alert_rules() -> list[tuple[str, str, str]]:
+    """(name, severity, expr) of each rule, in the file's order."""
+    rules = []
+    for rule in ALERTS.read_text().split("- alert:")[1:]:
+        expr = re.search(r"^\s+expr:\s*(.+)$", rule, re.M)
+        severity = re.search(r"severity:\s*(\w+)", rule)
+        assert expr and severity, rule
+        rules.append((rule.split()[0], severity.group(1), expr.group(1).strip()))
+    return rules
+
+
+def days(text: str) -> int:
+    """The threshold `N * 86400` of an expression, in seconds."""
+    found = re.findall(r"\b(\d+) \* 86400\b", text)
+    assert len(found) == 1, text
+    return int(found[0]) * 86400
+
+
+def test_the_register_alerts_fire_where_health_does() -> None:
+    """The register's alerts use health's thresholds (kktd/states.py register_alarms): backlog warning and
+    critical, FN expiring (warning) and expired (critical), no paper; and a shift left expired."""
+    rules = {(name, severity): expr for name, severity, expr in alert_rules() if name.startswith("KktdRegister")}
+    assert set(rules) == {
+        ("KktdRegisterOfdBacklog", "warning"),
+        ("KktdRegisterOfdBacklogCritical", "critical"),
+        ("KktdRegisterFnExpiring", "warning"),
+        ("KktdRegisterFnExpiring", "critical"),
+        ("KktdRegisterNoPaper", "warning"),
+        ("KktdRegisterShiftExpired", "warning"),
+    }
+    backlog = rules[("KktdRegisterOfdBacklog", "warning")]
+    assert backlog.startswith("kktd_register_oldest_unsent_age_seconds >= ")
+    assert days(backlog) == REGISTER_BACKLOG_WARN_S
+    critical = rules[("KktdRegisterOfdBacklogCritical", "critical")]
+    assert critical.startswith("kktd_register_oldest_unsent_age_seconds >= ")
+    assert days(critical) == REGISTER_BACKLOG_CRITICAL_S
+    expiring = rules[("KktdRegisterFnExpiring", "warning")]
+    assert expiring.startswith("kktd_register_fn_valid_until_timestamp_seconds - time() < ")
+    assert days(expiring) == FN_EXPIRY_WARN_S
+    # Expired is health's error: the time left is 0 or less.
+    assert rules[("KktdRegisterFnExpiring", "critical")] == (
+        "time() - kktd_register_fn_valid_until_timestamp_seconds >= 0"
+    )
+    assert rules[("KktdRegisterNoPaper", "warning")] == "kktd_register_paper_present == 0"
+
+
+def test_the_register_row_shows_every_register_gauge(tmp_path: Path) -> None:
+    board = dashboard()
+    panels = board["panels"]
+    start = next(i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Register")
+    end = next(i for i, p in enumerate(panels) if i > start and p["type"] == "row")
+    shown = " ".join(t["expr"] for p in panels[start + 1 : end] for t in p["targets"])
+    exported = {name for name in exported_sample_names(tmp_path) if name.startswith("kktd_register_")}
+    assert len(exported) == 5, exported
+    assert sorted(name for name in exported if name not in shown) == []
+    # The thresholds drawn on the backlog panel are the alerts' (3 and 25 days).
+    [oldest] = [p for p in panels[start + 1 : end] if "kktd_register_oldest_unsent_age_seconds" in str(p["targets"])]
+    steps = [s["value"] for s in oldest["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [None, REGISTER_BACKLOG_WARN_S, REGISTER_BACKLOG_CRITICAL_S]

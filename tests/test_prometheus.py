@@ -2,9 +2,11 @@
 second) scrapes loaded kktds: every dashboard expression and every alert expression returns data through
 its query API, and Prometheus loads the shipped rules and evaluates them.
 
-Three targets make every alert's condition true somewhere: `healthy` delivers to a mock OFD that refuses
+Five targets make every alert's condition true somewhere: `healthy` delivers to a mock OFD that refuses
 one till's receipts (dead letters), `stuck` has its upstream down (breaker open, pending past tiny alarm
-ages, a full buffer) and its database on a nearly full tmpfs, and `gone` is a port nobody listens on.
+ages, a full buffer) and its database on a nearly full tmpfs, `gone` is a port nobody listens on, and two
+tills on a simulated local register: `worn` (its register's clock 26 days back, its OFD unreachable, its FN
+expired, no paper, the shift past 24 hours with auto shift off) and `aging` (its FN expiring in 10 days).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.register_support import MockRegisterProcess
 from tests.support import (
     KktdProcess,
     MockOfdProcess,
@@ -138,8 +141,57 @@ def fill(mount_point: Path, leave_bytes: int) -> None:
         ballast.write(b"\0" * max(0, free - leave_bytes))
 
 
+@pytest.fixture
+def registers(tmp_path: Path) -> Iterator[list[MockRegisterProcess]]:
+    started: list[MockRegisterProcess] = []
+    try:
+        yield started
+    finally:
+        for register in started:
+            register.stop()
+
+
+def register_targets(
+    tmp_path: Path, kktds: list[KktdProcess], registers: list[MockRegisterProcess]
+) -> tuple[KktdProcess, KktdProcess]:
+    """Two kktds on simulated registers whose reports make every register alert's condition true."""
+    day = 86400.0
+    worn_register = MockRegisterProcess(tmp_path / "worn-register")
+    aging_register = MockRegisterProcess(tmp_path / "aging-register")
+    for register in (worn_register, aging_register):
+        register.workdir.mkdir()
+        registers.append(register)
+    expired = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 40 * day))
+    soon = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 10 * day))
+    worn_register.start(clock_offset=-26 * day, ofd_online=False, fn_validity_date=expired)
+    aging_register.start(fn_validity_date=soon)
+    worn = KktdProcess(
+        tmp_path / "worn.db",
+        env={"KKTD_LOG_LEVEL": "info"},
+        extra_args=worn_register.kktd_args("--no-atol-driver-auto-shift", "--sync-interval", "0.2"),
+    )
+    aging = KktdProcess(tmp_path / "aging.db", env={"KKTD_LOG_LEVEL": "info"}, extra_args=aging_register.kktd_args())
+    kktds.extend([worn, aging])
+    worn.start()
+    aging.start()
+    asyncio.run(post_many(worn.url, receipts("worn-day1", 2)))
+    wait_until(lambda: len(worn_register.receipts()) == 2, 30, "the worn register's first receipts printed")
+    worn_register.advance_clock(25 * 3600)  # its shift is now over 24 hours old: receipts wait
+    worn_register.set_behaviour(paper_present=False)
+    asyncio.run(post_many(worn.url, receipts("worn-day2", 2)))
+    for kktd in (worn, aging):  # the register's report read now (else every minute)
+        sync = urllib.request.Request(f"{kktd.url}/v1/kkt/buffer/sync", data=b"{}", method="POST")
+        with urllib.request.urlopen(sync, timeout=30):
+            pass
+    return worn, aging
+
+
 def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
-    tmp_path: Path, kktds: list[KktdProcess], nearly_full_disk: Path, ofd_process: MockOfdProcess
+    tmp_path: Path,
+    kktds: list[KktdProcess],
+    nearly_full_disk: Path,
+    ofd_process: MockOfdProcess,
+    registers: list[MockRegisterProcess],
 ) -> None:
     require(os.path.exists(PROMETHEUS), "Debian's prometheus is missing (`make test` installs it)")
     prometheus: Prometheus | None = None
@@ -166,7 +218,8 @@ def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
         stuck.start()
         fill(nearly_full_disk, leave_bytes=512 * 1024)  # under 3% of 32 MiB free
         gone = f"127.0.0.1:{free_port()}"
-        targets = [f"127.0.0.1:{healthy.port}", f"127.0.0.1:{stuck.port}", gone]
+        worn, aging = register_targets(tmp_path, kktds, registers)
+        targets = [f"127.0.0.1:{k.port}" for k in (healthy, stuck, worn, aging)] + [gone]
         prometheus = Prometheus(tmp_path, targets)
 
         async def load() -> None:
@@ -214,6 +267,9 @@ def test_prometheus_scrapes_kktd_and_every_expression_returns_data(
         assert not {name for name, instance in by_instance if instance == f"127.0.0.1:{healthy.port}"} - {
             "KktdDeadLetters"
         }
+        worn_alerts = {name for name, instance in by_instance if instance == f"127.0.0.1:{worn.port}"}
+        assert {"KktdRegisterOfdBacklogCritical", "KktdRegisterNoPaper", "KktdRegisterShiftExpired"} <= worn_alerts
+        assert ("KktdRegisterFnExpiring", f"127.0.0.1:{aging.port}") in by_instance
     finally:
         if prometheus is not None:
             prometheus.stop()

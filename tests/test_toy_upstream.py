@@ -201,10 +201,10 @@ def toy_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "kktd_mocks" / "toy.py").write_text(TOY_MOCK)
     registry = root / "kktd" / "upstreams" / "__init__.py"
     text = registry.read_text()
-    imports = "from kktd.upstreams import atol_v5, kktd_ofd\n"
+    imports = "from kktd.upstreams import atol_driver, atol_v5, kktd_ofd\n"
     closing = "    )\n}\nDEFAULT_UPSTREAM"
     assert imports in text and closing in text, "the registry's shape changed: update this test"
-    text = text.replace(imports, "from kktd.upstreams import atol_v5, kktd_ofd, toy\n")
+    text = text.replace(imports, "from kktd.upstreams import atol_driver, atol_v5, kktd_ofd, toy\n")
     text = text.replace(closing, TOY_ENTRY + closing)
     registry.write_text(text)
     return root

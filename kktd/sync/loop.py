@@ -210,7 +210,8 @@ class SyncLoop:
         )
 
     async def run_once_now(self) -> ManualCycle:
-        """One delivery cycle on request (`POST /v1/kkt/buffer/sync`), no retries: report what it did."""
+        """One delivery cycle on request (`POST /v1/kkt/buffer/sync`), no retries: report what it did. A
+        register's report is read again after it."""
         result = CycleResult()
         error: str | None = None
         # Dead-lettering happens on the failure path, which raises: count it from the running total.
@@ -228,6 +229,8 @@ class SyncLoop:
             except StorageUnavailable as exc:
                 error = f"storage unavailable: {exc}"
                 self._note_error(error)
+        # A register upstream's own report is read again too: the operator asked for the state of things now.
+        await self.housekeeping.check_register()
         return ManualCycle(
             delivered=result.delivered,
             rejected=result.rejected,
@@ -345,6 +348,7 @@ class SyncLoop:
         total = CycleResult()
         in_flight: set[asyncio.Task[CycleResult]] = set()
         after_seq = 0
+        next_poll = self._clock() + self.traits.poll_interval_s
         try:
             while not self._stop.is_set():
                 batch = await self._next_batch(after_seq)
@@ -359,6 +363,11 @@ class SyncLoop:
                 while len(in_flight) >= depth:
                     done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                     _collect(done, total)
+                if self.upstream.two_phase and not in_flight and self._clock() >= next_poll:
+                    # A long backlog must not hold back the results of what is registered already (a till
+                    # waits for its receipt's fiscal data to print the QR code): ask between batches too.
+                    total.add(await self._poll_due())
+                    next_poll = self._clock() + self.traits.poll_interval_s
                 if giving_way:
                     await self._pause(
                         (self._clock() - started) * (1 - INTAKE_BUSY_DRAIN_SHARE) / INTAKE_BUSY_DRAIN_SHARE

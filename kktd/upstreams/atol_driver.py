@@ -3,7 +3,9 @@
 ``submit`` posts each receipt as one request of the web server's queue, ``[getFnStatus, sell]``, under a task
 uuid derived from the receipt's external id (so the uuid is known before the request is sent, and the loop
 commits the registration right after); ``poll`` reads ``GET /api/v2/requests/{uuid}``. The queue runs one
-task at a time on the device; kktd sends one receipt per call, in the order they were accepted.
+task at a time on the device; kktd sends one receipt per call, in the order they were accepted, and each only
+once the one before it has run (so that nothing prints between a receipt of unknown outcome and the register's
+answer that settles it; a blocked queue holds every receipt back).
 
 Outcomes, by the driver's error codes (docs/atol-driver.md has the table and the reasons):
 
@@ -96,6 +98,8 @@ MAX_ANSWER_BYTES = 256 << 10
 MAX_TEXT_LEN = 300  # of the driver's error text kept in a dead letter
 SHIFT_CHECK_S = 60.0  # how long a shift state read from the register is trusted before a receipt
 CONTROL_POLL_S = 0.05  # how often a control task (shift, status) is asked for while the register runs it
+MAX_EVIDENCE = 64  # unknown outcomes whose evidence was read before the next receipt, kept until polled
+LAST_RECEIPT_TASK: Mapping[str, Any] = {"type": "getLastFiscalParams", "forReceipt": True}
 
 # ---- the driver's error codes, by what they mean for the receipt (libfptr10; docs/atol-driver.md) ----------
 
@@ -139,6 +143,20 @@ DEVICE_PROBLEMS: Mapping[int, _Problem] = {
         for code in FN_BLOCKED_CODES
     },
 }
+# The web server answers but the register does not (unplugged, switched off, its cable): receipts wait.
+UNREACHABLE = _Problem(
+    "register_unreachable",
+    "the register does not answer its driver: check its power and cable; kktd prints what waits",
+)
+
+
+def _problem_of(code: int) -> _Problem | None:
+    """What a person must do about a task the register did not carry out, when the code says."""
+    if code in DEVICE_PROBLEMS:
+        return DEVICE_PROBLEMS[code]
+    return UNREACHABLE if code in UNKNOWN_OUTCOME_CODES else None
+
+
 SHIFT_ACTION = (
     "the register's shift is over 24 hours: close it with `kktd shift close` (prints the Z report), "
     "or set atol_driver_auto_shift = true"
@@ -420,6 +438,11 @@ class AtolDriver(HttpUpstream):
         self._shift_read_at = 0.0
         self._device_problem: _Problem | None = None
         self._continue_print = False
+        # One receipt in the web server's queue at a time: the task uuid of the receipt posted last, until its
+        # result is known; and, for a receipt whose outcome was unknown, the register's last receipt read right
+        # after it, before the next receipt could print (the evidence its poll settles it by).
+        self._previous: str | None = None
+        self._evidence: dict[str, _Result] = {}
         # Shift commands, status reads and the checks before a receipt run one sequence at a time.
         self._control = asyncio.Lock()
 
@@ -459,17 +482,56 @@ class AtolDriver(HttpUpstream):
                 "atol_driver_unmappable",
                 f"the stored receipt cannot be mapped to a driver task: {type(exc).__name__}",
             )
+        task_id = task_uuid(outgoing.external_id)
         async with self._control:
             try:
+                await self._after_previous(task_id)
                 await self._ready_for_receipts()
             except UpstreamUnavailable as exc:
                 # Whatever happened to the checks and shift tasks before it, the receipt itself was not sent.
                 raise UpstreamUnavailable(
                     FailureKind.NOT_SENT, exc.reason, exc.detail, operator_action=exc.operator_action
                 ) from None
-        task_id = task_uuid(outgoing.external_id)
-        await self._enqueue(task_id, [FN_STATUS_TASK, task])
+            self._previous = task_id  # before the POST: a lost answer may still have queued it
+            await self._enqueue(task_id, [FN_STATUS_TASK, task])
         return Registered(outgoing.receipt_id, str(_Reference(task_id, total)))
+
+    async def _after_previous(self, task_id: str) -> None:
+        """The receipt posted before this one has run (the queue would run this one after it anyway), so that
+        no receipt prints between another's unknown outcome and the evidence that settles it: that evidence
+        (the register's last receipt) is read here, right after it, and kept for its poll. A blocked queue
+        holds every receipt back."""
+        previous = self._previous
+        if previous is None or previous == task_id:
+            return
+        deadline = self._clock() + self._settings.timeout * 3
+        delay = CONTROL_POLL_S / 8
+        while True:
+            results = await self._results(previous)
+            if results is None or len(results) != 2:
+                break  # forgotten by the web server (its poll says so), or never queued: nothing to wait for
+            receipt = results[1]
+            if receipt.status == "blocked":
+                raise _blocked(receipt)
+            if receipt.status in TERMINAL:
+                if receipt.status == "error" and receipt.code in UNKNOWN_OUTCOME_CODES:
+                    await self._read_evidence(previous)
+                break
+            if self._clock() > deadline:
+                raise UpstreamUnavailable(
+                    FailureKind.NOT_SENT, "register_busy", "the receipt before has not finished printing"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONTROL_POLL_S)
+        self._previous = None
+
+    async def _read_evidence(self, task_id: str) -> None:
+        [last] = await self._run([LAST_RECEIPT_TASK])
+        if last.status != "ready":
+            raise _unanswered(last)  # nothing is sent until the register can say
+        self._evidence[task_id] = last
+        while len(self._evidence) > MAX_EVIDENCE:
+            del self._evidence[next(iter(self._evidence))]
 
     async def _result(self, item: AwaitingResult) -> PollOutcome:
         reference = _Reference.parse(item.reference)
@@ -486,7 +548,12 @@ class AtolDriver(HttpUpstream):
         if len(results) != 2:
             raise bad_answer("result_count", f"{len(results)} results for a request of 2 tasks")
         before, receipt = results
-        return await self._outcome(item, reference, before, receipt)
+        outcome = await self._outcome(item, reference, before, receipt)
+        if not isinstance(outcome, StillProcessing):
+            self._evidence.pop(reference.uuid, None)
+            if self._previous == reference.uuid:
+                self._previous = None  # settled: the next receipt need not wait for it
+        return outcome
 
     async def _outcome(
         self, item: AwaitingResult, reference: _Reference, before: _Result, receipt: _Result
@@ -495,14 +562,7 @@ class AtolDriver(HttpUpstream):
         if status in ("wait", "inProgress"):
             return StillProcessing(item.receipt_id)
         if status == "blocked":
-            # The driver lost the register mid-document and settles it itself when the register answers again.
-            raise UpstreamUnavailable(
-                FailureKind.NOT_SENT,
-                "register_blocked",
-                f"driver error {receipt.code}",
-                operator_action="the register stopped answering in the middle of a receipt: check its power and "
-                "cable; the driver settles that receipt when the register is back",
-            )
+            raise _blocked(receipt)
         if status == "ready":
             if receipt.result is not None and _not_printed(receipt.result):
                 self._continue_print = True
@@ -511,8 +571,8 @@ class AtolDriver(HttpUpstream):
         code = f"atol_driver_{receipt.code}"
         text = _short(receipt.description) or f"driver error {receipt.code}"
         if status in ("interrupted", "canceled"):
-            if before.status == "error" and before.code in UNKNOWN_OUTCOME_CODES | {2}:
-                self._device_problem = _Problem("register_unreachable", "the register does not answer: check it")
+            if before.status == "error" and before.code in UNKNOWN_OUTCOME_CODES:
+                self._device_problem = UNREACHABLE
             return NotRegistered(item.receipt_id, code, f"never ran: {text}")
         if status != "error":
             raise bad_answer("unknown_status", escape(status, 32))
@@ -522,11 +582,10 @@ class AtolDriver(HttpUpstream):
         self, item: AwaitingResult, reference: _Reference, before: _Result, receipt: _Result, code: str, text: str
     ) -> PollOutcome:
         number = receipt.code
-        if number in SHIFT_EXPIRED_CODES:
-            self._shift = Shift(ShiftState.EXPIRED)
-            return NotRegistered(item.receipt_id, code, text)
-        if number in SHIFT_CLOSED_CODES:
-            self._shift = Shift(ShiftState.CLOSED)
+        if number in SHIFT_EXPIRED_CODES | SHIFT_CLOSED_CODES:
+            # Read the shift again before the next receipt: this answer may be older than a shift kktd has
+            # renewed since (several receipts refused for the same expired shift must not close the new one).
+            self._shift = None
             return NotRegistered(item.receipt_id, code, text)
         if number in DEVICE_PROBLEMS:
             self._device_problem = DEVICE_PROBLEMS[number]
@@ -543,15 +602,28 @@ class AtolDriver(HttpUpstream):
         """The receipt failed with an error of the link or the FN: fiscalized or not, the register knows. Its
         FN document number before the receipt (the request's first task) and its last receipt now decide."""
         last_before = _fn_document_number(before.result)
-        async with self._control:
-            [last] = await self._run([{"type": "getLastFiscalParams", "forReceipt": True}])
-        if last.status != "ready" or last_before is None:
+        if last_before is None:
             # Nothing to compare with: a person must look (printing it again blindly could fiscalize it twice).
             return Refused(
                 item.receipt_id,
                 "atol_driver_unknown_outcome",
                 f"{code}: {text}; the register could not say whether it was fiscalized: check its last documents",
             )
+        last = self._evidence.get(reference.uuid)
+        if last is None:
+            # No receipt was posted after this one (or kktd restarted since): the register's last receipt now.
+            async with self._control:
+                [last] = await self._run([LAST_RECEIPT_TASK])
+        if last.status != "ready":
+            # The register cannot answer now (the link that failed the receipt, often): the receipt stays
+            # registered and is asked about again, never given up on for a moment's silence.
+            raise _unanswered(last)
+        if not _has_fiscal_document(last.result):
+            # The FN holds no receipt at all (ATOL's script then leaves the number out): none was fiscalized.
+            log.info(
+                "receipt %s was not fiscalized (%s, the FN holds no receipt); printing it again", item.receipt_id, code
+            )
+            return NotRegistered(item.receipt_id, code, f"{text} (not fiscalized: the FN holds no receipt)")
         params = parse_fiscal_params(last.result)
         if params.fiscal_document_number <= last_before:
             log.info("receipt %s was not fiscalized (%s); printing it again", item.receipt_id, code)
@@ -579,6 +651,8 @@ class AtolDriver(HttpUpstream):
         or renew the shift when kktd may."""
         if self._device_problem is not None:
             await self._check_device()
+        if self._continue_print:
+            await self._finish_copy()
         shift = self._shift
         if shift is None or self._clock() - self._shift_read_at > SHIFT_CHECK_S:
             shift = await self._read_shift()
@@ -607,17 +681,31 @@ class AtolDriver(HttpUpstream):
                 raise _waiting(DEVICE_PROBLEMS[45])
             log.info("the register is ready again (%s cleared)", problem.reason)
             self._device_problem = None
-            if self._continue_print:
-                await self._run([{"type": "continuePrint"}])
-                self._continue_print = False
             return
         # An FN condition cannot be read off the device: say it once, then let the next cycle try a receipt.
         self._device_problem = None
         raise _waiting(problem)
 
+    async def _finish_copy(self) -> None:
+        """A receipt was fiscalized but its paper copy not (finished) printed: ``continuePrint`` before the next
+        receipt. Without paper (or with the cover open) receipts wait for the operator."""
+        [done] = await self._run([{"type": "continuePrint"}])
+        if done.status != "ready":
+            problem = _problem_of(done.code)
+            if problem is not None:
+                self._device_problem = problem
+                raise _waiting(problem)
+            # The register will not print it (the copy is its business; the receipt's data is stored): go on.
+            log.warning("the register refused to finish a receipt's copy (continuePrint: driver error %d)", done.code)
+        else:
+            log.info("the register printed the copy it had not finished")
+        self._continue_print = False
+
     async def _read_shift(self) -> Shift:
         [result] = await self._run([{"type": "getShiftStatus"}])
         if result.status != "ready":
+            if _problem_of(result.code) is UNREACHABLE:
+                raise _waiting(UNREACHABLE)
             raise UpstreamUnavailable(
                 FailureKind.NOT_SENT, "register_error", f"getShiftStatus: driver error {result.code}"
             )
@@ -633,7 +721,7 @@ class AtolDriver(HttpUpstream):
             )
         [result] = await self._run([task])
         if result.status != "ready":
-            problem = DEVICE_PROBLEMS.get(result.code)
+            problem = _problem_of(result.code)
             if problem is not None:
                 self._device_problem = problem
                 raise _waiting(problem)
@@ -689,6 +777,8 @@ class AtolDriver(HttpUpstream):
         )
         if any(r.status != "ready" for r in results):
             failed = next(r for r in results if r.status != "ready")
+            if _problem_of(failed.code) is UNREACHABLE:
+                raise RegisterUnavailable(UNREACHABLE.reason, UNREACHABLE.action)
             raise RegisterUnavailable("register_error", f"driver error {failed.code}")
         shift, device, ofd, fn = results
         self._shift, self._shift_read_at = _shift_from(shift.result), self._clock()
@@ -721,7 +811,14 @@ class AtolDriver(HttpUpstream):
         """Post a control request (under a fresh uuid; a lost answer is retried under the same one) and wait
         until every subtask has finished."""
         task_id = f"kktd-control-{uuid.uuid4()}"
-        await self._enqueue(task_id, tasks)
+        try:
+            await self._enqueue(task_id, tasks)
+        except UpstreamUnavailable as exc:
+            if exc.reason != "connection_lost":
+                raise
+            # The answer (or a keep-alive connection the web server had closed) was lost: the same uuid again,
+            # 409 if the first POST got there.
+            await self._enqueue(task_id, tasks)
         deadline = self._clock() + self._settings.timeout * 3
         while True:
             results = await self._results(task_id)
@@ -778,6 +875,28 @@ class AtolDriver(HttpUpstream):
         return bad_answer("unexpected_answer", f"{what}: HTTP {status}")
 
 
+def _blocked(receipt: _Result) -> UpstreamUnavailable:
+    """The driver lost the register mid-document and settles it itself when the register answers again."""
+    return UpstreamUnavailable(
+        FailureKind.NOT_SENT,
+        "register_blocked",
+        f"driver error {receipt.code}",
+        operator_action="the register stopped answering in the middle of a receipt: check its power and "
+        "cable; the driver settles that receipt when the register is back",
+    )
+
+
+def _unanswered(result: _Result) -> UpstreamUnavailable:
+    """The register could not answer getLastFiscalParams: what it knows is asked again later."""
+    problem = _problem_of(result.code)
+    return UpstreamUnavailable(
+        FailureKind.NOT_SENT,
+        "register_unreachable" if problem is UNREACHABLE else "register_error",
+        f"getLastFiscalParams: driver error {result.code}",
+        operator_action=(problem or UNREACHABLE).action,
+    )
+
+
 def _waiting(problem: _Problem) -> UpstreamUnavailable:
     """The register cannot take a receipt until a person acts: receipts wait, health names the action."""
     return UpstreamUnavailable(FailureKind.NOT_SENT, problem.reason, operator_action=problem.action)
@@ -792,6 +911,12 @@ def _fn_document_number(result: Mapping[str, Any] | None) -> int | None:
     status = None if result is None else result.get("fnStatus")
     number = status.get("fiscalDocumentNumber") if isinstance(status, dict) else None
     return number if type(number) is int else None
+
+
+def _has_fiscal_document(result: Mapping[str, Any] | None) -> bool:
+    """getLastFiscalParams names a document (with no receipt on the FN yet it gives the FN's own fields only)."""
+    params = None if result is None else result.get("fiscalParams")
+    return not isinstance(params, dict) or "fiscalDocumentNumber" in params
 
 
 def _total_kopecks(result: Mapping[str, Any] | None) -> int | None:
