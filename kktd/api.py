@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 from aiohttp import web
@@ -482,17 +482,20 @@ def mask_contact_text(contact: str) -> str:
     return f"{contact[:5]}***{contact[-4:]}" if len(contact) > 9 else "***"
 
 
+async def _not_a_dead_letter(services: Services, receipt_id: str) -> NoReturn:
+    """Why a requeue or a resolve changed nothing: 404 for an unknown receipt, 409 for one that is not failed."""
+    row = await _storage(services.store.get(receipt_id))
+    if row is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
+    raise ApiError(409, ErrorCode.NOT_DEAD_LETTER, f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}")
+
+
 async def requeue_dead_letter(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     receipt_id = request.match_info["receipt_id"]
     changed = await _storage(services.store.requeue(receipt_id))
     if not changed:
-        row = await _storage(services.store.get(receipt_id))
-        if row is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
-        raise ApiError(
-            409, ErrorCode.NOT_DEAD_LETTER, f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}"
-        )
+        await _not_a_dead_letter(services, receipt_id)
     log.info("receipt %s requeued from the dead-letter list", receipt_id, extra={"receipt_id": receipt_id})
     if services.sync is not None:
         services.sync.wake()
@@ -557,12 +560,7 @@ async def resolve_dead_letter(request: web.Request) -> web.Response:
     reason = await _resolution_reason(request)
     changed = await _storage(services.store.resolve(receipt_id, reason))
     if not changed:
-        row = await _storage(services.store.get(receipt_id))
-        if row is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"no receipt {quoted(receipt_id, 64)}")
-        raise ApiError(
-            409, ErrorCode.NOT_DEAD_LETTER, f"receipt {receipt_id} is {row.status}, not {ReceiptStatus.FAILED}"
-        )
+        await _not_a_dead_letter(services, receipt_id)
     peer = request.remote or "?"
     log.warning(
         "receipt %s resolved by the operator (from %s): %s",

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kktd.errors import ConfigError
-from kktd.options import CONTROL_CHARS_RE
+from kktd.options import CONTROL_CHARS_RE, string
 
 MAX_SECRET_LEN = 100
+
+
+def parse_secret_path(raw: Any) -> Path:
+    """A setting naming a password file: the path only (the file is read when its upstream is chosen)."""
+    text = str(raw) if isinstance(raw, Path) else string(raw)
+    if not text or "\x00" in text:
+        raise ValueError("must be the path of a file holding the password")
+    return Path(text)
 
 
 def read_secret(path: Path, what: str) -> str:

@@ -375,33 +375,27 @@ def dlq_requeue(client: Client, receipt_ids: Sequence[str] | None) -> Report:
     if receipt_ids is None:
         listed = dlq_list(client).data["dead_letters"]
         receipt_ids = [row["receipt_id"] for row in listed]
-    done: list[str] = []
-    problems: list[str] = []
-    for receipt_id in receipt_ids:
-        answer = client.call("POST", f"/v1/kkt/dlq/{urllib.parse.quote(receipt_id, safe='')}/requeue", {})
-        if answer.status == 200:
-            done.append(receipt_id)
-        else:
-            problems.append(f"{receipt_id}: {_error_of(answer)}")
-    state = State.OK if not problems else State.CRITICAL if not done else State.WARNING
-    lines = [f"requeued {len(done)} of {len(receipt_ids)}"] + [f"  {p}" for p in problems]
-    return Report(state, lines, {"requeued": done, "failed": problems}, {0: state})
+    return _each_dead_letter(client, receipt_ids, "requeue", {}, "requeued")
 
 
 def dlq_resolve(client: Client, receipt_ids: Sequence[str], reason: str) -> Report:
     """Close the given dead letters with the operator's reason (kept for audit; never sent)."""
+    return _each_dead_letter(client, receipt_ids, "resolve", {"reason": reason}, "resolved")
+
+
+def _each_dead_letter(client: Client, receipt_ids: Sequence[str], action: str, body: Any, done_word: str) -> Report:
+    """POST /v1/kkt/dlq/{id}/{action} for each; OK when all worked, CRITICAL when none did."""
     done: list[str] = []
     problems: list[str] = []
     for receipt_id in receipt_ids:
-        path = f"/v1/kkt/dlq/{urllib.parse.quote(receipt_id, safe='')}/resolve"
-        answer = client.call("POST", path, {"reason": reason})
+        answer = client.call("POST", f"/v1/kkt/dlq/{urllib.parse.quote(receipt_id, safe='')}/{action}", body)
         if answer.status == 200:
             done.append(receipt_id)
         else:
             problems.append(f"{receipt_id}: {_error_of(answer)}")
     state = State.OK if not problems else State.CRITICAL if not done else State.WARNING
-    lines = [f"resolved {len(done)} of {len(receipt_ids)}"] + [f"  {p}" for p in problems]
-    return Report(state, lines, {"resolved": done, "failed": problems}, {0: state})
+    lines = [f"{done_word} {len(done)} of {len(receipt_ids)}"] + [f"  {p}" for p in problems]
+    return Report(state, lines, {done_word: done, "failed": problems}, {0: state})
 
 
 def sync_now(client: Client) -> Report:

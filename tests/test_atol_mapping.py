@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kktd import receipt as receipt_module
@@ -37,6 +37,7 @@ from kktd.upstreams.atol_v5_mapping import (
     registration_body,
 )
 from kktd_mocks import atol as mock
+from tests.receipt_strategies import receipts
 
 COMPANY = Company("5544332219", "shop@example.ru", "https://shop.example.ru")
 MSK = timezone(timedelta(hours=3))
@@ -45,60 +46,10 @@ ACCEPTED_MS = 1_764_579_600_123  # 01.12.2025 12:00:00.123 in Moscow
 NUMBER_TOKEN_RE = re.compile(r"(?<=[:\[,])(-?[0-9][0-9.eE+-]*)(?=[,\]}])")
 CANONICAL_NUMBER_RE = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]*[1-9])?")
 
-texts = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=128).filter(str.strip)
-contacts = st.one_of(
-    st.from_regex(r"\A[a-z0-9._]{1,20}@[a-z0-9]{1,10}\.[a-z]{2,5}\Z"),
-    st.from_regex(r"\A\+7[0-9]{10}\Z"),
-)
 
-
-@st.composite
-def atol_items(draw: st.DrawFn) -> dict[str, Any]:
-    milli = draw(st.one_of(st.integers(1, MAX_QUANTITY_MILLI), st.sampled_from([1000, 2000, 500, 1, 333])))
-    # price x quantity rounded must stay within ATOL's item limit
-    price_limit = min(MAX_ITEM_KOPECKS, (MAX_ITEM_KOPECKS * 1000 - 500) // milli)
-    price = draw(st.one_of(st.integers(0, price_limit), st.sampled_from([0, 1, 99, 24430, price_limit])))
-    item: dict[str, Any] = {
-        "name": draw(texts),
-        "price": price,
-        "quantity": f"{milli // 1000}.{milli % 1000:03d}",
-        "vat": draw(st.sampled_from(sorted(receipt_module.VAT_RATES))),
-        "payment_method": draw(st.sampled_from(sorted(receipt_module.PAYMENT_METHODS))),
-        "payment_object": draw(st.sampled_from(sorted(receipt_module.PAYMENT_OBJECTS))),
-    }
-    if draw(st.booleans()):
-        item["measure"] = draw(st.sampled_from(sorted(receipt_module.MEASURES)))
-    if draw(st.booleans()):
-        item["sum"] = (price * milli + 500) // 1000
-    return item
-
-
-@st.composite
-def atol_receipts(draw: st.DrawFn) -> dict[str, Any]:
-    items = draw(st.lists(atol_items(), min_size=1, max_size=8))
-    total = sum((i["price"] * int(i["quantity"].replace(".", "")) + 500) // 1000 for i in items)
-    assume(total <= MAX_TOTAL_KOPECKS)
-    cuts = sorted(draw(st.lists(st.integers(0, total), max_size=4)))
-    bounds = [0, *cuts, total]
-    payments = [
-        {"type": draw(st.sampled_from(sorted(receipt_module.PAYMENT_TYPES))), "amount": high - low}
-        for low, high in zip(bounds, bounds[1:])
-    ]
-    body: dict[str, Any] = {
-        "idempotency_key": draw(st.from_regex(r"\A[A-Za-z0-9._:-]{1,64}\Z")),
-        "pos_id": "POS-1",
-        "operation": draw(st.sampled_from(sorted(receipt_module.OPERATIONS))),
-        "taxation": draw(st.sampled_from(sorted(receipt_module.TAXATIONS))),
-        "items": items,
-        "payments": payments,
-        "customer_contact": draw(contacts),
-    }
-    if draw(st.booleans()):
-        body["cashier"] = {
-            "name": draw(texts.map(lambda t: t[:64]).filter(str.strip)),
-            "inn": draw(st.from_regex(r"\A[0-9]{12}\Z")),
-        }
-    return body
+def atol_receipts() -> st.SearchStrategy[dict[str, Any]]:
+    """Valid receipts within ATOL Online's limits, each with the buyer's contact ATOL requires."""
+    return receipts(MAX_QUANTITY_MILLI, MAX_ITEM_KOPECKS, MAX_TOTAL_KOPECKS, contact_required=True)
 
 
 def _decimal_json(text: str) -> Any:

@@ -42,7 +42,7 @@ import aiohttp
 import msgspec
 import yarl
 
-from kktd.credentials import secret_from
+from kktd.credentials import parse_secret_path, secret_from
 from kktd.delivery import (
     AwaitingResult,
     FailureKind,
@@ -224,13 +224,6 @@ def parse_login(raw: Any) -> str | None:
     return text
 
 
-def parse_password_file(raw: Any) -> Path:
-    text = str(raw) if isinstance(raw, Path) else string(raw)
-    if not text or "\x00" in text:
-        raise ValueError("must be the path of a file holding the password")
-    return Path(text)
-
-
 OPTIONS: tuple[Option, ...] = (
     Option("atol_driver_url", parse_driver_url, DEFAULT_URL, "ATOL driver v10 web server (upstream atol-driver)"),
     Option(
@@ -246,7 +239,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("atol_driver_login", parse_login, None, "HTTP Basic login of the web server, if it asks for one"),
     Option(
         "atol_driver_password_file",
-        parse_password_file,
+        parse_secret_path,
         None,
         "file holding that login's password (default $CREDENTIALS_DIRECTORY/atol_driver_password)",
     ),

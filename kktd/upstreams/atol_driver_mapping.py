@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kktd.errors import ErrorCode
-from kktd.receipt import DEFAULT_MEASURE, ReceiptInvalid
-from kktd.upstreams.ffd import MEASURE_CODES, encode_json, kopecks_to_rubles, quantity_milli, quantity_number
+from kktd.receipt import DEFAULT_MEASURE
+from kktd.upstreams.ffd import MEASURE_CODES, check_register_limits, encode_json, kopecks_to_rubles, quantity_number
 
 __all__ = [
     "DRIVER_OPERATIONS",
@@ -128,11 +127,6 @@ def request_body(task_id: str, tasks: list[Mapping[str, Any]]) -> bytes:
     return encode_json({"uuid": task_id, "request": tasks}).encode()
 
 
-# A register's limits (FFD 1.2 and the driver): a price or an item's amount fits 32 bits of kopecks, a
-# quantity at most 99,999.999, a receipt's total at most 99,999,999.99 rubles.
-MAX_ITEM_KOPECKS = 4_294_967_295
-MAX_QUANTITY_MILLI = 99_999_999
-MAX_TOTAL_KOPECKS = 9_999_999_999
 # The codes driver_intake_check refuses with beyond kktd's own (the API reference tabulates them).
 INTAKE_CODES = frozenset({"quantity_out_of_range"})
 
@@ -140,24 +134,4 @@ INTAKE_CODES = frozenset({"quantity_out_of_range"})
 def driver_intake_check(receipt: Mapping[str, Any]) -> None:
     """Refuse at intake (422) what the register is certain to refuse (its limits), while the till can still fix
     the receipt, instead of a dead letter later. ``receipt`` is a validated canonical receipt."""
-    for index, item in enumerate(receipt["items"]):
-        path = f"items[{index}]"
-        for name in ("price", "sum"):
-            if item[name] > MAX_ITEM_KOPECKS:
-                raise ReceiptInvalid(
-                    ErrorCode.AMOUNT_OUT_OF_RANGE,
-                    f"{path}.{name} must be at most {MAX_ITEM_KOPECKS} kopecks (the register's limit)",
-                    f"{path}.{name}",
-                )
-        if quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
-            raise ReceiptInvalid(
-                "quantity_out_of_range",
-                f"{path}.quantity must be at most 99999.999 (the register's limit)",
-                f"{path}.quantity",
-            )
-    if receipt["total"] > MAX_TOTAL_KOPECKS:
-        raise ReceiptInvalid(
-            ErrorCode.AMOUNT_OUT_OF_RANGE,
-            f"the receipt total must be at most {MAX_TOTAL_KOPECKS} kopecks (the register's limit)",
-            "items",
-        )
+    check_register_limits(receipt, "the register's limit")

@@ -28,7 +28,7 @@ import aiohttp
 import msgspec
 import yarl
 
-from kktd.credentials import read_secret
+from kktd.credentials import parse_secret_path, read_secret
 from kktd.delivery import (
     AwaitingResult,
     FailureKind,
@@ -69,7 +69,6 @@ __all__ = [
     "parse_atol_url",
     "parse_group_code",
     "parse_login",
-    "parse_password_file",
     "read_password",
 ]
 
@@ -185,14 +184,6 @@ def parse_group_code(raw: Any) -> str:
     return text
 
 
-def parse_password_file(raw: Any) -> Path:
-    """The path only: the file is read (and must be readable) when the upstream is atol-online-v5."""
-    text = string(raw) if not isinstance(raw, Path) else str(raw)
-    if not text or "\x00" in text:
-        raise ValueError("must be the path of a file holding the password")
-    return Path(text)
-
-
 def read_password(path: Path) -> str:
     """The password in ``path`` (one trailing newline ignored). ValueError never quotes the file's content."""
     return read_secret(path, "password")
@@ -209,7 +200,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("atol_group_code", parse_group_code, None, "ATOL Online group code of the KKTs (atol-online-v5)"),
     Option(
         "atol_password_file",
-        parse_password_file,
+        parse_secret_path,
         None,
         "file holding the ATOL Online password (default $CREDENTIALS_DIRECTORY/atol_password)",
     ),

@@ -17,11 +17,14 @@ from typing import Any
 
 from kktd.receipt import DEFAULT_MEASURE, ReceiptInvalid
 from kktd.upstreams.ffd import (
+    MAX_ITEM_KOPECKS,
+    MAX_QUANTITY_MILLI,
+    MAX_TOTAL_KOPECKS,
     MEASURE_CODES,
     JsonNumber,
+    check_register_limits,
     encode_json,
     kopecks_to_rubles,
-    quantity_milli,
     quantity_number,
 )
 
@@ -85,11 +88,6 @@ PAYMENT_OBJECT_CODES: Mapping[str, int] = {
 }
 # payments[].type: 0 cash, 1 cashless, 2 prepayment offset, 3 credit (postpayment), 4 other (counter-provision).
 PAYMENT_TYPE_CODES: Mapping[str, int] = {"cash": 0, "electronic": 1, "prepaid": 2, "credit": 3, "other": 4}
-# ATOL's limits. price and sum of an item: at most 42,949,672.95 rubles (2**32 - 1 kopecks); the receipt total
-# and each payment: at most 8 digits before the decimal point; quantity: at most 99,999.999.
-MAX_ITEM_KOPECKS = 4_294_967_295
-MAX_TOTAL_KOPECKS = 9_999_999_999
-MAX_QUANTITY_MILLI = 99_999_999
 TIMESTAMP_FORMAT = "%d.%m.%Y %H:%M:%S"
 
 
@@ -137,28 +135,7 @@ def atol_intake_check(receipt: Mapping[str, Any]) -> None:
             "customer_contact (the buyer's e-mail or phone) is required when kktd fiscalizes through ATOL Online",
             "customer_contact",
         )
-    for index, item in enumerate(receipt["items"]):
-        path = f"items[{index}]"
-        for name in ("price", "sum"):
-            if item[name] > MAX_ITEM_KOPECKS:
-                raise ReceiptInvalid(
-                    "amount_out_of_range",
-                    f"{path}.{name} must be at most {MAX_ITEM_KOPECKS} kopecks (ATOL Online's limit)",
-                    f"{path}.{name}",
-                )
-        if quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
-            raise ReceiptInvalid(
-                "quantity_out_of_range",
-                f"{path}.quantity must be at most 99999.999 (ATOL Online's limit)",
-                f"{path}.quantity",
-            )
-    if receipt["total"] > MAX_TOTAL_KOPECKS:
-        raise ReceiptInvalid(
-            "amount_out_of_range",
-            f"the receipt total must be at most {MAX_TOTAL_KOPECKS} kopecks (ATOL Online's limit)",
-            "items",
-        )
-    # Payments add up to the total (kktd.receipt), so none of them can exceed the limit the total met.
+    check_register_limits(receipt, "ATOL Online's limit")
 
 
 def _client(contact: str | None) -> dict[str, Any]:

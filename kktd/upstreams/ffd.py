@@ -13,7 +13,21 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MEASURE_CODES", "JsonNumber", "encode_json", "kopecks_to_rubles", "quantity_milli", "quantity_number"]
+from kktd.errors import ErrorCode
+from kktd.receipt import ReceiptInvalid
+
+__all__ = [
+    "MAX_ITEM_KOPECKS",
+    "MAX_QUANTITY_MILLI",
+    "MAX_TOTAL_KOPECKS",
+    "MEASURE_CODES",
+    "JsonNumber",
+    "check_register_limits",
+    "encode_json",
+    "kopecks_to_rubles",
+    "quantity_milli",
+    "quantity_number",
+]
 
 # Tag 2108.
 MEASURE_CODES: Mapping[str, int] = {
@@ -100,3 +114,35 @@ def encode_json(value: Any) -> str:
         return "[" + ",".join(encode_json(v) for v in value) + "]"
     # A float here would be exactly the imprecision this encoder exists to keep out.
     raise TypeError(f"cannot encode {type(value).__name__} as exact JSON")
+
+
+# A register's limits, the same behind a cloud KKT and on the till: a price or an item's sum fits 32 bits of
+# kopecks (42,949,672.95 rubles), a quantity at most 99,999.999, a receipt's total 8 digits of rubles.
+MAX_ITEM_KOPECKS = 4_294_967_295
+MAX_QUANTITY_MILLI = 99_999_999
+MAX_TOTAL_KOPECKS = 9_999_999_999
+
+
+def check_register_limits(receipt: Mapping[str, Any], whose: str) -> None:
+    """Refuse (ReceiptInvalid, a 422 at intake) a validated canonical receipt beyond a register's limits;
+    `whose` names them in the message ("ATOL Online's limit"). The payments add up to the total (kktd.receipt),
+    so none can exceed the limit the total met."""
+    for index, item in enumerate(receipt["items"]):
+        path = f"items[{index}]"
+        for name in ("price", "sum"):
+            if item[name] > MAX_ITEM_KOPECKS:
+                raise ReceiptInvalid(
+                    ErrorCode.AMOUNT_OUT_OF_RANGE,
+                    f"{path}.{name} must be at most {MAX_ITEM_KOPECKS} kopecks ({whose})",
+                    f"{path}.{name}",
+                )
+        if quantity_milli(item["quantity"]) > MAX_QUANTITY_MILLI:
+            raise ReceiptInvalid(
+                "quantity_out_of_range", f"{path}.quantity must be at most 99999.999 ({whose})", f"{path}.quantity"
+            )
+    if receipt["total"] > MAX_TOTAL_KOPECKS:
+        raise ReceiptInvalid(
+            ErrorCode.AMOUNT_OUT_OF_RANGE,
+            f"the receipt total must be at most {MAX_TOTAL_KOPECKS} kopecks ({whose})",
+            "items",
+        )
