@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import msgspec
 from aiohttp import web
 
-from kktd.clock import rfc3339
+from kktd.clock import now_ms, rfc3339
 from kktd.delivery import RegisterUnavailable
 from kktd.errors import ApiError, BufferFull, ErrorCode, StorageUnavailable
 from kktd.fiscal import fiscalized_at, qr_string, rfc3339_local
@@ -432,8 +432,7 @@ def present_register(watch: RegisterWatch) -> dict[str, Any]:
             cover_open=report.cover_open,
             fn_warnings=list(report.fn_warnings),
             alarms=[
-                {"text": a.text, "critical": a.critical, "action": a.action}
-                for a in register_alarms(report, watch.read_ms or 0)
+                {"text": a.text, "critical": a.critical, "action": a.action} for a in register_alarms(report, now_ms())
             ],
         )
     return view

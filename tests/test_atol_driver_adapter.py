@@ -62,7 +62,7 @@ class Rig:
 
     def receipts(self, external_id: str | None = None) -> list[dict[str, Any]]:
         """The register's receipt documents (of one registration when external_id is given)."""
-        wanted = None if external_id is None else task_uuid(external_id)
+        wanted = None if external_id is None else uuid_of(external_id)
         return [
             d for d in self.mock.documents() if d["type"] in RECEIPT_TYPES and (wanted is None or d["uuid"] == wanted)
         ]
@@ -76,7 +76,7 @@ class Rig:
 
     async def finished(self, external_id: str) -> None:
         """The register has run the receipt's request (whatever it ended with)."""
-        uuid = task_uuid(external_id)
+        uuid = uuid_of(external_id)
 
         def done() -> bool:
             request = self.mock.state.requests.get(uuid)
@@ -116,14 +116,21 @@ async def started(
         await mock.close()
 
 
+def receipt_id_of(key: str) -> str:
+    return key.encode().hex().ljust(32, "0")[:32]
+
+
+def uuid_of(external_id: str) -> str:
+    """The task uuid of a registration of receipt(KEY) under external_id KEY or KEY~N."""
+    return task_uuid(receipt_id_of(external_id.split("~")[0]), external_id)
+
+
 def receipt(key: str, *, name: str | None = None) -> Outgoing:
     raw = sample_receipt(key)
     if name is not None:
         raw["items"][0]["name"] = name
     valid = validate_receipt(raw)
-    return Outgoing(
-        key.encode().hex().ljust(32, "0")[:32], valid.idempotency_key, key, 1_796_000_000_000, valid.canonical_json
-    )
+    return Outgoing(receipt_id_of(key), valid.idempotency_key, key, 1_796_000_000_000, valid.canonical_json)
 
 
 def again(outgoing: Outgoing, n: int = 1) -> Outgoing:
@@ -203,7 +210,7 @@ async def test_a_fresh_receipt_is_registered_then_fiscalized_with_all_its_fiscal
         outgoing = receipt("fresh-1")
         registered = await register(rig.adapter, outgoing)
         reference = _Reference.parse(registered.reference)
-        assert reference == _Reference(task_uuid("fresh-1"), TOTAL_KOPECKS)
+        assert reference == _Reference(uuid_of("fresh-1"), TOTAL_KOPECKS)
         assert _Reference.parse(str(reference)) == reference
         outcome = await result(rig.adapter, awaiting(outgoing, registered))
         assert isinstance(outcome, Fiscalized), outcome
@@ -277,7 +284,7 @@ async def test_a_receipt_the_printer_cannot_take_waits_for_the_operator_then_pri
             assert error.kind is FailureKind.NOT_SENT and error.reason == reason, error
             assert error.operator_action is not None and word in error.operator_action
         assert rig.receipts("printer-1") == [] and rig.receipts(retry.external_id) == []
-        assert task_uuid(retry.external_id) not in rig.mock.state.requests  # nothing of it was even sent
+        assert uuid_of(retry.external_id) not in rig.mock.state.requests  # nothing of it was even sent
         rig.mock.set_behaviour(**cleared)
         await fiscalized(rig.adapter, retry)
         assert len(rig.receipts(retry.external_id)) == 1 and rig.receipts("printer-1") == []
@@ -409,7 +416,7 @@ async def test_an_unknown_outcome_that_was_fiscalized_is_taken_from_the_register
         assert outcome.fiscal.fiscal_document_number == document["fd"]
         assert outcome.fiscal.fiscal_sign == document["sign"]
         assert outcome.fiscal.registered_at == document["dateTime"]
-        assert rig.mock.state.requests[task_uuid("unknown-made")].subtasks[1].code == 15
+        assert rig.mock.state.requests[uuid_of("unknown-made")].subtasks[1].code == 15
         assert len(rig.receipts()) == 2
 
 
@@ -479,7 +486,7 @@ async def test_an_unplugged_register_makes_receipts_wait_then_prints_once() -> N
         rig.forget_shift()  # also when the adapter reads the shift first
         error = await unavailable(lambda: rig.adapter.submit([retry]))
         assert error.kind is FailureKind.NOT_SENT and error.reason == "register_unreachable", error
-        assert rig.receipts("unplugged") == [] and task_uuid(retry.external_id) not in rig.mock.state.requests
+        assert rig.receipts("unplugged") == [] and uuid_of(retry.external_id) not in rig.mock.state.requests
         rig.mock.set_behaviour(device_off=False)
         await fiscalized(rig.adapter, retry)
         assert len(rig.receipts(retry.external_id)) == 1 and len(rig.receipts()) == 2
@@ -535,7 +542,7 @@ async def test_a_wrong_password_is_auth_failed_and_never_shown() -> None:
         errors.append(await unavailable(lambda: rig.adapter.submit([receipt("auth-1")])))
         errors.append(
             await unavailable(
-                lambda: rig.adapter.poll([AwaitingResult("r", "auth-1", str(_Reference(task_uuid("auth-1"))))])
+                lambda: rig.adapter.poll([AwaitingResult("r", "auth-1", str(_Reference(uuid_of("auth-1"))))])
             )
         )
         with pytest.raises(RegisterUnavailable) as caught:
@@ -607,7 +614,7 @@ async def test_a_closed_shift_is_opened_before_the_first_receipt() -> None:
         await fiscalized(rig.adapter, receipt("first"))
         documents = rig.mock.documents()
         assert [d["type"] for d in documents] == ["openShift", "sell"]
-        assert documents[0]["uuid"] != task_uuid("first") and documents[1]["uuid"] == task_uuid("first")
+        assert documents[0]["uuid"] != uuid_of("first") and documents[1]["uuid"] == uuid_of("first")
         await fiscalized(rig.adapter, receipt("second"))
         assert rig.kinds() == ["openShift", "sell", "sell"]  # opened once
 
@@ -793,9 +800,9 @@ async def test_a_web_server_that_dies_after_the_first_receipt_leaves_the_rest_un
             # What failed was asking whether the receipt before had run: nothing of this one went out.
             assert outcome.error.kind is FailureKind.NOT_SENT, outcome.error
             assert outcome.error.reason in ("connect_error", "connection_lost"), outcome.error
-        assert task_uuid("dies-0") in rig.mock.state.requests
-        assert task_uuid("dies-1") not in rig.mock.state.requests
-        assert task_uuid("dies-2") not in rig.mock.state.requests
+        assert uuid_of("dies-0") in rig.mock.state.requests
+        assert uuid_of("dies-1") not in rig.mock.state.requests
+        assert uuid_of("dies-2") not in rig.mock.state.requests
         await rig.mock.go_online()
         monkeypatch.undo()
         first = outcomes[0]
@@ -856,7 +863,7 @@ async def test_a_receipt_the_register_did_not_print_is_printed_once_under_its_ne
     async with started() as rig:
         await fiscalized(rig.adapter, receipt("warm-up"))
         outgoing = receipt(f"not-printed-{code}")
-        rig.mock.set_behaviour(refuse_uuids=[task_uuid(outgoing.external_id)], refuse_code=code)
+        rig.mock.set_behaviour(refuse_uuids=[uuid_of(outgoing.external_id)], refuse_code=code)
         outcome = await deliver(rig.adapter, outgoing)
         assert isinstance(outcome, NotRegistered) and outcome.code == f"atol_driver_{code}", outcome
         retry = again(outgoing)
@@ -877,7 +884,7 @@ async def test_a_request_cancelled_in_the_queue_is_printed_once_under_its_new_id
         rig.mock.state.enqueue("someone-elses-task", [{"type": "closeShift"}])
         queued = receipt("cancelled")
         item = awaiting(queued, await register(rig.adapter, queued))
-        assert rig.mock.state.cancel(rig.mock.state.requests[task_uuid("cancelled")])
+        assert rig.mock.state.cancel(rig.mock.state.requests[uuid_of("cancelled")])
         outcome = await result(rig.adapter, item)
         assert isinstance(outcome, NotRegistered) and outcome.code == "atol_driver_503", outcome
         rig.mock.set_behaviour(device_off=False)
@@ -925,7 +932,7 @@ async def test_while_the_queue_is_blocked_no_receipt_is_sent() -> None:
         error = await unavailable(lambda: rig.adapter.submit([following]))
         assert error.reason == "register_blocked" and error.kind is FailureKind.NOT_SENT, error
         assert error.operator_action is not None and "power" in error.operator_action
-        assert task_uuid("held-back") not in rig.mock.state.requests
+        assert uuid_of("held-back") not in rig.mock.state.requests
         rig.mock.set_behaviour(device_off=False)
         await fiscalized(rig.adapter, following)  # the loop tries the next receipt first
         assert isinstance(await result(rig.adapter, blocked_item), NotRegistered)

@@ -45,7 +45,9 @@ def test_every_stored_receipt_maps_to_a_task_the_register_accepts_exact_to_the_k
         driver_intake_check(stored)
     except ReceiptInvalid:
         return  # refused at intake: never stored for this upstream
-    body = request_body(task_uuid(raw["idempotency_key"]), [FN_STATUS_TASK, receipt_task(stored, Operator("Иванова"))])
+    body = request_body(
+        task_uuid("0" * 32, raw["idempotency_key"]), [FN_STATUS_TASK, receipt_task(stored, Operator("Иванова"))]
+    )
     request = json.loads(body, parse_float=Decimal)
     assert request["request"][0] == {"type": "getFnStatus"}
     task = request["request"][1]
@@ -111,9 +113,12 @@ def test_a_receipts_own_cashier_replaces_the_default_operator_whole() -> None:
     assert "operator" not in receipt_task(validate_receipt(receipt_module.sample_receipt("k2")).canonical, Operator())
 
 
-def test_the_uuid_is_a_function_of_the_external_id() -> None:
-    assert task_uuid("till7-0001") == task_uuid("till7-0001")
-    assert task_uuid("till7-0001") != task_uuid("till7-0001~1")
+def test_the_uuid_is_a_function_of_the_receipt_and_its_external_id() -> None:
+    receipt_id = "01a25042c5aab59e7763a6671392677b"
+    assert task_uuid(receipt_id, "till7-0001") == task_uuid(receipt_id, "till7-0001")
+    assert task_uuid(receipt_id, "till7-0001") != task_uuid(receipt_id, "till7-0001~1")
+    # Another kktd's receipt under the same key (a reinstalled till, a second till on one web server).
+    assert task_uuid(receipt_id, "till7-0001") != task_uuid("01a25042c5aab59e7763a6671392677c", "till7-0001")
 
 
 @pytest.mark.parametrize(

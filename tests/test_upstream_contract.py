@@ -218,7 +218,7 @@ class RegisterMock:
     async def refuse(self, receipt: Outgoing) -> None:
         # The register refuses the task's content (error 501 by default).
         refused = self._mock.state.behaviour.refuse_uuids
-        self._mock.set_behaviour(refuse_uuids=[*refused, task_uuid(receipt.external_id)])
+        self._mock.set_behaviour(refuse_uuids=[*refused, task_uuid(receipt.receipt_id, receipt.external_id)])
 
     async def unreachable(self) -> None:
         await self._mock.go_offline()  # the web server's socket really closes

@@ -111,10 +111,10 @@ class Housekeeping:
         try:
             report = await upstream.report()
         except (RegisterUnavailable, UpstreamUnavailable) as exc:
-            if self.register.error is None:
-                log.warning("the register's report could not be read: %s", exc)
-            self.register = RegisterWatch(self.register.report, self.register.read_ms, str(exc))
-            return self.register
+            return self._report_failed(str(exc))
+        except Exception as exc:
+            log.error("reading the register's report failed: %s", type(exc).__name__, exc_info=True)
+            return self._report_failed(type(exc).__name__)
         self.register = RegisterWatch(report, now_ms())
         alarms = register_alarms(report, now_ms())
         for alarm in alarms:
@@ -123,6 +123,12 @@ class Housekeeping:
         if self._register_alarms and not alarms:
             log.info("register: no alarm any more")
         self._register_alarms = frozenset(a.text for a in alarms)
+        return self.register
+
+    def _report_failed(self, error: str) -> RegisterWatch:
+        if self.register.error is None:
+            log.warning("the register's report could not be read: %s", error)
+        self.register = RegisterWatch(self.register.report, self.register.read_ms, error)
         return self.register
 
     async def prune(self) -> int:

@@ -320,6 +320,9 @@ class SyncLoop:
         log.debug("delivery failed (%s); retry %d in %.2fs", exc, state.attempt_number, seconds)
 
     async def _interruptible_sleep(self, seconds: float) -> None:
+        # Between retries too: an upstream that fails for hours must not freeze the age alarm or a
+        # register's report (its paper and backlog are what the operator needs then).
+        self.housekeeping.nudge()
         await self._pause(seconds, self._retry_now)
         self._retry_now.clear()
         if self._stop.is_set():

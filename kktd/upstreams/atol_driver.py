@@ -1,7 +1,7 @@
 """The till's own fiscal register through ATOL driver v10's local web server (`/api/v2`): a two-phase upstream.
 
 ``submit`` posts each receipt as one request of the web server's queue, ``[getFnStatus, sell]``, under a task
-uuid derived from the receipt's external id (so the uuid is known before the request is sent, and the loop
+uuid derived from the receipt and its external id (so the uuid is known before the request is sent, and the loop
 commits the registration right after); ``poll`` reads ``GET /api/v2/requests/{uuid}``. The queue runs one
 task at a time on the device; kktd sends one receipt per call, in the order they were accepted, and each only
 once the one before it has run (so that nothing prints between a receipt of unknown outcome and the register's
@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import aiohttp
 import msgspec
@@ -75,7 +75,7 @@ from kktd.upstreams.atol_driver_mapping import (
     request_body,
     task_uuid,
 )
-from kktd.upstreams.http import HttpUpstream, bad_answer
+from kktd.upstreams.http import HttpUpstream, bad_answer, invalid_field
 
 __all__ = [
     "DEFAULT_URL",
@@ -98,6 +98,7 @@ MAX_ANSWER_BYTES = 256 << 10
 MAX_TEXT_LEN = 300  # of the driver's error text kept in a dead letter
 SHIFT_CHECK_S = 60.0  # how long a shift state read from the register is trusted before a receipt
 CONTROL_POLL_S = 0.05  # how often a control task (shift, status) is asked for while the register runs it
+MAX_BAD_ANSWERS = 10  # unreadable answers about one receipt before it goes to a person
 MAX_EVIDENCE = 64  # unknown outcomes whose evidence was read before the next receipt, kept until polled
 LAST_RECEIPT_TASK: Mapping[str, Any] = {"type": "getLastFiscalParams", "forReceipt": True}
 
@@ -328,16 +329,23 @@ def _parse_results(document: object) -> list[_Result]:
     return parsed
 
 
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
+_Digits = Annotated[str, msgspec.Meta(pattern="^[0-9]{1,20}$")]
+
+
 class _FiscalParams(msgspec.Struct):
-    fiscalDocumentNumber: int
-    fiscalDocumentSign: str
-    fiscalDocumentDateTime: str
-    fnNumber: str | None = None
-    registrationNumber: str | None = None
-    shiftNumber: int | None = None
-    fiscalReceiptNumber: int | None = None
-    fnsUrl: str | None = None
-    total: float | None = None
+    """What kktd keeps of a document's fiscalParams: bounded and of their FFD form (ASCII digits where the
+    FFD has numbers), since it is printed in a QR code and stored in SQLite's 64-bit integers."""
+
+    fiscalDocumentNumber: Annotated[int, msgspec.Meta(ge=1, le=2**32)]
+    fiscalDocumentSign: Annotated[str, msgspec.Meta(pattern="^[0-9]{1,10}$")]
+    fiscalDocumentDateTime: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    fnNumber: _Digits | None = None
+    registrationNumber: _Digits | None = None
+    shiftNumber: _Count | None = None
+    fiscalReceiptNumber: _Count | None = None
+    fnsUrl: Annotated[str, msgspec.Meta(max_length=256, pattern="^[!-~]+$")] | None = None
+    total: Annotated[float, msgspec.Meta(ge=0, le=1e12)] | None = None
 
 
 def parse_fiscal_params(result: Mapping[str, Any] | None) -> FiscalData:
@@ -345,9 +353,7 @@ def parse_fiscal_params(result: Mapping[str, Any] | None) -> FiscalData:
     try:
         done = msgspec.convert(params, _FiscalParams, strict=True)
     except msgspec.ValidationError as exc:
-        raise bad_answer("invalid_fiscal_params", str(exc)[:200]) from None
-    if done.fiscalDocumentNumber < 1 or not done.fiscalDocumentSign.isdigit():
-        raise bad_answer("invalid_fiscal_params", "fiscal document number or sign")
+        raise bad_answer("invalid_fiscal_params", invalid_field(exc)) from None
     return FiscalData(
         fiscal_document_number=done.fiscalDocumentNumber,
         fiscal_sign=done.fiscalDocumentSign,
@@ -364,26 +370,30 @@ def _epoch_ms(text: object) -> int | None:
     if not isinstance(text, str):
         return None
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
+        moment = datetime.fromisoformat(text[:64])
+        if moment.tzinfo is None:
+            moment = moment.astimezone()
+        return int(moment.timestamp() * 1000)
+    except (ValueError, OverflowError, OSError):
         return None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return int(moment.timestamp() * 1000)
 
 
 def _shift_from(result: Mapping[str, Any] | None) -> Shift:
     status = None if result is None else result.get("shiftStatus")
     if not isinstance(status, dict):
         raise bad_answer("invalid_shift_status", "getShiftStatus without shiftStatus")
-    state = {"closed": ShiftState.CLOSED, "opened": ShiftState.OPEN, "expired": ShiftState.EXPIRED}.get(
-        status.get("state")  # type: ignore[arg-type]
-    )
+    raw = status.get("state")
+    state = SHIFT_STATES.get(raw) if isinstance(raw, str) else None
     if state is None:
         raise bad_answer("invalid_shift_status", "unknown shift state")
     number = status.get("number")
     expires = status.get("expiredTime")
-    return Shift(state, number if type(number) is int else None, expires if isinstance(expires, str) else None)
+    # The register's time is shown to the operator: only a well-formed ISO 8601 time, never its text as such.
+    shown = expires if isinstance(expires, str) and _epoch_ms(expires) is not None and expires.isascii() else None
+    return Shift(state, number if type(number) is int and 0 <= number < 2**32 else None, shown)
+
+
+SHIFT_STATES = {"closed": ShiftState.CLOSED, "opened": ShiftState.OPEN, "expired": ShiftState.EXPIRED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +446,7 @@ class AtolDriver(HttpUpstream):
         # after it, before the next receipt could print (the evidence its poll settles it by).
         self._previous: str | None = None
         self._evidence: dict[str, _Result] = {}
+        self._bad_answers: dict[str, int] = {}  # receipt id -> unreadable answers about it in a row
         # Shift commands, status reads and the checks before a receipt run one sequence at a time.
         self._control = asyncio.Lock()
 
@@ -446,10 +457,10 @@ class AtolDriver(HttpUpstream):
 
     async def submit(self, batch: Sequence[Outgoing]) -> list[SubmitOutcome]:
         """Register each receipt, one request after the other (the loop sends one per call: max_batch 1)."""
-        return await self._each(batch, self._register)
+        return await _answer_checked(lambda: self._each(batch, self._register))
 
     async def poll(self, awaiting: Sequence[AwaitingResult]) -> list[PollOutcome]:
-        return await self._each(awaiting, self._result)
+        return await _answer_checked(lambda: self._each(awaiting, self._result))
 
     async def _each(self, items: Sequence[Any], one: Any) -> list[Any]:
         """One by one, in order: a failure before any answer raises; after one, the rest are Undelivered."""
@@ -475,7 +486,7 @@ class AtolDriver(HttpUpstream):
                 "atol_driver_unmappable",
                 f"the stored receipt cannot be mapped to a driver task: {type(exc).__name__}",
             )
-        task_id = task_uuid(outgoing.external_id)
+        task_id = task_uuid(outgoing.receipt_id, outgoing.external_id)
         async with self._control:
             try:
                 await self._after_previous(task_id)
@@ -527,9 +538,32 @@ class AtolDriver(HttpUpstream):
             del self._evidence[next(iter(self._evidence))]
 
     async def _result(self, item: AwaitingResult) -> PollOutcome:
+        """One receipt's result. A bad answer about it is its own (Undelivered, the next receipts are asked
+        about all the same); after MAX_BAD_ANSWERS in a row it goes to a person as a dead letter, never
+        printed again."""
+        try:
+            outcome = await self._result_of(item)
+        except UpstreamUnavailable as exc:
+            if exc.kind is not FailureKind.BAD_ANSWER:
+                raise
+            strikes = self._bad_answers.get(item.receipt_id, 0) + 1
+            self._bad_answers[item.receipt_id] = strikes
+            if strikes < MAX_BAD_ANSWERS:
+                return Undelivered(item.receipt_id, exc)
+            outcome = Refused(
+                item.receipt_id,
+                "atol_driver_bad_answer",
+                f"the web server's answers about this receipt could not be read {strikes} times ({exc.reason}): "
+                "check the register's documents",
+            )
+        self._bad_answers.pop(item.receipt_id, None)
+        return outcome
+
+    async def _result_of(self, item: AwaitingResult) -> PollOutcome:
         reference = _Reference.parse(item.reference)
         results = await self._results(reference.uuid)
         if results is None:
+            await self._check_device_known()
             # The web server does not know the task (its results were purged, or its queue was lost): what
             # happened can only be learned from the register's documents, which a person compares.
             return Refused(
@@ -557,10 +591,20 @@ class AtolDriver(HttpUpstream):
         if status == "blocked":
             raise _blocked(receipt)
         if status == "ready":
+            fiscal = parse_fiscal_params(receipt.result)
+            total = _total_kopecks(receipt.result)
+            if reference.total is not None and total is not None and total != reference.total:
+                # The task under this uuid is another receipt (a uuid another kktd used too): never this one's data.
+                return Refused(
+                    item.receipt_id,
+                    "atol_driver_foreign_task",
+                    f"the register's task {reference.uuid} fiscalized {total} kopecks, this receipt is "
+                    f"{reference.total}: check the register's documents",
+                )
             if receipt.result is not None and _not_printed(receipt.result):
                 self._continue_print = True
                 log.warning("receipt %s fiscalized but its paper copy not printed", item.receipt_id)
-            return Fiscalized(item.receipt_id, parse_fiscal_params(receipt.result))
+            return Fiscalized(item.receipt_id, fiscal)
         code = f"atol_driver_{receipt.code}"
         text = _short(receipt.description) or f"driver error {receipt.code}"
         if status in ("interrupted", "canceled"):
@@ -603,8 +647,17 @@ class AtolDriver(HttpUpstream):
                 f"{code}: {text}; the register could not say whether it was fiscalized: check its last documents",
             )
         last = self._evidence.get(reference.uuid)
+        if last is None and self._previous != reference.uuid:
+            # No evidence read right after it, and this process did not post it last (kktd restarted since, or
+            # the upstream was reloaded): a receipt may have printed after it, so the register's last receipt
+            # now proves nothing. A person compares (printing it again blindly could fiscalize it twice).
+            return Refused(
+                item.receipt_id,
+                "atol_driver_unknown_outcome",
+                f"{code}: {text}; kktd restarted before it could ask the register: check the register's documents",
+            )
         if last is None:
-            # No receipt was posted after this one (or kktd restarted since): the register's last receipt now.
+            # Nothing was posted after this one: the register's last receipt now is the evidence.
             async with self._control:
                 [last] = await self._run([LAST_RECEIPT_TASK])
         if last.status != "ready":
@@ -712,6 +765,9 @@ class AtolDriver(HttpUpstream):
             task["operator"] = {"name": self._settings.operator.name} | (
                 {"vatin": self._settings.operator.inn} if self._settings.operator.inn else {}
             )
+        # Whatever happens now, the shift is read again before the next receipt (a failed or unanswered
+        # closeShift leaves the shift in a state kktd does not know).
+        self._shift = None
         [result] = await self._run([task])
         if result.status != "ready":
             problem = _problem_of(result.code)
@@ -775,26 +831,27 @@ class AtolDriver(HttpUpstream):
             raise RegisterUnavailable("register_error", f"driver error {failed.code}")
         shift, device, ofd, fn = results
         self._shift, self._shift_read_at = _shift_from(shift.result), self._clock()
-        device_status = (device.result or {}).get("deviceStatus") or {}
-        exchange = ((ofd.result or {}).get("status")) or {}
-        fn_info = ((fn.result or {}).get("fnInfo")) or {}
+        device_status = _part(device.result, "deviceStatus")
+        exchange = _part(ofd.result, "status")
+        fn_info = _part(fn.result, "fnInfo")
         unsent = exchange.get("notSentCount", 0)
-        warnings = fn_info.get("warnings")
-        warnings = warnings if isinstance(warnings, dict) else {}
+        if type(unsent) is not int or not 0 <= unsent < 2**32:
+            raise RegisterUnavailable("bad_answer", "ofdExchangeStatus: notSentCount is not a count")
+        warnings = _part(fn_info, "warnings")
         return RegisterReport(
             shift=self._shift,
-            unsent_documents=unsent if type(unsent) is int and unsent >= 0 else 0,
+            unsent_documents=unsent,
             oldest_unsent_ms=_epoch_ms(exchange.get("notSentFirstDocDateTime")) if unsent else None,
             fn_valid_until_ms=_epoch_ms(fn_info.get("validityDate")),
             paper_present=device_status.get("paperPresent") is not False,
             cover_open=device_status.get("coverOpened") is True,
-            fn_warnings=tuple(sorted(k for k, v in warnings.items() if v is True)),
+            fn_warnings=tuple(sorted(escape(str(k), 40) for k, v in warnings.items() if v is True))[:16],
         )
 
     @staticmethod
     async def _register_call(step: Any) -> Any:
         try:
-            return await step()
+            return await _answer_checked(step)
         except UpstreamUnavailable as exc:
             raise RegisterUnavailable(exc.reason, exc.operator_action or str(exc)) from None
 
@@ -807,16 +864,18 @@ class AtolDriver(HttpUpstream):
         try:
             await self._enqueue(task_id, tasks)
         except UpstreamUnavailable as exc:
-            if exc.reason != "connection_lost":
+            if exc.kind is not FailureKind.MAYBE_SENT:
                 raise
-            # The answer (or a keep-alive connection the web server had closed) was lost: the same uuid again,
-            # 409 if the first POST got there.
+            # The answer (or a keep-alive connection the web server had closed) was lost or late: the same uuid
+            # again, 409 if the first POST got there.
             await self._enqueue(task_id, tasks)
         deadline = self._clock() + self._settings.timeout * 3
         while True:
             results = await self._results(task_id)
             if results is None:
                 raise bad_answer("control_task_lost", "the web server forgot a task it took")
+            if len(results) != len(tasks):
+                raise bad_answer("result_count", f"{len(results)} results for a request of {len(tasks)} tasks")
             if all(r.status in TERMINAL for r in results):
                 return results
             if self._clock() > deadline:
@@ -832,6 +891,14 @@ class AtolDriver(HttpUpstream):
         if answer.status in (201, 409):
             return
         raise self._failure(answer.status, answer.body, "POST requests")
+
+    async def _check_device_known(self) -> None:
+        """A 404 for a task is a forgotten task only if the device is known: the queue status of the device
+        answers 404 too when the device id is wrong (then nothing is concluded about any receipt)."""
+        url = (self._api / "getRequestsQueueStatus").with_query(self._query)
+        answer = await self._exchange("GET", url, None, self._headers, sent=False)
+        if answer.status != 200:
+            raise self._failure(answer.status, answer.body, "GET getRequestsQueueStatus")
 
     async def _results(self, task_id: str) -> list[_Result] | None:
         url = (self._api / "requests" / task_id).with_query(self._query)
@@ -890,6 +957,25 @@ def _unanswered(result: _Result) -> UpstreamUnavailable:
     )
 
 
+def _part(result: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
+    """An object inside a task's result ({} when the register left it out or sent something else)."""
+    value = None if result is None else result.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+PARSE_ERRORS = (KeyError, TypeError, AttributeError, ValueError, OverflowError, IndexError, RecursionError)
+
+
+async def _answer_checked(step: Any) -> Any:
+    """Run one adapter call; an answer of the web server that the parsing above did not foresee (a shape no
+    protocol version has) is a bad answer, never an exception that would stop the sync loop."""
+    try:
+        return await step()
+    except PARSE_ERRORS as exc:
+        log.error("atol-driver: an answer of the web server could not be read (%s)", type(exc).__name__)
+        raise bad_answer("unreadable", type(exc).__name__) from None
+
+
 def _waiting(problem: _Problem) -> UpstreamUnavailable:
     """The register cannot take a receipt until a person acts: receipts wait, health names the action."""
     return UpstreamUnavailable(FailureKind.NOT_SENT, problem.reason, operator_action=problem.action)
@@ -915,6 +1001,6 @@ def _has_fiscal_document(result: Mapping[str, Any] | None) -> bool:
 def _total_kopecks(result: Mapping[str, Any] | None) -> int | None:
     params = None if result is None else result.get("fiscalParams")
     total = params.get("total") if isinstance(params, dict) else None
-    if isinstance(total, bool) or not isinstance(total, (int, float)):
-        return None
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total <= 1e12:
+        return None  # NaN and infinities fail the range too
     return round(total * 100)

@@ -68,8 +68,9 @@ PAYMENT_TYPES: Mapping[str, str] = {
 # outcome is ever unknown (an error of the link or the FN, not a blocked queue), a larger number now than this one
 # is the only evidence that decides whether it was fiscalized.
 FN_STATUS_TASK: Mapping[str, str] = {"type": "getFnStatus"}
-# The namespace of kktd's task uuids: the uuid of a registration is a function of its external id, so the same
-# registration, sent again after a lost answer or a crash, is the same task to the driver (409), never a second one.
+# The namespace of kktd's task uuids: the uuid of a registration is a function of the receipt and its external id,
+# so the same registration, sent again after a lost answer or a crash, is the same task to the driver (409), never
+# a second one.
 UUID_NAMESPACE = uuid.UUID("6f1d4c1e-5b8a-4f43-9a51-6b6b7464642d")
 
 
@@ -81,8 +82,11 @@ class Operator:
     inn: str | None = None
 
 
-def task_uuid(external_id: str) -> str:
-    return str(uuid.uuid5(UUID_NAMESPACE, external_id))
+def task_uuid(receipt_id: str, external_id: str) -> str:
+    """kktd's receipt id (unique to this buffer) with the registration's external id: the same registration
+    is the same task; another kktd's receipt under the same idempotency key (a reinstalled till, a second till
+    on a shared web server) is another task."""
+    return str(uuid.uuid5(UUID_NAMESPACE, f"{receipt_id}/{external_id}"))
 
 
 def _item(item: Mapping[str, Any]) -> dict[str, Any]:

@@ -125,7 +125,7 @@ MAX_TOTAL_KOPECKS = 9_999_999_999
 
 def check_register_limits(receipt: Mapping[str, Any], whose: str) -> None:
     """Refuse (ReceiptInvalid, a 422 at intake) a validated canonical receipt beyond a register's limits;
-    `whose` names them in the message ("ATOL Online's limit"). The payments add up to the total (kktd.receipt),
+    `whose` names them in the message ("the register's limit"). The payments add up to the total (kktd.receipt),
     so none can exceed the limit the total met."""
     for index, item in enumerate(receipt["items"]):
         path = f"items[{index}]"
