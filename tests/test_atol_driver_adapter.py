@@ -862,15 +862,25 @@ async def test_a_receipt_the_register_did_not_print_is_printed_once_under_its_ne
 ) -> None:
     async with started() as rig:
         await fiscalized(rig.adapter, receipt("warm-up"))
+        if reason == "fn_blocked":  # a document the FN cannot get to the OFD
+            rig.mock.set_behaviour(ofd_online=False)
+            await fiscalized(rig.adapter, receipt("unsent-1"))
         outgoing = receipt(f"not-printed-{code}")
         rig.mock.set_behaviour(refuse_uuids=[uuid_of(outgoing.external_id)], refuse_code=code)
         outcome = await deliver(rig.adapter, outgoing)
         assert isinstance(outcome, NotRegistered) and outcome.code == f"atol_driver_{code}", outcome
         retry = again(outgoing)
-        if reason == "fn_blocked":  # the FN's state cannot be read off the device: said once, then tried
-            error = await unavailable(lambda: rig.adapter.submit([retry]))
-            assert error.kind is FailureKind.NOT_SENT and error.reason == reason, error
-            assert error.operator_action is not None and "FN" in error.operator_action
+        if reason == "fn_blocked":
+            # While the FN warns (here its OFD backlog is over 30 days old) receipts wait with the FN action;
+            # once its documents reach the OFD the receipt is tried again and prints.
+            rig.mock.advance_clock(31 * 86400)
+            for _ in range(2):
+                error = await unavailable(lambda: rig.adapter.submit([retry]))
+                assert error.kind is FailureKind.NOT_SENT and error.reason == reason, error
+                assert error.operator_action is not None and "FN" in error.operator_action
+            assert rig.receipts(retry.external_id) == []
+            rig.mock.set_behaviour(ofd_online=True)
+            rig.forget_shift()  # a month passed: the shift is renewed before the receipt
         await fiscalized(rig.adapter, retry)
         assert rig.receipts(outgoing.external_id) == [] and len(rig.receipts(retry.external_id)) == 1
 

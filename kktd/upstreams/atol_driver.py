@@ -113,6 +113,8 @@ BUSY_CODES = frozenset({55, 82})  # a previous operation is unfinished, a receip
 NEVER_RAN_CODES = frozenset({502})  # interrupted by an earlier subtask's error
 # The FN cannot sign more until a person acts (it expired, is full, or the OFD backlog is too old): receipts wait.
 FN_BLOCKED_CODES = frozenset({120, 121, 136, 137, 139, 140})
+# getFnStatus warnings under which the FN signs nothing: receipts keep waiting.
+FN_STOP_WARNINGS = ("criticalError", "memoryOverflow", "resourceExhausted", "ofdTimeout")
 # The link or the FN failed during the document: it may or may not have been fiscalized.
 UNKNOWN_OUTCOME_CODES = frozenset({1, 2, 3, 4, 15, 115, 116, 117, 118, 119, 159, 166, 177, 241})
 # Everything else (501 task invalid, 16/17 sums and quantities, 66 not fully paid, 143-145 taxation and tax …)
@@ -728,9 +730,14 @@ class AtolDriver(HttpUpstream):
             log.info("the register is ready again (%s cleared)", problem.reason)
             self._device_problem = None
             return
-        # An FN condition cannot be read off the device: say it once, then let the next cycle try a receipt.
+        # An FN condition: while the FN itself still warns (full, exhausted, its OFD backlog too old, failed),
+        # receipts wait with the action; once it does not, the next receipt is tried (and says if it is still so).
+        [status] = await self._run([{"type": "getFnStatus"}])
+        warnings = _part(_part(status.result, "fnStatus"), "warnings")
+        if status.status != "ready" or any(warnings.get(name) is True for name in FN_STOP_WARNINGS):
+            raise _waiting(problem)
+        log.info("the register's FN warns no more (%s cleared); trying a receipt", problem.reason)
         self._device_problem = None
-        raise _waiting(problem)
 
     async def _finish_copy(self) -> None:
         """A receipt was fiscalized but its paper copy not (finished) printed: ``continuePrint`` before the next
