@@ -23,7 +23,7 @@ from kktd.fiscal import fiscalized_at, qr_string, rfc3339_local
 from kktd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kktd.metrics import Metrics
 from kktd.openapi import spec_json
-from kktd.receipt import IDEMPOTENCY_KEY_RE, MalformedBody, Receipt, ReceiptInvalid, parse_receipt
+from kktd.receipt import IDEMPOTENCY_KEY_RE, MalformedBody, Receipt, ReceiptInvalid, decode_json, parse_receipt
 from kktd.safetext import escape, forbidden_character, quoted
 from kktd.server import EventSummary
 from kktd.states import AlarmLevel, BreakerState, HealthStatus, pending_age_s, register_alarms
@@ -98,6 +98,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         unauthorized = _refuse_without_token(request)
         if unauthorized is not None:
             return unauthorized
+        _refuse_encoded_body(request)
         return await handler(request)
     except ClientGone as gone:
         request.app[SERVICES].events.event(
@@ -158,6 +159,19 @@ def _refuse_without_token(request: web.Request) -> web.Response | None:
             headers={"WWW-Authenticate": 'Bearer realm="kktd"'},
         )
     )
+
+
+def _refuse_encoded_body(request: web.Request) -> None:
+    """Bodies come as they are (a receipt is under a kilobyte): a compressed one is refused before anything
+    reads it, with the connection closed, so no decoder ever meets it (aiohttp's would fail mid-read)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {quoted(encoding, 32)} is not accepted: send the body uncompressed",
+            headers={"Connection": "close"},
+        )
 
 
 def presents_token(request: web.Request, token: str) -> bool:
@@ -517,7 +531,8 @@ def _register(services: Services) -> Register:
 async def _shift_command(request: web.Request, command: str) -> web.Response:
     """`GET /v1/kkt/shift`, `POST /v1/kkt/shift/open`, `POST /v1/kkt/shift/close` (the Z report): through the
     register's single queue, after the receipts already in it."""
-    register = _register(request.app[SERVICES])
+    services = request.app[SERVICES]
+    register = _register(services)
     peer = request.remote or "?"
     if command != "status":
         log.warning("shift %s requested by the operator (from %s)", command, peer, extra={"error_code": "shift"})
@@ -531,7 +546,12 @@ async def _shift_command(request: web.Request, command: str) -> web.Response:
     except RegisterUnavailable as exc:
         if exc.reason in ("shift_closed", "shift_not_closed"):
             raise ApiError(409, ErrorCode.SHIFT_STATE, exc.detail) from None
+        if exc.reason == "register_timeout":
+            raise ApiError(503, ErrorCode.REGISTER_UNAVAILABLE, f"{command}: {exc.detail}") from None
         raise ApiError(503, ErrorCode.REGISTER_UNAVAILABLE, f"the register did not do it: {exc}") from None
+    if command != "status" and services.sync is not None:
+        # The report in status, health and /metrics shows the new shift now, not at the next minute.
+        await services.sync.housekeeping.check_register()
     return json_response({"state": shift.state, "number": shift.number, "expires_at": shift.expires_at})
 
 
@@ -576,15 +596,21 @@ class _ResolutionIn(msgspec.Struct, forbid_unknown_fields=True):
 
 
 async def _resolution_reason(request: web.Request) -> str:
-    """The body {"reason": "..."}, decoded into a typed struct: msgspec refuses a wrong type where it meets
-    it, so no nesting depth or unknown field reaches a recursive decoder."""
+    """The body {"reason": "..."}: JSON by the receipt route's rules, then a typed struct."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})",
+        )
     body = await read_body(request, request.app[SERVICES].config.body_timeout)
+    # The receipt route's rules for a body (UTF-8 without BOM or NUL, no key twice, bounded depth), then the
+    # typed struct: msgspec refuses a wrong type where it meets it.
+    document = decode_json(body)
     try:
-        reason = msgspec.json.decode(body, type=_ResolutionIn).reason
+        reason = msgspec.convert(document, _ResolutionIn, strict=True).reason
     except msgspec.ValidationError as error:
         raise _resolution_refusal(str(error)) from None
-    except msgspec.DecodeError:
-        raise ApiError(400, ErrorCode.INVALID_JSON, 'the body is not JSON: {"reason": "..."} expected') from None
     if not reason.strip():
         raise ApiError(
             422, ErrorCode.MISSING_FIELD, "reason is required: why this receipt will never be sent", "reason"
@@ -608,7 +634,8 @@ def _resolution_refusal(problem: str) -> ApiError:
             422, ErrorCode.MISSING_FIELD, "reason is required: why this receipt will never be sent", "reason"
         )
     if problem.startswith("Object contains unknown field"):
-        return ApiError(422, ErrorCode.UNKNOWN_FIELD, f'{escape(problem, 100)}: only "reason" is known', "reason")
+        name = escape(problem.partition("`")[2].rpartition("`")[0], 64)
+        return ApiError(422, ErrorCode.UNKNOWN_FIELD, f'{name} is not a known field: only "reason" is', name)
     return ApiError(422, ErrorCode.INVALID_TYPE, "reason must be a string", "reason")
 
 
@@ -717,6 +744,23 @@ async def export_receipts(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, ErrorCode.INVALID_QUERY, "until must not be before since", "until")
     first = await _storage(services.store.receipts_accepted_between(since_ms, until_ms, None, EXPORT_PAGE))
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson; charset=utf-8"})
+    try:
+        return await _stream_export(request, response, first, since_ms, until_ms, masked)
+    except ConnectionError as exc:
+        # The reader went away mid-export (a closed pipe, a reset): its business, not an error of kktd's.
+        log.info("export ended by the client after part of it was sent (%s)", type(exc).__name__)
+        return response
+
+
+async def _stream_export(
+    request: web.Request,
+    response: web.StreamResponse,
+    first: list[ReceiptRow],
+    since_ms: int,
+    until_ms: int | None,
+    masked: bool,
+) -> web.StreamResponse:
+    services = request.app[SERVICES]
     await response.prepare(request)
     rows, exported = first, 0
     while rows:
@@ -768,7 +812,7 @@ def create_app(services: Services) -> web.Application:
     app.router.add_post("/v1/kkt/shift/close", close_shift)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi_description)
-    app.router.add_get("/v1/kkt/receipts", export_receipts)
+    app.router.add_get("/v1/kkt/receipts", export_receipts, allow_head=False)
     # Stays open when the API gets access control (as /v1/health): Prometheus scrapes it.
     app.router.add_get("/metrics", metrics)
     return app

@@ -31,6 +31,9 @@ from typing import IO, Any
 from kktd.states import AlarmLevel, HealthStatus
 
 DEFAULT_TIMEOUT_S = 10.0
+# Arguments that are not UTF-8 reach Python as lone surrogates: sent as the bytes they were (kktd refuses them
+# with its own answer), never a traceback here.
+ARGV_ERRORS = "surrogateescape"
 EXPORT_CHUNK = 64 * 1024
 DLQ_PAGE = 500
 COMMANDS = ("status", "receipt", "dlq", "shift", "sync-now", "export")
@@ -313,11 +316,22 @@ def _alarm_state(alarm: str) -> State:
     return states.get(alarm, State.CRITICAL)
 
 
+def _segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="", errors=ARGV_ERRORS)
+
+
+def _query(values: dict[str, str]) -> str:
+    return urllib.parse.urlencode(values, errors=ARGV_ERRORS)
+
+
 def receipt(client: Client, receipt_id: str | None, idempotency_key: str | None = None) -> Report:
     if idempotency_key is not None:
-        path, wanted = f"/v1/kkt/receipt?{urllib.parse.urlencode({'idempotency_key': idempotency_key})}", "key "
+        path, wanted = (
+            f"/v1/kkt/receipt?{_query({'idempotency_key': idempotency_key})}",
+            "key ",
+        )
     else:
-        path, wanted = f"/v1/kkt/receipt/{urllib.parse.quote(receipt_id or '', safe='')}", ""
+        path, wanted = f"/v1/kkt/receipt/{_segment(receipt_id or '')}", ""
     answer = client.call("GET", path)
     if answer.status == 404:
         shown = idempotency_key if idempotency_key is not None else receipt_id
@@ -388,7 +402,7 @@ def _each_dead_letter(client: Client, receipt_ids: Sequence[str], action: str, b
     done: list[str] = []
     problems: list[str] = []
     for receipt_id in receipt_ids:
-        answer = client.call("POST", f"/v1/kkt/dlq/{urllib.parse.quote(receipt_id, safe='')}/{action}", body)
+        answer = client.call("POST", f"/v1/kkt/dlq/{_segment(receipt_id)}/{action}", body)
         if answer.status == 200:
             done.append(receipt_id)
         else:

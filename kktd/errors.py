@@ -55,7 +55,11 @@ class ErrorCode(enum.StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict", 409, "the key is already used by a receipt with a different body"
     NOT_DEAD_LETTER = "not_dead_letter", 409, "requeue or resolve of a receipt that is not a dead letter"
     BODY_TOO_LARGE = "body_too_large", 413, "a body over 64 KiB"
-    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type", 415, "`Content-Type` is not `application/json`"
+    UNSUPPORTED_MEDIA_TYPE = (
+        "unsupported_media_type",
+        415,
+        "`Content-Type` is not `application/json`, or the body is compressed (`Content-Encoding`)",
+    )
     # 422: the receipt (or a dead letter's resolution) breaks a rule
     MISSING_FIELD = "missing_field", 422, "a required field is absent (the idempotency key: body or header)"
     UNKNOWN_FIELD = "unknown_field", 422, "a field the receipt format does not have"

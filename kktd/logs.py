@@ -74,6 +74,25 @@ def setup(level: str, stream: TextIO | None = None, journal_socket: str = JOURNA
     set_level(level)
     # aiohttp's access log would be one line per receipt: kktd logs what matters itself.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientMistakeFilter())
+
+
+class ClientMistakeFilter(logging.Filter):
+    """aiohttp logs a request its parser refuses (an unknown method, a URL over 8 KiB, a bad header, a body
+    that breaks its framing) as an error with a traceback, though the client is wrong and aiohttp answered 400:
+    one short warning line instead, the client's text escaped and cut short, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            from kktd.safetext import escape
+
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "refused a malformed HTTP request (400): %s", (escape(str(exc), 200),)
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def set_level(level: str) -> None:

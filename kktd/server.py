@@ -242,8 +242,14 @@ class GuardedSite(web.BaseSite):
 
 def runner_options(limits: ServerLimits) -> dict[str, Any]:
     """aiohttp RequestHandler options: the keep-alive timer (armed at connection start too) is the idle and
-    request-head deadline; a body left unread is drained for a short while only, then the connection closed."""
-    return {"keepalive_timeout": limits.idle_timeout, "lingering_time": min(LINGERING_TIME_S, limits.body_timeout)}
+    request-head deadline; a body left unread is drained for a short while only, then the connection closed.
+    Bodies are never decompressed by aiohttp: kktd refuses a Content-Encoding with its own 415 (api.py) before
+    anything reads the body, instead of a decoder failing mid-read."""
+    return {
+        "keepalive_timeout": limits.idle_timeout,
+        "lingering_time": min(LINGERING_TIME_S, limits.body_timeout),
+        "auto_decompress": False,
+    }
 
 
 def install_accept_error_summary(

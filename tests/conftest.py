@@ -77,7 +77,10 @@ async def open_app(
     kktd = await assemble(config, stack, clock=clock, sleep=sleep)
     if faults:
         add_fault_routes(kktd.web_app, kktd.services)
-    client = TestClient(TestServer(kktd.web_app))
+    server = TestServer(kktd.web_app)
+    # As the daemon serves it (kktd.server.runner_options): no decompression by aiohttp.
+    await server.start_server(auto_decompress=False)
+    client = TestClient(server)
     await client.start_server()
     return App(client, kktd, stack)
 

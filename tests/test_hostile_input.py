@@ -173,3 +173,56 @@ def test_quoted_and_forbidden_character() -> None:
     assert forbidden_character("ok") is None
     assert forbidden_character("a\u202eb") == "U+202E RIGHT-TO-LEFT OVERRIDE"
     assert forbidden_character("a\ud800") == "U+D800 lone surrogate"
+
+
+COMPRESSED_ROUTES = [
+    ("POST", "/v1/kkt/receipt"),
+    ("POST", "/v1/kkt/buffer/sync"),
+    ("POST", "/v1/kkt/dlq/00000000000000000000000000000000/requeue"),
+    ("POST", "/v1/kkt/dlq/00000000000000000000000000000000/resolve"),
+    ("POST", "/v1/kkt/shift/open"),
+    ("GET", "/v1/kkt/buffer/status"),
+]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "x-unknown"])
+@pytest.mark.parametrize(("method", "path"), COMPRESSED_ROUTES)
+async def test_a_compressed_body_is_refused_before_anything_decodes_it(
+    app: App, caplog: pytest.LogCaptureFixture, method: str, path: str, encoding: str
+) -> None:
+    """A body no decoder of kktd's is meant to meet (aiohttp's gzip reader would fail mid-read): 415 on every
+    route, one log line, no traceback, nothing stored."""
+    caplog.set_level(logging.DEBUG)
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    body = b"\x1f\x8b\x08\x00not really compressed" * 100
+    response = await app.client.request(method, path, data=body, headers=headers)
+    answer = json.loads(await response.read())
+    assert (response.status, answer["error"]["code"]) == (415, "unsupported_media_type"), answer
+    assert await app.row_count() == 0
+    assert not any(r.exc_info for r in caplog.records), "a client's encoding is not a traceback"
+
+
+async def test_the_export_has_no_head_that_would_stream_a_body(app: App) -> None:
+    response = await app.client.head("/v1/kkt/receipts")
+    assert response.status == 405
+
+
+def test_the_cli_sends_arguments_that_are_not_utf8_as_their_bytes() -> None:
+    from kktd.ctl import _query, _segment
+
+    assert _segment("\udcff\udcfe") == "%FF%FE"  # how Python hands over argv bytes that are not UTF-8
+    assert _query({"idempotency_key": "\udcff"}) == "idempotency_key=%FF"
+
+
+def test_a_request_the_http_parser_refuses_is_one_short_warning_without_a_traceback() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+    from kktd.logs import ClientMistakeFilter
+
+    for exc in (BadHttpMessage("Invalid method encountered: b'FOO\x1b[31m'"), LineTooLong("x" * 9000, "8190")):
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", (), None)
+        record.exc_info = (type(exc), exc, None)
+        assert ClientMistakeFilter().filter(record)
+        assert (record.levelno, record.exc_info) == (logging.WARNING, None)
+        line = record.getMessage()
+        assert len(line) < 400 and FORBIDDEN_TEXT_RE.search(line) is None, line

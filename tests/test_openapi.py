@@ -147,6 +147,14 @@ async def test_every_documented_answer_is_provoked_and_matches(tmp_path: Path, r
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 400, raw=b"[1]")
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 422, {"reason": ""})
     await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 413, raw=b" " * (65 * 1024))
+    await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 415, raw=b"{}", headers={"Content-Type": "text/plain"})
+    duplicate = await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 400, raw=b'{"reason":"a","reason":"b"}')
+    assert duplicate["error"]["code"] == "duplicate_key"
+    unknown = await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 422, {"reason": "ok", "x": 1})
+    assert (unknown["error"]["code"], unknown["error"]["field"]) == ("unknown_field", "x")
+    gzipped = {"Content-Encoding": "gzip"}
+    encoded = await call("POST", "/v1/kkt/receipt", 415, raw=b"\x1f\x8b\x08\x00", headers=gzipped)
+    assert encoded["error"]["code"] == "unsupported_media_type"
     resolved = await call("POST", f"/v1/kkt/dlq/{receipt_id}/resolve", 200, reason)
     assert (
         resolved["status"] == "resolved"
@@ -220,7 +228,10 @@ async def provoke_shift_answers(tmp_path: Path, contract: Contract) -> None:
         await register.kktd.sync.housekeeping.check_register()
         status = await call("GET", "/v1/kkt/buffer/status", 200)
         assert status["register"]["shift"]["state"] == "open" and status["register"]["paper_present"] is True
-        assert (await call("POST", "/v1/kkt/shift/close", 200))["state"] == "closed"
+        closed = await call("POST", "/v1/kkt/shift/close", 200)
+        assert closed["state"] == "closed" and closed["expires_at"] is None, closed
+        # The register's report shows the new shift at once, not at the next minute.
+        assert (await call("GET", "/v1/kkt/buffer/status", 200))["register"]["shift"]["state"] == "closed"
         await mock.go_offline()
         for method, path in (("GET", "/v1/kkt/shift"), ("POST", "/v1/kkt/shift/open"), ("POST", "/v1/kkt/shift/close")):
             assert (await call(method, path, 503))["error"]["code"] == "register_unavailable"

@@ -392,6 +392,8 @@ def _shift_from(result: Mapping[str, Any] | None) -> Shift:
     expires = status.get("expiredTime")
     # The register's time is shown to the operator: only a well-formed ISO 8601 time, never its text as such.
     shown = expires if isinstance(expires, str) and _epoch_ms(expires) is not None and expires.isascii() else None
+    if state is ShiftState.CLOSED:
+        shown = None  # a closed shift has no 24 hours running (the driver reports its clock there)
     return Shift(state, number if type(number) is int and 0 <= number < 2**32 else None, shown)
 
 
@@ -886,7 +888,12 @@ class AtolDriver(HttpUpstream):
             if all(r.status in TERMINAL for r in results):
                 return results
             if self._clock() > deadline:
-                raise UpstreamUnavailable(FailureKind.MAYBE_SENT, "register_timeout", "a control task did not finish")
+                raise UpstreamUnavailable(
+                    FailureKind.MAYBE_SENT,
+                    "register_timeout",
+                    "the register has not finished it yet: it is in the register's queue and may still be "
+                    "carried out (kktd shift status tells)",
+                )
             await asyncio.sleep(CONTROL_POLL_S)
 
     async def _enqueue(self, task_id: str, tasks: list[Mapping[str, Any]]) -> None:
