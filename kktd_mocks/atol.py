@@ -63,7 +63,7 @@ from aiohttp import web
 
 from kktd.upstreams import EmbeddedMock
 from kktd.upstreams.atol_v5 import AtolSettings
-from kktd_mocks.server import MockServer, parse_listen, serve_until_signalled
+from kktd_mocks.server import MockServer, admin_body, parse_listen, serve_until_signalled
 
 __all__ = [
     "Behaviour",
@@ -804,20 +804,10 @@ async def handle_report(request: web.Request) -> web.Response:
 # ---- admin -------------------------------------------------------------------------------------------------
 
 
-async def _admin_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json() if request.can_read_body else {}
-    except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text='{"error":"body is not JSON"}', content_type="application/json") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error":"body must be an object"}', content_type="application/json")
-    return body
-
-
 async def admin_behaviour(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     if request.method == "POST":
-        body = await _admin_body(request)
+        body = await admin_body(request)
         seed = body.pop("seed", None)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             return web.json_response({"error": "seed must be an integer"}, status=400)

@@ -127,7 +127,7 @@ from typing import Any
 from aiohttp import web
 
 from kktd.upstreams import EmbeddedMock
-from kktd_mocks.server import MockServer, parse_listen, serve_until_signalled
+from kktd_mocks.server import MockServer, admin_body, parse_listen, serve_until_signalled
 
 __all__ = [
     "Behaviour",
@@ -1436,21 +1436,11 @@ async def handle_server_info(request: web.Request) -> web.Response:
 # ---- admin -------------------------------------------------------------------------------------------------
 
 
-async def _admin_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json() if request.can_read_body else {}
-    except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text='{"error":"body is not JSON"}', content_type="application/json") from None
-    if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text='{"error":"body must be an object"}', content_type="application/json")
-    return body
-
-
 async def admin_behaviour(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     if request.method == "POST":
         try:
-            state.update_behaviour(await _admin_body(request))
+            state.update_behaviour(await admin_body(request))
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         log.info("mock ATOL driver behaviour: %s", asdict(state.behaviour))
@@ -1459,7 +1449,7 @@ async def admin_behaviour(request: web.Request) -> web.Response:
 
 async def admin_clock(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    body = await _admin_body(request)
+    body = await admin_body(request)
     advance = body.get("advance_s")
     if body.keys() != {"advance_s"} or isinstance(advance, bool) or not isinstance(advance, (int, float)):
         return web.json_response({"error": 'the body must be {"advance_s": seconds}'}, status=400)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Self
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -94,3 +94,14 @@ async def serve_until_signalled(mock: MockServer, banner: str) -> None:
         await stop.wait()
     finally:
         await mock.close()
+
+
+async def admin_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object an admin request carries ({} for none); 400 for anything else."""
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except (ValueError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text='{"error":"body is not JSON"}', content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error":"body must be an object"}', content_type="application/json")
+    return body
