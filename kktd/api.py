@@ -174,6 +174,16 @@ def _refuse_encoded_body(request: web.Request) -> None:
         )
 
 
+def _require_json(request: web.Request) -> None:
+    """A route that takes a JSON body: any other Content-Type is a 415."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})",
+        )
+
+
 def presents_token(request: web.Request, token: str) -> bool:
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer":
@@ -214,12 +224,7 @@ async def post_receipt(request: web.Request) -> web.Response:
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, ErrorCode.BODY_TOO_LARGE, f"request body is larger than {MAX_BODY} bytes")
-    if request.content_type != "application/json":
-        raise ApiError(
-            415,
-            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})",
-        )
+    _require_json(request)
     body = await read_body(request, services.config.body_timeout)
     receipt = parse_receipt(body, request.headers.get("Idempotency-Key"))
     result = await _stored_instead_of_refusal(services, receipt) or await _accept(services, receipt)
@@ -597,12 +602,7 @@ class _ResolutionIn(msgspec.Struct, forbid_unknown_fields=True):
 
 async def _resolution_reason(request: web.Request) -> str:
     """The body {"reason": "..."}: JSON by the receipt route's rules, then a typed struct."""
-    if request.content_type != "application/json":
-        raise ApiError(
-            415,
-            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
-            f"Content-Type must be application/json (got {quoted(request.content_type or 'none', 64)})",
-        )
+    _require_json(request)
     body = await read_body(request, request.app[SERVICES].config.body_timeout)
     # The receipt route's rules for a body (UTF-8 without BOM or NUL, no key twice, bounded depth), then the
     # typed struct: msgspec refuses a wrong type where it meets it.
